@@ -1,0 +1,77 @@
+"""The one place that picks an implementation for every adapter op.
+
+CUDA tensors go to Triton (where a Triton version of the op is registered), everything else to
+:mod:`recpeft.kernels.reference`. ``RECPEFT_BACKEND=torch|triton`` in the environment, or the
+``backend`` argument of each op, forces one; forcing Triton for an op that has no Triton version
+is an error, while the automatic choice falls back to the reference op.
+
+Triton op modules register themselves with :func:`register_triton`.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from typing import Callable
+
+import torch
+
+from . import reference
+
+BACKEND_ENV = "RECPEFT_BACKEND"
+
+
+class Backend(str, Enum):
+    TORCH = "torch"
+    TRITON = "triton"
+
+
+_TRITON_OPS: dict[str, Callable] = {}
+
+
+def register_triton(name: str, fn: Callable) -> None:
+    """Make ``fn`` the Triton implementation of op ``name`` (same signature as the reference)."""
+    _TRITON_OPS[name] = fn
+
+
+def resolve_backend(tensor: torch.Tensor, backend: str | Backend | None = None) -> Backend:
+    """The backend for an op on ``tensor``: the argument, else $RECPEFT_BACKEND, else by device."""
+    choice = backend if backend is not None else os.environ.get(BACKEND_ENV) or None
+    if choice is None:
+        return Backend.TRITON if tensor.is_cuda else Backend.TORCH
+    try:
+        return Backend(choice)
+    except ValueError:
+        options = ", ".join(b.value for b in Backend)
+        raise ValueError(f"unknown backend {choice!r} (from {BACKEND_ENV} or argument); use one of: {options}") from None
+
+
+def _implementation(name: str, tensor: torch.Tensor, backend) -> Callable:
+    chosen = resolve_backend(tensor, backend)
+    if chosen is Backend.TRITON:
+        if name in _TRITON_OPS:
+            return _TRITON_OPS[name]
+        forced = backend is not None or os.environ.get(BACKEND_ENV)
+        if forced:
+            raise NotImplementedError(f"op {name!r} has no Triton implementation yet; use {BACKEND_ENV}=torch")
+    return getattr(reference, name)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, backend=None):
+    """y = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ; see :mod:`recpeft.kernels.reference`."""
+    return _implementation("lora_linear", x, backend)(x, weight, bias, lora_A, lora_B, scale, dropout_p)
+
+
+def lora_embedding_bag(table, layout, lora_A, lora_B, scale, base_output=None, *, backend=None):
+    """pooled_j = Σ w_i·E[i] + s·(Σ w_i·A[i])·B over a :class:`~recpeft.kernels.bags.BagLayout`."""
+    return _implementation("lora_embedding_bag", table, backend)(table, layout, lora_A, lora_B, scale, base_output)
+
+
+def segmented_lora_linear(x, weight, bias, adapters, row_adapter, *, backend=None):
+    """Per-row adapter routing for the linear op; see :func:`reference.segmented_lora_linear`."""
+    return _implementation("segmented_lora_linear", x, backend)(x, weight, bias, adapters, row_adapter)
+
+
+def segmented_lora_bag_delta(layout, adapters, bag_adapter, out_dim, dtype, *, backend=None):
+    """Per-bag adapter routing for pooled and plain lookups; see the reference op."""
+    return _implementation("segmented_lora_bag_delta", bag_adapter, backend)(layout, adapters, bag_adapter, out_dim, dtype)

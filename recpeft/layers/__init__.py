@@ -1,0 +1,46 @@
+"""LoRA wrappers, one file per wrapped module type, and the registry that maps type → wrapper."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import AdapterStateError, LoraLayer
+from .embedding import LoraEmbedding
+from .embedding_bag import LoraEmbeddingBag
+from .linear import LoraLinear
+from .modules_to_save import ModulesToSaveWrapper
+from .routing import Routing, current_routing
+
+#: wrapped module type → LoRA wrapper. Later integrations (torchrec) register theirs here.
+LORA_WRAPPERS: dict[type[nn.Module], type[LoraLayer]] = {
+    nn.Linear: LoraLinear,
+    nn.Embedding: LoraEmbedding,
+    nn.EmbeddingBag: LoraEmbeddingBag,
+}
+
+
+def register_wrapper(module_type: type[nn.Module], wrapper: type[LoraLayer]) -> None:
+    LORA_WRAPPERS[module_type] = wrapper
+
+
+def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
+    """The wrapper for ``module``'s type or its nearest registered base class."""
+    for cls in type(module).__mro__:
+        if cls in LORA_WRAPPERS:
+            return LORA_WRAPPERS[cls]
+    return None
+
+
+__all__ = [
+    "AdapterStateError",
+    "LORA_WRAPPERS",
+    "LoraEmbedding",
+    "LoraEmbeddingBag",
+    "LoraLayer",
+    "LoraLinear",
+    "ModulesToSaveWrapper",
+    "Routing",
+    "current_routing",
+    "register_wrapper",
+    "wrapper_for",
+]

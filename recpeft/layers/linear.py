@@ -1,0 +1,89 @@
+"""LoRA around ``nn.Linear``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import kernels
+from .base import LoraLayer
+
+
+class LoraLinear(LoraLayer):
+    """y = x·Wᵀ + b + Σ_a s_a·(d(x)·A_aᵀ)·B_aᵀ over the active adapters a, with W frozen.
+
+    A_a [r, K], B_a [N, r], s_a = α/r (α/√r with rsLoRA), d = dropout (training only).
+    Input [..., K] of any leading shape; with per-sample routing the leading dimension is the
+    samples. The op and its gradients are :func:`recpeft.kernels.lora_linear`.
+
+    Example::
+
+        layer = LoraLinear(nn.Linear(64, 32), "fc")
+        layer.update_layer("default", r=8, scale=2.0, dropout=0.0, init=True)
+        layer.active_adapters = ["default"]
+        y = layer(torch.randn(16, 64))          # [16, 32]
+    """
+
+    def adapter_shapes(self, r):
+        out_features, in_features = self.base_weight.shape
+        return (r, in_features), (out_features, r)
+
+    def reset_adapter(self, adapter, init):
+        a, b = self.lora_A[adapter], self.lora_B[adapter]
+        if init == "gaussian":
+            nn.init.normal_(a, std=1.0 / a.shape[0])
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if x.dtype != weight.dtype:
+            raise TypeError(f"{self.module_name}: input dtype {x.dtype} does not match the layer's {weight.dtype}")
+        routing = self.active_routing()
+        if routing is not None:
+            if x.dim() < 2:
+                raise ValueError(f"{self.module_name}: per-sample routing needs input [B, ..., K], got {tuple(x.shape)}")
+            row_adapter = routing.row_adapter(self.module_name, x.shape[0], math.prod(x.shape[1:-1]), x.device)
+            flat = x.reshape(-1, x.shape[-1])
+            y = kernels.segmented_lora_linear(flat, weight, bias, self.routed_adapters(routing), row_adapter)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        pending = self.pending_adapters()
+        if not pending:
+            return self.base_layer(x)
+        lora_A, lora_B, scale, dropout = self._combined(pending)
+        return kernels.lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout if self.training else 0.0)
+
+    def _combined(self, adapters: list[str]):
+        """One (A, B, s, p) for the active adapters: Σ_a s_a·B_a·A_a = [B_1 s_1 | B_2 s_2]·[A_1; A_2]."""
+        if len(adapters) == 1:
+            a = adapters[0]
+            return self.lora_A[a], self.lora_B[a], self.scaling[a], self.lora_dropout[a]
+        dropouts = {self.lora_dropout[a] for a in adapters}
+        if len(dropouts) > 1:
+            raise ValueError(f"{self.module_name}: active adapters {adapters} must share one lora_dropout")
+        lora_A = torch.cat([self.lora_A[a] for a in adapters], 0)
+        lora_B = torch.cat([self.lora_B[a] * self.scaling[a] for a in adapters], 1)
+        return lora_A, lora_B, 1.0, dropouts.pop()
+
+    def merge_delta(self, adapter, sign):
+        delta = self.lora_B[adapter].float() @ self.lora_A[adapter].float() * (sign * self.scaling[adapter])
+        self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
+
+    def export_adapter(self, adapter):
+        return {"lora_A.weight": self.lora_A[adapter].detach(), "lora_B.weight": self.lora_B[adapter].detach()}
+
+    def check_adapter_state(self, adapter, tensors, source):
+        self._check_keys(tensors, {"lora_A.weight", "lora_B.weight"}, source)
+        self._check_shape("lora_A.weight", tensors["lora_A.weight"], self.lora_A[adapter].shape, source)
+        self._check_shape("lora_B.weight", tensors["lora_B.weight"], self.lora_B[adapter].shape, source)
+
+    @torch.no_grad()
+    def load_adapter_state(self, adapter, tensors):
+        self.lora_A[adapter].copy_(tensors["lora_A.weight"])
+        self.lora_B[adapter].copy_(tensors["lora_B.weight"])

@@ -1,0 +1,67 @@
+"""Per-sample adapter routing: which adapter each sample of the current forward uses.
+
+``PeftModel.forward(batch, adapter_ids=ids)`` sets the routing for the duration of the call;
+every LoRA layer reads it and maps its input's leading dimension to samples.
+``ids[i]`` indexes ``PeftModel.adapter_names`` (the order adapters were added), −1 = base model.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Routing:
+    sample_adapter: torch.Tensor  # [B] int64 in [-1, len(adapter_names))
+    adapter_names: tuple[str, ...]
+
+    def row_adapter(self, layer_name: str, leading: int, rows_per_sample: int, device: torch.device) -> torch.Tensor:
+        """Adapter index of every row when the layer's input has ``leading`` samples of
+        ``rows_per_sample`` rows each; raises when the leading dimension is not the samples."""
+        if leading != self.sample_adapter.numel():
+            raise ValueError(
+                f"{layer_name}: per-sample routing needs the input's leading dimension to be the "
+                f"{self.sample_adapter.numel()} routed samples, but it is {leading}; route a batch "
+                f"whose every layer keeps samples first, or merge one adapter instead"
+            )
+        ids = self.sample_adapter.to(device)
+        return ids if rows_per_sample == 1 else ids.repeat_interleave(rows_per_sample)
+
+
+_CURRENT: ContextVar[Routing | None] = ContextVar("recpeft_routing", default=None)
+
+
+def current_routing() -> Routing | None:
+    return _CURRENT.get()
+
+
+def check_adapter_ids(adapter_ids, adapter_names: tuple[str, ...]) -> torch.Tensor:
+    """Validate ``adapter_ids`` (int tensor or sequence, [B]) and return it as int64."""
+    ids = torch.as_tensor(adapter_ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"adapter_ids must be integers, got {ids.dtype}")
+    if ids.dim() != 1:
+        raise ValueError(f"adapter_ids must be 1-D (one id per sample), got shape {tuple(ids.shape)}")
+    ids = ids.to(torch.int64)
+    if ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < -1 or high >= len(adapter_names):
+            bad = low if low < -1 else high
+            raise IndexError(
+                f"adapter id {bad} is out of range: use -1 (base model) or 0..{len(adapter_names) - 1} "
+                f"for adapters {list(adapter_names)}"
+            )
+    return ids
+
+
+@contextmanager
+def routed(sample_adapter: torch.Tensor, adapter_names: tuple[str, ...]):
+    token = _CURRENT.set(Routing(sample_adapter, adapter_names))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)

@@ -1,0 +1,113 @@
+"""What the LoRA embedding and embedding-bag layers share: the adapter of a frozen table.
+
+E [V, D] frozen; A [V, r] is itself a table of dimension r, B [r, D] dense; s the scale.
+Looked-up rows become E[i] + s·A[i]·B, pooled bags Σ w_i·E[i] + s·(Σ w_i·A[i])·B.
+A starts at zero and B random, so rows of A that no batch touched stay exactly zero: merging
+adds s·A[rows]·B to those rows only, and the file stores only touched rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..kernels import BagLayout
+from .base import AdapterStateError, LoraLayer
+
+A_DENSE = "lora_embedding_A.weight"
+A_ROWS = "lora_embedding_A.rows"
+A_INDICES = "lora_embedding_A.indices"
+A_SHAPE = "lora_embedding_A.shape"
+B_WEIGHT = "lora_embedding_B.weight"
+
+
+class LoraTableLayer(LoraLayer):
+    """Shared part of :class:`LoraEmbedding` and :class:`LoraEmbeddingBag`."""
+
+    def adapter_shapes(self, r):
+        num_embeddings, dim = self.base_weight.shape
+        return (num_embeddings, r), (r, dim)
+
+    def reset_adapter(self, adapter, init):
+        a, b = self.lora_A[adapter], self.lora_B[adapter]
+        nn.init.normal_(b)
+        if init is False:
+            nn.init.normal_(a, std=1.0 / a.shape[1])
+        else:
+            nn.init.zeros_(a)
+
+    def touched_rows(self, adapter: str) -> torch.Tensor:
+        """Indices of the rows of A that are not all zero (the rows training has updated)."""
+        return (self.lora_A[adapter] != 0).any(dim=1).nonzero().squeeze(1)
+
+    def merge_delta(self, adapter, sign):
+        rows = self.touched_rows(adapter)
+        a, b = self.lora_A[adapter], self.lora_B[adapter]
+        delta = (a[rows].float() @ b.float()) * (sign * self.scaling[adapter])
+        self.base_weight.index_add_(0, rows, delta.to(self.base_weight.dtype))
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def add_adapter_output(self, layout: BagLayout, base_output: torch.Tensor, leading: int, rows_per_sample: int):
+        """base_output [nb, D] plus the active adapters' pooled deltas (or the routed ones)."""
+        routing = self.active_routing()
+        if routing is not None:
+            bag_adapter = routing.row_adapter(self.module_name, leading, rows_per_sample, base_output.device)
+            delta = kernels.segmented_lora_bag_delta(
+                layout, self.routed_adapters(routing), bag_adapter, base_output.shape[1], base_output.dtype
+            )
+            return base_output + delta
+        out = base_output
+        for adapter in self.pending_adapters():
+            out = kernels.lora_embedding_bag(
+                self.base_weight, layout, self.lora_A[adapter], self.lora_B[adapter], self.scaling[adapter], out
+            )
+        return out
+
+    def has_adapter_work(self) -> bool:
+        return self.active_routing() is not None or bool(self.pending_adapters())
+
+    # ---- on disk ---------------------------------------------------------------------------
+
+    def export_adapter(self, adapter):
+        """Touched rows of A with their indices when that is smaller than A, else A whole."""
+        a, b = self.lora_A[adapter].detach(), self.lora_B[adapter].detach()
+        rows = self.touched_rows(adapter)
+        num_rows, rank = a.shape
+        sparse_bytes = rows.numel() * (rows.element_size() + rank * a.element_size())
+        if sparse_bytes >= a.numel() * a.element_size():
+            return {A_DENSE: a, B_WEIGHT: b}
+        return {A_INDICES: rows, A_ROWS: a[rows], A_SHAPE: torch.tensor([num_rows, rank]), B_WEIGHT: b}
+
+    def check_adapter_state(self, adapter, tensors, source):
+        a, b = self.lora_A[adapter], self.lora_B[adapter]
+        if A_DENSE in tensors:
+            self._check_keys(tensors, {A_DENSE, B_WEIGHT}, source)
+            self._check_shape(A_DENSE, tensors[A_DENSE], a.shape, source)
+        else:
+            self._check_keys(tensors, {A_INDICES, A_ROWS, A_SHAPE, B_WEIGHT}, source)
+            self._check_shape(A_SHAPE, tensors[A_SHAPE], (2,), source)
+            saved_shape = tuple(int(v) for v in tensors[A_SHAPE])
+            if saved_shape != tuple(a.shape):
+                raise AdapterStateError(
+                    f"{source}: {self.module_name}.lora_embedding_A was saved for a table of shape "
+                    f"{saved_shape} but the model's is {tuple(a.shape)}"
+                )
+            indices = tensors[A_INDICES]
+            if indices.dtype != torch.int64 or indices.dim() != 1:
+                raise AdapterStateError(f"{source}: {self.module_name}.{A_INDICES} must be 1-D int64")
+            self._check_shape(A_ROWS, tensors[A_ROWS], (indices.numel(), a.shape[1]), source)
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= a.shape[0]):
+                raise AdapterStateError(f"{source}: {self.module_name}.{A_INDICES} holds rows outside [0, {a.shape[0]})")
+        self._check_shape(B_WEIGHT, tensors[B_WEIGHT], b.shape, source)
+
+    @torch.no_grad()
+    def load_adapter_state(self, adapter, tensors):
+        a = self.lora_A[adapter]
+        if A_DENSE in tensors:
+            a.copy_(tensors[A_DENSE])
+        else:
+            a.zero_()
+            a.index_copy_(0, tensors[A_INDICES].to(a.device), tensors[A_ROWS].to(a.device, a.dtype))
+        self.lora_B[adapter].copy_(tensors[B_WEIGHT])
