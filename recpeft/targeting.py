@@ -76,12 +76,19 @@ def match_modules(model: nn.Module, spec, kind: str, *, require_each: bool = Tru
 
 
 def select_lora_targets(model: nn.Module, config) -> list[str]:
-    """Module names to wrap for ``config``; raises on patterns that match nothing or match a
-    module recpeft cannot wrap (naming the adaptable modules under it)."""
+    """Module names to wrap for ``config``; raises on patterns that match nothing or name a
+    module recpeft cannot wrap (naming the adaptable modules under it). A regex selects only
+    among adaptable modules."""
     targets = match_modules(model, config.target_modules, "target_modules")
     excluded = set(match_modules(model, config.exclude_modules, "exclude_modules", require_each=False))
     modules = dict(iter_modules(model))
     adaptable = [n for n, m in modules.items() if wrapper_for(m) is not None]
+    if isinstance(config.target_modules, str):  # a regex selects among the adaptable modules
+        matched = targets
+        targets = [n for n in matched if n in adaptable]
+        if not targets:
+            raise ValueError(f"target_modules regex {config.target_modules!r} matched only modules recpeft cannot "
+                             f"adapt ({_listing(matched)}); adaptable modules: {_listing(adaptable)}")
     chosen = []
     for name in targets:
         if name in excluded:
