@@ -109,8 +109,14 @@ def select_lora_targets(model: nn.Module, config) -> list[str]:
 
 
 def select_modules_to_save(model: nn.Module, config, lora_targets: list[str]) -> list[str]:
+    """Module names for ``config.modules_to_save``; a module is either adapted or saved whole."""
     names = match_modules(model, config.modules_to_save, "modules_to_save")
+    for name in lora_targets:
+        if isinstance(model.get_submodule(name), ModulesToSaveWrapper):
+            raise ValueError(f"target {name!r} is saved whole (modules_to_save) by another adapter; it cannot also be adapted")
     for name in names:
+        if isinstance(model.get_submodule(name), LoraLayer):
+            raise ValueError(f"modules_to_save {name!r} is adapted by LoRA in another adapter; it cannot also be saved whole")
         overlap = [t for t in lora_targets if t == name or t.startswith(name + ".")]
         if overlap:
             raise ValueError(f"modules_to_save {name!r} contains LoRA targets {overlap}; a module is either adapted or saved whole")
