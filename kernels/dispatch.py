@@ -5,11 +5,12 @@ CUDA tensors go to Triton (where a Triton version of the op is registered), ever
 ``backend`` argument of each op, forces one; forcing Triton for an op that has no Triton version
 is an error, while the automatic choice falls back to the reference op.
 
-Triton op modules register themselves with :func:`register_triton`.
+Triton implementations are found through :data:`TRITON_MODULES`.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from enum import Enum
 from typing import Callable
@@ -26,12 +27,30 @@ class Backend(str, Enum):
     TRITON = "triton"
 
 
-_TRITON_OPS: dict[str, Callable] = {}
+# op name → module of this package that holds its Triton implementation (a function of the
+# same name and signature as the reference op). Imported on first use, so machines without
+# Triton never import it.
+TRITON_MODULES: dict[str, str] = {
+    "lora_linear": "lora_linear",
+    "lora_embedding_bag": "lora_embedding_bag",
+    "segmented_lora_linear": "segmented_lora",
+    "segmented_lora_bag_delta": "segmented_lora",
+}
 
 
-def register_triton(name: str, fn: Callable) -> None:
-    """Make ``fn`` the Triton implementation of op ``name`` (same signature as the reference)."""
-    _TRITON_OPS[name] = fn
+def triton_op(name: str) -> Callable | None:
+    """The Triton implementation of op ``name``, or None when Triton or the kernel file is absent."""
+    module_name = TRITON_MODULES.get(name)
+    if module_name is None:
+        return None
+    qualified = f"{__package__}.{module_name}"
+    try:
+        module = importlib.import_module(qualified)
+    except ModuleNotFoundError as exc:
+        if exc.name in (qualified, "triton"):
+            return None
+        raise
+    return getattr(module, name, None)
 
 
 def resolve_backend(tensor: torch.Tensor, backend: str | Backend | None = None) -> Backend:
@@ -49,8 +68,9 @@ def resolve_backend(tensor: torch.Tensor, backend: str | Backend | None = None) 
 def _implementation(name: str, tensor: torch.Tensor, backend) -> Callable:
     chosen = resolve_backend(tensor, backend)
     if chosen is Backend.TRITON:
-        if name in _TRITON_OPS:
-            return _TRITON_OPS[name]
+        op = triton_op(name)
+        if op is not None:
+            return op
         forced = backend is not None or os.environ.get(BACKEND_ENV)
         if forced:
             raise NotImplementedError(f"op {name!r} has no Triton implementation yet; use {BACKEND_ENV}=torch")

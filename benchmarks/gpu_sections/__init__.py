@@ -1,0 +1,1 @@
+"""Sections of benchmarks/gpu_suite.py, one module per op."""
