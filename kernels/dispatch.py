@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from enum import Enum
 from typing import Callable
 
@@ -44,12 +45,18 @@ def triton_op(name: str) -> Callable | None:
     if module_name is None:
         return None
     qualified = f"{__package__}.{module_name}"
+    package = sys.modules[__package__]
+    shadowed = package.__dict__.get(module_name)
     try:
         module = importlib.import_module(qualified)
     except ModuleNotFoundError as exc:
         if exc.name in (qualified, "triton"):
             return None
         raise
+    if shadowed is not None and package.__dict__.get(module_name) is module:
+        # A first import binds the submodule's name on the package, and kernels.lora_linear /
+        # kernels.lora_embedding_bag name the dispatching functions: put the function back.
+        setattr(package, module_name, shadowed)
     return getattr(module, name, None)
 
 
@@ -63,6 +70,12 @@ def resolve_backend(tensor: torch.Tensor, backend: str | Backend | None = None) 
     except ValueError:
         options = ", ".join(b.value for b in Backend)
         raise ValueError(f"unknown backend {choice!r} (from {BACKEND_ENV} or argument); use one of: {options}") from None
+
+
+def uses_triton(name: str, tensor: torch.Tensor, backend: str | Backend | None = None) -> bool:
+    """Whether op ``name`` on ``tensor`` will run its Triton implementation (a layer asks this to
+    skip work that the fused op does itself)."""
+    return resolve_backend(tensor, backend) is Backend.TRITON and triton_op(name) is not None
 
 
 def _implementation(name: str, tensor: torch.Tensor, backend) -> Callable:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..kernels import unpooled_layout, validate_ids
+from ..kernels.bags import check_id_dtype
 from .table import LoraTableLayer
 
 
@@ -16,7 +17,8 @@ class LoraEmbedding(LoraTableLayer):
 
     ids of any shape [B, ...] (int32/int64); output [B, ..., D]. padding_idx ids keep the base
     row and get no delta. With per-sample routing the leading dimension of ids is the samples.
-    The gradient of A is sparse (rows of the looked-up ids only).
+    The gradient of A is sparse (rows of the looked-up ids only). ``validate_ids`` and the fused
+    Triton path: see :class:`~recpeft.layers.table.LoraTableLayer`.
 
     Example::
 
@@ -32,13 +34,20 @@ class LoraEmbedding(LoraTableLayer):
             raise ValueError(f"{name}: nn.Embedding with max_norm renormalises its table in place; LoRA cannot wrap it")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        validate_ids(ids, self.base_weight.shape[0], self.module_name)
-        base = self.base_layer(ids)
+        if self.validate_ids:
+            validate_ids(ids, self.base_weight.shape[0], self.module_name)
+        else:
+            check_id_dtype(ids, self.module_name)
         if not self.has_adapter_work():
-            return base
+            return self.base_layer(ids)
+        out_shape = (*ids.shape, self.base_weight.shape[1])
         if ids.dim() == 0:
-            ids, base = ids.reshape(1), base.reshape(1, -1)
-        layout = unpooled_layout(ids, self.base_layer.padding_idx)
-        flat = base.reshape(-1, base.shape[-1])
-        out = self.add_adapter_output(layout, flat, ids.shape[0], math.prod(ids.shape[1:]))
-        return out.view(base.shape)
+            ids = ids.reshape(1)
+        padding_idx = self.base_layer.padding_idx
+        layout = unpooled_layout(ids, padding_idx)
+        # The fused op pools E itself, except with a padding_idx: a padding id is an empty bag of
+        # the layout (no delta) but nn.Embedding still returns E[padding_idx] there.
+        fused = padding_idx is None and self.fuses_base_lookup()
+        base = None if fused else self.base_layer(ids).reshape(-1, out_shape[-1])
+        out = self.add_adapter_output(layout, base, ids.shape[0], math.prod(ids.shape[1:]))
+        return out.view(out_shape)

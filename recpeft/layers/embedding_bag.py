@@ -17,7 +17,8 @@ class LoraEmbeddingBag(LoraTableLayer):
     ``per_sample_weights`` (sum mode); sum or mean pooling; ``padding_idx``; empty bags pool to
     zero. Output [B, D], one row per bag (per sample when routing). The adapter pools in rank
     space first and its gradient touches only the rows of A in the batch
-    (:func:`recpeft.kernels.lora_embedding_bag`).
+    (:func:`recpeft.kernels.lora_embedding_bag`). ``validate_ids`` and the fused Triton path:
+    see :class:`~recpeft.layers.table.LoraTableLayer`.
 
     Example::
 
@@ -41,8 +42,9 @@ class LoraEmbeddingBag(LoraTableLayer):
             input, offsets, num_embeddings=self.base_weight.shape[0], mode=bag.mode,
             per_sample_weights=per_sample_weights, include_last_offset=bag.include_last_offset,
             padding_idx=bag.padding_idx, weight_dtype=self.base_weight.dtype, table_name=self.module_name,
+            validate=self.validate_ids,
         )
-        base = bag(input, offsets, per_sample_weights)
         if not self.has_adapter_work():
-            return base
+            return bag(input, offsets, per_sample_weights)
+        base = None if self.fuses_base_lookup() else bag(input, offsets, per_sample_weights)
         return self.add_adapter_output(layout, base, layout.num_bags, 1)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..kernels import BagLayout
+from ..kernels import BagLayout, dispatch
 from .base import AdapterStateError, LoraLayer
 
 A_DENSE = "lora_embedding_A.weight"
@@ -23,7 +23,22 @@ B_WEIGHT = "lora_embedding_B.weight"
 
 
 class LoraTableLayer(LoraLayer):
-    """Shared part of :class:`LoraEmbedding` and :class:`LoraEmbeddingBag`."""
+    """Shared part of :class:`LoraEmbedding` and :class:`LoraEmbeddingBag`.
+
+    ``validate_ids`` (default True): every forward checks that the ids lie in [0, V) and raises
+    an IndexError naming the table and the first bad id. The check reads the ids back to the
+    host (a device sync on GPU); set it to False on a layer whose input is trusted. Then nothing
+    checks the range: an out-of-range id makes torch raise (CPU) or assert on the device (CUDA)
+    on the torch path, and makes the fused Triton kernel read arbitrary memory — garbage output
+    or an illegal-address fault, silently.
+
+    On the Triton path (:func:`recpeft.kernels.dispatch.uses_triton`) the fused op pools E
+    itself, in the same pass as the first adapter's A, so the base layer is not run; its fp32
+    pooling order differs from torch's, so a zero adapter matches the base output to rounding,
+    not bit for bit (the torch path keeps bit-identity).
+    """
+
+    validate_ids: bool = True
 
     def adapter_shapes(self, r):
         num_embeddings, dim = self.base_weight.shape
@@ -49,8 +64,17 @@ class LoraTableLayer(LoraLayer):
 
     # ---- forward ---------------------------------------------------------------------------
 
-    def add_adapter_output(self, layout: BagLayout, base_output: torch.Tensor, leading: int, rows_per_sample: int):
-        """base_output [nb, D] plus the active adapters' pooled deltas (or the routed ones)."""
+    def fuses_base_lookup(self) -> bool:
+        """True when the active adapters run through the fused Triton op, which pools E itself
+        (the caller then passes base_output=None to :meth:`add_adapter_output`)."""
+        return (self.active_routing() is None and bool(self.pending_adapters())
+                and dispatch.uses_triton("lora_embedding_bag", self.base_weight))
+
+    def add_adapter_output(self, layout: BagLayout, base_output: torch.Tensor | None, leading: int,
+                           rows_per_sample: int):
+        """base_output [nb, D] plus the active adapters' pooled deltas (or the routed ones).
+        base_output None (only when :meth:`fuses_base_lookup`): the first adapter's fused op
+        pools E too."""
         routing = self.active_routing()
         if routing is not None:
             bag_adapter = routing.row_adapter(self.module_name, leading, rows_per_sample, base_output.device)
@@ -59,8 +83,10 @@ class LoraTableLayer(LoraLayer):
             )
             return base_output + delta
         out = base_output
+        # dispatch.lora_embedding_bag, not kernels.lora_embedding_bag: a direct import of the
+        # Triton module of that name rebinds the package attribute to the module.
         for adapter in self.pending_adapters():
-            out = kernels.lora_embedding_bag(
+            out = dispatch.lora_embedding_bag(
                 self.base_weight, layout, self.lora_A[adapter], self.lora_B[adapter], self.scaling[adapter], out
             )
         return out
