@@ -83,7 +83,7 @@ class LoraLinearFunction(torch.autograd.Function):
             y = F.linear(x, gemm_weight, bias)
         else:
             gemm_weight = weight
-            u = dropped.reshape(-1, x.shape[-1]) @ lora_A.t()  # [M, r]
+            u = F.linear(dropped.reshape(-1, x.shape[-1]), lora_A)  # [M, r]
             y = F.linear(x, weight, bias)
             y.view(-1, y.shape[-1]).addmm_(u, lora_B.t(), alpha=scale)
         ctx.save_for_backward(dropped, mask, gemm_weight, lora_A, lora_B)
@@ -112,7 +112,8 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_a:
             grad_a = (v.t() @ x_d).mul_(s)
         if need_b_lora:
-            grad_b = (g.t() @ (x_d @ lora_A.t())).mul_(s)
+            u = F.linear(x_d, lora_A)  # [M, r]
+            grad_b = (u.t() @ g).t().mul_(s)  # (uᵀ·dY)ᵀ: MKL runs this layout several times faster than dYᵀ·u
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 
@@ -141,7 +142,7 @@ class LoraPooledDelta(torch.autograd.Function):
         s = ctx.scale
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            per_bag = (grad_delta @ lora_B.t()).mul_(s)  # [nb, r] = s·dY_j·Bᵀ
+            per_bag = F.linear(grad_delta, lora_B).mul_(s)  # [nb, r] = s·dY_j·Bᵀ
             rows = per_bag.index_select(0, bag_of_id)  # [L, r]
             if weights is not None:
                 rows.mul_(weights.unsqueeze(1))
@@ -209,7 +210,7 @@ def segmented_lora_linear(x, weight, bias, adapters: list[AdapterWeights | None]
         x_a = x.index_select(0, rows)
         if adapter.dropout_p > 0:
             x_a = x_a * dropout_keep_mask(x_a, adapter.dropout_p)
-        delta = ((x_a @ adapter.lora_A.t()) @ adapter.lora_B.t()).mul_(adapter.scale)
+        delta = F.linear(F.linear(x_a, adapter.lora_A).mul_(adapter.scale), adapter.lora_B)
         y.index_add_(0, rows, delta)
     return y
 
