@@ -25,7 +25,7 @@ from .io import atomic_path
 from .layers import AdapterStateError, LoraLayer, ModulesToSaveWrapper, wrapper_for
 from .layers.routing import check_adapter_ids, routed
 from .layers.table import LoraTableLayer
-from .targeting import select_lora_targets, select_modules_to_save
+from .targeting import group_lora_targets, select_lora_targets, select_modules_to_save
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
@@ -131,13 +131,17 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {list(self.adapter_names)}")
         targets = select_lora_targets(self.base_model, config)
-        saved = select_modules_to_save(self.base_model, config, targets)
+        groups = group_lora_targets(self.base_model, targets)  # module → its targeted parts (tables)
+        saved = select_modules_to_save(self.base_model, config, list(groups))
         try:
-            for name in targets:
-                self._wrap(name, LoraLayer).update_layer(
-                    adapter_name, config.rank_for(name), config.scale_for(name),
-                    config.lora_dropout, config.init_lora_weights,
-                )
+            for name, parts in groups.items():
+                layer = self._wrap(name, LoraLayer)
+                if parts is None:
+                    layer.update_layer(adapter_name, config.rank_for(name), config.scale_for(name),
+                                       config.lora_dropout, config.init_lora_weights)
+                else:  # ranks and scales per "<module>.<part>"
+                    layer.update_parts(adapter_name, {p: (config.rank_for(f"{name}.{p}"), config.scale_for(f"{name}.{p}"))
+                                                      for p in parts}, config.init_lora_weights)
             for name in saved:
                 self._wrap(name, ModulesToSaveWrapper).update(adapter_name)
         except BaseException:
@@ -302,6 +306,8 @@ class PeftModel(nn.Module):
                 for adapter, a in layer.lora_A.items():
                     if a.requires_grad:
                         untouched += a.numel() - layer.touched_rows(adapter).numel() * a.shape[1]
+            else:
+                untouched += sum(layer.untouched_parameters(a) for a in layer.lora_A if a not in self._inference_only)
         return {"trainable": trainable, "all": total, "touched": trainable - untouched}
 
     def print_trainable_parameters(self) -> None:
@@ -339,15 +345,22 @@ class PeftModel(nn.Module):
         state.update({key: p.detach() for key, p in self._bias_params(adapter).items()})
         return {k: v.contiguous().cpu() for k, v in state.items()}
 
-    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
+                        is_main_process: bool = True) -> None:
         """Write each adapter's ``adapter_model.safetensors`` and ``adapter_config.json`` (the
         "default" adapter into ``save_directory``, others into sub-folders named after them);
-        each file goes to a temporary name first and is renamed when complete."""
+        each file goes to a temporary name first and is renamed when complete.
+
+        A model sharded by DistributedModelParallel: call on every process (gathering the
+        adapter's shards is collective) with ``is_main_process`` true on one of them, which writes."""
         for adapter in selected_adapters or self.adapter_names:
             self._check_known(adapter)
+            state = self.adapter_state_dict(adapter)
+            if not is_main_process:
+                continue
             directory = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
             with atomic_path(directory / WEIGHTS_NAME) as tmp:
-                save_file(self.adapter_state_dict(adapter), str(tmp), metadata={"format": "pt", "library": "recpeft"})
+                save_file(state, str(tmp), metadata={"format": "pt", "library": "recpeft"})
             config = self.peft_config[adapter]
             if config.targets_classes:
                 config = dataclasses.replace(config, target_modules=list(self._targets[adapter]), exclude_modules=None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 from .base import AdapterStateError, LoraLayer
@@ -23,8 +25,28 @@ def register_wrapper(module_type: type[nn.Module], wrapper: type[LoraLayer]) -> 
     LORA_WRAPPERS[module_type] = wrapper
 
 
+_torchrec_registered = False
+
+
+def _register_torchrec_wrappers() -> None:
+    """Register the torchrec collection wrappers (:mod:`.torchrec`) once torchrec is imported —
+    a model holding a torchrec module has imported it — so that ``import recpeft`` does not
+    import torchrec and fbgemm (about 2.5 s), and machines without torchrec never do."""
+    global _torchrec_registered
+    if _torchrec_registered or "torchrec" not in sys.modules:
+        return
+    _torchrec_registered = True
+    try:
+        from .torchrec import TORCHREC_WRAPPERS
+    except ImportError:
+        return
+    for module_type, wrapper in TORCHREC_WRAPPERS.items():
+        register_wrapper(module_type, wrapper)
+
+
 def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
     """The wrapper for ``module``'s type or its nearest registered base class."""
+    _register_torchrec_wrappers()
     for cls in type(module).__mro__:
         if cls in LORA_WRAPPERS:
             return LORA_WRAPPERS[cls]

@@ -64,6 +64,22 @@ class LoraLayer(nn.Module):
         """Copy checked tensors into the adapter."""
         raise NotImplementedError
 
+    # ---- modules adapted part by part (a torchrec collection: one part per table) --------------
+
+    @classmethod
+    def part_names(cls, module: nn.Module) -> list[str] | None:
+        """Names of the parts of ``module`` that adapters target one by one, addressed as
+        ``"<module name>.<part>"``; None (the default) when the module is adapted whole."""
+        return None
+
+    def update_parts(self, adapter: str, parts: dict[str, tuple[int, float]], init) -> None:
+        """Create ``adapter`` on ``parts`` ({part: (r, s)}); wrappers with part names only."""
+        raise TypeError(f"{type(self).__name__} is adapted whole, not part by part")
+
+    def untouched_parameters(self, adapter: str) -> int:
+        """Adapter parameters training has not touched yet (rows of embedding adapters still zero)."""
+        return 0
+
     # ---- adapters --------------------------------------------------------------------------
 
     @property
