@@ -68,8 +68,8 @@ def dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 class LoraLinearFunction(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ with W frozen; see the module docstring for the gradients.
 
-    Saves d(x), the dropout mask (epilogue with dropout only), A, B and W or W' (merge route):
-    never an M×N intermediate.
+    Saves d(x), the dropout mask (epilogue with dropout only), A, B and W or W' (merge route),
+    and x itself only when W is trainable under dropout: never an M×N intermediate.
     """
 
     @staticmethod
@@ -86,13 +86,15 @@ class LoraLinearFunction(torch.autograd.Function):
             u = F.linear(dropped.reshape(-1, x.shape[-1]), lora_A)  # [M, r]
             y = F.linear(x, weight, bias)
             y.view(-1, y.shape[-1]).addmm_(u, lora_B.t(), alpha=scale)
-        ctx.save_for_backward(dropped, mask, gemm_weight, lora_A, lora_B)
+        # x itself only when a user unfroze W under dropout: dW = dYᵀ·x, not dYᵀ·d(x)
+        undropped = x if mask is not None and ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(dropped, mask, undropped, gemm_weight, lora_A, lora_B)
         ctx.scale, ctx.route = scale, route
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        dropped, mask, gemm_weight, lora_A, lora_B = ctx.saved_tensors
+        dropped, mask, undropped, gemm_weight, lora_A, lora_B = ctx.saved_tensors
         s = ctx.scale
         need_x, need_w, need_b, need_a, need_b_lora = ctx.needs_input_grad[:5]
         g = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
@@ -106,7 +108,8 @@ class LoraLinearFunction(torch.autograd.Function):
                 grad_x += lora_term * mask.reshape(-1, mask.shape[-1]) if mask is not None else lora_term
             grad_x = grad_x.view(dropped.shape)
         if need_w:  # only when a user unfroze W; W' = W + s·B·A has dW' = dW
-            grad_w = g.t() @ x_d
+            x_base = undropped if undropped is not None else dropped
+            grad_w = g.t() @ x_base.reshape(-1, x_base.shape[-1])
         if need_b:
             grad_bias = g.sum(0)
         if need_a:

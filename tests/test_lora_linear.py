@@ -57,13 +57,16 @@ def test_reference_op_matches_naive_float64(case):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("route", list(LinearRoute))
-def test_trainable_bias_and_weight_gradients(route):
+@pytest.mark.parametrize("route,p", [(LinearRoute.MERGE, 0.0), (LinearRoute.EPILOGUE, 0.0), (LinearRoute.EPILOGUE, 0.5)])
+def test_trainable_bias_and_weight_gradients(route, p):
     x, W, b = torch.randn(6, 5, dtype=torch.float64), leaf64(torch.randn(4, 5)), leaf64(torch.randn(4))
     A, B = leaf64(torch.randn(3, 5)), leaf64(torch.randn(4, 3))
-    reference.lora_linear(x, W, b, A, B, 0.5, route=route).pow(2).sum().backward()
+    torch.manual_seed(7)
+    reference.lora_linear(x, W, b, A, B, 0.5, p, route=route).pow(2).sum().backward()
+    torch.manual_seed(7)
+    mask = reference.dropout_keep_mask(x, p) if p else None
     W2, b2, A2, B2 = leaf64(W), leaf64(b), leaf64(A), leaf64(B)
-    naive_lora_linear(x, W2, b2, A2, B2, 0.5).pow(2).sum().backward()
+    naive_lora_linear(x, W2, b2, A2, B2, 0.5, mask).pow(2).sum().backward()
     for ours, theirs in ((W, W2), (b, b2), (A, A2), (B, B2)):
         torch.testing.assert_close(ours.grad, theirs.grad)
 
