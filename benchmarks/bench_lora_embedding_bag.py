@@ -2,8 +2,9 @@
 backward's memory at two table sizes.
 
 Shape: table V=1,000,000 × D=64, rank r=8, α=16 (s = 2); 4096 bags of 20 uniform random ids
-(1-D ids + offsets, mode="sum"). Loss = (out·g).sum() for a fixed random g. Gradients are cleared
-(``.grad = None``) before each call, outside the timed region.
+(1-D ids + offsets, mode="sum"). Loss = (out·g).sum() for a random g. Every call takes the next of
+``NUM_BATCHES`` pre-drawn batches (fresh ids, as in training), and gradients are cleared
+(``.grad = None``) before it, both outside the timed region.
 
     frozen   (a) frozen nn.EmbeddingBag, forward only — the floor
     recpeft  (b) get_peft_model on a model holding the bag (init_lora_weights=False: A and B
@@ -47,6 +48,7 @@ from recpeft import LoraConfig, get_peft_model
 V, D, R, ALPHA = 1_000_000, 64, 8, 16
 NUM_BAGS, BAG_LEN = 4096, 20
 ROUNDS = 30
+NUM_BATCHES = 8
 INTERLEAVED_ROUNDS = 20
 MEMORY_SIZES = (250_000, 2_000_000)
 
@@ -106,47 +108,59 @@ def case(bench):
     lora_A, lora_B = layer.lora_A["default"], layer.lora_B["default"]  # [V, r], [r, D]
     assert peft.peft_config["default"].scale_for("bag") == scale
     assert not table.requires_grad
-    ids, offsets, g = make_batch(V, generator)
+    batches = [make_batch(V, generator) for _ in range(NUM_BATCHES)]
+    current = {"batch": batches[0]}
 
     unfused_A = lora_A.detach().clone().requires_grad_(True)
     unfused_B = lora_B.detach().clone().requires_grad_(True)
 
-    def unfused():
+    def unfused(ids, offsets):
         base = F.embedding_bag(ids, table, offsets, mode="sum")
         pooled = F.embedding_bag(ids, unfused_A, offsets, mode="sum", sparse=True)  # [nb, r]
         return base + (pooled @ unfused_B) * scale
 
     dense = nn.EmbeddingBag(V, D, mode="sum", sparse=True, _weight=table.detach().clone())
 
-    def fwd_bwd(forward):
+    def forward_only(forward):
         def run():
-            (forward() * g).sum().backward()
+            ids, offsets, _ = current["batch"]
+            return forward(ids, offsets)
         return run
 
-    def clear(*tensors):
+    def fwd_bwd(forward):
+        def run():
+            ids, offsets, g = current["batch"]
+            (forward(ids, offsets) * g).sum().backward()
+        return run
+
+    def next_batch_and_clear(*tensors):
+        order = iter(range(10 ** 9))
+
         def reset():
+            current["batch"] = batches[next(order) % NUM_BATCHES]
             for t in tensors:
                 t.grad = None
         return reset
 
     variants = {
-        "frozen": bench.Variant("(a) frozen EmbeddingBag fwd (floor)", lambda: frozen(ids, offsets)),
-        "recpeft": bench.Variant("(b) recpeft LoraEmbeddingBag fwd+bwd", fwd_bwd(lambda: peft(ids, offsets)),
-                                 clear(lora_A, lora_B)),
+        "frozen": bench.Variant("(a) frozen EmbeddingBag fwd (floor)", forward_only(frozen), next_batch_and_clear()),
+        "recpeft": bench.Variant("(b) recpeft LoraEmbeddingBag fwd+bwd", fwd_bwd(peft),
+                                 next_batch_and_clear(lora_A, lora_B)),
         "unfused": bench.Variant("(c) unfused E-bag + A-bag(sparse)@B fwd+bwd", fwd_bwd(unfused),
-                                 clear(unfused_A, unfused_B)),
-        "dense": bench.Variant("(d) dense sparse-grad table fwd+bwd", fwd_bwd(lambda: dense(ids, offsets)),
-                               clear(dense.weight)),
+                                 next_batch_and_clear(unfused_A, unfused_B)),
+        "dense": bench.Variant("(d) dense sparse-grad table fwd+bwd", fwd_bwd(dense),
+                               next_batch_and_clear(dense.weight)),
     }
 
     # ---- the variants compute the same thing, checked before anything is timed ----
+    ids, offsets, g = batches[0]
     with torch.no_grad():
         out_frozen = frozen(ids, offsets)
-    for variant in variants.values():
-        variant.reset()
+    for t in (lora_A, lora_B, unfused_A, unfused_B, dense.weight):
+        t.grad = None
     out_peft = peft(ids, offsets)
     (out_peft * g).sum().backward()
-    out_unf = unfused()
+    out_unf = unfused(ids, offsets)
     (out_unf * g).sum().backward()
     out_dense = dense(ids, offsets)
     (out_dense * g).sum().backward()

@@ -27,8 +27,8 @@ from torch import nn
 from recpeft import LoraConfig, get_peft_model
 
 M, K, N, R, ALPHA = 8192, 512, 512, 16, 32
-ROUNDS = 20
-INTERLEAVED_ROUNDS = 15
+ROUNDS = 30
+INTERLEAVED_ROUNDS = 20
 
 SUITE = {
     "name": "lora_linear",
