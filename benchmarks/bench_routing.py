@@ -7,6 +7,8 @@ Everything runs under ``torch.no_grad()``.
 
     merged    (a) one merged layer: a plain nn.Linear forward — the floor
     recpeft   (b) get_peft_model + 63 × add_adapter, ``model(x, adapter_ids=ids)``
+    grouped   (b') the same batch with its samples grouped by adapter (as a serving batcher that
+                  groups requests by segment sends it): the layer updates contiguous slices
     masks     (c) HF-PEFT-style mixed batch: base(x), then a Python loop over the 64 adapters,
                   each selecting its sub-batch with a boolean mask: y[m] += B(A(x[m]))·s
     hf_lists  (d) HF PEFT's own ``_mixed_batch_forward`` recipe: per-sample adapter *names*, one
@@ -43,10 +45,10 @@ SUITE = {
               "adapter_ids": "uniform random in [0, 64) per sample"},
     "dtype": "float32",
     "floor": "merged",
-    "targets": {"recpeft": 1.5},
+    "targets": {"recpeft": 1.5, "grouped": 1.5},
     "anchors": {"HF PEFT mixed batch / one merged layer (DESIGN.md, 2 CPU cores)": "3.4x"},
 }
-VARIANTS = ["merged", "recpeft", "masks", "hf_lists"]
+VARIANTS = ["merged", "recpeft", "grouped", "masks", "hf_lists"]
 
 
 class OneLayer(nn.Module):
@@ -85,6 +87,12 @@ def case(bench):
     def routed():
         return peft(x, adapter_ids=ids)
 
+    order = torch.argsort(ids)
+    x_grouped, ids_grouped = x[order].contiguous(), ids[order]
+
+    def routed_grouped():
+        return peft(x_grouped, adapter_ids=ids_grouped)
+
     def masks():
         y = F.linear(x, weight, bias)
         for a in range(NUM_ADAPTERS):
@@ -115,6 +123,7 @@ def case(bench):
     variants = {
         "merged": bench.Variant("(a) one merged nn.Linear (floor)", no_grad(merged)),
         "recpeft": bench.Variant("(b) recpeft model(x, adapter_ids=ids)", no_grad(routed)),
+        "grouped": bench.Variant("(b') recpeft, batch grouped by adapter", no_grad(routed_grouped)),
         "masks": bench.Variant("(c) loop over adapters, boolean masks", no_grad(masks)),
         "hf_lists": bench.Variant("(d) HF PEFT _mixed_batch_forward (index lists)", no_grad(hf_lists)),
     }
@@ -123,6 +132,8 @@ def case(bench):
     outputs = {name: variants[name].run() for name in ("recpeft", "masks", "hf_lists")}
     bench.assert_close("recpeft vs boolean-mask loop", outputs["recpeft"], outputs["masks"])
     bench.assert_close("recpeft vs HF index lists", outputs["recpeft"], outputs["hf_lists"])
+    bench.assert_close("grouped batch vs the same samples in random order", variants["grouped"].run(),
+                       outputs["recpeft"][order])
     checked = torch.cat([(ids == a).nonzero().squeeze(1)[:SAMPLES_PER_ADAPTER_CHECKED] for a in range(NUM_ADAPTERS)])
     for sample in checked.tolist():
         a = int(ids[sample])

@@ -36,10 +36,13 @@ def _merged_outputs(model, batch):
     return outputs
 
 
-def test_mixed_batch_equals_each_sample_through_its_own_merged_model():
+@pytest.mark.parametrize("grouped", [False, True], ids=["random order", "grouped by adapter"])
+def test_mixed_batch_equals_each_sample_through_its_own_merged_model(grouped):
     model = _multi_adapter_model()
     batch = make_batch(batch=40, seed=5)
     ids = torch.randint(-1, 3, (40,), generator=torch.Generator().manual_seed(3))
+    if grouped:  # the linear layers then update contiguous slices in place
+        ids = ids.sort().values
     routed = model(*batch, adapter_ids=ids)
     merged = _merged_outputs(model, batch)
     expected = torch.stack([merged[int(a)][i] for i, a in enumerate(ids)])
@@ -53,9 +56,12 @@ def test_routing_every_sample_to_one_adapter_equals_that_adapter():
     torch.testing.assert_close(model(*batch, adapter_ids=torch.full((12,), 1)), model(*batch), rtol=1e-6, atol=1e-6)
 
 
-def test_routed_training_gradients_equal_separate_per_adapter_runs():
+@pytest.mark.parametrize("grouped", [False, True], ids=["random order", "grouped by adapter"])
+def test_routed_training_gradients_equal_separate_per_adapter_runs(grouped):
     batch = make_batch(batch=24, seed=8)
     ids = torch.tensor([0, 1, 2, -1] * 6)
+    if grouped:
+        ids = ids.sort().values
     mixed = _multi_adapter_model()
     mixed(*batch, adapter_ids=ids).pow(2).sum().backward()
 
