@@ -67,8 +67,9 @@ def validate_ids(ids: torch.Tensor, num_embeddings: int, table_name: str) -> Non
 
 def _bags_from_offsets(
     num_ids: int, offsets: torch.Tensor, include_last_offset: bool, table_name: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (bag_of_id, number of ids used) for 1-D ids split by ``offsets``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Return (bag starts, bag lengths, bag_of_id, number of ids used) for 1-D ids split by
+    ``offsets``."""
     if offsets.dim() != 1:
         raise ValueError(f"{table_name}: offsets must be 1-D, got shape {tuple(offsets.shape)}")
     check_id_dtype(offsets, f"{table_name} offsets")
@@ -90,7 +91,7 @@ def _bags_from_offsets(
         )
     bags = torch.arange(starts.numel(), device=offsets.device)
     used = int(ends[-1]) if ends.numel() else 0
-    return torch.repeat_interleave(bags, lengths, output_size=used), used
+    return starts, lengths, torch.repeat_interleave(bags, lengths, output_size=used), used
 
 
 def bag_layout(
@@ -139,10 +140,12 @@ def bag_layout(
         ids = input.reshape(-1)
         bag_of_id = torch.arange(num_bags, device=input.device).repeat_interleave(bag_len)
         used = ids.numel()
+        lengths = torch.full((num_bags,), bag_len, dtype=torch.int64, device=input.device)
+        starts = torch.arange(num_bags, device=input.device) * bag_len
     elif input.dim() == 1:
         if offsets is None:
             raise ValueError(f"{table_name}: offsets are required when input is 1-D")
-        bag_of_id, used = _bags_from_offsets(input.numel(), offsets, include_last_offset, table_name)
+        starts, lengths, bag_of_id, used = _bags_from_offsets(input.numel(), offsets, include_last_offset, table_name)
         num_bags = offsets.numel() - int(include_last_offset)
         ids = input[:used]
     else:
@@ -154,15 +157,16 @@ def bag_layout(
     weights = None
     if per_sample_weights is not None:
         weights = per_sample_weights.reshape(-1)[:used].to(weight_dtype)
+    counts, bag_offsets = lengths, starts
     if padding_idx is not None:
         keep = ids != padding_idx
         ids, bag_of_id = ids[keep], bag_of_id[keep]
         weights = weights[keep] if weights is not None else None
-    counts = torch.bincount(bag_of_id, minlength=num_bags)
+        counts = torch.bincount(bag_of_id, minlength=num_bags)
+        bag_offsets = torch.cumsum(counts, 0) - counts
     if mode == "mean":
         inverse = 1.0 / counts.clamp(min=1).to(weight_dtype)
         weights = inverse[bag_of_id] if weights is None else weights * inverse[bag_of_id]
-    bag_offsets = torch.cumsum(counts, 0) - counts
     return BagLayout(ids, bag_of_id, bag_offsets, weights, num_bags)
 
 

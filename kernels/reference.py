@@ -131,29 +131,35 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float 
 
 
 class LoraPooledDelta(torch.autograd.Function):
-    """delta_j = s·(Σ_{i∈I_j} w_i·A[i])·B over a :class:`BagLayout`; sparse gradient for A."""
+    """base + s·(Σ_{i∈I_j} w_i·A[i])·B over a :class:`BagLayout` (base None: the delta alone);
+    sparse gradient for A, the output gradient passes to base unchanged."""
 
     @staticmethod
-    def forward(ctx, lora_A, lora_B, ids, bag_of_id, offsets, weights, scale: float):
-        pooled = pooled_rank_space(lora_A, ids, offsets, weights)  # [nb, r]
+    def forward(ctx, lora_A, lora_B, base, ids, bag_of_id, offsets, weights, scale: float):
+        pooled = pooled_rank_space(lora_A.detach(), ids, offsets, weights)  # [nb, r]; detached: torch's forward-only path
         ctx.save_for_backward(ids, bag_of_id, weights, pooled, lora_B)
         ctx.scale, ctx.table_shape = scale, lora_A.shape
-        return (pooled @ lora_B).mul_(scale)
+        ctx.base_dtype = base.dtype if base is not None else None
+        if base is None or base.dtype != pooled.dtype:  # mixed dtypes: promote as torch does
+            delta = (pooled @ lora_B).mul_(scale)
+            return delta if base is None else base + delta
+        return torch.addmm(base, pooled, lora_B, alpha=scale)  # one pass over the output
 
     @staticmethod
-    def backward(ctx, grad_delta):
+    def backward(ctx, grad_out):
         ids, bag_of_id, weights, pooled, lora_B = ctx.saved_tensors
         s = ctx.scale
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            per_bag = F.linear(grad_delta, lora_B).mul_(s)  # [nb, r] = s·dY_j·Bᵀ
+            per_bag = F.linear(grad_out, lora_B).mul_(s)  # [nb, r] = s·dY_j·Bᵀ
             rows = per_bag.index_select(0, bag_of_id)  # [L, r]
             if weights is not None:
                 rows.mul_(weights.unsqueeze(1))
             grad_a = torch.sparse_coo_tensor(ids.unsqueeze(0), rows, ctx.table_shape, check_invariants=False)
         if ctx.needs_input_grad[1]:
-            grad_b = (pooled.t() @ grad_delta).mul_(s)
-        return grad_a, grad_b, None, None, None, None, None
+            grad_b = (pooled.t() @ grad_out).mul_(s)
+        grad_base = grad_out.to(ctx.base_dtype) if ctx.needs_input_grad[2] else None
+        return grad_a, grad_b, grad_base, None, None, None, None, None
 
 
 def pooled_rank_space(lora_A: torch.Tensor, ids, offsets, weights) -> torch.Tensor:
@@ -163,10 +169,10 @@ def pooled_rank_space(lora_A: torch.Tensor, ids, offsets, weights) -> torch.Tens
     return F.embedding_bag(ids, lora_A, offsets, mode="sum", per_sample_weights=weights)
 
 
-def lora_bag_delta(layout: BagLayout, lora_A, lora_B, scale: float) -> torch.Tensor:
-    """s·(Σ w_i·A[i])·B for every bag of ``layout``: [nb, D]."""
+def lora_bag_delta(layout: BagLayout, lora_A, lora_B, scale: float, base=None) -> torch.Tensor:
+    """base + s·(Σ w_i·A[i])·B for every bag of ``layout`` ([nb, D]; base None: the delta alone)."""
     return LoraPooledDelta.apply(
-        lora_A, lora_B, layout.ids, layout.bag_of_id, layout.offsets, layout.weights, float(scale)
+        lora_A, lora_B, base, layout.ids, layout.bag_of_id, layout.offsets, layout.weights, float(scale)
     )
 
 
@@ -177,7 +183,7 @@ def lora_embedding_bag(table, layout: BagLayout, lora_A, lora_B, scale: float, b
     if base_output is None:
         base_output = F.embedding_bag(layout.ids, table, layout.offsets, mode="sum", per_sample_weights=layout.weights) \
             if layout.num_bags else table.new_zeros(0, table.shape[1])
-    return base_output + lora_bag_delta(layout, lora_A, lora_B, scale)
+    return lora_bag_delta(layout, lora_A, lora_B, scale, base_output)
 
 
 # ---------------------------------------------------------------------------------------------
