@@ -2,8 +2,11 @@
 each op side by side with ``triton.testing.do_bench`` (median) and write every figure as JSON to
 ``benchmarks/results/gpu_<device>_<date>.json``. Finishes in under five minutes on an H200.
 
-    pip install --no-deps --no-build-isolation -e .    # makes recpeft.kernels importable
     python benchmarks/gpu_suite.py [--sections linear,embedding_bag] [--quick]
+
+It runs from a plain checkout: when recpeft is not installed, the top-level ``kernels/`` folder is
+registered as ``recpeft.kernels`` (what setup.py's package mapping does for an install), so the
+GPU machine needs only torch and triton.
 
 Each section is a module in ``gpu_sections/`` with ``run(env, quick) -> dict`` that raises when a
 kernel disagrees with the reference (nothing is timed then) and returns its rows; ``env`` holds the
@@ -15,15 +18,40 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import importlib.util
 import json
 import os
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+
+
+def make_recpeft_importable() -> None:
+    """Import recpeft.kernels from the checkout when no install provides it: a bare ``recpeft``
+    package (its ``__init__`` is not run: the suite needs the kernels only) with the top-level
+    ``kernels/`` folder as ``recpeft.kernels``."""
+    try:
+        import recpeft.kernels  # noqa: F401  (an install, editable or not)
+        return
+    except ImportError:  # a source tree without the package mapping
+        for name in [n for n in sys.modules if n == "recpeft" or n.startswith("recpeft.")]:
+            del sys.modules[name]
+    package = types.ModuleType("recpeft")
+    package.__path__ = [str(ROOT / "recpeft")]
+    sys.modules["recpeft"] = package
+    spec = importlib.util.spec_from_file_location(
+        "recpeft.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+    )
+    kernels = importlib.util.module_from_spec(spec)
+    sys.modules["recpeft.kernels"] = package.kernels = kernels
+    spec.loader.exec_module(kernels)
+
 
 SECTIONS = ["linear", "embedding_bag"]
 
@@ -38,6 +66,7 @@ def main(argv=None) -> int:
     import torch
     import triton
 
+    make_recpeft_importable()
     if not torch.cuda.is_available():
         print("gpu_suite: no CUDA device; nothing to measure", file=sys.stderr)
         return 2
