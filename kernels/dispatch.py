@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from enum import Enum
 from typing import Callable
 
@@ -45,18 +44,12 @@ def triton_op(name: str) -> Callable | None:
     if module_name is None:
         return None
     qualified = f"{__package__}.{module_name}"
-    package = sys.modules[__package__]
-    shadowed = package.__dict__.get(module_name)
     try:
         module = importlib.import_module(qualified)
     except ModuleNotFoundError as exc:
         if exc.name in (qualified, "triton"):
             return None
         raise
-    if shadowed is not None and package.__dict__.get(module_name) is module:
-        # A first import binds the submodule's name on the package, and kernels.lora_linear /
-        # kernels.lora_embedding_bag name the dispatching functions: put the function back.
-        setattr(package, module_name, shadowed)
     return getattr(module, name, None)
 
 

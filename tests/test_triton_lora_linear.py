@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import recpeft.kernels as kernels_pkg
 from recpeft.kernels import dispatch
 from recpeft.kernels.reference import LinearRoute
 from recpeft.layers import LoraLinear
@@ -26,11 +25,6 @@ from reference_math import leaf64, naive_lora_linear
 
 OP_MODULE = "recpeft.kernels.lora_linear"
 ops = importlib.import_module(OP_MODULE)
-# Importing a submodule binds it as an attribute of its package, and recpeft.kernels already has
-# an attribute `lora_linear`: the dispatch function LoraLinear calls. dispatch puts it back after
-# its own lazy import (test_layer_keeps_working_after_the_lazy_import); this direct import must
-# too, or the layers would break for the tests that run after this file in the same process.
-kernels_pkg.lora_linear = dispatch.lora_linear
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
@@ -394,11 +388,9 @@ def test_layer_uses_the_triton_op_when_forced(monkeypatch, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_keeps_working_after_the_lazy_import(monkeypatch, device):
-    """The first Triton call imports recpeft.kernels.lora_linear; Python then binds that module
-    as the package attribute `lora_linear`, where the dispatch function LoraLinear calls lives.
-    The second forward must still reach the op, not a module object."""
+    """The first Triton call imports recpeft.kernels.lora_linear lazily; the second forward must
+    still reach the op."""
     monkeypatch.delitem(sys.modules, OP_MODULE)
-    monkeypatch.setattr(kernels_pkg, "lora_linear", dispatch.lora_linear)
     monkeypatch.setenv("RECPEFT_BACKEND", "triton")
     layer = _layer(device)
     x = torch.randn(5, 20, device=device)

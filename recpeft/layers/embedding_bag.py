@@ -17,7 +17,7 @@ class LoraEmbeddingBag(LoraTableLayer):
     ``per_sample_weights`` (sum mode); sum or mean pooling; ``padding_idx``; empty bags pool to
     zero. Output [B, D], one row per bag (per sample when routing). The adapter pools in rank
     space first and its gradient touches only the rows of A in the batch
-    (:func:`recpeft.kernels.lora_embedding_bag`). ``validate_ids`` and the fused Triton path:
+    (:func:`recpeft.kernels.dispatch.lora_embedding_bag`). ``validate_ids`` and the fused Triton path:
     see :class:`~recpeft.layers.table.LoraTableLayer`.
 
     Example::

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .. import kernels
+from ..kernels import dispatch
 from .base import LoraLayer
 
 
@@ -16,7 +16,7 @@ class LoraLinear(LoraLayer):
 
     A_a [r, K], B_a [N, r], s_a = α/r (α/√r with rsLoRA), d = dropout (training only).
     Input [..., K] of any leading shape; with per-sample routing the leading dimension is the
-    samples. The op and its gradients are :func:`recpeft.kernels.lora_linear`.
+    samples. The op and its gradients are :func:`recpeft.kernels.dispatch.lora_linear`.
 
     Example::
 
@@ -51,13 +51,13 @@ class LoraLinear(LoraLayer):
                 raise ValueError(f"{self.module_name}: per-sample routing needs input [B, ..., K], got {tuple(x.shape)}")
             row_adapter = routing.row_adapter(self.module_name, x.shape[0], math.prod(x.shape[1:-1]), x.device)
             flat = x.reshape(-1, x.shape[-1])
-            y = kernels.segmented_lora_linear(flat, weight, bias, self.routed_adapters(routing), row_adapter)
+            y = dispatch.segmented_lora_linear(flat, weight, bias, self.routed_adapters(routing), row_adapter)
             return y.view(*x.shape[:-1], y.shape[-1])
         pending = self.pending_adapters()
         if not pending:
             return self.base_layer(x)
         lora_A, lora_B, scale, dropout = self._combined(pending)
-        return kernels.lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout if self.training else 0.0)
+        return dispatch.lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout if self.training else 0.0)
 
     def _combined(self, adapters: list[str]):
         """One (A, B, s, p) for the active adapters: Σ_a s_a·B_a·A_a = [B_1 s_1 | B_2 s_2]·[A_1; A_2]."""

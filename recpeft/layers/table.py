@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import kernels
 from ..kernels import BagLayout, dispatch
 from .base import AdapterStateError, LoraLayer
 
@@ -78,13 +77,11 @@ class LoraTableLayer(LoraLayer):
         routing = self.active_routing()
         if routing is not None:
             bag_adapter = routing.row_adapter(self.module_name, leading, rows_per_sample, base_output.device)
-            delta = kernels.segmented_lora_bag_delta(
+            delta = dispatch.segmented_lora_bag_delta(
                 layout, self.routed_adapters(routing), bag_adapter, base_output.shape[1], base_output.dtype
             )
             return base_output + delta
         out = base_output
-        # dispatch.lora_embedding_bag, not kernels.lora_embedding_bag: a direct import of the
-        # Triton module of that name rebinds the package attribute to the module.
         for adapter in self.pending_adapters():
             out = dispatch.lora_embedding_bag(
                 self.base_weight, layout, self.lora_A[adapter], self.lora_B[adapter], self.scaling[adapter], out
