@@ -20,8 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import LoraBias, LoraConfig
-from .io import atomic_path
+from .config import CONFIG_NAME, LoraBias, LoraConfig
+from .io import atomic_path, atomic_write_text
 from .layers import AdapterStateError, LoraLayer, ModulesToSaveWrapper, wrapper_for
 from .layers.routing import check_adapter_ids, routed
 from .layers.table import LoraTableLayer
@@ -167,20 +167,28 @@ class PeftModel(nn.Module):
         parent_name, _, child = name.rpartition(".")
         setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, child, module)
 
+    def _base_parameters(self) -> dict[str, nn.Parameter]:
+        """The model's own parameters by the names the unwrapped model gives them (adapter
+        tensors and the trainable copies of modules_to_save left out)."""
+        return {_clean_name(n): p for n, p in self.base_model.named_parameters()
+                if ".lora_" not in n and ".modules_to_save." not in n}
+
     def _select_biases(self, config: LoraConfig, targets: list[str]) -> list[str]:
+        """Names of the biases ``config.bias`` trains (never those of a module saved whole)."""
         if config.bias is LoraBias.NONE:
             return []
-        names = [n for n, _ in self.base_model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
+        saved_whole = tuple(f"{name}." for name in self._save_wrappers())
+        names = [n for n in self._base_parameters() if n.rsplit(".", 1)[-1] == "bias" and not n.startswith(saved_whole)]
         if config.bias is LoraBias.LORA_ONLY:
-            names = [n for n in names if n.rsplit(".", 1)[0].removesuffix(".base_layer") in targets]
-        return [n for n in names if ".lora_" not in n and ".modules_to_save." not in n]
+            names = [n for n in names if n.rsplit(".", 1)[0] in targets]
+        return names
 
     def _refresh_trainable(self) -> None:
         """Base parameters frozen except the biases an adapter's config trains; adapter
         parameters trainable unless loaded for inference."""
         biases = {n for names in self._bias_names.values() for n in names}
         for name, param in self.base_model.named_parameters():
-            param.requires_grad_(name in biases)
+            param.requires_grad_(_clean_name(name) in biases and ".original_module." not in name)
         for layer in self.lora_layers().values():
             for store in (layer.lora_A, layer.lora_B):
                 for adapter, param in store.items():
@@ -190,12 +198,16 @@ class PeftModel(nn.Module):
                 module.requires_grad_(adapter not in self._inference_only)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make ``adapter_name`` (or several, whose deltas add up) the active adapter(s)."""
+        """Make ``adapter_name`` (or several, whose deltas add up) the active adapter(s); merged
+        adapters that are not among them are unmerged first."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._check_known(name)
         self._active = names
         for layer in self.lora_layers().values():
+            leaving = [a for a in layer.merged_adapters if a not in names]
+            if leaving:  # a merged adapter that is no longer active leaves the weights too
+                layer.unmerge(leaving)
             layer.active_adapters = [n for n in names if n in layer.lora_A]
         for wrapper in self._save_wrappers().values():
             wrapper.active_adapters = [n for n in names if n in wrapper.modules_to_save]
@@ -238,21 +250,22 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self):
-        """Run the base model alone inside the block (merged adapters are unmerged meanwhile)."""
+        """Run the base model alone inside the block (merged adapters are unmerged meanwhile);
+        blocks nest."""
         layers = list(self.lora_layers().values())
         wrappers = list(self._save_wrappers().values())
-        merged = {id(layer): list(layer.merged_adapters) for layer in layers}
+        before = [(module, module.disabled, list(getattr(module, "merged_adapters", []))) for module in layers + wrappers]
+        for module in layers:
+            module.unmerge()
         for module in layers + wrappers:
-            if isinstance(module, LoraLayer):
-                module.unmerge()
             module.disabled = True
         try:
             yield
         finally:
-            for module in layers + wrappers:
-                module.disabled = False
+            for module, disabled, merged in before:
+                module.disabled = disabled
                 if isinstance(module, LoraLayer):
-                    module.merge(merged[id(module)])
+                    module.merge(merged)
 
     # ---- merging ----------------------------------------------------------------------------
 
@@ -287,7 +300,8 @@ class PeftModel(nn.Module):
             module = wrapper._active() if keep_trained_copies else wrapper.original_module
             self._replace(name, module)
         self._restore_requires_grad()
-        self.peft_config, self._active = {}, []
+        self.peft_config, self._active, self._targets, self._bias_names = {}, [], {}, {}
+        self._inference_only.clear()
         return self.base_model
 
     def _restore_requires_grad(self) -> None:
@@ -333,8 +347,8 @@ class PeftModel(nn.Module):
         return parts
 
     def _bias_params(self, adapter: str) -> dict[str, nn.Parameter]:
-        params = dict(self.base_model.named_parameters())
-        return {KEY_PREFIX + _clean_name(n): params[n] for n in self._bias_names[adapter]}
+        params = self._base_parameters()
+        return {KEY_PREFIX + n: params[n] for n in self._bias_names[adapter]}
 
     def adapter_state_dict(self, adapter: str = "default") -> dict[str, torch.Tensor]:
         """The tensors ``save_pretrained`` writes for ``adapter``."""
@@ -358,13 +372,23 @@ class PeftModel(nn.Module):
             state = self.adapter_state_dict(adapter)
             if not is_main_process:
                 continue
+            config_text = self._config_for_file(adapter).to_json() + "\n"  # fails before anything is written
             directory = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
             with atomic_path(directory / WEIGHTS_NAME) as tmp:
                 save_file(state, str(tmp), metadata={"format": "pt", "library": "recpeft"})
-            config = self.peft_config[adapter]
-            if config.targets_classes:
-                config = dataclasses.replace(config, target_modules=list(self._targets[adapter]), exclude_modules=None)
-            config.save(directory)
+            atomic_write_text(directory / CONFIG_NAME, config_text)
+
+    def _config_for_file(self, adapter: str) -> LoraConfig:
+        """The adapter's config with module classes replaced by the module names they matched
+        (JSON holds names only)."""
+        config = self.peft_config[adapter]
+        has_class = lambda spec: isinstance(spec, list) and any(isinstance(t, type) for t in spec)  # noqa: E731
+        if has_class(config.target_modules) or has_class(config.exclude_modules):
+            config = dataclasses.replace(config, target_modules=list(self._targets[adapter]), exclude_modules=None)
+        if has_class(config.modules_to_save):
+            saved = [n for n, w in self._save_wrappers().items() if adapter in w.modules_to_save]
+            config = dataclasses.replace(config, modules_to_save=saved)
+        return config
 
     def load_adapter_state(self, adapter: str, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Check every key and shape of ``tensors`` against ``adapter``, then copy them in;

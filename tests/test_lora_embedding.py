@@ -170,3 +170,12 @@ def test_merge_touches_only_rows_of_a_that_are_nonzero():
     torch.testing.assert_close(layer.base_layer(ids, offsets), out)
     layer.unmerge()
     torch.testing.assert_close(layer.base_layer.weight, before, rtol=0, atol=1e-12)
+
+
+def test_merge_leaves_the_padding_row_alone():
+    base = nn.Embedding(V, D, padding_idx=2)
+    layer = _wrap(base, LoraEmbedding, init=False)  # A random: its padding row is not zero
+    ids = torch.tensor([[2, 5, 2], [7, 2, 1]])
+    out = layer(ids)
+    layer.merge(["default"])
+    torch.testing.assert_close(layer.base_layer(ids), out)

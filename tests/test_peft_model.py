@@ -158,3 +158,66 @@ def test_bias_all_trains_every_bias():
     model = get_peft_model(make_model(), LoraConfig(r=2, target_modules=["mlp.0"], bias="all"))
     biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
     assert biases == {"base_model.dense.bias", "base_model.mlp.0.base_layer.bias", "base_model.mlp.2.bias"}
+
+
+def test_trained_biases_survive_other_adapters_wrapping_their_modules():
+    model = get_peft_model(make_model(), LoraConfig(r=2, target_modules=["item"], bias="all"), "a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["mlp.0"]))  # wraps mlp.0: its bias moves
+    assert model.base_model.mlp[0].base_layer.bias.requires_grad
+    assert "base_model.model.mlp.0.bias" in model.adapter_state_dict("a")
+    model.delete_adapter("b")  # unwraps it again
+    assert model.base_model.mlp[0].bias.requires_grad
+    assert "base_model.model.mlp.0.bias" in model.adapter_state_dict("a")
+
+
+def test_bias_all_leaves_a_module_saved_whole_frozen():
+    model = get_peft_model(make_model(), LoraConfig(r=2, target_modules=["mlp.0"], modules_to_save=["mlp.2"], bias="all"))
+    wrapper = model.base_model.mlp[2]
+    assert not wrapper.original_module.bias.requires_grad
+    assert wrapper.modules_to_save["default"].bias.requires_grad
+    assert "base_model.model.mlp.2.bias" not in model.adapter_state_dict()
+
+
+def test_set_adapter_after_merging_unmerges_the_adapter_that_leaves():
+    batch = make_batch()
+    config = LoraConfig(r=4, target_modules=ALL_TARGETS, init_lora_weights=False)
+    model = get_peft_model(make_model(), config, "a")
+    model.add_adapter("b", config)
+    model.set_adapter("b")
+    only_b = model(*batch)
+    model.set_adapter("a")
+    model.merge_adapter()
+    model.set_adapter("b")
+    torch.testing.assert_close(model(*batch), only_b, rtol=1e-5, atol=1e-5)
+
+
+def test_disable_adapter_blocks_nest():
+    batch = make_batch()
+    model = get_peft_model(make_model(), LoraConfig(r=4, target_modules=ALL_TARGETS, init_lora_weights=False))
+    base_out, adapted = make_model()(*batch), model(*batch)
+    with model.disable_adapter():
+        with model.disable_adapter():
+            assert torch.equal(model(*batch), base_out)
+        assert torch.equal(model(*batch), base_out)
+    assert torch.equal(model(*batch), adapted)
+
+
+def test_adapters_with_different_dropouts_combine_in_eval_only():
+    model = get_peft_model(make_model(), LoraConfig(r=2, target_modules=["mlp.0"], lora_dropout=0.1), "a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["mlp.0"], lora_dropout=0.3))
+    model.set_adapter(["a", "b"])
+    model.eval()
+    model(*make_batch())
+    model.train()
+    with pytest.raises(ValueError, match="must share one lora_dropout to train together"):
+        model(*make_batch())
+
+
+def test_autocast_runs_the_adapter_in_the_autocast_dtype():
+    batch = make_batch()
+    model = get_peft_model(make_model(), LoraConfig(r=4, target_modules=ALL_TARGETS, init_lora_weights=False))
+    full = model(*batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(*batch)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), full, rtol=0.05, atol=0.05)

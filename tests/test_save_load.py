@@ -172,3 +172,18 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_classes_anywhere_in_the_config_are_saved_as_names(tmp_path):
+    config = LoraConfig(r=2, target_modules=[nn.Linear, nn.Embedding], exclude_modules=[nn.EmbeddingBag],
+                        modules_to_save=[nn.Sequential], init_lora_weights=False)
+    with pytest.raises(ValueError, match="contains LoRA targets"):  # mlp holds LoRA targets
+        get_peft_model(make_model(), config)
+    config = LoraConfig(r=2, target_modules=[nn.Embedding], exclude_modules=[nn.EmbeddingBag],
+                        modules_to_save=[nn.Sequential], init_lora_weights=False)
+    model = get_peft_model(make_model(), config)
+    model.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert data["target_modules"] == ["item"] and data["exclude_modules"] is None and data["modules_to_save"] == ["mlp"]
+    loaded = PeftModel.from_pretrained(make_model(), tmp_path)
+    assert torch.equal(loaded(*make_batch()), model(*make_batch()))

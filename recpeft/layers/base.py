@@ -138,9 +138,12 @@ class LoraLayer(nn.Module):
                 self.merged_adapters.append(adapter)
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        while self.merged_adapters:
-            self.merge_delta(self.merged_adapters.pop(), -1.0)
+    def unmerge(self, adapters: list[str] | None = None) -> None:
+        """Subtract the deltas of ``adapters`` (default: every merged one) from the base weight."""
+        for adapter in list(self.merged_adapters if adapters is None else adapters):
+            if adapter in self.merged_adapters:
+                self.merge_delta(adapter, -1.0)
+                self.merged_adapters.remove(adapter)
 
     def _check_shape(self, key: str, tensor: torch.Tensor, expected: tuple, source: str) -> None:
         if tuple(tensor.shape) != tuple(expected):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -42,31 +43,41 @@ class LoraLinear(LoraLayer):
             nn.init.zeros_(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+        routing = self.active_routing()
+        pending = self.pending_adapters()
+        if routing is None and not pending:
+            return self.base_layer(x)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # the adapter op runs in the autocast dtype, as F.linear would
+            with torch.autocast(device, enabled=False):
+                return self._adapted(x, routing, pending, torch.get_autocast_dtype(device))
+        return self._adapted(x, routing, pending, None)
+
+    def _adapted(self, x, routing, pending, dtype):
+        cast = (lambda t: t) if dtype is None else (lambda t: t if t is None else t.to(dtype))
+        x, weight, bias = cast(x), cast(self.base_layer.weight), cast(self.base_layer.bias)
         if x.dtype != weight.dtype:
             raise TypeError(f"{self.module_name}: input dtype {x.dtype} does not match the layer's {weight.dtype}")
-        routing = self.active_routing()
         if routing is not None:
             if x.dim() < 2:
                 raise ValueError(f"{self.module_name}: per-sample routing needs input [B, ..., K], got {tuple(x.shape)}")
             row_adapter = routing.row_adapter(self.module_name, x.shape[0], math.prod(x.shape[1:-1]), x.device)
-            flat = x.reshape(-1, x.shape[-1])
-            y = dispatch.segmented_lora_linear(flat, weight, bias, self.routed_adapters(routing), row_adapter)
+            adapters = [a if a is None else dataclasses.replace(a, lora_A=cast(a.lora_A), lora_B=cast(a.lora_B))
+                        for a in self.routed_adapters(routing)]
+            y = dispatch.segmented_lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, adapters, row_adapter)
             return y.view(*x.shape[:-1], y.shape[-1])
-        pending = self.pending_adapters()
-        if not pending:
-            return self.base_layer(x)
         lora_A, lora_B, scale, dropout = self._combined(pending)
-        return dispatch.lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout if self.training else 0.0)
+        return dispatch.lora_linear(x, weight, bias, cast(lora_A), cast(lora_B), scale, dropout)
 
     def _combined(self, adapters: list[str]):
-        """One (A, B, s, p) for the active adapters: Σ_a s_a·B_a·A_a = [B_1 s_1 | B_2 s_2]·[A_1; A_2]."""
+        """One (A, B, s, p) for the active adapters: Σ_a s_a·B_a·A_a = [B_1 s_1 | B_2 s_2]·[A_1; A_2];
+        p is the dropout in force (0 outside training)."""
+        dropouts = {self.lora_dropout[a] if self.training else 0.0 for a in adapters}
+        if len(dropouts) > 1:
+            raise ValueError(f"{self.module_name}: active adapters {adapters} must share one lora_dropout to train together")
         if len(adapters) == 1:
             a = adapters[0]
-            return self.lora_A[a], self.lora_B[a], self.scaling[a], self.lora_dropout[a]
-        dropouts = {self.lora_dropout[a] for a in adapters}
-        if len(dropouts) > 1:
-            raise ValueError(f"{self.module_name}: active adapters {adapters} must share one lora_dropout")
+            return self.lora_A[a], self.lora_B[a], self.scaling[a], dropouts.pop()
         lora_A = torch.cat([self.lora_A[a] for a in adapters], 0)
         lora_B = torch.cat([self.lora_B[a] * self.scaling[a] for a in adapters], 1)
         return lora_A, lora_B, 1.0, dropouts.pop()

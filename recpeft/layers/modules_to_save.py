@@ -52,10 +52,11 @@ class ModulesToSaveWrapper(nn.Module):
                 f"{self.module_name}: per-sample routing needs this module's output to have the "
                 f"{routing.sample_adapter.numel()} samples first, got shape {tuple(out.shape)}"
             )
+        sample_adapter = routing.sample_adapter.to(out.device)
         for index, name in enumerate(routing.adapter_names):
             if name not in self.modules_to_save:
                 continue
-            rows = (routing.sample_adapter == index).nonzero().squeeze(1)
+            rows = (sample_adapter == index).nonzero().squeeze(1)
             if rows.numel():
                 out = out.index_copy(0, rows, self.modules_to_save[name](*args, **kwargs).index_select(0, rows))
         return out

@@ -57,6 +57,9 @@ class LoraTableLayer(LoraLayer):
 
     def merge_delta(self, adapter, sign):
         rows = self.touched_rows(adapter)
+        padding = getattr(self.base_layer, "padding_idx", None)
+        if padding is not None:  # a padding id gets no delta, merged or not
+            rows = rows[rows != padding]
         a, b = self.lora_A[adapter], self.lora_B[adapter]
         delta = (a[rows].float() @ b.float()) * (sign * self.scaling[adapter])
         self.base_weight.index_add_(0, rows, delta.to(self.base_weight.dtype))
