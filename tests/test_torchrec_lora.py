@@ -19,7 +19,7 @@ from recpeft.layers.base import AdapterStateError
 from recpeft.layers.torchrec import LoraEmbeddingBagCollection, LoraEmbeddingCollection
 
 from reference_math import leaf64, naive_bag
-from torchrec_models import FEATURES, make_batch, make_dlrm, make_kjt, slice_batch, table_configs
+from torchrec_models import make_batch, make_dlrm, make_kjt, slice_batch, table_configs
 
 TABLE_NAMES = ["t_user", "t_item", "t_cat", "t_shop"]
 

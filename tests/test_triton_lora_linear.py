@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from recpeft.kernels import dispatch
 from recpeft.kernels.reference import LinearRoute
 from recpeft.layers import LoraLinear
 

@@ -14,14 +14,17 @@ def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def _copy_gbps(numel: int) -> float:
+    """GB/s of dst.copy_(src) for fp32 buffers of ``numel`` elements (bytes read + written)."""
+    src = torch.empty(numel, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    return 2 * numel * 4 / bench_ms(lambda: dst.copy_(src)) / 1e6
+
+
 def measure_device() -> dict:
     """Device name, versions, date, and the two floors: copy bandwidth (GB/s, read + write of a
     1 GiB buffer) and bf16 matrix rate (TFLOP/s, 8192³ torch.matmul)."""
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    copy_ms = bench_ms(lambda: dst.copy_(src))
-    copy_gbps = 2 * src.numel() * 4 / copy_ms / 1e6
-    del src, dst
+    copy_gbps = _copy_gbps(1 << 28)
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)

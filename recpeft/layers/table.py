@@ -21,6 +21,41 @@ A_SHAPE = "lora_embedding_A.shape"
 B_WEIGHT = "lora_embedding_B.weight"
 
 
+def encode_rows(indices: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """On-disk form of A [V, r] from its touched rows: indices, rows and shape, or A whole when
+    that is smaller."""
+    num_rows, rank = shape
+    sparse_bytes = indices.numel() * (indices.element_size() + rank * rows.element_size())
+    if sparse_bytes >= num_rows * rank * rows.element_size():
+        dense = torch.zeros(num_rows, rank, dtype=rows.dtype, device=rows.device).index_copy_(0, indices, rows)
+        return {A_DENSE: dense}
+    return {A_INDICES: indices, A_ROWS: rows, A_SHAPE: torch.tensor([num_rows, rank])}
+
+
+def check_encoded_adapter(layer: LoraLayer, state: dict, prefix: str, shape: tuple[int, int], b_shape, source: str) -> None:
+    """Raise AdapterStateError naming the first key of ``state`` (keys ``prefix + …``) that does
+    not fit an adapter with A of ``shape`` and B of ``b_shape``."""
+    key = {name: prefix + name for name in (A_DENSE, A_INDICES, A_ROWS, A_SHAPE, B_WEIGHT)}
+    where = f"{layer.module_name}.{prefix}lora_embedding_A"
+    if key[A_DENSE] in state:
+        layer._check_keys(state, {key[A_DENSE], key[B_WEIGHT]}, source)
+        layer._check_shape(key[A_DENSE], state[key[A_DENSE]], shape, source)
+    else:
+        layer._check_keys(state, {key[A_INDICES], key[A_ROWS], key[A_SHAPE], key[B_WEIGHT]}, source)
+        layer._check_shape(key[A_SHAPE], state[key[A_SHAPE]], (2,), source)
+        saved_shape = tuple(int(v) for v in state[key[A_SHAPE]])
+        if saved_shape != tuple(shape):
+            raise AdapterStateError(f"{source}: {where} was saved for a table of shape {saved_shape} but the "
+                                    f"model's is {tuple(shape)}")
+        indices = state[key[A_INDICES]]
+        if indices.dtype != torch.int64 or indices.dim() != 1:
+            raise AdapterStateError(f"{source}: {where}.indices must be 1-D int64")
+        layer._check_shape(key[A_ROWS], state[key[A_ROWS]], (indices.numel(), shape[1]), source)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= shape[0]):
+            raise AdapterStateError(f"{source}: {where}.indices holds rows outside [0, {shape[0]})")
+    layer._check_shape(key[B_WEIGHT], state[key[B_WEIGHT]], b_shape, source)
+
+
 class LoraTableLayer(LoraLayer):
     """Shared part of :class:`LoraEmbedding` and :class:`LoraEmbeddingBag`.
 
@@ -98,35 +133,12 @@ class LoraTableLayer(LoraLayer):
 
     def export_adapter(self, adapter):
         """Touched rows of A with their indices when that is smaller than A, else A whole."""
-        a, b = self.lora_A[adapter].detach(), self.lora_B[adapter].detach()
         rows = self.touched_rows(adapter)
-        num_rows, rank = a.shape
-        sparse_bytes = rows.numel() * (rows.element_size() + rank * a.element_size())
-        if sparse_bytes >= a.numel() * a.element_size():
-            return {A_DENSE: a, B_WEIGHT: b}
-        return {A_INDICES: rows, A_ROWS: a[rows], A_SHAPE: torch.tensor([num_rows, rank]), B_WEIGHT: b}
+        a = self.lora_A[adapter].detach()
+        return {**encode_rows(rows, a[rows], tuple(a.shape)), B_WEIGHT: self.lora_B[adapter].detach()}
 
     def check_adapter_state(self, adapter, tensors, source):
-        a, b = self.lora_A[adapter], self.lora_B[adapter]
-        if A_DENSE in tensors:
-            self._check_keys(tensors, {A_DENSE, B_WEIGHT}, source)
-            self._check_shape(A_DENSE, tensors[A_DENSE], a.shape, source)
-        else:
-            self._check_keys(tensors, {A_INDICES, A_ROWS, A_SHAPE, B_WEIGHT}, source)
-            self._check_shape(A_SHAPE, tensors[A_SHAPE], (2,), source)
-            saved_shape = tuple(int(v) for v in tensors[A_SHAPE])
-            if saved_shape != tuple(a.shape):
-                raise AdapterStateError(
-                    f"{source}: {self.module_name}.lora_embedding_A was saved for a table of shape "
-                    f"{saved_shape} but the model's is {tuple(a.shape)}"
-                )
-            indices = tensors[A_INDICES]
-            if indices.dtype != torch.int64 or indices.dim() != 1:
-                raise AdapterStateError(f"{source}: {self.module_name}.{A_INDICES} must be 1-D int64")
-            self._check_shape(A_ROWS, tensors[A_ROWS], (indices.numel(), a.shape[1]), source)
-            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= a.shape[0]):
-                raise AdapterStateError(f"{source}: {self.module_name}.{A_INDICES} holds rows outside [0, {a.shape[0]})")
-        self._check_shape(B_WEIGHT, tensors[B_WEIGHT], b.shape, source)
+        check_encoded_adapter(self, tensors, "", tuple(self.lora_A[adapter].shape), self.lora_B[adapter].shape, source)
 
     @torch.no_grad()
     def load_adapter_state(self, adapter, tensors):

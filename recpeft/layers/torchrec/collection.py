@@ -50,7 +50,7 @@ from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ..base import AdapterStateError, LoraLayer
-from ..table import A_DENSE, A_INDICES, A_ROWS, A_SHAPE, B_WEIGHT
+from ..table import A_DENSE, A_INDICES, A_ROWS, B_WEIGHT, check_encoded_adapter, encode_rows
 from . import table_rows
 
 
@@ -282,14 +282,8 @@ class LoraCollectionLayer(LoraLayer):
         for table in self.tables(adapter):
             weight = self.adapter_table(adapter, table)
             indices, rows = table_rows.gather_touched_rows(weight, self._qualified(table))
-            num_rows, rank = weight.size(0), weight.size(1)
-            sparse_bytes = indices.numel() * (indices.element_size() + rank * rows.element_size())
-            if sparse_bytes >= num_rows * rank * rows.element_size():
-                dense = torch.zeros(num_rows, rank, dtype=rows.dtype).index_copy_(0, indices, rows)
-                out[f"{table}.{A_DENSE}"] = dense
-            else:
-                out.update({f"{table}.{A_INDICES}": indices, f"{table}.{A_ROWS}": rows,
-                            f"{table}.{A_SHAPE}": torch.tensor([num_rows, rank])})
+            shape = (weight.size(0), weight.size(1))
+            out.update({f"{table}.{k}": v for k, v in encode_rows(indices, rows, shape).items()})
             out[f"{table}.{B_WEIGHT}"] = self.lora_B[adapter][table].detach()
         return out
 
@@ -297,14 +291,8 @@ class LoraCollectionLayer(LoraLayer):
         per_table = self._split_by_table(adapter, tensors, source)
         for table, state in per_table.items():
             weight = self.adapter_table(adapter, table)
-            shape = (weight.size(0), weight.size(1))
-            if f"{table}.{A_DENSE}" in state:
-                self._check_keys(state, {f"{table}.{A_DENSE}", f"{table}.{B_WEIGHT}"}, source)
-                self._check_shape(f"{table}.{A_DENSE}", state[f"{table}.{A_DENSE}"], shape, source)
-            else:
-                self._check_keys(state, {f"{table}.{k}" for k in (A_INDICES, A_ROWS, A_SHAPE, B_WEIGHT)}, source)
-                self._check_sparse(table, state, shape, source)
-            self._check_shape(f"{table}.{B_WEIGHT}", state[f"{table}.{B_WEIGHT}"], self.lora_B[adapter][table].shape, source)
+            check_encoded_adapter(self, state, f"{table}.", (weight.size(0), weight.size(1)),
+                                  self.lora_B[adapter][table].shape, source)
 
     def _split_by_table(self, adapter: str, tensors: dict, source: str) -> dict[str, dict]:
         per_table: dict[str, dict] = {table: {} for table in self.tables(adapter)}
@@ -315,19 +303,6 @@ class LoraCollectionLayer(LoraLayer):
                                         f"adapts tables {sorted(per_table)})")
             per_table[table][key] = value
         return per_table
-
-    def _check_sparse(self, table: str, state: dict, shape: tuple, source: str) -> None:
-        self._check_shape(f"{table}.{A_SHAPE}", state[f"{table}.{A_SHAPE}"], (2,), source)
-        saved = tuple(int(v) for v in state[f"{table}.{A_SHAPE}"])
-        if saved != shape:
-            raise AdapterStateError(f"{source}: {self._qualified(table)}.lora_embedding_A was saved for a table of "
-                                    f"shape {saved} but the model's is {shape}")
-        indices = state[f"{table}.{A_INDICES}"]
-        if indices.dtype != torch.int64 or indices.dim() != 1:
-            raise AdapterStateError(f"{source}: {self._qualified(table)}.{A_INDICES} must be 1-D int64")
-        self._check_shape(f"{table}.{A_ROWS}", state[f"{table}.{A_ROWS}"], (indices.numel(), shape[1]), source)
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= shape[0]):
-            raise AdapterStateError(f"{source}: {self._qualified(table)}.{A_INDICES} holds rows outside [0, {shape[0]})")
 
     @torch.no_grad()
     def load_adapter_state(self, adapter, tensors):
