@@ -31,6 +31,7 @@ def _tensors(frame):
 def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, progress: bool = True) -> dict:
     """Run the example; write adapters, the base checkpoint and ``summary.json`` to ``out_dir``."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # fail at once, not after pretraining, when it cannot be made
     torch.manual_seed(seed)
     shop = make_shop(seed=seed)
     markets = list(shop["market"].cat.categories)

@@ -1,7 +1,7 @@
 """Modules trained in full beside the adapter (``LoraConfig.modules_to_save``), e.g. a task head.
 
-The wrapper keeps the frozen original and one trainable copy per adapter; the active adapter's
-copy runs. With per-sample routing each adapter's copy runs on the whole batch and each sample
+The wrapper keeps the frozen original and one trainable copy per adapter; the copy of the first
+active adapter that has one runs (copies do not add up the way LoRA deltas do). With per-sample routing each adapter's copy runs on the whole batch and each sample
 takes the output of its own adapter's copy (samples with −1 take the original's), so the
 module's output must have the samples first.
 """
