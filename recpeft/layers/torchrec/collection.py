@@ -198,7 +198,7 @@ class LoraCollectionLayer(LoraLayer):
 
     def delete_adapter(self, adapter):
         super().delete_adapter(adapter)
-        del self.lookups[adapter]
+        self.lookups.pop(adapter, None)  # absent when update_parts failed before making it
 
     def extra_repr(self) -> str:
         return f"name={self.module_name!r}, adapters={self.ranks}, active={self.active_adapters}"
