@@ -114,16 +114,23 @@ class LoraLayer(nn.Module):
 
     def routed_adapters(self, routing: Routing) -> list[AdapterWeights | None]:
         """This layer's weights for every routed adapter name (None where it has no such adapter)."""
-        if self.merged_adapters:
-            raise RuntimeError(
-                f"{self.module_name}: adapters {self.merged_adapters} are merged; unmerge before routing"
-            )
+        self.refuse_routing_when_merged()
         dropout_on = self.training
         return [
             AdapterWeights(self.lora_A[n], self.lora_B[n], self.scaling[n],
                            self.lora_dropout[n] if dropout_on else 0.0) if n in self.lora_A else None
             for n in routing.adapter_names
         ]
+
+    def refuse_routing_when_merged(self) -> None:
+        if self.merged_adapters:
+            raise RuntimeError(
+                f"{self.module_name}: adapters {self.merged_adapters} are merged; unmerge before routing"
+            )
+
+    def has_adapter_work(self) -> bool:
+        """Whether this forward adds anything to the base layer's output."""
+        return self.active_routing() is not None or bool(self.pending_adapters())
 
     def active_routing(self) -> Routing | None:
         return None if self.disabled else current_routing()

@@ -126,9 +126,6 @@ class LoraTableLayer(LoraLayer):
             )
         return out
 
-    def has_adapter_work(self) -> bool:
-        return self.active_routing() is not None or bool(self.pending_adapters())
-
     # ---- on disk ---------------------------------------------------------------------------
 
     def export_adapter(self, adapter):

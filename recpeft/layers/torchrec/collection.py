@@ -233,9 +233,6 @@ class LoraCollectionLayer(LoraLayer):
 
     # ---- forward --------------------------------------------------------------------------------
 
-    def has_adapter_work(self) -> bool:
-        return self.active_routing() is not None or bool(self.pending_adapters())
-
     def base_forward(self, features: KeyedJaggedTensor):
         """The frozen collection's output, computed without autograd unless the per-id weights
         need a gradient (the tables themselves never get one)."""
@@ -248,8 +245,7 @@ class LoraCollectionLayer(LoraLayer):
         """Σ over the active (or routed) adapters of each adapted feature's delta."""
         routing = self.active_routing()
         if routing is not None:
-            if self.merged_adapters:
-                raise RuntimeError(f"{self.module_name}: adapters {self.merged_adapters} are merged; unmerge before routing")
+            self.refuse_routing_when_merged()
             if features.variable_stride_per_key():
                 raise ValueError(f"{self.module_name}: per-sample routing needs one stride (batch) for every key")
             sample_adapter = routing.row_adapter(self.module_name, features.stride(), 1, features.values().device)
