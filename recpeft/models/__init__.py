@@ -1,0 +1,25 @@
+"""Reference recommenders recpeft adapts: a torchrec DLRM / DLRM_DCN click model
+(``recpeft.models.dlrm``), a two-tower retriever and SASRec.
+
+``ClickDLRM``, ``build_click_model`` and ``single_id_kjt`` are imported on first use, so that
+``import recpeft.models`` does not import torchrec and fbgemm (seconds) for the other models.
+"""
+
+from __future__ import annotations
+
+from .click_model import ClickModel
+from .sasrec import SASRec
+from .two_tower import TwoTower
+
+_DLRM_NAMES = ("ClickDLRM", "build_click_model", "single_id_kjt")
+
+
+def __getattr__(name: str):
+    if name in _DLRM_NAMES:
+        from . import dlrm
+
+        return getattr(dlrm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ClickModel", "SASRec", "TwoTower", *_DLRM_NAMES]

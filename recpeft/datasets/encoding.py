@@ -1,0 +1,314 @@
+"""FeatureEncoder: turn an interaction table into model-ready tensors, reproducibly.
+
+Fitted on the pretraining data, saved beside the base checkpoint and loaded again for every
+fine-tuning run, so a fine-tuned model looks up exactly the rows the base model learned.
+
+Sparse feature f with fitted values v_0 < v_1 < ... < v_{n_f - 1} (sorted; ints stay ints, anything
+else is compared as its string): value v_k → id k. Id n_f is reserved for unseen values
+("out of vocabulary"), so the feature's table needs ``cardinalities[f] = n_f + 1`` rows.
+
+Dense column c with values x: z = (g(x) − μ_c) / σ_c, where g = log1p when the column is
+log-transformed and the identity otherwise, and μ_c, σ_c are the mean and the population
+standard deviation of g(x) over the fitting data (σ_c = 1 when the column is constant). With
+``log1p="auto"`` a column is log-transformed when its values are all ≥ 0 and its sample skewness
+exceeds ``HEAVY_TAIL_SKEW`` (prices, counts); ``"none"``, ``"all"`` or a list of columns choose
+explicitly.
+
+Segments: the sorted segment names; a row's segment code indexes ``segments`` (−1 for a segment
+not seen in fitting, with ``unseen="oov"``).
+
+Example::
+
+    encoder = FeatureEncoder().fit(train, schema)
+    encoded = encoder.transform(test, unseen="oov")      # EncodedInteractions
+    encoder.save("base/encoder.json"); FeatureEncoder.load("base/encoder.json")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..io import atomic_write_text
+from .interactions import RowLocator, parse_timestamps, shown
+from .schema import Schema
+
+HEAVY_TAIL_SKEW = 2.0  # skewness above which a nonnegative column is log1p-transformed ("auto")
+FORMAT = "recpeft.FeatureEncoder"
+VERSION = 1
+
+
+@dataclass
+class EncodedInteractions:
+    """N encoded rows.
+
+    Attributes:
+        schema: the column roles.
+        sparse: feature name → int64 [N] ids in 0..cardinality−1, in ``schema.sparse_features`` order.
+        dense: float32 [N, n_dense] standardized dense features (n_dense may be 0).
+        labels: float32 [N] 0/1, or None when the table had no label column.
+        segments: int64 [N] index into ``segment_names`` (−1: unknown segment), or None.
+        segment_names: the encoder's segment vocabulary.
+        timestamps: int64 [N] nanoseconds since the epoch, or None.
+        rows: int64 [N] the rows' index labels in the frame that was encoded (for a frame from
+            ``load_interactions``, split or not: the row of the loaded table, 0-based).
+    """
+
+    schema: Schema
+    sparse: dict[str, torch.Tensor]
+    dense: torch.Tensor
+    labels: torch.Tensor | None
+    segments: torch.Tensor | None
+    segment_names: list[str]
+    timestamps: torch.Tensor | None
+    rows: torch.Tensor = field(default=None)
+
+    def __post_init__(self):
+        n = int(self.dense.shape[0])
+        if self.rows is None:
+            self.rows = torch.arange(n, dtype=torch.int64)
+        named = [*(("sparse " + k, v) for k, v in self.sparse.items()), ("labels", self.labels),
+                 ("segments", self.segments), ("timestamps", self.timestamps), ("rows", self.rows)]
+        for what, tensor in named:
+            if tensor is not None and int(tensor.shape[0]) != n:
+                raise ValueError(f"EncodedInteractions: {what} has {tensor.shape[0]} rows, dense has {n}")
+
+    def __len__(self) -> int:
+        return int(self.dense.shape[0])
+
+    def select(self, index: torch.Tensor) -> "EncodedInteractions":
+        """The rows ``index`` (int64 [M] positions or bool [N] mask), as a new object."""
+        pick = (lambda t: None if t is None else t[index])
+        return replace(self, sparse={k: v[index] for k, v in self.sparse.items()}, dense=self.dense[index],
+                       labels=pick(self.labels), segments=pick(self.segments),
+                       timestamps=pick(self.timestamps), rows=self.rows[index])
+
+
+def _canonical(values: pd.Series) -> tuple[str, pd.Series]:
+    """("int", int64 values) for integer (or integral float) columns, else ("str", strings)."""
+    if pd.api.types.is_integer_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return "int", values.astype("int64")
+    if pd.api.types.is_float_dtype(values):
+        numbers = values.to_numpy(dtype="float64")
+        if np.isfinite(numbers).all() and (numbers == np.round(numbers)).all():
+            return "int", values.astype("int64")
+    return "str", values.astype(str)
+
+
+def _as_kind(values: pd.Series, kind: str) -> pd.Series:
+    """Values in the fitted key type; values that cannot be one (a string for an int vocabulary)
+    become None, i.e. unseen."""
+    if kind == "str":
+        return values.astype(str)
+    if pd.api.types.is_integer_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return values.astype("int64")  # exact, also beyond 2**53 (hashed ids)
+    numbers = pd.to_numeric(values, errors="coerce").astype("float64")
+    integral = np.isfinite(numbers) & (numbers == np.round(numbers))
+    return pd.Series(np.where(integral, numbers, np.nan), index=values.index).astype("Int64")
+
+
+class FeatureEncoder:
+    """Vocabularies, dense statistics and segment names fitted on one table (see the module docstring).
+
+    Attributes (after ``fit`` or ``load``):
+        schema: the column roles.
+        cardinalities: {sparse feature: n_f + 1} rows each embedding table needs (incl. the oov id).
+        segments: the segment names, sorted.
+        dense_stats: {dense column: {"log1p": bool, "mean": μ, "std": σ}}.
+    """
+
+    def __init__(self):
+        self.schema: Schema | None = None
+        self._vocab: dict[str, pd.Index] = {}
+        self._kinds: dict[str, str] = {}
+        self.dense_stats: dict[str, dict] = {}
+        self._segments: list[str] = []
+
+    # -- fitting -----------------------------------------------------------------------------
+    def fit(self, frame: pd.DataFrame, schema: Schema, *, log1p: str | Iterable[str] = "auto") -> "FeatureEncoder":
+        """Fit vocabularies, dense statistics and segments on ``frame`` (validated, e.g. by
+        ``load_interactions``). ``log1p``: "auto", "none", "all" or the columns to log-transform."""
+        missing = [c for c in schema.sparse_features + schema.dense if c not in frame.columns]
+        if missing:
+            raise ValueError(f"FeatureEncoder.fit: missing column(s) {missing}; available {list(frame.columns)}")
+        if len(frame) == 0:
+            raise ValueError("FeatureEncoder.fit: the frame has no rows")
+        self.schema = schema
+        for feature in schema.sparse_features:
+            kind, keys = _canonical(frame[feature])
+            self._kinds[feature] = kind
+            self._vocab[feature] = pd.Index(np.sort(keys.unique()))
+        chosen = self._log1p_columns(frame, schema, log1p)
+        for column in schema.dense:
+            x = frame[column].to_numpy(dtype="float64")
+            if column in chosen:
+                x = np.log1p(x)
+            std = float(x.std())
+            self.dense_stats[column] = {"log1p": column in chosen, "mean": float(x.mean()),
+                                        "std": std if std > 1e-12 else 1.0}
+        if schema.segment is not None:
+            self._segments = sorted(frame[schema.segment].astype(str).unique().tolist())
+        return self
+
+    @staticmethod
+    def _log1p_columns(frame: pd.DataFrame, schema: Schema, log1p) -> set[str]:
+        if log1p == "none":
+            return set()
+        if log1p == "auto":
+            return {c for c in schema.dense if frame[c].min() >= 0 and frame[c].skew() > HEAVY_TAIL_SKEW}
+        chosen = set(schema.dense) if log1p == "all" else set(log1p if not isinstance(log1p, str) else [log1p])
+        unknown = sorted(chosen - set(schema.dense))
+        if unknown:
+            raise ValueError(f"FeatureEncoder.fit: log1p names {unknown}, which are not dense columns {list(schema.dense)}")
+        negative = [c for c in sorted(chosen) if frame[c].min() < 0]
+        if negative:
+            raise ValueError(f"FeatureEncoder.fit: log1p needs values ≥ 0, but column(s) {negative} hold negatives")
+        return chosen
+
+    def _check_fitted(self) -> Schema:
+        if self.schema is None:
+            raise RuntimeError("FeatureEncoder: call fit() or load() first")
+        return self.schema
+
+    @property
+    def cardinalities(self) -> dict[str, int]:
+        self._check_fitted()
+        return {f: len(v) + 1 for f, v in self._vocab.items()}
+
+    @property
+    def segments(self) -> list[str]:
+        self._check_fitted()
+        return list(self._segments)
+
+    def vocabulary(self, feature: str) -> list:
+        """The fitted values of ``feature``; value ``vocabulary(f)[k]`` has id k."""
+        self._check_fitted()
+        return self._vocab[feature].tolist()
+
+    # -- transforming ------------------------------------------------------------------------
+    def transform(self, frame: pd.DataFrame, unseen: str = "error", *, name: str = "DataFrame") -> EncodedInteractions:
+        """Encode ``frame`` (N rows).
+
+        Args:
+            unseen: "error" — a value not in the vocabulary (or an unknown segment) raises an error
+                naming the column, the value and the row; "oov" — it maps to the feature's reserved
+                last id (segment: −1).
+            name: how errors name the frame.
+        Label, segment and timestamp columns are optional (their tensors are then None); sparse and
+        dense columns are required.
+        """
+        schema = self._check_fitted()
+        if unseen not in ("error", "oov"):
+            raise ValueError(f"FeatureEncoder.transform: unseen must be 'error' or 'oov', got {unseen!r}")
+        missing = [c for c in schema.sparse_features + schema.dense if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{name}: missing column(s) {missing}; the available columns are {list(frame.columns)}")
+        where = RowLocator(name, frame, is_file=False)
+        sparse = {f: torch.from_numpy(self._encode_sparse(frame[f], f, unseen, where)) for f in schema.sparse_features}
+        dense = np.zeros((len(frame), len(schema.dense)), dtype=np.float32)
+        for j, column in enumerate(schema.dense):
+            dense[:, j] = self._encode_dense(frame[column], column, where)
+        labels = segments = timestamps = None
+        if schema.label and schema.label in frame.columns:
+            labels = torch.from_numpy(np.array(frame[schema.label], dtype=np.float32))
+            bad = np.flatnonzero((labels != 0) & (labels != 1))
+            if bad.size:
+                raise ValueError(f"{where.at(schema.label, int(bad[0]))}: the label must be 0 or 1, "
+                                 f"got {shown(frame[schema.label].iloc[bad[0]])}")
+        if schema.segment and schema.segment in frame.columns:
+            segments = torch.from_numpy(self._encode_segments(frame[schema.segment], unseen, where))
+        if schema.timestamp and schema.timestamp in frame.columns:
+            parsed, bad = parse_timestamps(frame[schema.timestamp])
+            if bad is not None:
+                raise ValueError(f"{where.at(schema.timestamp, bad)}: cannot read the timestamp "
+                                 f"{shown(frame[schema.timestamp].iloc[bad])}")
+            timestamps = torch.from_numpy(np.array(parsed.to_numpy().astype("int64")))
+        rows = (frame.index.to_numpy(dtype="int64") if pd.api.types.is_integer_dtype(frame.index)
+                else np.arange(len(frame), dtype=np.int64))
+        return EncodedInteractions(schema, sparse, torch.from_numpy(dense), labels, segments,
+                                   self.segments, timestamps, torch.from_numpy(rows.copy()))
+
+    def _encode_sparse(self, values: pd.Series, feature: str, unseen: str, where: RowLocator) -> np.ndarray:
+        vocab = self._vocab[feature]
+        keys = _as_kind(values, self._kinds[feature])
+        codes = vocab.get_indexer(keys)
+        lost = codes < 0
+        if lost.any():
+            if unseen == "error":
+                pos = int(np.flatnonzero(lost)[0])
+                raise ValueError(f"{where.at(feature, pos)}: value {shown(values.iloc[pos])} was not seen when the "
+                                 f"encoder was fitted ({int(lost.sum())} such rows); pass unseen='oov' to map "
+                                 "unseen values to the reserved id")
+            codes[lost] = len(vocab)
+        return codes.astype(np.int64)
+
+    def _encode_dense(self, values: pd.Series, column: str, where: RowLocator) -> np.ndarray:
+        stats = self.dense_stats[column]
+        x = pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64")
+        bad = ~np.isfinite(x) | ((x < 0) if stats["log1p"] else False)
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            need = "a finite number ≥ 0 (the column is log1p-transformed)" if stats["log1p"] else "a finite number"
+            raise ValueError(f"{where.at(column, pos)}: dense value must be {need}, got {shown(values.iloc[pos])}")
+        if stats["log1p"]:
+            x = np.log1p(x)
+        return (x - stats["mean"]) / stats["std"]
+
+    def _encode_segments(self, values: pd.Series, unseen: str, where: RowLocator) -> np.ndarray:
+        codes = pd.Index(self._segments).get_indexer(values.astype(str))
+        lost = codes < 0
+        if lost.any() and unseen == "error":
+            pos = int(np.flatnonzero(lost)[0])
+            raise ValueError(f"{where.at(self.schema.segment, pos)}: segment {shown(values.iloc[pos])} was not seen "
+                             f"when the encoder was fitted (known: {self._segments})")
+        return codes.astype(np.int64)
+
+    # -- saving ------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        schema = self._check_fitted()
+        sparse = {f: {"kind": self._kinds[f], "values": [int(v) if self._kinds[f] == "int" else str(v)
+                                                          for v in self._vocab[f]]} for f in schema.sparse_features}
+        return json.dumps({"format": FORMAT, "version": VERSION, "schema": schema.to_dict(), "sparse": sparse,
+                           "dense": self.dense_stats, "segments": self._segments})
+
+    @classmethod
+    def from_json(cls, text: str, *, name: str = "encoder JSON") -> "FeatureEncoder":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name}: not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ValueError(f"{name}: not a {FORMAT} version {VERSION} file")
+        schema = Schema.from_dict(data["schema"])
+        encoder = cls()
+        encoder.schema = schema
+        if sorted(data["sparse"]) != sorted(schema.sparse_features) or sorted(data["dense"]) != sorted(schema.dense):
+            raise ValueError(f"{name}: the vocabularies/dense statistics do not match the schema's features")
+        for feature in schema.sparse_features:
+            entry = data["sparse"][feature]
+            if entry["kind"] not in ("int", "str"):
+                raise ValueError(f"{name}: feature {feature!r} has unknown kind {entry['kind']!r}")
+            vocab = pd.Index(entry["values"], dtype="int64" if entry["kind"] == "int" else object)
+            if not vocab.is_unique:
+                raise ValueError(f"{name}: feature {feature!r} repeats vocabulary values")
+            encoder._kinds[feature], encoder._vocab[feature] = entry["kind"], vocab
+        encoder.dense_stats = {c: dict(data["dense"][c]) for c in schema.dense}
+        encoder._segments = [str(s) for s in data["segments"]]
+        return encoder
+
+    def save(self, path: str | Path) -> None:
+        """Write ``to_json()`` to ``path`` atomically."""
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureEncoder":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such encoder file")
+        return cls.from_json(path.read_text(), name=str(path))
