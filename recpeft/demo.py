@@ -29,7 +29,7 @@ from .datasets.synthetic import load_shop
 from .peft_model import PeftModel
 from .report import print_table, save_plot, save_report
 from .train import TrainConfig, predict
-from .workflow import Method, Prepared, click_metrics, finetune, prepare, pretrain
+from .workflow import Method, Prepared, click_metrics, click_model_lora_targets, finetune, prepare, pretrain
 
 SHOP_SCHEMA = Schema(user="user", item="item", label="label", segment="market", timestamp="timestamp",
                      categorical=("category", "brand", "price_bucket"), dense=("price", "position"))
@@ -40,10 +40,8 @@ FINETUNE = TrainConfig(epochs=10, batch_size=512)
 #: learning rates tried per method; the one with the best validation AUC is kept (never the test rows)
 LEARNING_RATES = {Method.LORA: (3e-3, 1e-2), Method.DENSE: (3e-4, 1e-3, 3e-3)}
 #: the attribute tables and every MLP layer adapt; user and item tables stay as pretrained
-LORA = LoraConfig(r=4, lora_alpha=8, target_modules=[
-    *(f"sparse_arch.embedding_bag_collection.t_{f}" for f in ("category", "brand", "price_bucket")),
-    "dense_arch.model._mlp.0._linear", "dense_arch.model._mlp.1._linear",
-    "over_arch.model.0._mlp.0._linear", "over_arch.model.0._mlp.1._linear", "over_arch.model.1"])
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=click_model_lora_targets(
+    SHOP_SCHEMA, len(BASE_OPTIONS["dense_arch"]), len(BASE_OPTIONS["over_arch"])))
 TARGETS = {"lora_minus_dense_auc_min": -0.002, "lift_over_base_auc_min": 0.01, "adapter_share_max": 0.02}
 
 

@@ -95,6 +95,23 @@ def pretrain(data: Prepared, *, model_options: dict | None = None,
     return model.eval(), report
 
 
+def click_model_lora_targets(schema: Schema, dense_layers: int, over_layers: int) -> list[str]:
+    """LoRA targets of a ``build_click_model`` model: the tables of every sparse feature but the
+    user and item ids (attribute tables: small, shared by a segment's rows, so an adapter file
+    stays small), every dense-arch layer and every over-arch layer. User and item tables stay as
+    pretrained; add them with ``target_modules`` when a segment has enough rows per id."""
+    ids = {schema.user, schema.item}
+    tables = [f"sparse_arch.embedding_bag_collection.t_{f}" for f in schema.sparse_features if f not in ids]
+    dense = [f"dense_arch.model._mlp.{i}._linear" for i in range(dense_layers)]
+    over = [f"over_arch.model.0._mlp.{i}._linear" for i in range(over_layers)]
+    return tables + dense + over + ["over_arch.model.1"]
+
+
+def default_lora_targets(model: ClickDLRM, schema: Schema) -> list[str]:
+    """:func:`click_model_lora_targets` for ``model``'s architecture."""
+    return click_model_lora_targets(schema, len(model.spec["dense_arch"]), len(model.spec["over_arch"]))
+
+
 def trainable_copy(base: nn.Module, method: Method, lora_config: LoraConfig | None = None) -> nn.Module:
     """A copy of ``base`` ready to fine-tune: LoRA-wrapped (base frozen) or fully trainable."""
     model = copy.deepcopy(base)
