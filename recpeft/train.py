@@ -617,13 +617,3 @@ class Trainer:
         run.epoch, run.step_in_epoch, run.loss_sum, run.loss_rows = run.epoch + 1, 0, 0.0, 0
         return best_state
 
-
-def fit(model: nn.Module, features: tuple[torch.Tensor, ...], labels: torch.Tensor, *, epochs: int = 1,
-        batch_size: int = 512, lr: float = 1e-2, weight_decay: float = 0.0, seed: int = 0,
-        desc: str = "train", progress: bool = True) -> FitReport:
-    """The older call style: :class:`Trainer` with a constant learning rate, no warmup, no
-    clipping, no validation, on ``TensorBatches(*features, labels=labels)``."""
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         warmup_fraction=0.0, schedule=Schedule.CONSTANT, clip_grad_norm=None,
-                         early_stopping_patience=None, seed=seed, progress=progress, desc=desc)
-    return Trainer(model, config).fit(TensorBatches(*features, labels=labels))

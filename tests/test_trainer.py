@@ -14,7 +14,7 @@ from recpeft.batch import TensorBatches
 from recpeft.metrics import auc
 from recpeft.optim import LoraAdamW
 from recpeft.schedules import LRSchedule, Schedule, warmup_steps_for
-from recpeft.train import (FitReport, Trainer, TrainConfig, clip_grad_norm, epoch_order, fit, predict,
+from recpeft.train import (FitReport, Trainer, TrainConfig, clip_grad_norm, epoch_order, predict,
                            sparse_gradient_parameters, training_state_bytes)
 
 USERS, ITEMS, DIM = 40, 30, 6
@@ -294,13 +294,6 @@ def test_predict_new_and_old_call_style():
         direct = model(*data.features)
     torch.testing.assert_close(predict(model, data, batch_size=16), direct, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(predict(model, data.features, 16), direct, rtol=1e-6, atol=1e-6)
-
-
-def test_legacy_fit_trains():
-    data = click_data(300, seed=3)
-    model = dense_model()
-    report = fit(model, data.features, data.labels, epochs=2, batch_size=50, lr=0.02, progress=False)
-    assert report.steps == 12 and report.samples == 600 and math.isfinite(report.final_loss)
 
 
 # ---- configuration and errors ----------------------------------------------------------------

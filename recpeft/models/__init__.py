@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-from .click_model import ClickModel
 from .sasrec import SASRec
 from .two_tower import TwoTower
 
@@ -22,4 +21,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ClickModel", "SASRec", "TwoTower", *_DLRM_NAMES]
+__all__ = ["SASRec", "TwoTower", *_DLRM_NAMES]
