@@ -41,13 +41,8 @@ import copy
 import gc
 import json
 import logging
-import os
-import re
 import socket
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +57,7 @@ from torchrec.models.dlrm import DLRM
 from torchrec.optim import RowWiseAdagrad
 
 from recpeft import LoraAdamW, LoraConfig, get_peft_model
+from recpeft.bench import MALLOC_MMAP_THRESHOLD, can_measure_memory, measure_peak_memory, run_json_subprocesses
 from recpeft.distributed import copy_full_state, dense_parameters, shard_peft_model
 
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
@@ -227,45 +223,26 @@ def test_torchrec_step_interleaved(request, bench, report, case):
 # ---- memory, each variant in a fresh process ------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    return int(match.group(1))
-
-
 def memory_probe(name: str) -> dict:
     """Run in a fresh process: peak resident memory of building ``name`` and training it."""
     init_single_process_group()
     batches = make_batches()
-    gc.collect()
-    before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    model, optimizer = build(name, pretrained())
-    gc.collect()
-    build_peak, built = _status_kib("VmHWM"), _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    start = time.perf_counter()
-    for step in range(MEMORY_STEPS):
-        train_step(model, optimizer, batches[step % NUM_BATCHES])
-    seconds = (time.perf_counter() - start) / MEMORY_STEPS
-    peak = _status_kib("VmHWM")
-    return {"variant": name, "peak_bytes": (peak - before) * 1024, "model_bytes": (built - before) * 1024,
-            "training_bytes": (peak - built) * 1024, "build_peak_bytes": (build_peak - before) * 1024,
-            "step_s_in_probe": round(seconds, 4)}
+    result = measure_peak_memory(lambda: build(name, pretrained()),
+                                 lambda built, step: train_step(*built, batches[step % NUM_BATCHES]), MEMORY_STEPS)
+    return {"variant": name, **result}
 
 
-def run_memory_probe(name: str) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    done = subprocess.run([sys.executable, __file__, "--memory", name], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, f"memory probe {name} failed:\n{done.stderr[-3000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def run_memory_probes() -> dict:
+    """Every variant's :func:`memory_probe`, each in its own fresh process, one after another
+    (side by side the four would hold about 10 GB at once)."""
+    return {name: run_json_subprocesses([[sys.executable, __file__, "--memory", name]])[0] for name in VARIANTS}
 
 
 def test_torchrec_peak_memory_and_throughput(request, bench, report):
     bench.skip_if_not_timing(request.config)
-    if not Path("/proc/self/clear_refs").exists():
+    if not can_measure_memory():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the resident-set high-water mark")
-    probes = {name: run_memory_probe(name) for name in VARIANTS}
+    probes = run_memory_probes()
     # per variant: the interleaved quiet median when there is one, else pytest-benchmark's median
     step_s = {name: report.interleaved.get(name, report.medians.get(name)) for name in VARIANTS}
     sources = {name: "interleaved" if name in report.interleaved else "pytest-benchmark" for name in VARIANTS}
@@ -295,7 +272,7 @@ def test_torchrec_peak_memory_and_throughput(request, bench, report):
     report.extra["targets_throughput_memory"] = verdicts
     report.extra["memory_method"] = ("fresh subprocess per variant; VmHWM reset via /proc/self/clear_refs; peak = VmHWM "
                                      f"over {MEMORY_STEPS} training steps - VmRSS before building the model; build_peak "
-                                     "= VmHWM while building; MALLOC_MMAP_THRESHOLD_=131072")
+                                     f"= VmHWM while building; MALLOC_MMAP_THRESHOLD_={MALLOC_MMAP_THRESHOLD}")
     report.extra["samples_per_s_from"] = sources
 
 

@@ -26,6 +26,7 @@ from .checkpoint import checkpoint_bytes, load_base, save_base
 from .config import LoraConfig
 from .datasets import Schema
 from .datasets.synthetic import load_shop
+from .metrics import weighted_auc
 from .peft_model import PeftModel
 from .report import print_table, save_plot, save_report
 from .train import TrainConfig, predict
@@ -150,15 +151,19 @@ def run_demo(out_dir: str | Path = "runs/demo", *, seed: int = 0, progress: bool
         row["base_params"] = sum(p.numel() for p in base.parameters())
         rows.append(row)
 
+    counts = {r["market"]: r["test_rows"] for r in rows}
+    weighted = {m: weighted_auc({r["market"]: r[f"{m}_auc"] for r in rows}, counts) for m in ("base", "lora", "dense")}
     routing_diff = _check_routing(out, markets, data, seed)
     checks = _check_targets(rows)
     report = {"data": {"impressions": len(frame), "markets": data.segments, "test_start": TEST_START,
                        "schema": SHOP_SCHEMA.to_dict()},
               "base": {**base_info, "checkpoint_bytes": base_bytes, "options": BASE_OPTIONS},
-              "lora_config": LORA.to_dict(), "finetune": {**FINETUNE.to_dict(), "learning_rates": {m.value: lrs for m, lrs in LEARNING_RATES.items()}},
-              "markets": rows, "routing_max_abs_diff": routing_diff, "targets": TARGETS, "checks": checks,
-              "seed": seed, "seconds": time.perf_counter() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "lora_config": LORA.to_dict(),
+              "finetune": {**FINETUNE.to_dict(), "learning_rates": {m.value: v for m, v in LEARNING_RATES.items()}},
+              "markets": rows, "impression_weighted_auc": weighted, "routing_max_abs_diff": routing_diff,
+              "targets": TARGETS, "checks": checks, "seed": seed, "seconds": time.perf_counter() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     print_table(rows)
+    print("impression-weighted AUC over these markets: " + ", ".join(f"{m} {v:.4f}" for m, v in weighted.items()))
     print(f"routed a mixed batch through {len(markets)} adapters in one pass; largest difference from each "
           f"market's merged model: {routing_diff:.2e}")
     for name, passed in checks.items():

@@ -74,18 +74,20 @@ def save_plot(path: str | Path, rows: list[dict]) -> None:
                                                          ("dense_auc", "dense fine-tuning"))):
         quality.bar([i + offset for i in x], [r[key] for r in rows], width=0.27, label=label)
     low = min(r["base_auc"] for r in rows)
-    quality.set_ylim(max(0.0, low - 0.05), min(1.0, max(max(r["lora_auc"], r["dense_auc"]) for r in rows) + 0.03))
+    high = max(max(r["lora_auc"], r["dense_auc"]) for r in rows)
+    quality.set_ylim(max(0.0, low - 0.05), min(1.0, high + 0.04))
     quality.set_xticks(list(x), markets)
     quality.set_ylabel("test AUC")
     quality.set_title("quality per market")
-    quality.legend()
+    quality.legend(loc="upper left", ncols=3, fontsize=8)
     for offset, (key, label) in zip((-0.2, 0.2), (("lora_samples_per_second", "LoRA"),
                                                  ("dense_samples_per_second", "dense fine-tuning"))):
         speed.bar([i + offset for i in x], [r[key] for r in rows], width=0.4, label=label)
     speed.set_xticks(list(x), markets)
     speed.set_ylabel("training samples/s")
     speed.set_title("fine-tuning throughput")
-    speed.legend()
+    speed.set_ylim(0, 1.25 * max(max(r["lora_samples_per_second"], r["dense_samples_per_second"]) for r in rows))
+    speed.legend(loc="upper left", ncols=2, fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
