@@ -39,7 +39,7 @@ BASE_OPTIONS = {"embedding_dim": 64, "dense_arch": (32, 64), "over_arch": (64, 3
 PRETRAIN = TrainConfig(epochs=6, batch_size=1024, lr=1e-3, early_stopping_patience=1, desc="pretrain")
 FINETUNE = TrainConfig(epochs=10, batch_size=512)
 #: learning rates tried per method; the one with the best validation AUC is kept (never the test rows)
-LEARNING_RATES = {Method.LORA: (3e-3, 1e-2), Method.DENSE: (3e-4, 1e-3, 3e-3)}
+LEARNING_RATES = {Method.LORA: (1e-3, 3e-3, 1e-2), Method.DENSE: (3e-4, 1e-3, 3e-3)}
 #: the attribute tables and every MLP layer adapt; user and item tables stay as pretrained
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=click_model_lora_targets(
     SHOP_SCHEMA, len(BASE_OPTIONS["dense_arch"]), len(BASE_OPTIONS["over_arch"])))
