@@ -80,6 +80,7 @@ from .batch import Batch
 from .checkpoint import load_base
 from .config import LoraConfig
 from .demo import BASE_OPTIONS, LORA, SHOP_SCHEMA
+from .workflow import default_lora_targets
 from .models.dlrm import ClickDLRM, build_click_model, single_id_kjt
 from .peft_model import get_peft_model
 from .train import TrainConfig, Trainer, bce_loss
@@ -155,6 +156,12 @@ def model_options(rows_per_table: dict | None, embedding_dim: int) -> dict:
     options = dict(BASE_OPTIONS, embedding_dim=embedding_dim, over_arch=list(BASE_OPTIONS["over_arch"]),
                    dense_arch=[*BASE_OPTIONS["dense_arch"][:-1], embedding_dim])
     return {"cardinalities": rows, "num_dense": len(SHOP_SCHEMA.dense), **options}
+
+
+def _checkpoint_lora_config(base: str | Path) -> LoraConfig:
+    """The demo's rank and alpha on ``recpeft finetune``'s default targets for that checkpoint."""
+    model, encoder = load_base(base)
+    return replace(LORA, target_modules=default_lora_targets(model, encoder.schema))
 
 
 def build_base(spec: BenchSpec) -> ClickDLRM:
@@ -346,7 +353,7 @@ def run_bench(*, base: str | Path | None = None, rows_per_table: dict | None = N
                          "(base=...) has its own")
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a LoraConfig, got {type(lora_config).__name__}")
-    config = lora_config or LORA
+    config = lora_config or (LORA if base is None else _checkpoint_lora_config(base))
     spec_model = model_options(rows_per_table, embedding_dim) if base is None else None
     spec = BenchSpec(model=spec_model or {}, lora_config=config.to_dict(), batch_size=batch_size,
                      base=None if base is None else str(base), threads=torch.get_num_threads())

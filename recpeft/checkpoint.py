@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from .models.dlrm import ClickDLRM, build_click_model
 
 FORMAT = 1
 WEIGHTS, CONFIG, ENCODER = "model.safetensors", "model_config.json", "encoder.json"
+#: written beside an adapter trained by ``recpeft finetune``: which base it belongs to
+BASE_FINGERPRINT = "recpeft_base.json"
 
 
 def save_base(directory: str | Path, model: ClickDLRM, encoder: FeatureEncoder, *, metrics: dict | None = None) -> Path:
@@ -98,3 +101,34 @@ def load_base(directory: str | Path) -> tuple[ClickDLRM, FeatureEncoder]:
 def checkpoint_bytes(directory: str | Path) -> int:
     """Size on disk of the checkpoint's weights file (what adapters are compared with)."""
     return (Path(directory) / WEIGHTS).stat().st_size
+
+
+def base_fingerprint(directory: str | Path) -> str:
+    """sha256 over the checkpoint's weights and encoder files: the identity of a base."""
+    digest = hashlib.sha256()
+    for name in (WEIGHTS, ENCODER):
+        with open(Path(directory) / name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_base_fingerprint(adapter_dir: str | Path, base_dir: str | Path) -> None:
+    """Record in ``adapter_dir`` which base checkpoint the adapter was trained on."""
+    atomic_write_text(Path(adapter_dir) / BASE_FINGERPRINT,
+                      json.dumps({"base": str(base_dir), "sha256": base_fingerprint(base_dir)}, indent=2) + "\n")
+
+
+def check_base_fingerprint(adapter_dir: str | Path, base_dir: str | Path, ignore: bool = False) -> None:
+    """Refuse an adapter recorded as trained on another base (unless ``ignore``); adapters
+    without a record (saved from Python) pass."""
+    record = Path(adapter_dir) / BASE_FINGERPRINT
+    if ignore or not record.is_file():
+        return
+    try:
+        expected = json.loads(record.read_text())["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{record} is malformed: {exc}") from None
+    if expected != base_fingerprint(base_dir):
+        raise ValueError(f"adapter {adapter_dir} was trained on another base than {base_dir} (recorded in {record}); "
+                         "pass --ignore-base-mismatch to apply it anyway")

@@ -26,19 +26,21 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
                       help="interaction log (CSV/Parquet), MovieLens folder, or Criteo TSV; "
                            "omit it to use the embedded shop")
     data.add_argument("--format", choices=FORMATS, default="auto", help="data format (default: from the path)")
-    data.add_argument("--user", default="user", help="user id column ('' for none)")
-    data.add_argument("--item", default="item", help="item id column ('' for none)")
-    data.add_argument("--label", default="label", help="0/1 label column")
-    data.add_argument("--segment-col", default="segment", help="column naming each row's segment (market, ...)")
-    data.add_argument("--timestamp", default="timestamp", help="time column (datetimes or epoch seconds)")
-    data.add_argument("--categorical", default="", help="comma-separated extra id/string feature columns")
-    data.add_argument("--dense", default="", help="comma-separated numeric feature columns")
+    data.add_argument("--user", default=None, help="user id column ('' for none; default: the base's, else 'user')")
+    data.add_argument("--item", default=None, help="item id column ('' for none; default: the base's, else 'item')")
+    data.add_argument("--label", default=None, help="0/1 label column")
+    data.add_argument("--segment-col", default=None, help="column naming each row's segment (market, ...)")
+    data.add_argument("--timestamp", default=None, help="time column (datetimes or epoch seconds)")
+    data.add_argument("--categorical", default=None, help="comma-separated extra id/string feature columns")
+    data.add_argument("--dense", default=None, help="comma-separated numeric feature columns")
     data.add_argument("--segment-by", default="gender", choices=("gender", "age", "occupation"),
                       help="MovieLens: the user attribute that names segments")
     data.add_argument("--criteo-segment", default=None, help="Criteo: a C column (C1..C26) naming segments")
     data.add_argument("--test-start", default=None,
                       help="rows from this time on are test rows (default: each segment's latest --test-fraction)")
     data.add_argument("--test-fraction", type=float, default=0.2)
+    data.add_argument("--allow-unseen", action="store_true",
+                      help="fine-tune/evaluate even when over half of a feature's ids are unknown to the base")
     data.add_argument("--valid-fraction", type=float, default=0.15,
                       help="each segment's latest rows before the test cut, for early stopping")
 
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = add("evaluate", help="AUC and LogLoss per segment of a base (with an adapter)")
     _data_arguments(ev)
     ev.add_argument("--base", required=True)
+    ev.add_argument("--ignore-base-mismatch", action="store_true",
+                    help="apply --adapter even if it was trained on another base")
     ev.add_argument("--adapter", default=None, help="adapter folder to apply to the base")
     ev.add_argument("--segment", default=None, help="only this segment")
     ev.add_argument("--part", choices=("train", "valid", "test"), default="test", help="which rows to score")
@@ -116,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", required=True)
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--out", required=True)
+    merge.add_argument("--ignore-base-mismatch", action="store_true",
+                       help="merge even if the adapter was trained on another base")
     merge.set_defaults(run=commands.cmd_merge)
 
     bench = add("bench", help="LoRA vs dense fine-tuning: samples/s and peak memory, side by side",
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         args.run(args)
-    except (ValueError, TypeError, KeyError, IndexError, OSError, RuntimeError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError, OSError, RuntimeError, ArithmeticError) as exc:
         if args.debug:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import checkpoint_bytes, load_base, save_base
+from .checkpoint import checkpoint_bytes, check_base_fingerprint, load_base, save_base, write_base_fingerprint
 from .config import LoraConfig
 from .datasets.sources import Roles, load_source
 from .peft_model import PeftModel
@@ -21,20 +21,54 @@ from .train import TrainConfig
 from .workflow import Method, click_metrics, default_lora_targets, finetune, prepare, pretrain
 
 
-def _roles(args) -> Roles:
-    split = lambda text: tuple(c for c in (text or "").split(",") if c)  # noqa: E731
-    return Roles(user=args.user or None, item=args.item or None, label=args.label, segment=args.segment_col or None,
-                 timestamp=args.timestamp or None, categorical=split(args.categorical), dense=split(args.dense),
-                 segment_by=args.segment_by, criteo_segment=args.criteo_segment)
+ROLE_DEFAULTS = {"user": "user", "item": "item", "label": "label", "segment": "segment", "timestamp": "timestamp"}
+#: above this share of ids unknown to the base, finetune/evaluate stop unless --allow-unseen
+UNSEEN_LIMIT = 0.5
 
 
-def _data(args, encoder=None):
-    frame, schema = load_source(args.data, args.format, _roles(args))
+def _roles(args, schema=None) -> Roles:
+    """Column roles: a flag the user gave wins, then the base's schema (its encoder.json), then
+    the default names. An empty flag ('') unsets a role."""
+    flags = {"user": args.user, "item": args.item, "label": args.label, "segment": args.segment_col,
+             "timestamp": args.timestamp}
+    known = schema.to_dict() if schema is not None else {}
+    single = {role: (flag if flag is not None else known.get(role, ROLE_DEFAULTS[role])) or None
+              for role, flag in flags.items()}
+    multi = {role: (tuple(c for c in flag.split(",") if c) if flag is not None else tuple(known.get(role, ())))
+             for role, flag in (("categorical", args.categorical), ("dense", args.dense))}
+    return Roles(**single, **multi, segment_by=args.segment_by, criteo_segment=args.criteo_segment)
+
+
+def _data(args, encoder=None, segment: str | None = None):
+    """Read, (keep ``segment``'s rows only), split by time and encode; with a base's encoder,
+    refuse data whose ids the base mostly never saw (unless --allow-unseen)."""
+    frame, schema = load_source(args.data, args.format, _roles(args, encoder.schema if encoder else None))
     name = str(args.data) if args.data else "embedded shop"
+    if segment is not None:
+        present = sorted(frame[schema.segment].astype(str).unique()) if schema.segment else []
+        if segment not in present:
+            raise ValueError(f"segment {segment!r} is not in {name}; its segments ({schema.segment!r}) are {present}")
+        frame = frame[frame[schema.segment].astype(str) == segment]
     print(f"data: {len(frame):,} rows from {name}; features {list(schema.sparse_features)} + dense {list(schema.dense)}; "
           f"segments by {schema.segment!r}")
-    return prepare(frame, schema, encoder=encoder, test_start=args.test_start, test_fraction=args.test_fraction,
+    data = prepare(frame, schema, encoder=encoder, test_start=args.test_start, test_fraction=args.test_fraction,
                    valid_fraction=args.valid_fraction, name=name)
+    if encoder is not None:
+        _check_unseen(data, name, args.allow_unseen)
+    return data
+
+
+def _check_unseen(data, name: str, allow: bool) -> None:
+    for part in ("train", "test"):
+        shares = data.unseen_share(part)
+        if any(shares.values()):
+            print(f"{part} rows with ids the base never saw (out-of-vocabulary row): "
+                  + ", ".join(f"{f} {100 * v:.1f}%" for f, v in shares.items() if v))
+        worst = max(shares, key=shares.get, default=None)
+        if worst is not None and shares[worst] > UNSEEN_LIMIT and not allow:
+            raise ValueError(f"{name}: {100 * shares[worst]:.0f}% of the {part} rows' {worst!r} ids are unknown to the "
+                             f"base (limit {100 * UNSEEN_LIMIT:.0f}%): is this the data the base was pretrained "
+                             f"on? Pass --allow-unseen to go on")
 
 
 def _train_config(args, desc: str, **defaults) -> TrainConfig:
@@ -58,15 +92,14 @@ def cmd_pretrain(args) -> None:
 
 def _lora_config(args, model, schema) -> LoraConfig:
     targets = [t for t in (args.targets or "").split(",") if t] or default_lora_targets(model, schema)
-    return LoraConfig(r=args.r, lora_alpha=args.alpha or 2 * args.r, lora_dropout=args.lora_dropout,
+    return LoraConfig(r=args.r, lora_alpha=2 * args.r if args.alpha is None else args.alpha,
+                      lora_dropout=args.lora_dropout,
                       target_modules=targets)
 
 
 def cmd_finetune(args) -> None:
     base, encoder = load_base(args.base)
-    data = _data(args, encoder)
-    if args.segment not in data.segments:
-        raise ValueError(f"segment {args.segment!r} is not in the data; its segments are {data.segments}")
+    data = _data(args, encoder, segment=args.segment)
     method = Method(args.method)
     config = _train_config(args, f"{method.value} {args.segment}", epochs=10, batch_size=512,
                            lr=3e-3 if method is Method.LORA else 1e-3)
@@ -77,6 +110,7 @@ def cmd_finetune(args) -> None:
     out = Path(args.out)
     if method is Method.LORA:
         model.save_pretrained(out)
+        write_base_fingerprint(out, args.base)
         size = (out / "adapter_model.safetensors").stat().st_size
         what = f"adapter {size / 1024:.1f} KB ({100 * size / checkpoint_bytes(args.base):.2f}% of the base)"
     else:
@@ -89,9 +123,10 @@ def cmd_finetune(args) -> None:
 
 def cmd_evaluate(args) -> None:
     base, encoder = load_base(args.base)
-    data = _data(args, encoder)
+    data = _data(args, encoder, segment=args.segment)
     model = base
     if args.adapter:
+        check_base_fingerprint(args.adapter, args.base, args.ignore_base_mismatch)
         model = PeftModel.from_pretrained(base, args.adapter)
     segments = [args.segment] if args.segment else data.segments
     rows = []
@@ -107,6 +142,7 @@ def cmd_evaluate(args) -> None:
 
 def cmd_merge(args) -> None:
     base, encoder = load_base(args.base)
+    check_base_fingerprint(args.adapter, args.base, args.ignore_base_mismatch)
     merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
     save_base(args.out, merged, encoder, metrics={"merged_adapter": str(args.adapter)})
     print(f"merged {args.adapter} into {args.base}; saved {args.out} (a base checkpoint: use it with --base)")

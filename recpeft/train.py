@@ -19,7 +19,9 @@ their adapter collections). A sparse gradient on any other parameter raises a Ty
 Epochs. Epoch e visits the rows in the order ``torch.randperm(N, generator=seed_for(seed, e))``,
 so a resumed run regenerates it. After each epoch the validation metric (default AUC) decides
 early stopping: ``early_stopping_patience`` epochs in a row without improving on the best ends
-training, and the best epoch's trainable parameters and buffers are restored at the end.
+training, and the best epoch's trainable parameters and buffers are restored at the end. With
+``keep_initial`` the starting weights are evaluated first, as epoch −1, and compete with the
+epochs: a run where no epoch beats them ends with the model unchanged (``best_epoch == -1``).
 
 Checkpoints. With ``checkpoint_dir`` set, the trainer writes ``step-<global step>.pt`` (atomically)
 every ``checkpoint_every_steps`` steps and at each epoch end, and deletes the older ones. A file
@@ -81,6 +83,9 @@ class TrainConfig:
         early_stopping_patience: epochs without improvement of the validation metric before
             stopping (≥ 1), or None to run every epoch; the best epoch's weights are restored
             whenever a validation source is given.
+        keep_initial: evaluate the starting weights before training (epoch −1 of the best-epoch
+            choice, not in ``history``); if no epoch improves on them they are restored. Needs a
+            validation source to have any effect.
         seed: seeds the torch RNG at the start of a fresh run and every epoch's row order.
         amp: bf16 autocast of the forward pass on CUDA; ignored elsewhere.
         eval_batch_size: rows per forward pass in evaluation (≥ 1).
@@ -99,6 +104,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     clip_grad_norm: float | None = 1.0
     early_stopping_patience: int | None = 2
+    keep_initial: bool = False
     seed: int = 0
     amp: bool = True
     eval_batch_size: int = 8192
@@ -131,7 +137,7 @@ class TrainConfig:
         except ValueError:
             raise ValueError(f"TrainConfig.schedule must be one of {[s.value for s in Schedule]}, "
                              f"got {self.schedule!r}") from None
-        for name in ("amp", "progress"):
+        for name in ("amp", "progress", "keep_initial"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.checkpoint_dir is not None:
@@ -179,7 +185,8 @@ class FitReport:
     spent in training steps (building and moving the batch, forward, backward, clipping,
     optimizer), evaluation and checkpoint writes excluded. ``history`` holds one dict per epoch:
     epoch, train_loss (row-weighted mean of the batch losses), valid_metric (None without a
-    validation source), lr (at the epoch's last step). Memory: see :func:`training_state_bytes`;
+    validation source), lr (at the epoch's last step). ``best_epoch`` is −1 when ``keep_initial``
+    kept the starting weights (``best_metric`` is then their metric). Memory: see :func:`training_state_bytes`;
     ``peak_memory_bytes`` is CUDA's ``max_memory_allocated`` during the call minus the allocation
     at its start (None on CPU).
     """
@@ -447,6 +454,13 @@ class Trainer:
             return float(self.metric_fn(self.model, source))
         return auc_metric(self.model, source, self.config.eval_batch_size)
 
+    def _checked_metric(self, valid: BatchSource, when: str) -> float:
+        metric = self.evaluate(valid)
+        if math.isnan(metric):
+            raise ValueError(f"the validation metric is NaN {when} (for AUC: does the validation source hold "
+                             f"both labels?)")
+        return metric
+
     def _improves(self, metric: float, best: float | None) -> bool:
         if best is None:
             return True
@@ -548,6 +562,9 @@ class Trainer:
         checkpoint = self.latest_checkpoint() if resume else None
         if checkpoint is not None:
             run, best_state = self._load_checkpoint(checkpoint, rows)
+        elif config.keep_initial and valid is not None:   # a fresh run: the starting weights are epoch -1
+            run.best_metric, run.best_epoch = self._checked_metric(valid, "before training"), -1
+            best_state = self._trainable_state()
         resumed_from, samples_before = run.global_step, run.samples
         cuda = self.device.type == "cuda"
         if cuda:
@@ -601,10 +618,7 @@ class Trainer:
         counter, advance to the next epoch. Returns the best weights so far."""
         metric = None
         if valid is not None:
-            metric = self.evaluate(valid)
-            if math.isnan(metric):
-                raise ValueError(f"the validation metric is NaN after epoch {run.epoch} (for AUC: does the "
-                                 f"validation source hold both labels?)")
+            metric = self._checked_metric(valid, f"after epoch {run.epoch}")
             if self._improves(metric, run.best_metric):
                 run.best_metric, run.best_epoch, run.bad_epochs = metric, run.epoch, 0
                 best_state = self._trainable_state()

@@ -57,14 +57,29 @@ class Prepared:
 
     @property
     def segments(self) -> list[str]:
-        return self.encoder.segments
+        """The segments of this data (sorted), whether or not the encoder's base saw them."""
+        frames = (self.split.train, self.split.valid, self.split.test)
+        return sorted({str(v) for f in frames for v in f[self.schema.segment].unique()})
 
     def segment_rows(self, part: str, segment: str | None = None) -> ClickBatches:
-        """Batches of ``part`` ("train" | "valid" | "test"), of one segment or all of them."""
+        """Batches of ``part`` ("train" | "valid" | "test"), of one segment (by its name in the
+        data, so a segment the base never saw works too) or of all of them."""
         if part not in ("train", "valid", "test"):
             raise ValueError(f"part must be train, valid or test, got {part!r}")
         source = ClickBatches(getattr(self, part))
-        return source if segment is None else source.subset(segment)
+        if segment is None:
+            return source
+        mask = getattr(self.split, part)[self.schema.segment].astype(str).to_numpy() == segment
+        return source.subset(torch.from_numpy(mask))
+
+    def unseen_share(self, part: str = "train", segment: str | None = None) -> dict[str, float]:
+        """Per sparse feature, the share of ``part``'s rows (of ``segment``) whose id the encoder
+        never saw (they use the table's out-of-vocabulary row, the last)."""
+        encoded = self.segment_rows(part, segment).encoded
+        if len(encoded) == 0:
+            return {}
+        oov = {f: n - 1 for f, n in self.encoder.cardinalities.items()}
+        return {f: float((ids == oov[f]).double().mean()) for f, ids in encoded.sparse.items()}
 
 
 def prepare(frame: pd.DataFrame, schema: Schema, *, encoder: FeatureEncoder | None = None, test_start=None,
@@ -72,8 +87,9 @@ def prepare(frame: pd.DataFrame, schema: Schema, *, encoder: FeatureEncoder | No
     """Split ``frame`` by time (``split_by_time``) and encode it.
 
     Without ``encoder`` one is fitted on the rows before the test cut (train and validation), as a
-    base's pretraining would; with one (a saved base's), its vocabularies are used unchanged.
-    ``valid_fraction`` of each segment's rows before the cut are its validation rows.
+    base's pretraining would; with one (a saved base's), its vocabularies are used unchanged and
+    ids it never saw map to each table's out-of-vocabulary row (see ``Prepared.unseen_share``).
+    The latest ``valid_fraction`` of each segment's rows before its test cut are its validation rows.
     """
     split = split_by_time(frame, schema, test_start=test_start, test_fraction=test_fraction,
                           valid_fraction=valid_fraction)
@@ -115,7 +131,7 @@ def default_lora_targets(model: ClickDLRM, schema: Schema) -> list[str]:
 def trainable_copy(base: nn.Module, method: Method, lora_config: LoraConfig | None = None) -> nn.Module:
     """A copy of ``base`` ready to fine-tune: LoRA-wrapped (base frozen) or fully trainable."""
     model = copy.deepcopy(base)
-    if Method(method) is Method.LORA:
+    if Method(method) is Method.LORA:  # the adapters' initial A/B are drawn from the seeded RNG
         if lora_config is None:
             raise ValueError("LoRA fine-tuning needs a lora_config")
         return get_peft_model(model, lora_config)
@@ -132,6 +148,7 @@ def finetune(base: nn.Module, data: Prepared, segment: str, method: Method, *, t
     train, valid = data.segment_rows("train", segment), data.segment_rows("valid", segment)
     if len(train) == 0:
         raise ValueError(f"segment {segment!r} has no training rows before the time cut")
+    torch.manual_seed(train_config.seed)  # the adapters' initialisation follows the seed, as training does
     model = trainable_copy(base, method, lora_config)
     config = replace(train_config, desc=f"{Method(method).value} {segment}")
     report = Trainer(model, config).fit(train, valid if len(valid) else None, resume=False)

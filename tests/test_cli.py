@@ -134,3 +134,38 @@ def test_demo_output_folder_that_cannot_be_made(tmp_path):
     result = subprocess.run([sys.executable, "-m", "recpeft.cli", "demo", "--quiet", "--out", str(blocker / "out")],
                             capture_output=True, text=True)
     assert result.returncode != 0 and result.stderr.startswith("recpeft demo: error:")
+
+
+def _other_log(path, seed, segments, shift=0):
+    frame = _interaction_log(path, seed=seed)
+    frame["country"] = np.where(frame["country"] == "north", segments[0], segments[1])
+    frame["uid"] += shift
+    frame["sku"] += shift
+    frame.to_csv(path, index=False)
+
+
+def test_new_segment_unseen_ids_and_a_foreign_base(tmp_path, capsys):
+    """A segment the base never saw fine-tunes (the roles come from the base); data whose ids the
+    base mostly never saw is refused; an adapter does not apply to another base."""
+    log, new, alien = tmp_path / "log.csv", tmp_path / "new.csv", tmp_path / "alien.csv"
+    _interaction_log(log)
+    _other_log(new, seed=1, segments=("east", "west"))
+    _other_log(alien, seed=2, segments=("east", "west"), shift=10_000)
+    roles = ["--user", "uid", "--item", "sku", "--label", "clicked", "--segment-col", "country", "--timestamp", "ts",
+             "--categorical", "cat", "--dense", "price"]
+    base, other = tmp_path / "base", tmp_path / "other"
+    for out, seed in ((base, "0"), (other, "1")):
+        assert main(["pretrain", str(log), *roles, "--out", str(out), "--epochs", "1", "--embedding-dim", "8",
+                     "--seed", seed, "--quiet"]) == 0
+    adapter = tmp_path / "adapters" / "east"
+    # no role flags: the base's encoder.json names the columns
+    assert main(["finetune", str(new), "--base", str(base), "--segment", "east", "--out", str(adapter),
+                 "--epochs", "1", "--quiet"]) == 0
+    assert "east: " in capsys.readouterr().out
+    assert main(["finetune", str(alien), "--base", str(base), "--segment", "east", "--out", str(tmp_path / "x"),
+                 "--quiet"]) == 1
+    assert "unknown to the base" in capsys.readouterr().err
+    assert main(["evaluate", str(new), "--base", str(other), "--adapter", str(adapter), "--quiet"]) == 1
+    assert "trained on another base" in capsys.readouterr().err
+    assert main(["merge", "--base", str(other), "--adapter", str(adapter), "--out", str(tmp_path / "m"),
+                 "--ignore-base-mismatch", "--quiet"]) == 0

@@ -293,3 +293,15 @@ def test_leave_last_out_matches_brute_force():
         assert set(parts.train.index[parts.train["user"] == user]) == set(ordered[:-2])
     with pytest.raises(ValueError, match="no column 'when'"):
         leave_last_out(frame, "user", "when")
+
+
+def test_validation_share_is_of_the_rows_before_the_test_cut():
+    times = pd.date_range("2025-01-01", periods=100, freq="h")
+    frame = pd.DataFrame({"user": np.arange(100), "item": np.arange(100), "label": np.arange(100) % 2,
+                          "segment": "a", "timestamp": times})
+    schema = Schema()
+    parts = split_by_time(frame, schema, test_start=times[60], valid_fraction=0.25)
+    assert (len(parts.train), len(parts.valid), len(parts.test)) == (45, 15, 40)
+    assert parts.valid["timestamp"].min() > parts.train["timestamp"].max()
+    with pytest.raises(ValueError, match="test_start 'soon' is not a time"):
+        split_by_time(frame, schema, test_start="soon")

@@ -280,6 +280,13 @@ class FeatureEncoder:
     @classmethod
     def from_json(cls, text: str, *, name: str = "encoder JSON") -> "FeatureEncoder":
         try:
+            return cls._from_json(text, name)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{name}: malformed encoder file ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _from_json(cls, text: str, name: str) -> "FeatureEncoder":
+        try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{name}: not valid JSON: {exc}") from None

@@ -74,7 +74,7 @@ def _read_file(path: Path, schema: Schema) -> pd.DataFrame:
             return pd.read_csv(path)
         except pd.errors.EmptyDataError:
             raise ValueError(f"{path}: the file is empty (no header, no rows)") from None
-        except pd.errors.ParserError as exc:
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: not a valid CSV file: {exc}") from None
     if lower.endswith(PARQUET_SUFFIXES):
         import pyarrow.parquet as pq

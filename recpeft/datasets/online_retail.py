@@ -12,7 +12,8 @@ when present but not needed (the product id is the title, the basket is (custome
   (customer, product, day), with ``Day`` and ``Basket`` columns.
 - ``RetailEvents``: every purchase as a basket-completion example — the customer, the market,
   the other items of the basket, the customer's earlier purchases, and per-(event, item) signals
-  (repeat count, recency, the item's sales over the previous 30 days) — served as ``Batch``es
+  (repeat count, recency, the item's sales over the previous 30 days in all markets and in the
+  event's own market) — served as ``Batch``es
   for :class:`recpeft.models.basket_ranker.BasketRanker`.
 
 Every feature of an event on day t uses only purchases made before day t (and the other items of
@@ -38,7 +39,7 @@ TREND_DAYS = 30          # the window of the item-sales signal
 RECENCY_DAYS = 30.0      # e-folding time of the repeat-recency signal
 MAX_HISTORY = 64         # most recent distinct items kept per customer
 MAX_BASKET = 64          # other basket items kept per event
-NUM_CROSS = 3            # per-(event, item) signals: log1p(repeats), recency, log1p(trend)
+NUM_CROSS = 4            # per-(event, item) signals: log1p(repeats), recency, log1p(trend), log1p(market trend)
 NUM_CONTEXT = 2          # per-event scalars: log1p(other basket items), log1p(history items)
 
 
@@ -231,7 +232,8 @@ class RetailEvents:
     - history: the customer's distinct items bought on days before d_n, most recent first (up to
       MAX_HISTORY); for each, k = the number of earlier days it was bought and Δ = days since;
     - cross[b, i] = (log1p k_bi, exp(−Δ_bi / RECENCY_DAYS), log1p(sales of i over the TREND_DAYS
-      days before d_b, all markets)), zeros for items not in the history;
+      days before d_b, all markets), log1p(sales of i over those days in the market of row b)),
+      the first two zero for items not in the history;
     - context[b] = (log1p |basket|, log1p |history|).
 
     ``basket_mask(batch)`` marks the other basket items [B, I] (they cannot be the missing item).
@@ -249,11 +251,14 @@ class RetailEvents:
         customers = rows["CustomerID"].to_numpy()
         self.num_items = catalog.num_items
         self.trend = self._trend(items, days, catalog.num_items)
+        market_of = {m: i for i, m in enumerate(catalog.markets)}
+        markets = rows["Country"].map(market_of).to_numpy()
+        self.market_day, self.market_trend_ids, self.market_trend_offsets, self.market_trend_values = \
+            self._market_trend(items, days, markets, catalog.num_items)
         basket_lists, history_lists, history_counts, history_ages = self._lists(
             items, days, customers, rows["Basket"].to_numpy())
         self.customer = torch.tensor([catalog.customers.get(int(c), 0) for c in customers], dtype=torch.int64)
-        market_of = {m: i for i, m in enumerate(catalog.markets)}
-        self.market = torch.tensor(rows["Country"].map(market_of).to_numpy(), dtype=torch.int64)
+        self.market = torch.tensor(markets, dtype=torch.int64)
         self.day = torch.from_numpy(days.astype(np.int64))
         self.labels = torch.from_numpy(items.astype(np.int64))
         self.basket_ids, self.basket_offsets = _csr(basket_lists)
@@ -267,8 +272,8 @@ class RetailEvents:
         """The events of the rows where ``mask`` [N] is true (sharing the trend table)."""
         index = torch.as_tensor(np.flatnonzero(np.asarray(mask)), dtype=torch.int64)
         out = copy.copy(self)
-        out.customer, out.market, out.day, out.labels, out.context = (
-            t[index] for t in (self.customer, self.market, self.day, self.labels, self.context))
+        out.customer, out.market, out.day, out.labels, out.context, out.market_day = (
+            t[index] for t in (self.customer, self.market, self.day, self.labels, self.context, self.market_day))
         out.basket_ids, out.basket_offsets = _gather_csr(self.basket_ids, self.basket_offsets, index)
         out.history_ids, out.history_offsets = _gather_csr(self.history_ids, self.history_offsets, index)
         out.history_counts = _gather_csr(self.history_counts, self.history_offsets, index)[0]
@@ -284,6 +289,31 @@ class RetailEvents:
         cumulative = np.cumsum(daily, axis=0)               # row d = sales on days < d
         lagged = np.concatenate([np.zeros((TREND_DAYS, num_items), np.float32), cumulative[:-TREND_DAYS]])[: num_days]
         return torch.from_numpy(np.log1p(cumulative[:num_days] - lagged))
+
+    @staticmethod
+    def _market_trend(items, days, markets, num_items):
+        """Per row, the id of its (market, day) pair [N]; per pair, the items sold in that market
+        over the TREND_DAYS days before that day as a CSR (ids, offsets [pairs + 1]) with their
+        log1p(sales) values (float32). Sparse: a small market sells few items in a month."""
+        pair_of_row = np.empty(len(items), dtype=np.int64)
+        ids, values, lengths = [], [], []
+        for market in np.unique(markets):
+            own = np.flatnonzero(markets == market)
+            event_days = np.unique(days[own])
+            horizon = int(event_days.max()) + 1
+            daily = np.zeros((horizon + 1, num_items), dtype=np.float32)
+            np.add.at(daily, (days[own] + 1, items[own]), 1.0)            # row d + 1 = sales on day d
+            cumulative = np.cumsum(daily, axis=0)                         # row d = sales on days < d
+            window = cumulative[event_days] - cumulative[np.maximum(event_days - TREND_DAYS, 0)]
+            pair_of_row[own] = len(lengths) + np.searchsorted(event_days, days[own])
+            for sales in window:
+                sold = np.flatnonzero(sales)
+                ids.append(sold)
+                values.append(np.log1p(sales[sold]))
+                lengths.append(len(sold))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return (torch.from_numpy(pair_of_row), torch.from_numpy(np.concatenate(ids).astype(np.int64)),
+                torch.from_numpy(offsets), torch.from_numpy(np.concatenate(values).astype(np.float32)))
 
     @staticmethod
     def _lists(items, days, customers, baskets):
@@ -334,6 +364,10 @@ class RetailEvents:
         cross[rows, ids, 0] = torch.log1p(counts)
         cross[rows, ids, 1] = torch.exp(-ages / RECENCY_DAYS)
         cross[:, :, 2] = self.trend[self.day[index]]
+        pair = self.market_day[index]
+        sold, sold_offsets = _gather_csr(self.market_trend_ids, self.market_trend_offsets, pair)
+        values = _gather_csr(self.market_trend_values, self.market_trend_offsets, pair)[0]
+        cross[torch.repeat_interleave(torch.arange(len(index)), torch.diff(sold_offsets)), sold, 3] = values
         return cross
 
     def batch(self, index: torch.Tensor) -> Batch:

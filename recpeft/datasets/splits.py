@@ -4,8 +4,8 @@
 t < v_s train, v_s ≤ t < c_s validate, t ≥ c_s test. The cuts c_s (test) and v_s (validation) are
 the given ``test_start`` / ``valid_start`` when set, else time quantiles of the segment's own rows:
 with the segment's n times sorted, t_(0) ≤ ... ≤ t_(n−1), c_s = t_(n − n_test) with
-n_test = max(1, round(n · test_fraction)), and v_s likewise takes the n_valid = round(n ·
-valid_fraction) latest rows (at least 1 when the fraction is > 0) of those before c_s. A row
+n_test = max(1, round(n · test_fraction)), and v_s likewise takes the n_valid = round(m ·
+valid_fraction) latest of the m rows before c_s (at least 1 when the fraction is > 0). A row
 at a cut goes to the later part, so all rows sharing one timestamp land in one part and the parts
 may be slightly larger than their fraction. Each segment keeps its own most recent rows as its
 test slice, so a small market's test data is its own recent past rather than the big market's.
@@ -46,12 +46,15 @@ class TimeSplit:
     cuts: dict[str, tuple[pd.Timestamp, pd.Timestamp]] = field(default_factory=dict)
 
 
-def _to_ns(value) -> int:
+def _to_ns(value, name: str = "cut") -> int:
     """A cut as int64 ns since the epoch: numbers are epoch seconds, anything else goes through
     ``pd.Timestamp`` (timezone-aware values are converted to UTC)."""
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
         return int(round(float(value) * 1e9))
-    stamp = pd.Timestamp(value)
+    try:
+        stamp = pd.Timestamp(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"split_by_time: {name} {value!r} is not a time: {exc}") from None
     if stamp.tzinfo is not None:
         stamp = stamp.tz_convert("UTC").tz_localize(None)
     return int(stamp.as_unit("ns").value)
@@ -83,7 +86,7 @@ def split_by_time(frame: pd.DataFrame, schema: Schema, *, test_start=None, valid
         test_start, valid_start: fixed cuts (date strings, Timestamps or epoch seconds) for every
             segment; None: per-segment quantiles from the fractions.
         test_fraction: share of each segment's rows for test, in (0, 1).
-        valid_fraction: share of each segment's rows for validation, in [0, 1).
+        valid_fraction: share of each segment's rows before its test cut for validation, in [0, 1).
 
     Raises ValueError naming the segment whose train or test part is empty.
     """
@@ -92,8 +95,8 @@ def split_by_time(frame: pd.DataFrame, schema: Schema, *, test_start=None, valid
     if not 0 < test_fraction < 1 or not 0 <= valid_fraction < 1 or test_fraction + valid_fraction >= 1:
         raise ValueError(f"split_by_time: need 0 < test_fraction < 1, 0 ≤ valid_fraction and a sum < 1; "
                          f"got test_fraction={test_fraction}, valid_fraction={valid_fraction}")
-    fixed_test = None if test_start is None else _to_ns(test_start)
-    fixed_valid = None if valid_start is None else _to_ns(valid_start)
+    fixed_test = None if test_start is None else _to_ns(test_start, "test_start")
+    fixed_valid = None if valid_start is None else _to_ns(valid_start, "valid_start")
     if fixed_test is not None and fixed_valid is not None and fixed_valid > fixed_test:
         raise ValueError(f"split_by_time: valid_start {valid_start!r} is after test_start {test_start!r}")
     times = _times_ns(frame, schema.timestamp, "split_by_time")
@@ -116,7 +119,7 @@ def split_by_time(frame: pd.DataFrame, schema: Schema, *, test_start=None, valid
         if fixed_valid is not None:
             valid_cut = min(fixed_valid, test_cut)
         else:
-            n_valid = max(1, round(n * valid_fraction)) if valid_fraction > 0 else 0
+            n_valid = max(1, round(len(before) * valid_fraction)) if valid_fraction > 0 else 0
             valid_cut = min(_latest_cut(before, n_valid), test_cut) if len(before) else test_cut
         part[rows] = np.where(t >= test_cut, 2, np.where(t >= valid_cut, 1, 0))
         counts = np.bincount(part[rows], minlength=3)
