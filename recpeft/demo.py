@@ -1,13 +1,14 @@
 """``recpeft demo``, the main job: personalise a pretrained click model per market on the embedded
 synthetic shop (data/README.md), LoRA against dense fine-tuning, with a report.
 
-1. Split every market by time (test from 2026-03-12, the last 15% of each market's earlier days
-   for early stopping) and pretrain a torchrec DLRM on every market's rows; the base is saved under
+1. Split every market by time (test from 2026-03-12; the latest 25% of each market's rows before
+   that are its validation rows) and pretrain a torchrec DLRM on every market's rows; the base is saved under
    ``<out>/base`` and reused by the next run unless ``fresh``.
 2. For each market but the base's own (the largest), train on the market's rows before the cut
    (a) a LoRA adapter (r=4 on the category, brand and price tables and on every MLP layer) and
-   (b) dense fine-tuning of every parameter with Adam; both early-stopped on the market's
-   validation rows; score base, LoRA and dense on the market's rows after the cut.
+   (b) dense fine-tuning of every parameter with AdamW; each method tries the same learning rates
+   and keeps the run with the best validation AUC, early-stopped on the market's validation rows;
+   score base, LoRA and dense on the market's rows after the cut.
 3. Save every adapter under ``<out>/adapters/<market>``, load the base with all of them and score
    a mixed batch routed by market in one pass; it must equal each market's merged model.
 4. Print a table, write ``<out>/report.json`` and ``<out>/report.png``; check the targets.
@@ -36,11 +37,12 @@ from .workflow import Method, Prepared, click_metrics, click_model_lora_targets,
 SHOP_SCHEMA = Schema(user="user", item="item", label="label", segment="market", timestamp="timestamp",
                      categorical=("category", "brand", "price_bucket"), dense=("price", "position"))
 TEST_START = "2026-03-12"
+VALID_FRACTION = 0.25  # of each market's rows before the cut: early stopping and the learning rate
 BASE_OPTIONS = {"embedding_dim": 64, "dense_arch": (32, 64), "over_arch": (64, 32)}
 PRETRAIN = TrainConfig(epochs=6, batch_size=1024, lr=1e-3, early_stopping_patience=1, desc="pretrain")
 FINETUNE = TrainConfig(epochs=10, batch_size=512)
 #: learning rates tried per method; the one with the best validation AUC is kept (never the test rows)
-LEARNING_RATES = {Method.LORA: (1e-3, 3e-3, 1e-2), Method.DENSE: (3e-4, 1e-3, 3e-3)}
+LEARNING_RATES = {Method.LORA: (1e-3, 3e-3, 1e-2), Method.DENSE: (1e-3, 3e-3, 1e-2)}
 #: the attribute tables and every MLP layer adapt; user and item tables stay as pretrained
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=click_model_lora_targets(
     SHOP_SCHEMA, len(BASE_OPTIONS["dense_arch"]), len(BASE_OPTIONS["over_arch"])))
@@ -133,7 +135,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, seed: int = 0, progress: bool
     out.mkdir(parents=True, exist_ok=True)  # fail at once, not after pretraining, when it cannot be made
     torch.manual_seed(seed)
     frame = load_shop()
-    data = prepare(frame, SHOP_SCHEMA, test_start=TEST_START, name="embedded shop")
+    data = prepare(frame, SHOP_SCHEMA, test_start=TEST_START, valid_fraction=VALID_FRACTION, name="embedded shop")
     sizes = frame[SHOP_SCHEMA.segment].value_counts()
     markets = markets or [m for m in data.segments if m != sizes.idxmax()]
     unknown = sorted(set(markets) - set(data.segments))
