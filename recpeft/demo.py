@@ -52,7 +52,9 @@ TARGETS = {"lora_minus_dense_auc_min": -0.002, "lift_over_base_auc_min": 0.01, "
 
 def _base_recipe(seed: int) -> dict:
     """What decides the base besides the data: a cached base is reused only if this matches."""
-    return json.loads(json.dumps({"seed": seed, "options": BASE_OPTIONS, "pretrain": PRETRAIN.to_dict()}))
+    recipe = {"seed": seed, "options": BASE_OPTIONS, "pretrain": PRETRAIN.to_dict(), "test_start": TEST_START,
+              "valid_fraction": VALID_FRACTION}
+    return json.loads(json.dumps(recipe))
 
 
 def _base(data: Prepared, out: Path, seed: int, progress: bool, fresh: bool):
