@@ -131,10 +131,12 @@ def brute_force_features(rows: pd.DataFrame, catalog: RetailCatalog, n: int) -> 
         count, last = history.get(item_of[d], (0, None))
         history[item_of[d]] = (count + 1, when if last is None else max(last, when))
     window = rows[(rows["Day"] < day) & (rows["Day"] >= day - pd.Timedelta(days=TREND_DAYS))]
-    trend = np.zeros(catalog.num_items)
-    for d in window["Description"]:
+    trend, market_trend = np.zeros(catalog.num_items), np.zeros(catalog.num_items)
+    for d, country in zip(window["Description"], window["Country"]):
         trend[item_of[d]] += 1
-    return {"basket": others, "history": history, "trend": np.log1p(trend), "day": day}
+        market_trend[item_of[d]] += country == row["Country"]
+    return {"basket": others, "history": history, "trend": np.log1p(trend), "market_trend": np.log1p(market_trend),
+            "day": day}
 
 
 def test_events_match_brute_force(frame):
@@ -161,6 +163,7 @@ def test_events_match_brute_force(frame):
             expected[i, 0] = math.log1p(count)
             expected[i, 1] = math.exp(-(truth["day"] - last).days / RECENCY_DAYS)
         expected[:, 2] = truth["trend"]
+        expected[:, 3] = truth["market_trend"]
         np.testing.assert_allclose(cross[b].double().numpy(), expected, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(context[b].tolist(), [math.log1p(len(truth["basket"])), math.log1p(len(truth["history"]))], rtol=1e-6)
         known = catalog.customers.get(int(rows.at[n, "CustomerID"]), 0)
@@ -245,3 +248,47 @@ def test_ranker_lora_trains_sparsely_and_merges(frame, tmp_path):
     assert stored == set(batch.args[0].tolist())
     merged = peft.merge_and_unload()
     torch.testing.assert_close(merged(*batch.args), after, rtol=1e-4, atol=1e-5)
+
+
+def benchmark_module():
+    """benchmarks/quality_online_retail.py, imported from its path (benchmarks/ is no package)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_online_retail.py"
+    spec = importlib.util.spec_from_file_location("quality_online_retail", path)
+    module = importlib.util.module_from_spec(spec)
+    import sys
+    sys.modules[spec.name] = module                      # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_loss_and_sampled_auc_match_their_formulas(frame):
+    bench = benchmark_module()
+    model, events = small_ranker(2, frame)
+    model.eval()
+    index = torch.randperm(len(events))[:10]
+    batch = bench.TrainingRows(events).batch(index)
+    weight, draws = float(np.random.default_rng().uniform(0.3, 2.0)), 7
+    torch.manual_seed(5)
+    got = bench.make_loss(weight, draws)(model, batch)
+    torch.manual_seed(5)
+    logits = model(*batch.args).detach().double()        # the same draws: the loss draws after the forward
+    negatives = torch.randint(logits.shape[1], (len(index), draws))
+    mask, history = batch.kwargs["basket_mask"], batch.args[-1][:, :, 0] > 0
+    ce, gaps, kept = 0.0, 0.0, 0
+    for b in range(len(index)):
+        t = int(batch.labels[b])
+        allowed = [i for i in range(logits.shape[1]) if not mask[b, i]]
+        ce += -(logits[b, t] - torch.logsumexp(logits[b, allowed], 0)) / len(index)
+        for n in negatives[b].tolist():
+            if n != t and not mask[b, n] and not history[b, n]:
+                gaps, kept = gaps + math.log1p(math.exp(logits[b, n] - logits[b, t])), kept + 1
+    assert got.item() == pytest.approx(float(ce) + weight * gaps / max(kept, 1), rel=1e-4)
+    # sampled AUC: the share of (purchase, negative) pairs ordered right, all rows pooled, ties half
+    scores = torch.randn(6, 20).round(decimals=1)
+    targets, sampled = torch.randint(20, (6,)), torch.randint(20, (6, 3))
+    pos = [float(scores[r, targets[r]]) for r in range(6)]
+    neg = [float(scores[r, j]) for r in range(6) for j in sampled[r].tolist()]
+    pairs = [1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg]
+    assert bench.sampled_auc(scores, targets, sampled) == pytest.approx(sum(pairs) / len(pairs))

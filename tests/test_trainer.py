@@ -314,6 +314,7 @@ def test_config_json_round_trip():
     ({"min_lr_ratio": -0.1}, "min_lr_ratio"), ({"clip_grad_norm": 0.0}, "clip_grad_norm"),
     ({"early_stopping_patience": 0}, "early_stopping_patience"),
     ({"checkpoint_every_steps": 0}, "checkpoint_every_steps"), ({"amp": "yes"}, "amp"), ({"seed": -1}, "seed"),
+    ({"keep_initial": 1}, "keep_initial"),
 ])
 def test_bad_config_names_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -340,3 +341,53 @@ def test_errors():
     one_class = TensorBatches(*data.features, labels=torch.ones(40))
     with pytest.raises(ValueError, match="NaN"):
         Trainer(dense_model(), quiet(epochs=1)).fit(data, one_class)
+
+
+# ---- keep_initial ---------------------------------------------------------------------------
+
+def test_keep_initial_restores_starting_weights_when_no_epoch_beats_them():
+    data, valid = click_data(100, seed=5), click_data(50, seed=6)
+    sequence = iter([0.80, 0.60, 0.70, 0.75])          # the start (epoch -1) is the best
+    model = dense_model(seed=int(torch.randint(1000, ()).item()))
+    start = params_of(model)
+    report = Trainer(model, quiet(epochs=4, early_stopping_patience=2, keep_initial=True),
+                     metric_fn=lambda m, s: next(sequence)).fit(data, valid)
+    assert report.best_epoch == -1 and report.best_metric == 0.80 and report.stopped_early
+    assert report.epochs_run == 2 and [h["valid_metric"] for h in report.history] == [0.60, 0.70]
+    assert all(torch.equal(p, start[n]) for n, p in params_of(model).items())
+    # without the option the same run keeps epoch 1, which changed the weights
+    sequence = iter([0.60, 0.70, 0.65, 0.62])
+    plain = dense_model(seed=3)
+    start = params_of(plain)
+    report = Trainer(plain, quiet(epochs=4, early_stopping_patience=2),
+                     metric_fn=lambda m, s: next(sequence)).fit(data, valid)
+    assert report.best_epoch == 1 and any(not torch.equal(p, start[n]) for n, p in params_of(plain).items())
+
+
+def test_keep_initial_yields_to_a_better_epoch_and_resumes_bit_for_bit(tmp_path):
+    torch.set_num_threads(1)
+    train, valid = click_data(100, seed=8), click_data(60, seed=9)
+    settings = dict(epochs=3, checkpoint_every_steps=3, early_stopping_patience=2, keep_initial=True)
+    calls = []
+
+    def metric_fn(model, source):                      # the real AUC, each call recorded
+        calls.append(auc(predict(model, source), source.labels))
+        return calls[-1]
+
+    whole = lora_model()
+    expected = Trainer(whole, quiet(checkpoint_dir=str(tmp_path / "whole"), **settings),
+                       metric_fn=metric_fn).fit(train, valid)
+    assert len(calls) == 1 + expected.epochs_run   # the start, then every epoch
+    assert expected.best_metric == max(calls)
+    assert expected.best_epoch == calls.index(max(calls)) - 1
+    config = quiet(checkpoint_dir=str(tmp_path / "cut"), **settings)
+    with pytest.raises(_Stop):
+        Trainer(lora_model(), config, loss_fn=_stopping_loss(5), metric_fn=metric_fn).fit(train, valid)
+    calls.clear()
+    resumed_model = lora_model()
+    resumed = Trainer(resumed_model, config, metric_fn=metric_fn).fit(train, valid)
+    assert len(calls) == expected.epochs_run - 1       # the start is not evaluated again
+    assert (resumed.best_epoch, resumed.best_metric, resumed.history) == \
+        (expected.best_epoch, expected.best_metric, expected.history)
+    reference = params_of(whole)
+    assert all(torch.equal(p, reference[n]) for n, p in params_of(resumed_model).items())
