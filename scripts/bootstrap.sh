@@ -127,7 +127,7 @@ fi
 
 # --- the rest of the stack, then the project itself ---------------------------
 pipi -c "$CONSTRAINTS" "numpy" "pandas>=2.0" "pyarrow>=14" "safetensors>=0.4" \
-    "tqdm>=4.60" "matplotlib>=3.7" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6"
+    "tqdm>=4.60" "matplotlib>=3.7" "openpyxl>=3.1" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6"
 # Default (finder-based) editable mode: it maps recpeft.kernels -> kernels/.
 # editable_mode=compat would NOT (it only adds the repo root to sys.path).
 # An editable install made while recpeft/__init__.py is missing registers
@@ -140,7 +140,7 @@ pipi -c "$CONSTRAINTS" -e . --no-deps
 did+=("installed deps + recpeft (editable)")
 
 # --- verify --------------------------------------------------------------------
-check='import torch, triton, numpy, pandas, pyarrow, safetensors, tqdm, matplotlib, pytest, recpeft.kernels'
+check='import torch, triton, numpy, pandas, pyarrow, safetensors, tqdm, matplotlib, openpyxl, pytest, recpeft.kernels'
 if [[ $HAVE_TORCHREC == 1 ]]; then
     check+='; import fbgemm_gpu, torchrec; from torchrec.modules.embedding_modules import EmbeddingBagCollection'
 fi

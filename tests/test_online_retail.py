@@ -89,13 +89,16 @@ def test_load_errors_name_file_column_and_row(tmp_path, frame):
         load_online_retail(tmp_path / "retail.json")
 
 
-def test_xlsx_needs_openpyxl(tmp_path):
-    pytest.importorskip("pandas")
-    try:
-        import openpyxl  # noqa: F401
-        pytest.skip("openpyxl is installed")
-    except ImportError:
-        pass
+def test_xlsx_reads_like_csv(tmp_path, frame):
+    """The original UCI file is .xlsx: it loads to the same table as a CSV export of it."""
+    frame.to_excel(tmp_path / "Online Retail.xlsx", index=False)
+    frame.to_csv(tmp_path / "retail.csv", index=False)
+    pd.testing.assert_frame_equal(load_online_retail(tmp_path / "Online Retail.xlsx"),
+                                  load_online_retail(tmp_path / "retail.csv"), check_dtype=False)
+
+
+def test_xlsx_without_openpyxl_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "openpyxl", None)  # as if it were not installed
     path = tmp_path / "Online Retail.xlsx"
     path.write_bytes(b"PK")
     with pytest.raises(ImportError, match="openpyxl"):
