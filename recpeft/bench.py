@@ -19,8 +19,9 @@ smaller tables draw uniformly. Dense features ~ N(0, 1) [B, num_dense]; labels ~
 Step t uses batch t mod ``NUM_BATCHES``.
 
 Variants. One step = forward, mean BCE of the logits [B] against the labels, backward, optimizer
-step, gradients cleared (set to None). Both variants take their optimizers from
-:class:`recpeft.train.Trainer` (lr ``LR``, no weight decay, no clipping):
+step, gradients cleared (set to None). Both variants take the optimizers
+:class:`recpeft.train.Trainer` builds, from :func:`recpeft.train.build_optimizers` (lr ``LR``, no
+weight decay, no clipping):
 
     dense   every parameter trainable; torch AdamW (foreach) on all of them — the tables get dense
             V × D gradients and two V × D moment tensors each (dense fine-tuning with Adam)
@@ -83,7 +84,7 @@ from .demo import BASE_OPTIONS, LORA, SHOP_SCHEMA
 from .workflow import default_lora_targets
 from .models.dlrm import ClickDLRM, build_click_model, single_id_kjt
 from .peft_model import get_peft_model
-from .train import TrainConfig, Trainer, bce_loss
+from .train import bce_loss, build_optimizers
 
 #: production-size tables for the shop schema's features (shop vocabularies + 1 oov row for the small ones)
 DEFAULT_ROWS = {"user": 2_000_000, "item": 500_000, "category": 25, "brand": 151, "price_bucket": 11}
@@ -217,9 +218,7 @@ def prepare_variant(name: str, base: nn.Module, lora_config: LoraConfig, lr: flo
                              f"whose target_modules exist in it") from None
     else:
         raise ValueError(f"unknown variant {name!r}; variants: {list(VARIANTS)}")
-    trainer = Trainer(model, TrainConfig(lr=lr, weight_decay=0.0, clip_grad_norm=None, amp=False, progress=False))
-    trainer._build_optimizers()
-    return model, trainer.optimizers
+    return model, build_optimizers(model, lr, weight_decay=0.0)
 
 
 def train_step(model: nn.Module, optimizers, batch: Batch) -> float:

@@ -8,27 +8,21 @@ The loop optimizes the model's trainable parameters (``requires_grad``) on mini-
     lr_t  = lr · f(t)                       f: warmup + constant/cosine (:mod:`recpeft.schedules`)
     AdamW step with lr_t and decoupled weight decay λ
 
-Optimizers. Parameters that get sparse gradients (rows of a batch's ids only) go to
-:class:`~recpeft.optim.LoraAdamW` (lazy Adam on the touched rows); all others to
-``torch.optim.AdamW(foreach=True)``. The split is structural, decided before the first step, so a
-checkpoint always matches it: the ``lora_A`` tables of recpeft's embedding adapters
-(:class:`~recpeft.layers.table.LoraTableLayer`) and the weight of every ``nn.Embedding`` /
-``nn.EmbeddingBag`` built with ``sparse=True`` (which covers torchrec's unsharded collections and
-their adapter collections). A sparse gradient on any other parameter raises a TypeError naming it.
+Optimizers and clipping: :mod:`recpeft.train_optimizers` (sparse-gradient parameters go to
+:class:`~recpeft.optim.LoraAdamW`, the rest to ``torch.optim.AdamW``). A sparse gradient on any
+other parameter raises a TypeError naming it.
 
-Epochs. Epoch e visits the rows in the order ``torch.randperm(N, generator=seed_for(seed, e))``,
-so a resumed run regenerates it. After each epoch the validation metric (default AUC) decides
-early stopping: ``early_stopping_patience`` epochs in a row without improving on the best ends
-training, and the best epoch's trainable parameters and buffers are restored at the end. With
-``keep_initial`` the starting weights are evaluated first, as epoch −1, and compete with the
-epochs: a run where no epoch beats them ends with the model unchanged (``best_epoch == -1``).
+Epochs. Epoch e visits the rows in the order :func:`epoch_order` (``torch.randperm(N)`` from a
+generator seeded by (seed, e)), so a resumed run regenerates it. After each epoch the validation
+metric (default AUC) decides early stopping: ``early_stopping_patience`` epochs in a row without
+improving on the best ends training, and the best epoch's trainable parameters and buffers are
+restored at the end. With ``keep_initial`` the starting weights are evaluated first, as epoch −1,
+and compete with the epochs: a run where no epoch beats them ends with the model unchanged
+(``best_epoch == -1``).
 
-Checkpoints. With ``checkpoint_dir`` set, the trainer writes ``step-<global step>.pt`` (atomically)
-every ``checkpoint_every_steps`` steps and at each epoch end, and deletes the older ones. A file
-holds the trainable parameters and buffers, both optimizers, the run state (epoch, step in the
-epoch, the epoch's running loss, best metric and its weights, patience counter, history) and the
-torch RNG states (dropout). ``fit(resume=True)`` continues from the latest file; the resumed run
-ends bit for bit where an uninterrupted one ends (same device, same threads).
+Checkpoints and resume: :mod:`recpeft.train_state`. Settings and report:
+:mod:`recpeft.train_config`; memory accounting: :mod:`recpeft.train_memory`. Everything they
+define that was public here is still importable from ``recpeft.train``.
 
 Example::
 
@@ -39,12 +33,8 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -53,227 +43,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batch import Batch, BatchSource, TensorBatches
-from .io import atomic_path
-from .layers.table import LoraTableLayer
 from .metrics import auc
-from .optim import LoraAdamW
-from .schedules import LRSchedule, Schedule, warmup_steps_for
+from .schedules import LRSchedule, warmup_steps_for
+from .train_config import FitReport, TrainConfig
+from .train_memory import training_state_bytes
+from .train_optimizers import (build_optimizers, clip_grad_norm, set_lr, sparse_gradient_parameters,
+                               split_by_gradient_kind)
+from .train_state import (CHECKPOINT_FORMAT, RunState, latest_checkpoint, load_checkpoint, load_trainable_state,
+                          save_checkpoint, trainable_state)
 
-CHECKPOINT_FORMAT = 1
-_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
-# Config fields a resumed run may change: they do not alter the trajectory.
-_RESUME_FREE_FIELDS = {"progress", "desc", "checkpoint_dir", "checkpoint_every_steps"}
-
-
-# ---- configuration and report ---------------------------------------------------------------
-
-@dataclass
-class TrainConfig:
-    """Settings of a :class:`Trainer` run.
-
-    Args:
-        epochs: passes over the training rows (≥ 1).
-        batch_size: rows per optimizer step (≥ 1); the last batch of an epoch may be smaller.
-        lr: peak learning rate (> 0).
-        weight_decay: decoupled weight decay λ (≥ 0) of AdamW.
-        warmup_fraction: W = ⌊warmup_fraction · T⌋ linear-warmup steps of the T planned ones, in [0, 1].
-        schedule: after warmup, ``constant`` or ``cosine`` down to ``min_lr_ratio · lr``.
-        min_lr_ratio: cosine floor in [0, 1].
-        clip_grad_norm: max global L2 norm of the gradients (> 0), or None for no clipping.
-        early_stopping_patience: epochs without improvement of the validation metric before
-            stopping (≥ 1), or None to run every epoch; the best epoch's weights are restored
-            whenever a validation source is given.
-        keep_initial: evaluate the starting weights before training (epoch −1 of the best-epoch
-            choice, not in ``history``); if no epoch improves on them they are restored. Needs a
-            validation source to have any effect.
-        seed: seeds the torch RNG at the start of a fresh run and every epoch's row order.
-        amp: bf16 autocast of the forward pass on CUDA; ignored elsewhere.
-        eval_batch_size: rows per forward pass in evaluation (≥ 1).
-        checkpoint_dir: folder for checkpoints, or None for none.
-        checkpoint_every_steps: also checkpoint every this many optimizer steps (≥ 1), or None.
-        progress: show a tqdm bar of trained samples.
-        desc: the bar's label.
-    """
-
-    epochs: int = 3
-    batch_size: int = 512
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.05
-    schedule: Schedule = Schedule.COSINE
-    min_lr_ratio: float = 0.0
-    clip_grad_norm: float | None = 1.0
-    early_stopping_patience: int | None = 2
-    keep_initial: bool = False
-    seed: int = 0
-    amp: bool = True
-    eval_batch_size: int = 8192
-    checkpoint_dir: str | None = None
-    checkpoint_every_steps: int | None = None
-    progress: bool = True
-    desc: str = "train"
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("seed", self.seed, minimum=0)
-        for name in ("early_stopping_patience", "checkpoint_every_steps"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be a positive finite number, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
-            raise ValueError(f"TrainConfig.weight_decay must be a finite number ≥ 0, got {self.weight_decay!r}")
-        for name in ("warmup_fraction", "min_lr_ratio"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise ValueError(f"TrainConfig.{name} must be in [0, 1], got {value!r}")
-        if self.clip_grad_norm is not None and not (
-                isinstance(self.clip_grad_norm, (int, float)) and 0 < self.clip_grad_norm < math.inf):
-            raise ValueError(f"TrainConfig.clip_grad_norm must be a positive finite number or None, "
-                             f"got {self.clip_grad_norm!r}")
-        try:
-            self.schedule = Schedule(self.schedule)
-        except ValueError:
-            raise ValueError(f"TrainConfig.schedule must be one of {[s.value for s in Schedule]}, "
-                             f"got {self.schedule!r}") from None
-        for name in ("amp", "progress", "keep_initial"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        if self.checkpoint_dir is not None:
-            self.checkpoint_dir = str(self.checkpoint_dir)
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["schedule"] = self.schedule.value
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "TrainConfig") -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown TrainConfig keys {unknown}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str, source: str = "TrainConfig JSON") -> "TrainConfig":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{source} must hold a JSON object")
-        return cls.from_dict(data, source)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"TrainConfig.{name} must be an integer ≥ {minimum}, got {value!r}")
-
-
-@dataclass
-class FitReport:
-    """What a :meth:`Trainer.fit` call did.
-
-    ``epochs_run``, ``steps``, ``samples``, ``final_loss`` and ``history`` cover the whole run,
-    including the part before a resumed checkpoint (``resumed_from_step`` > 0). ``seconds`` is this
-    call's wall time; ``samples_per_second`` is the samples this call trained over the seconds it
-    spent in training steps (building and moving the batch, forward, backward, clipping,
-    optimizer), evaluation and checkpoint writes excluded. ``history`` holds one dict per epoch:
-    epoch, train_loss (row-weighted mean of the batch losses), valid_metric (None without a
-    validation source), lr (at the epoch's last step). ``best_epoch`` is −1 when ``keep_initial``
-    kept the starting weights (``best_metric`` is then their metric). Memory: see :func:`training_state_bytes`;
-    ``peak_memory_bytes`` is CUDA's ``max_memory_allocated`` during the call minus the allocation
-    at its start (None on CPU).
-    """
-
-    epochs_run: int
-    steps: int
-    samples: int
-    seconds: float
-    samples_per_second: float
-    final_loss: float
-    best_metric: float | None
-    best_epoch: int | None
-    stopped_early: bool
-    history: list[dict] = field(default_factory=list)
-    resumed_from_step: int = 0
-    training_state_bytes: int = 0
-    peak_memory_bytes: int | None = None
-
-
-# ---- gradient and memory helpers ------------------------------------------------------------
-
-def sparse_gradient_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of ``model`` whose gradients are sparse: the ``lora_A`` tables of recpeft's
-    embedding adapters and the weights of ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``."""
-    found: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        if isinstance(module, LoraTableLayer):
-            found.update((id(p), p) for p in module.lora_A.values())
-        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
-            found[id(module.weight)] = module.weight
-    return list(found.values())
-
-
-@torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float) -> float:
-    """Scale every gradient by min(1, max_norm / (‖g‖₂ + 1e-6)) where ‖g‖₂ is the L2 norm of all
-    gradients together, dense and sparse (``torch.nn.utils.clip_grad_norm_`` refuses sparse ones).
-    A sparse gradient is coalesced first (duplicate rows summed), so its norm is the norm of the
-    dense gradient it stands for; ``p.grad`` is replaced by the coalesced, scaled tensor.
-    Returns ‖g‖₂ before clipping (float, computed in float32 or wider)."""
-    grads = []
-    for p in parameters:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()
-            grads.append(p.grad._values())
-        else:
-            grads.append(p.grad)
-    if not grads:
-        return 0.0
-    squares = torch.stack([g.detach().float().pow(2).sum().to(grads[0].device) for g in grads])
-    total = float(squares.sum().sqrt())
-    coefficient = max_norm / (total + 1e-6)
-    if coefficient < 1.0:
-        for g in grads:
-            g.mul_(coefficient)
-    return total
-
-
-def _storage_bytes(tensors, seen: set) -> int:
-    total = 0
-    for t in tensors:
-        parts = (t._indices(), t._values()) if t.is_sparse else (t,)
-        for part in parts:
-            storage = part.untyped_storage()
-            key = (storage.data_ptr(), part.device)
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
-    return total
-
-
-def training_state_bytes(model: nn.Module, optimizers) -> int:
-    """Bytes of the training state: every parameter of ``model`` (trainable and frozen), every
-    parameter's ``.grad`` (a sparse one as its indices plus values), and every tensor in the
-    optimizers' state (AdamW/LoraAdamW: exp_avg, exp_avg_sq, step). Each storage counts once,
-    whole (a view counts its full storage). Not counted: buffers, activations, input batches,
-    the allocator's slack — it estimates the state the optimizer choice decides, not a peak."""
-    seen: set = set()
-    params = list(model.parameters())
-    total = _storage_bytes(params, seen)
-    total += _storage_bytes([p.grad for p in params if p.grad is not None], seen)
-    for optimizer in optimizers:
-        for state in optimizer.state.values():
-            total += _storage_bytes([v for v in state.values() if isinstance(v, torch.Tensor)], seen)
-    return total
+__all__ = [
+    "CHECKPOINT_FORMAT", "FitReport", "TrainConfig", "Trainer", "auc_metric", "bce_loss", "build_optimizers",
+    "clip_grad_norm", "epoch_order", "predict", "sparse_gradient_parameters", "training_state_bytes",
+]
 
 
 def epoch_order(rows: int, seed: int, epoch: int) -> torch.Tensor:
@@ -281,6 +63,7 @@ def epoch_order(rows: int, seed: int, epoch: int) -> torch.Tensor:
     (seed, epoch), int64 [rows]."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(rows, generator=generator)
+
 
 
 # ---- prediction -------------------------------------------------------------------------------
@@ -323,7 +106,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-# ---- the trainer ------------------------------------------------------------------------------
+# ---- the default loss and metric ---------------------------------------------------------------
 
 def bce_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean binary cross-entropy of the logits ``model(*batch.args, **batch.kwargs)`` [B] (or any
@@ -343,24 +126,7 @@ def auc_metric(model: nn.Module, source: BatchSource, batch_size: int = 8192) ->
     return auc(predict(model, source, batch_size), labels)
 
 
-@dataclass
-class _RunState:
-    """Where a run stands; everything here goes into a checkpoint."""
-
-    epoch: int = 0  # the epoch being run (== epochs when done)
-    step_in_epoch: int = 0  # optimizer steps done in that epoch
-    global_step: int = 0
-    samples: int = 0
-    loss_sum: float = 0.0  # Σ loss·rows over the epoch's steps so far
-    loss_rows: int = 0
-    last_loss: float = float("nan")
-    last_lr: float = float("nan")
-    best_metric: float | None = None
-    best_epoch: int | None = None
-    bad_epochs: int = 0
-    stopped_early: bool = False
-    history: list = field(default_factory=list)
-
+# ---- the trainer ------------------------------------------------------------------------------
 
 class Trainer:
     """Trains ``model``'s trainable parameters with :class:`TrainConfig` (see the module docstring).
@@ -400,26 +166,15 @@ class Trainer:
     # ---- optimizers ----------------------------------------------------------------------
 
     def _build_optimizers(self) -> None:
-        sparse_ids = {id(p) for p in sparse_gradient_parameters(self.model)}
-        self._dense_params = [(n, p) for n, p in self.trainable if id(p) not in sparse_ids]
-        sparse = [p for _, p in self.trainable if id(p) in sparse_ids]
-        decay, lr = self.config.weight_decay, self.config.lr
-        self.optimizers = []
-        if self._dense_params:
-            self.optimizers.append(torch.optim.AdamW([p for _, p in self._dense_params], lr=lr,
-                                                     weight_decay=decay, foreach=True))
-        if sparse:
-            self.optimizers.append(LoraAdamW(sparse, lr=lr, weight_decay=decay))
-
-    def _set_lr(self, lr: float) -> None:
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        """Fresh optimizers for the trainable parameters (:func:`build_optimizers`)."""
+        self._dense_params, _ = split_by_gradient_kind(self.model, self.trainable)
+        self.optimizers = build_optimizers(self.model, self.config.lr, self.config.weight_decay,
+                                           named_parameters=self.trainable)
 
     # ---- one step ------------------------------------------------------------------------
 
     def _step(self, batch: Batch, lr: float, check_sparse: bool) -> float:
-        self._set_lr(lr)
+        set_lr(self.optimizers, lr)
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
@@ -466,79 +221,15 @@ class Trainer:
             return True
         return metric > best if self.metric_mode == "max" else metric < best
 
-    # ---- model state -----------------------------------------------------------------------
-
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        """CPU copies of the trainable parameters and of every buffer, by name (on the CPU so
-        that the best-weights snapshot adds nothing to device memory)."""
-        state = {n: p.detach().to("cpu", copy=True) for n, p in self.trainable}
-        state.update({f"buffer:{n}": b.detach().to("cpu", copy=True) for n, b in self.model.named_buffers()})
-        return state
-
-    @torch.no_grad()
-    def _load_trainable_state(self, state: dict[str, torch.Tensor], source: str) -> None:
-        targets = {n: p for n, p in self.trainable}
-        targets.update({f"buffer:{n}": b for n, b in self.model.named_buffers()})
-        if set(state) != set(targets):
-            missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
-            raise ValueError(f"{source} does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
-        for name, tensor in state.items():
-            if tensor.shape != targets[name].shape:
-                raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)} but the model's is "
-                                 f"{tuple(targets[name].shape)}")
-            targets[name].copy_(tensor)
-
-    # ---- checkpoints -----------------------------------------------------------------------
+    # ---- model state and checkpoints ----------------------------------------------------------
 
     def latest_checkpoint(self) -> Path | None:
         """The checkpoint with the highest step in ``config.checkpoint_dir``, or None."""
-        if self.config.checkpoint_dir is None or not Path(self.config.checkpoint_dir).is_dir():
-            return None
-        found = [(int(m.group(1)), p) for p in Path(self.config.checkpoint_dir).iterdir()
-                 if (m := _CHECKPOINT_NAME.match(p.name))]
-        return max(found)[1] if found else None
+        return latest_checkpoint(self.config.checkpoint_dir)
 
-    def _save_checkpoint(self, run: _RunState, best_state: dict | None, rows: int) -> None:
-        folder = Path(self.config.checkpoint_dir)
-        path = folder / f"step-{run.global_step:09d}.pt"
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.config.to_dict(),
-            "train_rows": rows,
-            "run": dataclasses.asdict(run),
-            "model": self._trainable_state(),
-            "best_model": best_state,
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-        for old in folder.iterdir():
-            if _CHECKPOINT_NAME.match(old.name) and old != path:
-                old.unlink(missing_ok=True)
-
-    def _load_checkpoint(self, path: Path, rows: int) -> tuple[_RunState, dict | None]:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: checkpoint format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-        saved = payload["config"]
-        for key, value in self.config.to_dict().items():
-            if key not in _RESUME_FREE_FIELDS and saved.get(key) != value:
-                raise ValueError(f"{path} was written with {key}={saved.get(key)!r} but this run has "
-                                 f"{key}={value!r}; use another checkpoint_dir or resume=False")
-        if payload["train_rows"] != rows:
-            raise ValueError(f"{path} was written for {payload['train_rows']} training rows but the source has {rows}")
-        self._load_trainable_state(payload["model"], str(path))
-        if len(payload["optimizers"]) != len(self.optimizers):
-            raise ValueError(f"{path} holds {len(payload['optimizers'])} optimizer states, this model needs "
-                             f"{len(self.optimizers)}")
-        for optimizer, state in zip(self.optimizers, payload["optimizers"]):
-            optimizer.load_state_dict(state)
-        torch.set_rng_state(payload["rng"].cpu())
-        if payload["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in payload["cuda_rng"]])
-        return _RunState(**payload["run"]), payload["best_model"]
+    def _save_checkpoint(self, run: RunState, best_state: dict | None, rows: int) -> None:
+        save_checkpoint(self.config.checkpoint_dir, self.config, rows, run, self.model, self.trainable, best_state,
+                        self.optimizers)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -557,14 +248,15 @@ class Trainer:
         schedule = LRSchedule(total_steps, warmup_steps_for(total_steps, config.warmup_fraction),
                               config.schedule, config.min_lr_ratio)
         self._build_optimizers()
-        run, best_state = _RunState(), None
+        run, best_state = RunState(), None
         torch.manual_seed(config.seed)
         checkpoint = self.latest_checkpoint() if resume else None
         if checkpoint is not None:
-            run, best_state = self._load_checkpoint(checkpoint, rows)
+            run, best_state = load_checkpoint(checkpoint, config, rows, self.model, self.trainable,
+                                               self.optimizers)
         elif config.keep_initial and valid is not None:   # a fresh run: the starting weights are epoch -1
             run.best_metric, run.best_epoch = self._checked_metric(valid, "before training"), -1
-            best_state = self._trainable_state()
+            best_state = trainable_state(self.model, self.trainable)
         resumed_from, samples_before = run.global_step, run.samples
         cuda = self.device.type == "cuda"
         if cuda:
@@ -601,7 +293,7 @@ class Trainer:
                 if config.checkpoint_dir:
                     self._save_checkpoint(run, best_state, rows)
         if best_state is not None:
-            self._load_trainable_state(best_state, "the best epoch's weights")
+            load_trainable_state(self.model, self.trainable, best_state, "the best epoch's weights")
         self.model.eval()
         seconds = time.perf_counter() - start
         return FitReport(
@@ -613,7 +305,7 @@ class Trainer:
             peak_memory_bytes=(torch.cuda.max_memory_allocated(self.device) - memory_at_start) if cuda else None,
         )
 
-    def _end_epoch(self, run: _RunState, valid: BatchSource | None, best_state: dict | None) -> dict | None:
+    def _end_epoch(self, run: RunState, valid: BatchSource | None, best_state: dict | None) -> dict | None:
         """Record the epoch in the history, evaluate, update the best weights and the patience
         counter, advance to the next epoch. Returns the best weights so far."""
         metric = None
@@ -621,7 +313,7 @@ class Trainer:
             metric = self._checked_metric(valid, f"after epoch {run.epoch}")
             if self._improves(metric, run.best_metric):
                 run.best_metric, run.best_epoch, run.bad_epochs = metric, run.epoch, 0
-                best_state = self._trainable_state()
+                best_state = trainable_state(self.model, self.trainable)
             else:
                 run.bad_epochs += 1
                 patience = self.config.early_stopping_patience
