@@ -14,7 +14,7 @@ from recpeft.batch import TensorBatches
 from recpeft.metrics import auc
 from recpeft.optim import LoraAdamW
 from recpeft.schedules import LRSchedule, Schedule, warmup_steps_for
-from recpeft.train import (FitReport, Trainer, TrainConfig, clip_grad_norm, epoch_order, predict,
+from recpeft.train import (FitReport, Trainer, TrainConfig, build_optimizers, clip_grad_norm, epoch_order, predict,
                            sparse_gradient_parameters, training_state_bytes)
 
 USERS, ITEMS, DIM = 40, 30, 6
@@ -140,18 +140,23 @@ def test_clip_grad_norm_with_sparse_gradients(max_norm):
 
 def test_sparse_parameters_go_to_lora_adamw():
     model = lora_model()
-    trainer = Trainer(model, quiet())
-    trainer._build_optimizers()
+    optimizers = build_optimizers(model, lr=1e-3, weight_decay=0.01)
     sparse = {id(p) for p in sparse_gradient_parameters(model)}
     expected = {id(model.base_model.item.lora_A["default"])}
     assert sparse == expected
-    kinds = {type(o): {id(p) for g in o.param_groups for p in g["params"]} for o in trainer.optimizers}
+    kinds = {type(o): {id(p) for g in o.param_groups for p in g["params"]} for o in optimizers}
+    assert all(g["lr"] == 1e-3 and g["weight_decay"] == 0.01 for o in optimizers for g in o.param_groups)
     assert kinds[LoraAdamW] == expected
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert kinds[torch.optim.AdamW] == trainable - expected
     dense = dense_model()
     dense.user.sparse = True
     assert {id(p) for p in sparse_gradient_parameters(dense)} == {id(dense.user.weight)}
+    with pytest.raises(ValueError, match="lr must be"):
+        build_optimizers(model, lr=0.0)
+    frozen = dense_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizers(frozen, lr=1e-3)
 
 
 # ---- training ---------------------------------------------------------------------------
