@@ -164,15 +164,21 @@ def prepare(path: Path, settings: Settings, split: pd.Timestamp = SPLIT, end: pd
         return ScoredRows(events.select(mask), negatives)
 
     late = valid_mask(rows, before, settings.base_valid_fraction)
-    base = Split(events.select(before & ~late), scored(late))
-    markets = {}
+    market_late = {}
     for market in MARKETS:
         own = (rows["Country"] == market).to_numpy()
         if not (own & before).any() or not (own & ~before).any():
             raise ValueError(f"{path}: column 'Country' has no rows for market {market!r} before and after {split.date()}")
-        market_late = valid_mask(rows, own & before, settings.valid_fraction)
+        market_late[market] = valid_mask(rows, own & before, settings.valid_fraction)
+    # the base never trains on a market's validation rows: fine-tuning keeps the base (keep_initial)
+    # only when it beats the adapter on rows neither has trained on
+    held_out = late | np.logical_or.reduce(list(market_late.values()))
+    base = Split(events.select(before & ~held_out), scored(late))
+    markets = {}
+    for market in MARKETS:
+        own = (rows["Country"] == market).to_numpy()
         test_select = own & ~before
-        markets[market] = Split(events.select(own & before & ~market_late), scored(market_late),
+        markets[market] = Split(events.select(own & before & ~market_late[market]), scored(market_late[market]),
                                 events.select(test_select), test_customers=customers[test_select])
     return rows, catalog, base, markets
 

@@ -174,9 +174,11 @@ class RetailCatalog:
 
     @classmethod
     def build(cls, rows: pd.DataFrame, fit_mask: np.ndarray) -> "RetailCatalog":
-        """Catalog of every product and market in ``rows`` (``purchases`` output); customer ids
-        and popularity come from the rows where ``fit_mask`` is true only (the training rows),
-        so a model never holds an embedding for a customer it could not have trained."""
+        """Catalog of every product and market in ``rows`` (``purchases`` output); customer ids,
+        popularity and prices come from the rows where ``fit_mask`` is true only (the training
+        rows), so a model never holds an embedding for a customer it could not have trained and
+        no feature carries later sales. A product first sold after the fitting rows takes the
+        median of its own prices: its list price, which the shop knows when it lists it."""
         products = sorted(rows["Description"].unique())
         item_of = {p: i for i, p in enumerate(products)}
         fit = rows.loc[fit_mask]
@@ -188,7 +190,9 @@ class RetailCatalog:
                 ids.append(vocabulary.setdefault(word, len(vocabulary)))
             offsets.append(len(ids))
         items = rows["Description"].map(item_of).to_numpy()
-        price = pd.Series(rows["UnitPrice"].to_numpy()).groupby(items).median().reindex(range(len(products)))
+        all_prices = pd.Series(rows["UnitPrice"].to_numpy()).groupby(items).median().reindex(range(len(products)))
+        fit_prices = pd.Series(fit["UnitPrice"].to_numpy()).groupby(items[fit_mask]).median()
+        price = fit_prices.reindex(range(len(products))).fillna(all_prices)
         popularity = np.bincount(fit["Description"].map(item_of).to_numpy(), minlength=len(products))
         dense = np.stack([np.log(price.to_numpy()), np.log1p(popularity)], axis=1)
         return cls(products, customers, sorted(rows["Country"].unique()), list(vocabulary),
