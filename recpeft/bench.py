@@ -78,10 +78,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batch import Batch
-from .checkpoint import load_base
+from .checkpoint import ENCODER, load_base, read_base_config
 from .config import LoraConfig
 from .demo import BASE_OPTIONS, LORA, SHOP_SCHEMA
-from .workflow import default_lora_targets
+from .datasets import FeatureEncoder
+from .workflow import click_model_lora_targets
 from .models.dlrm import ClickDLRM, build_click_model, single_id_kjt
 from .peft_model import get_peft_model
 from .train import bce_loss, build_optimizers
@@ -160,9 +161,12 @@ def model_options(rows_per_table: dict | None, embedding_dim: int) -> dict:
 
 
 def _checkpoint_lora_config(base: str | Path) -> LoraConfig:
-    """The demo's rank and alpha on ``recpeft finetune``'s default targets for that checkpoint."""
-    model, encoder = load_base(base)
-    return replace(LORA, target_modules=default_lora_targets(model, encoder.schema))
+    """The demo's rank and alpha on ``recpeft finetune``'s default targets for that checkpoint
+    (read from its config and encoder; the weights are loaded once, by ``build_base``)."""
+    spec = read_base_config(base)["model"]
+    schema = FeatureEncoder.load(Path(base) / ENCODER).schema
+    return replace(LORA, target_modules=click_model_lora_targets(schema, len(spec["dense_arch"]),
+                                                                 len(spec["over_arch"])))
 
 
 def build_base(spec: BenchSpec) -> ClickDLRM:

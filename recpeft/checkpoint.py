@@ -63,6 +63,12 @@ def _read_config(path: Path) -> dict:
     return config
 
 
+def read_base_config(directory: str | Path) -> dict:
+    """The checkpoint's ``model_config.json`` (checked): {"format", "model": build_click_model
+    arguments, "metrics": what ``save_base`` was given}, without loading any weights."""
+    return _read_config(Path(directory) / CONFIG)
+
+
 def load_base(directory: str | Path) -> tuple[ClickDLRM, FeatureEncoder]:
     """The model (eval mode) and encoder saved by :func:`save_base`."""
     directory = Path(directory)

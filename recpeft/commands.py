@@ -21,7 +21,6 @@ from .train import TrainConfig
 from .workflow import Method, click_metrics, default_lora_targets, finetune, prepare, pretrain
 
 
-ROLE_DEFAULTS = {"user": "user", "item": "item", "label": "label", "segment": "segment", "timestamp": "timestamp"}
 #: above this share of ids unknown to the base, finetune/evaluate stop unless --allow-unseen
 UNSEEN_LIMIT = 0.5
 
@@ -31,8 +30,8 @@ def _roles(args, schema=None) -> Roles:
     the default names. An empty flag ('') unsets a role."""
     flags = {"user": args.user, "item": args.item, "label": args.label, "segment": args.segment_col,
              "timestamp": args.timestamp}
-    known = schema.to_dict() if schema is not None else {}
-    single = {role: (flag if flag is not None else known.get(role, ROLE_DEFAULTS[role])) or None
+    known, defaults = (schema.to_dict() if schema is not None else {}), Roles()
+    single = {role: (flag if flag is not None else known.get(role, getattr(defaults, role))) or None
               for role, flag in flags.items()}
     multi = {role: (tuple(c for c in flag.split(",") if c) if flag is not None else tuple(known.get(role, ())))
              for role, flag in (("categorical", args.categorical), ("dense", args.dense))}

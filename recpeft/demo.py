@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_bytes, load_base, save_base
+from .checkpoint import checkpoint_bytes, load_base, read_base_config, save_base
 from .config import LoraConfig
 from .datasets import Schema
 from .datasets.synthetic import load_shop
@@ -62,7 +62,7 @@ def _base(data: Prepared, out: Path, seed: int, progress: bool, fresh: bool):
     cached = out / "base"
     if not fresh and cached.is_dir():
         model, encoder = load_base(cached)
-        made_with = json.loads((cached / "model_config.json").read_text()).get("metrics", {}).get("made_with")
+        made_with = read_base_config(cached)["metrics"].get("made_with")
         if encoder.to_json() == data.encoder.to_json() and made_with == _base_recipe(seed):
             print(f"base: reusing {cached} (delete it or pass --fresh to pretrain again)")
             return model, {"reused": True}

@@ -66,11 +66,11 @@ class Prepared:
         data, so a segment the base never saw works too) or of all of them."""
         if part not in ("train", "valid", "test"):
             raise ValueError(f"part must be train, valid or test, got {part!r}")
-        source = ClickBatches(getattr(self, part))
+        rows = getattr(self, part)
         if segment is None:
-            return source
+            return ClickBatches(rows)
         mask = getattr(self.split, part)[self.schema.segment].astype(str).to_numpy() == segment
-        return source.subset(torch.from_numpy(mask))
+        return ClickBatches(rows.select(torch.from_numpy(mask)))
 
     def unseen_share(self, part: str = "train", segment: str | None = None) -> dict[str, float]:
         """Per sparse feature, the share of ``part``'s rows (of ``segment``) whose id the encoder
@@ -131,7 +131,7 @@ def default_lora_targets(model: ClickDLRM, schema: Schema) -> list[str]:
 def trainable_copy(base: nn.Module, method: Method, lora_config: LoraConfig | None = None) -> nn.Module:
     """A copy of ``base`` ready to fine-tune: LoRA-wrapped (base frozen) or fully trainable."""
     model = copy.deepcopy(base)
-    if Method(method) is Method.LORA:  # the adapters' initial A/B are drawn from the seeded RNG
+    if Method(method) is Method.LORA:
         if lora_config is None:
             raise ValueError("LoRA fine-tuning needs a lora_config")
         return get_peft_model(model, lora_config)

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -39,7 +39,6 @@ class Roles:
     dense: tuple[str, ...] = ()
     segment_by: str = "gender"   # movielens: gender | age | occupation
     criteo_segment: str | None = None  # criteo: a C column naming segments
-    extra: dict = field(default_factory=dict)
 
     def schema(self) -> Schema:
         return Schema(user=self.user, item=self.item, label=self.label, segment=self.segment,
