@@ -13,7 +13,7 @@ gradients cleared.
                        applied in backward; Adam on the dense layers
     lora           (c) recpeft: get_peft_model(r=8, α=16) on every table and every linear layer,
                        unsharded; LoraAdamW (sparse rows for the adapter tables, Adam elsewhere)
-    lora_rowwise   (d) recpeft sharded path: (c) through recpeft.distributed.shard_peft_model
+    lora_rowwise   (d) recpeft sharded path: (c) through recpeft.peft.distributed.shard_peft_model
                        (1 process): adapter tables with torchrec's fused row-wise Adagrad, base
                        tables frozen without optimizer state, Adam on B and the linear adapters
 
@@ -57,8 +57,8 @@ from torchrec.models.dlrm import DLRM
 from torchrec.optim import RowWiseAdagrad
 
 from recpeft import LoraAdamW, LoraConfig, get_peft_model
-from recpeft.bench import MALLOC_MMAP_THRESHOLD, can_measure_memory, measure_peak_memory, run_json_subprocesses
-from recpeft.distributed import copy_full_state, dense_parameters, shard_peft_model
+from recpeft.apps.bench import MALLOC_MMAP_THRESHOLD, can_measure_memory, measure_peak_memory, run_json_subprocesses
+from recpeft.peft.distributed import copy_full_state, dense_parameters, shard_peft_model
 
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 

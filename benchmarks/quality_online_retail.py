@@ -45,10 +45,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from recpeft import LoraConfig, get_peft_model
-from recpeft.batch import Batch
+from recpeft.datasets.batch import Batch
 from recpeft.datasets.online_retail import (NUM_CONTEXT, NUM_CROSS, RetailCatalog, RetailEvents,
                                             load_online_retail, purchases)
-from recpeft.io import atomic_path, atomic_write_text
+from recpeft.utils.atomic import atomic_path, atomic_write_text
 from recpeft.metrics import auc, ranking_metrics
 from recpeft.models.basket_ranker import BasketRanker
 from recpeft.train import Trainer, TrainConfig

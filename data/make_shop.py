@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from recpeft.datasets.synthetic import EMBEDDED_PATH, ShopSpec, make_shop
-from recpeft.io import atomic_path
+from recpeft.utils.atomic import atomic_path
 
 
 def main(argv: list[str] | None = None) -> int:

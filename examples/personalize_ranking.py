@@ -23,7 +23,7 @@ Protocol (DESIGN.md, "Quality protocol", ranking):
    draw per user, shared by every model).
 5. Pretrain SASRec on every market's training rows (early stopping on all users' validation
    NDCG@10). Then for each market except the largest, starting from the same base and seed:
-   (a) LoRA r = 4 on ``SASRec.default_lora_targets()`` (attention and FFN linears), (b) dense
+   (a) LoRA r = 4 on ``SASRec.lora_targets()`` (attention and FFN linears), (b) dense
    fine-tuning of every parameter, both on that market's users' training rows, early-stopped on
    that market's validation NDCG@10 (the base competes as epoch −1, so a fine-tune that never
    beats it on validation returns the base). Report base / LoRA / dense on the market's test
@@ -51,15 +51,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recpeft import LoraConfig, PeftModel
-from recpeft.batch import Batch, TensorBatches
+from recpeft.datasets.batch import Batch, TensorBatches
 from recpeft.datasets.splits import leave_last_out
 from recpeft.datasets.synthetic import load_shop
-from recpeft.io import atomic_path
+from recpeft.utils.atomic import atomic_path
 from recpeft.metrics import ranking_metrics, sampled_ranking_metrics
 from recpeft.models.sasrec import PAD, SASRec
-from recpeft.report import save_report
+from recpeft.apps.demo_report import save_report
 from recpeft.train import TrainConfig, Trainer
-from recpeft.workflow import Method, trainable_copy
+from recpeft.apps.workflow import Method, trainable_copy
 
 K = 10                 # the cut-off of HR@K and NDCG@K
 SAMPLED_NEGATIVES = 100
@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> Experiment:
     with atomic_path(out / "base_model.pt") as tmp:
         torch.save({"spec": base.spec, "state_dict": base.state_dict()}, tmp)
     experiment = Experiment(data, base)
-    lora_config = LoraConfig(r=4, target_modules=base.default_lora_targets())
+    lora_config = LoraConfig(r=4, target_modules=base.lora_targets())
     rows = {}
     for market in tqdm(markets, desc="markets", disable=not args.progress):
         test = data.test.rows(market)
@@ -341,7 +341,7 @@ def run(args: argparse.Namespace) -> Experiment:
             "sampled": f"'sampled_*' keys rank the target among {SAMPLED_NEGATIVES} uniform negatives "
                        "(not the target), for comparison only",
             "k": K, "model": {"num_items": data.num_items, **settings["model"]},
-            "lora": {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "targets": "default_lora_targets"},
+            "lora": {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "targets": "lora_targets"},
             "train": {n: settings[n].to_dict() for n in ("pretrain", "lora", "dense")},
         },
         "counts": data.counts,

@@ -29,7 +29,7 @@ from torchrec.models.dlrm import DLRM_DCN
 from torchrec.optim import RowWiseAdagrad
 
 from recpeft import LoraConfig, PeftModel, get_peft_model
-from recpeft.distributed import dense_parameters, optimizer_state_bytes, save_adapters, shard_peft_model
+from recpeft.peft.distributed import dense_parameters, optimizer_state_bytes, save_adapters, shard_peft_model
 
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 

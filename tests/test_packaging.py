@@ -31,7 +31,7 @@ def test_built_wheel_carries_and_imports_recpeft_kernels(tmp_path):
                     str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("recpeft-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "recpeft/kernels/reference.py" in names and "recpeft/cli.py" in names
+    assert "recpeft/kernels/reference.py" in names and "recpeft/cli/main.py" in names
     assert not any(n.startswith("kernels/") for n in names)
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],

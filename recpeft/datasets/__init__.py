@@ -7,24 +7,23 @@
     train = ClickBatches(encoder.transform(parts.train), route={"DE": 0})   # → KeyedJaggedTensor batches
 """
 
-from .click_batches import ClickBatches
-from .criteo import load_criteo
-from .encoding import EncodedInteractions, FeatureEncoder
-from .interactions import check_segments, load_interactions
-from .movielens import load_movielens
-from .schema import Schema
-from .splits import TimeSplit, leave_last_out, split_by_time
+from recpeft.utils.lazy import lazy_exports
 
-__all__ = [
-    "ClickBatches",
-    "EncodedInteractions",
-    "FeatureEncoder",
-    "Schema",
-    "TimeSplit",
-    "check_segments",
-    "leave_last_out",
-    "load_criteo",
-    "load_interactions",
-    "load_movielens",
-    "split_by_time",
-]
+_EXPORTS = {
+    "Batch": ".batch",
+    "BatchSource": ".batch",
+    "ClickBatches": ".click_batches",
+    "EncodedInteractions": ".encoding",
+    "FeatureEncoder": ".encoding",
+    "Schema": ".schema",
+    "TensorBatches": ".batch",
+    "TimeSplit": ".splits",
+    "check_segments": ".interactions",
+    "leave_last_out": ".splits",
+    "load_criteo": ".criteo",
+    "load_interactions": ".interactions",
+    "load_movielens": ".movielens",
+    "split_by_time": ".splits",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

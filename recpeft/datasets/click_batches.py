@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..batch import Batch
+from .batch import Batch
 from .encoding import EncodedInteractions
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..io import atomic_write_text
+from recpeft.utils.atomic import atomic_write_text
 from .interactions import RowLocator, parse_timestamps, shown
 from .schema import Schema
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..batch import Batch
+from .batch import Batch
 
 REQUIRED_COLUMNS = ("Description", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID", "Country")
 OPTIONAL_COLUMNS = ("InvoiceNo", "StockCode")

@@ -19,11 +19,10 @@ from pathlib import Path
 import pandas as pd
 
 from .criteo import load_criteo
+from .formats import FORMATS
 from .interactions import load_interactions
 from .movielens import load_movielens
 from .schema import Schema
-
-FORMATS = ("auto", "shop", "interactions", "movielens", "criteo")
 
 
 @dataclass
@@ -63,8 +62,7 @@ def load_source(path: str | Path | None, fmt: str = "auto", roles: Roles | None 
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; choose one of {FORMATS}")
     if fmt == "shop" or (path is None and fmt == "auto"):
-        from ..demo import SHOP_SCHEMA
-        from .synthetic import load_shop
+        from .synthetic import SHOP_SCHEMA, load_shop
 
         return load_shop(), SHOP_SCHEMA
     if path is None:

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .schema import Schema
+
 DEFAULT_MARKETS = ("UK", "DE", "FR", "ES", "NL")
 DEFAULT_SHARE = (0.72, 0.08, 0.08, 0.06, 0.06)
 
@@ -149,6 +151,9 @@ def make_shop(spec: ShopSpec = ShopSpec(), *, with_truth: bool = False) -> pd.Da
 
 
 #: the embedded copy: data/shop.parquet in a source checkout (made by data/make_shop.py)
+#: the columns of the embedded shop and their roles
+SHOP_SCHEMA = Schema(user="user", item="item", label="label", segment="market", timestamp="timestamp",
+                     categorical=("category", "brand", "price_bucket"), dense=("price", "position"))
 EMBEDDED_PATH = Path(__file__).resolve().parents[2] / "data" / "shop.parquet"
 
 

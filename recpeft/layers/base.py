@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import AdapterWeights
+from recpeft.kernels import AdapterWeights
 from .routing import Routing, current_routing
 
 

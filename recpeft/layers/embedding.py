@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from ..kernels import unpooled_layout, validate_ids
-from ..kernels.bags import check_id_dtype
+from recpeft.kernels import unpooled_layout, validate_ids
+from recpeft.kernels.bags import check_id_dtype
 from .table import LoraTableLayer
 
 

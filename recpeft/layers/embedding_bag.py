@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import bag_layout
+from recpeft.kernels import bag_layout
 from .table import LoraTableLayer
 
 

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from ..kernels import dispatch
+from recpeft.kernels import dispatch
 from .base import LoraLayer
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import BagLayout, dispatch
+from recpeft.kernels import BagLayout, dispatch
 from .base import AdapterStateError, LoraLayer
 
 A_DENSE = "lora_embedding_A.weight"

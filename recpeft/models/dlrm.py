@@ -52,8 +52,7 @@ class ClickDLRM(nn.Module):
     (one id per bag; :func:`single_id_kjt` makes one). Output: logits [B].
 
     ``spec`` is the JSON-able dict of constructor arguments (``build_click_model(**model.spec)``
-    rebuilds the architecture); ``default_lora_targets()`` lists every table and the over-arch
-    linears.
+    rebuilds the architecture); ``lora_targets()`` lists every table and every MLP layer.
 
     Example::
 
@@ -82,12 +81,27 @@ class ClickDLRM(nn.Module):
         z = self.inter_arch(dense_features=self.dense_arch(dense), sparse_features=self.sparse_arch(sparse))
         return self.over_arch(self.dropout(z)).squeeze(1)
 
-    def default_lora_targets(self) -> list[str]:
-        """Every embedding table and every over-arch linear, by full module name (torchrec's
-        OverArch: an MLP of ``over_arch`` perceptrons, then the 1-unit linear ``model.1``)."""
-        tables = [f"sparse_arch.embedding_bag_collection.{table_name(f)}" for f in self.features]
-        hidden = [f"over_arch.model.0._mlp.{i}._linear" for i in range(len(self.spec["over_arch"]))]
-        return tables + hidden + ["over_arch.model.1"]
+    def lora_targets(self, frozen_features: tuple[str, ...] | list[str] = ()) -> list[str]:
+        """Full module names of the tables of every feature but ``frozen_features``, every
+        dense-arch layer and every over-arch layer: :func:`click_model_lora_targets` for this
+        model's architecture (the same names before and after get_peft_model wraps them)."""
+        return click_model_lora_targets(self.features, len(self.spec["dense_arch"]), len(self.spec["over_arch"]),
+                                        frozen_features)
+
+
+def click_model_lora_targets(features, dense_layers: int, over_layers: int,
+                             frozen_features: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """LoRA targets of a :func:`build_click_model` model over ``features`` with ``dense_layers``
+    dense-arch and ``over_layers`` over-arch hidden layers, before the model is built: the table
+    of every feature not in ``frozen_features``, every dense-arch linear and every over-arch
+    linear (torchrec's OverArch: an MLP of ``over_layers`` perceptrons, then the 1-unit linear
+    ``model.1``). Freezing the user and item tables keeps a segment's adapter small: attribute
+    tables are shared by a segment's rows, id tables need many rows per id."""
+    frozen = set(frozen_features)
+    tables = [f"sparse_arch.embedding_bag_collection.{table_name(f)}" for f in features if f not in frozen]
+    dense = [f"dense_arch.model._mlp.{i}._linear" for i in range(dense_layers)]
+    over = [f"over_arch.model.0._mlp.{i}._linear" for i in range(over_layers)]
+    return tables + dense + over + ["over_arch.model.1"]
 
 
 def _check_spec(cardinalities: dict, num_dense: int, kind: str, embedding_dim: int, dense_arch, over_arch,

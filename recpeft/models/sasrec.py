@@ -150,7 +150,7 @@ class SASRec(nn.Module):
         logits = self._logits(self(seq))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long(), ignore_index=PAD)
 
-    def default_lora_targets(self) -> list[str]:
+    def lora_targets(self) -> list[str]:
         """The attention projections and FFN linears of every block, by full module name."""
         return [f"blocks.{i}.{name}" for i in range(self.spec["num_blocks"])
                 for name in ("attn.q", "attn.k", "attn.v", "attn.out", "ffn_in", "ffn_out")]

@@ -130,7 +130,7 @@ class TwoTower(nn.Module):
             logits = logits.masked_fill(duplicate, float("-inf"))
         return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
-    def default_lora_targets(self) -> list[str]:
+    def lora_targets(self) -> list[str]:
         """Both towers' tables and linears, by full module name (the same before and after
         get_peft_model wraps them)."""
         linears = [f"mlp.{3 * i}" for i in range(len(self.spec["hidden"]) + 1)]  # see _mlp

@@ -28,7 +28,7 @@ A starts at zero and B ~ N(0, 1), so the output equals the base output bit for b
 rows of A no batch touched stay exactly zero, merging adds s·A[rows]·B to the touched rows of E
 only, and the file stores only the touched rows.
 
-Sharding (:mod:`recpeft.distributed`): ``DistributedModelParallel`` shards ``base_layer`` and every
+Sharding (:mod:`recpeft.peft.distributed`): ``DistributedModelParallel`` shards ``base_layer`` and every
 adapter collection (``lora_A.<adapter>.<group>``) with the same plan, table by table, so row i of
 A_t lives in the same process as row i of E_t. Every operation on A and E goes through
 :mod:`.table_rows`, which sees this process's row blocks; saving gathers the touched rows.
@@ -49,8 +49,8 @@ from torchrec.distributed.types import Awaitable
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ..base import AdapterStateError, LoraLayer
-from ..table import A_DENSE, A_INDICES, A_ROWS, B_WEIGHT, check_encoded_adapter, encode_rows
+from recpeft.layers.base import AdapterStateError, LoraLayer
+from recpeft.layers.table import A_DENSE, A_INDICES, A_ROWS, B_WEIGHT, check_encoded_adapter, encode_rows
 from . import table_rows
 
 

@@ -1,0 +1,147 @@
+"""The personalisation workflow behind ``recpeft demo | pretrain | finetune | evaluate``.
+
+1. :func:`prepare`: split an interaction table by time per segment (train, validation = the
+   latest training rows, test = the rows after the cut) and encode it with the base's encoder
+   (ids the encoder never saw map to each table's out-of-vocabulary row).
+2. :func:`pretrain`: a torchrec click model (``build_click_model``) trained on every segment's
+   training rows, early-stopped on every segment's validation rows.
+3. :func:`finetune`: one segment's training rows, either a LoRA adapter on a frozen copy of the
+   base (``Method.LORA``) or every parameter of a copy (``Method.DENSE``), early-stopped on the
+   segment's validation rows, with the same Trainer.
+4. :func:`click_metrics`: AUC and LogLoss on a segment's test rows.
+
+Example::
+
+    data = prepare(frame, schema, test_start="2026-03-12")
+    base, _ = pretrain(data, model_options={"embedding_dim": 32}, train_config=TrainConfig(epochs=5))
+    adapted, report = finetune(base, data, "DE", Method.LORA, train_config=TrainConfig(lr=3e-3),
+                               lora_config=LoraConfig(r=4, target_modules=[...]))
+    print(click_metrics(adapted, data.segment_rows("test", "DE")))
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from dataclasses import dataclass, replace
+
+import pandas as pd
+import torch
+from torch import nn
+
+from recpeft.peft.config import LoraConfig
+from recpeft.datasets import ClickBatches, EncodedInteractions, FeatureEncoder, Schema, TimeSplit, split_by_time
+from recpeft.metrics import auc, log_loss
+from recpeft.models.dlrm import ClickDLRM, build_click_model
+from recpeft.peft.model import get_peft_model
+from recpeft.train.trainer import FitReport, TrainConfig, Trainer, predict
+
+
+class Method(str, enum.Enum):
+    """How a segment's model is fine-tuned."""
+
+    LORA = "lora"    # low-rank adapters on a frozen copy of the base
+    DENSE = "dense"  # every parameter of a copy of the base, the baseline LoRA must match
+
+
+@dataclass
+class Prepared:
+    """A table split by time and encoded: ``train``, ``valid``, ``test`` rows of every segment."""
+
+    schema: Schema
+    encoder: FeatureEncoder
+    split: TimeSplit
+    train: EncodedInteractions
+    valid: EncodedInteractions
+    test: EncodedInteractions
+
+    @property
+    def segments(self) -> list[str]:
+        """The segments of this data (sorted), whether or not the encoder's base saw them."""
+        frames = (self.split.train, self.split.valid, self.split.test)
+        return sorted({str(v) for f in frames for v in f[self.schema.segment].unique()})
+
+    def segment_rows(self, part: str, segment: str | None = None) -> ClickBatches:
+        """Batches of ``part`` ("train" | "valid" | "test"), of one segment (by its name in the
+        data, so a segment the base never saw works too) or of all of them."""
+        if part not in ("train", "valid", "test"):
+            raise ValueError(f"part must be train, valid or test, got {part!r}")
+        rows = getattr(self, part)
+        if segment is None:
+            return ClickBatches(rows)
+        mask = getattr(self.split, part)[self.schema.segment].astype(str).to_numpy() == segment
+        return ClickBatches(rows.select(torch.from_numpy(mask)))
+
+    def unseen_share(self, part: str = "train", segment: str | None = None) -> dict[str, float]:
+        """Per sparse feature, the share of ``part``'s rows (of ``segment``) whose id the encoder
+        never saw (they use the table's out-of-vocabulary row, the last)."""
+        encoded = self.segment_rows(part, segment).encoded
+        if len(encoded) == 0:
+            return {}
+        oov = {f: n - 1 for f, n in self.encoder.cardinalities.items()}
+        return {f: float((ids == oov[f]).double().mean()) for f, ids in encoded.sparse.items()}
+
+
+def prepare(frame: pd.DataFrame, schema: Schema, *, encoder: FeatureEncoder | None = None, test_start=None,
+            test_fraction: float = 0.2, valid_fraction: float = 0.15, name: str = "data") -> Prepared:
+    """Split ``frame`` by time (``split_by_time``) and encode it.
+
+    Without ``encoder`` one is fitted on the rows before the test cut (train and validation), as a
+    base's pretraining would; with one (a saved base's), its vocabularies are used unchanged and
+    ids it never saw map to each table's out-of-vocabulary row (see ``Prepared.unseen_share``).
+    The latest ``valid_fraction`` of each segment's rows before its test cut are its validation rows.
+    """
+    split = split_by_time(frame, schema, test_start=test_start, test_fraction=test_fraction,
+                          valid_fraction=valid_fraction)
+    if encoder is None:
+        encoder = FeatureEncoder().fit(pd.concat([split.train, split.valid]), schema)
+    parts = {part: encoder.transform(getattr(split, part), unseen="oov", name=f"{name} ({part} rows)")
+             for part in ("train", "valid", "test")}
+    return Prepared(schema, encoder, split, **parts)
+
+
+def pretrain(data: Prepared, *, model_options: dict | None = None,
+             train_config: TrainConfig | None = None) -> tuple[ClickDLRM, FitReport]:
+    """A base click model over the encoder's features, trained on every segment's training rows."""
+    torch.manual_seed((train_config or TrainConfig()).seed)
+    train = data.segment_rows("train")
+    model = build_click_model(data.encoder.cardinalities, train.num_dense, **(model_options or {}))
+    valid = data.segment_rows("valid") if len(data.valid) else None
+    report = Trainer(model, train_config).fit(train, valid, resume=False)
+    return model.eval(), report
+
+
+def trainable_copy(base: nn.Module, method: Method, lora_config: LoraConfig | None = None) -> nn.Module:
+    """A copy of ``base`` ready to fine-tune: LoRA-wrapped (base frozen) or fully trainable."""
+    model = copy.deepcopy(base)
+    if Method(method) is Method.LORA:
+        if lora_config is None:
+            raise ValueError("LoRA fine-tuning needs a lora_config")
+        return get_peft_model(model, lora_config)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return model
+
+
+def finetune(base: nn.Module, data: Prepared, segment: str, method: Method, *, train_config: TrainConfig,
+             lora_config: LoraConfig | None = None) -> tuple[nn.Module, FitReport]:
+    """Fine-tune a copy of ``base`` on ``segment``'s training rows, early-stopped on its validation rows."""
+    if segment not in data.segments:
+        raise ValueError(f"unknown segment {segment!r}; the data's segments are {data.segments}")
+    train, valid = data.segment_rows("train", segment), data.segment_rows("valid", segment)
+    if len(train) == 0:
+        raise ValueError(f"segment {segment!r} has no training rows before the time cut")
+    torch.manual_seed(train_config.seed)  # the adapters' initialisation follows the seed, as training does
+    model = trainable_copy(base, method, lora_config)
+    config = replace(train_config, desc=f"{Method(method).value} {segment}")
+    report = Trainer(model, config).fit(train, valid if len(valid) else None, resume=False)
+    return model.eval(), report
+
+
+@torch.no_grad()
+def click_metrics(model: nn.Module, source: ClickBatches, batch_size: int = 8192) -> dict:
+    """AUC, LogLoss, rows and click rate of ``model``'s logits on ``source``."""
+    logits = predict(model, source, batch_size)
+    labels = source.encoded.labels
+    return {"auc": auc(logits, labels), "log_loss": log_loss(logits, labels), "rows": len(source),
+            "click_rate": float(labels.float().mean()) if len(source) else float("nan")}

@@ -1,0 +1,6 @@
+"""The data formats the ``recpeft`` command reads (see :mod:`.sources`), as plain constants so
+that the command line can list them without importing pandas or torch."""
+
+FORMATS = ("auto", "shop", "interactions", "movielens", "criteo")
+#: MovieLens user attributes that can name segments (``--segment-by``)
+MOVIELENS_SEGMENT_ATTRIBUTES = ("gender", "age", "occupation")

@@ -1,0 +1,426 @@
+"""get_peft_model / PeftModel: inject adapters into a model, switch, merge, route, save, load.
+
+The wrapped model is ``PeftModel.base_model``; every targeted module is replaced in place by its
+LoRA wrapper (``recpeft.layers``), every base parameter is frozen. Adapters are named; their order
+of addition (``adapter_names``) is what per-sample routing ids index.
+
+Files (HF PEFT's names): ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.<tensor>``; adapters other than "default" go to a sub-folder named
+after them. Embedding adapters store only their touched rows (see ``recpeft.layers.table``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import CONFIG_NAME, LoraBias, LoraConfig
+from .serialization import KEY_PREFIX, WEIGHTS_NAME, read_adapter_file
+from recpeft.utils.atomic import atomic_path, atomic_write_text
+from recpeft.layers import AdapterStateError, LoraLayer, ModulesToSaveWrapper, wrapper_for
+from recpeft.layers.routing import check_adapter_ids, routed
+from recpeft.layers.table import LoraTableLayer
+from .targeting import group_lora_targets, select_lora_targets, select_modules_to_save
+
+def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> "PeftModel":
+    """Freeze ``model`` and wrap the modules ``config`` targets with LoRA adapter ``adapter_name``.
+
+    Example::
+
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=["user_emb", "mlp.0"]))
+        model.print_trainable_parameters()
+    """
+    return PeftModel(model, config, adapter_name)
+
+
+def _clean_name(param_name: str) -> str:
+    """A base parameter's name as the unwrapped model spells it."""
+    return param_name.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+class PeftModel(nn.Module):
+    """A frozen model with named LoRA adapters.
+
+    Args:
+        model: the model to adapt (modified in place: targeted modules are replaced).
+        config: the first adapter's LoraConfig.
+        adapter_name: its name.
+
+    ``forward(*args, adapter_ids=None, **kwargs)`` runs the model; with ``adapter_ids`` ([B] ints
+    indexing ``adapter_names``, −1 = base model) every sample uses its own adapter.
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self._targets: dict[str, list[str]] = {}
+        self._bias_names: dict[str, list[str]] = {}
+        self._inference_only: set[str] = set()
+        self._active: list[str] = []
+        self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        try:
+            self.add_adapter(adapter_name, config)
+        except BaseException:
+            self._restore_requires_grad()
+            raise
+        self.set_adapter(adapter_name)
+
+    # ---- attributes --------------------------------------------------------------------------
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """Adapters in the order they were added: routing id i means ``adapter_names[i]``."""
+        return tuple(self.peft_config)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0] if self._active else ""
+
+    def lora_layers(self) -> dict[str, LoraLayer]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, LoraLayer)}
+
+    def _save_wrappers(self) -> dict[str, ModulesToSaveWrapper]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+    # ---- adding, switching, deleting ---------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Add adapter ``adapter_name`` per ``config`` (not activated: see set_adapter)."""
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+        if not adapter_name or "." in adapter_name or "/" in adapter_name:
+            raise ValueError(f"adapter name {adapter_name!r} must be non-empty without '.' or '/'")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {list(self.adapter_names)}")
+        targets = select_lora_targets(self.base_model, config)
+        groups = group_lora_targets(self.base_model, targets)  # module → its targeted parts (tables)
+        saved = select_modules_to_save(self.base_model, config, list(groups))
+        try:
+            for name, parts in groups.items():
+                layer = self._wrap(name, LoraLayer)
+                if parts is None:
+                    layer.update_layer(adapter_name, config.rank_for(name), config.scale_for(name),
+                                       config.lora_dropout, config.init_lora_weights)
+                else:  # ranks and scales per "<module>.<part>"
+                    layer.update_parts(adapter_name, {p: (config.rank_for(f"{name}.{p}"), config.scale_for(f"{name}.{p}"))
+                                                      for p in parts}, config.init_lora_weights)
+            for name in saved:
+                self._wrap(name, ModulesToSaveWrapper).update(adapter_name)
+        except BaseException:
+            self._remove_adapter_modules(adapter_name)
+            raise
+        self.peft_config[adapter_name] = config
+        self._targets[adapter_name] = targets
+        self._bias_names[adapter_name] = self._select_biases(config, targets)
+        if config.inference_mode:
+            self._inference_only.add(adapter_name)
+        self._refresh_trainable()
+
+    def _wrap(self, name: str, kind: type) -> nn.Module:
+        module = self.base_model.get_submodule(name)
+        if isinstance(module, kind):
+            return module
+        wrapper = wrapper_for(module)(module, name) if kind is LoraLayer else ModulesToSaveWrapper(module, name)
+        wrapper.train(module.training)
+        self._replace(name, wrapper)
+        return wrapper
+
+    def _replace(self, name: str, module: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, child, module)
+
+    def _base_parameters(self) -> dict[str, nn.Parameter]:
+        """The model's own parameters by the names the unwrapped model gives them (adapter
+        tensors and the trainable copies of modules_to_save left out)."""
+        return {_clean_name(n): p for n, p in self.base_model.named_parameters()
+                if ".lora_" not in n and ".modules_to_save." not in n}
+
+    def _select_biases(self, config: LoraConfig, targets: list[str]) -> list[str]:
+        """Names of the biases ``config.bias`` trains (never those of a module saved whole)."""
+        if config.bias is LoraBias.NONE:
+            return []
+        saved_whole = tuple(f"{name}." for name in self._save_wrappers())
+        names = [n for n in self._base_parameters() if n.rsplit(".", 1)[-1] == "bias" and not n.startswith(saved_whole)]
+        if config.bias is LoraBias.LORA_ONLY:
+            names = [n for n in names if n.rsplit(".", 1)[0] in targets]
+        return names
+
+    def _refresh_trainable(self) -> None:
+        """Base parameters frozen except the biases an adapter's config trains; adapter
+        parameters trainable unless loaded for inference."""
+        biases = {n for names in self._bias_names.values() for n in names}
+        for name, param in self.base_model.named_parameters():
+            param.requires_grad_(_clean_name(name) in biases and ".original_module." not in name)
+        for layer in self.lora_layers().values():
+            for store in (layer.lora_A, layer.lora_B):
+                for adapter, param in store.items():
+                    param.requires_grad_(adapter not in self._inference_only)
+        for wrapper in self._save_wrappers().values():
+            for adapter, module in wrapper.modules_to_save.items():
+                module.requires_grad_(adapter not in self._inference_only)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` (or several, whose deltas add up) the active adapter(s); merged
+        adapters that are not among them are unmerged first."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._check_known(name)
+        self._active = names
+        for layer in self.lora_layers().values():
+            leaving = [a for a in layer.merged_adapters if a not in names]
+            if leaving:  # a merged adapter that is no longer active leaves the weights too
+                layer.unmerge(leaving)
+            layer.active_adapters = [n for n in names if n in layer.lora_A]
+        for wrapper in self._save_wrappers().values():
+            wrapper.active_adapters = [n for n in names if n in wrapper.modules_to_save]
+
+    def _check_known(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"unknown adapter {adapter_name!r}; adapters: {list(self.adapter_names)}")
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; modules left with no adapter are unwrapped."""
+        self._check_known(adapter_name)
+        if any(adapter_name in layer.merged_adapters for layer in self.lora_layers().values()):
+            raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() first")
+        self._remove_adapter_modules(adapter_name)
+        del self.peft_config[adapter_name], self._targets[adapter_name], self._bias_names[adapter_name]
+        self._inference_only.discard(adapter_name)
+        self.set_adapter([a for a in self._active if a != adapter_name])
+        self._refresh_trainable()
+
+    def _remove_adapter_modules(self, adapter_name: str) -> None:
+        for name, layer in self.lora_layers().items():
+            if adapter_name in layer.lora_A:
+                layer.delete_adapter(adapter_name)
+            if not len(layer.lora_A):
+                self._replace(name, layer.base_layer)
+        for name, wrapper in self._save_wrappers().items():
+            if adapter_name in wrapper.modules_to_save:
+                wrapper.delete_adapter(adapter_name)
+            if not len(wrapper.modules_to_save):
+                self._replace(name, wrapper.original_module)
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def forward(self, *args, adapter_ids=None, **kwargs):
+        if adapter_ids is None:
+            return self.base_model(*args, **kwargs)
+        ids = check_adapter_ids(adapter_ids, self.adapter_names)
+        with routed(ids, self.adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model alone inside the block (merged adapters are unmerged meanwhile);
+        blocks nest."""
+        layers = list(self.lora_layers().values())
+        wrappers = list(self._save_wrappers().values())
+        before = [(module, module.disabled, list(getattr(module, "merged_adapters", []))) for module in layers + wrappers]
+        for module in layers:
+            module.unmerge()
+        for module in layers + wrappers:
+            module.disabled = True
+        try:
+            yield
+        finally:
+            for module, disabled, merged in before:
+                module.disabled = disabled
+                if isinstance(module, LoraLayer):
+                    module.merge(merged)
+
+    # ---- merging ----------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """Add the adapters' deltas (the active ones by default) into the base weights:
+        W' = W + s·B·A, E' = E + s·A·B."""
+        names = self._active if adapter_names is None else list(adapter_names)
+        for name in names:
+            self._check_known(name)
+        for layer in self.lora_layers().values():
+            layer.merge(names)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged delta again (restores the weights to float tolerance)."""
+        for layer in self.lora_layers().values():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters and return the plain model with no LoRA modules."""
+        self.merge_adapter()
+        return self._unwrap(keep_trained_copies=True)
+
+    def unload(self) -> nn.Module:
+        """Return the plain model without merging (the original weights, unmerged)."""
+        self.unmerge_adapter()
+        return self._unwrap(keep_trained_copies=False)
+
+    def _unwrap(self, keep_trained_copies: bool) -> nn.Module:
+        for name, layer in self.lora_layers().items():
+            self._replace(name, layer.base_layer)
+        for name, wrapper in self._save_wrappers().items():
+            module = wrapper._active() if keep_trained_copies else wrapper.original_module
+            self._replace(name, module)
+        self._restore_requires_grad()
+        self.peft_config, self._active, self._targets, self._bias_names = {}, [], {}, {}
+        self._inference_only.clear()
+        return self.base_model
+
+    def _restore_requires_grad(self) -> None:
+        for name, param in self.base_model.named_parameters():
+            param.requires_grad_(self._requires_grad_before.get(_clean_name(name), False))
+
+    # ---- counting -------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> dict[str, int]:
+        """trainable, all, and touched (trainable less the embedding-adapter rows still zero)."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        untouched = 0
+        for layer in self.lora_layers().values():
+            if isinstance(layer, LoraTableLayer):
+                for adapter, a in layer.lora_A.items():
+                    if a.requires_grad:
+                        untouched += a.numel() - layer.touched_rows(adapter).numel() * a.shape[1]
+            else:
+                untouched += sum(layer.untouched_parameters(a) for a in layer.lora_A if a not in self._inference_only)
+        return {"trainable": trainable, "all": total, "touched": trainable - untouched}
+
+    def print_trainable_parameters(self) -> None:
+        counts = self.get_nb_trainable_parameters()
+        share = 100.0 * counts["trainable"] / max(counts["all"], 1)
+        touched = 100.0 * counts["touched"] / max(counts["all"], 1)
+        print(
+            f"trainable params: {counts['trainable']:,} || all params: {counts['all']:,} || "
+            f"trainable%: {share:.4f} || touched by training: {counts['touched']:,} ({touched:.4f}%)"
+        )
+
+    # ---- saving and loading ---------------------------------------------------------------
+
+    def _components(self, adapter: str) -> dict[str, LoraLayer | ModulesToSaveWrapper]:
+        """File-key prefix → module holding part of ``adapter``."""
+        parts: dict[str, LoraLayer | ModulesToSaveWrapper] = {}
+        for name, layer in self.lora_layers().items():
+            if adapter in layer.lora_A:
+                parts[f"{KEY_PREFIX}{name}."] = layer
+        for name, wrapper in self._save_wrappers().items():
+            if adapter in wrapper.modules_to_save:
+                parts[f"{KEY_PREFIX}{name}.modules_to_save."] = wrapper
+        return parts
+
+    def _bias_params(self, adapter: str) -> dict[str, nn.Parameter]:
+        params = self._base_parameters()
+        return {KEY_PREFIX + n: params[n] for n in self._bias_names[adapter]}
+
+    def adapter_state_dict(self, adapter: str = "default") -> dict[str, torch.Tensor]:
+        """The tensors ``save_pretrained`` writes for ``adapter``."""
+        self._check_known(adapter)
+        state = {}
+        for prefix, part in self._components(adapter).items():
+            state.update({prefix + key: value for key, value in part.export_adapter(adapter).items()})
+        state.update({key: p.detach() for key, p in self._bias_params(adapter).items()})
+        return {k: v.contiguous().cpu() for k, v in state.items()}
+
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
+                        is_main_process: bool = True) -> None:
+        """Write each adapter's ``adapter_model.safetensors`` and ``adapter_config.json`` (the
+        "default" adapter into ``save_directory``, others into sub-folders named after them);
+        each file goes to a temporary name first and is renamed when complete.
+
+        A model sharded by DistributedModelParallel: call on every process (gathering the
+        adapter's shards is collective) with ``is_main_process`` true on one of them, which writes."""
+        for adapter in selected_adapters or self.adapter_names:
+            self._check_known(adapter)
+            state = self.adapter_state_dict(adapter)
+            if not is_main_process:
+                continue
+            config_text = self._config_for_file(adapter).to_json() + "\n"  # fails before anything is written
+            directory = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
+            with atomic_path(directory / WEIGHTS_NAME) as tmp:
+                save_file(state, str(tmp), metadata={"format": "pt", "library": "recpeft"})
+            atomic_write_text(directory / CONFIG_NAME, config_text)
+
+    def _config_for_file(self, adapter: str) -> LoraConfig:
+        """The adapter's config with module classes replaced by the module names they matched
+        (JSON holds names only)."""
+        config = self.peft_config[adapter]
+        has_class = lambda spec: isinstance(spec, list) and any(isinstance(t, type) for t in spec)  # noqa: E731
+        if has_class(config.target_modules) or has_class(config.exclude_modules):
+            config = dataclasses.replace(config, target_modules=list(self._targets[adapter]), exclude_modules=None)
+        if has_class(config.modules_to_save):
+            saved = [n for n, w in self._save_wrappers().items() if adapter in w.modules_to_save]
+            config = dataclasses.replace(config, modules_to_save=saved)
+        return config
+
+    def load_adapter_state(self, adapter: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Check every key and shape of ``tensors`` against ``adapter``, then copy them in;
+        nothing is copied when any check fails."""
+        parts = self._components(adapter)
+        biases = self._bias_params(adapter)
+        grouped: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in parts}
+        prefixes = sorted(parts, key=len, reverse=True)
+        for key in sorted(tensors):
+            if key in biases:
+                continue
+            prefix = next((p for p in prefixes if key.startswith(p)), None)
+            if prefix is None:
+                raise AdapterStateError(f"{source}: unexpected key {key!r} (no such adapted module in the model)")
+            grouped[prefix][key[len(prefix):]] = tensors[key]
+        for key, param in biases.items():
+            if key not in tensors:
+                raise AdapterStateError(f"{source}: missing key {key!r}")
+            if tensors[key].shape != param.shape:
+                raise AdapterStateError(f"{source}: {key} has shape {tuple(tensors[key].shape)} but the model expects {tuple(param.shape)}")
+        for prefix, part in parts.items():
+            part.check_adapter_state(adapter, grouped[prefix], source)
+        for prefix, part in parts.items():
+            part.load_adapter_state(adapter, grouped[prefix])
+        with torch.no_grad():
+            for key, param in biases.items():
+                param.copy_(tensors[key])
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
+                        is_trainable: bool = False) -> "PeftModel":
+        """Wrap ``model`` with the adapter saved in ``model_id``. On any mismatch the error names
+        the first bad key and ``model`` is left as it was."""
+        config = LoraConfig.load(model_id)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        tensors = read_adapter_file(model_id)
+        peft = cls(model, config, adapter_name)
+        try:
+            peft.load_adapter_state(adapter_name, tensors, str(Path(model_id) / WEIGHTS_NAME))
+        except BaseException:
+            peft.unload()
+            raise
+        return peft
+
+    def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add the adapter saved in ``model_id`` under ``adapter_name`` (not activated). On any
+        mismatch nothing of it remains in the model."""
+        config = dataclasses.replace(LoraConfig.load(model_id), inference_mode=not is_trainable)
+        tensors = read_adapter_file(model_id)
+        self.add_adapter(adapter_name, config)
+        try:
+            self.load_adapter_state(adapter_name, tensors, str(Path(model_id) / WEIGHTS_NAME))
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise

@@ -1,0 +1,177 @@
+"""Which modules an adapter wraps: ``target_modules`` / ``exclude_modules`` / ``modules_to_save``
+matched against a model's module names, with errors that name what the user could have meant.
+
+Rules (HF PEFT's): a list entry that is a string matches a module whose full name equals it or
+ends with ``"." + entry``; a class matches instances; a plain string is a regex that must match
+the whole name. Modules already wrapped by recpeft match as the module they wrap.
+
+Modules whose wrapper adapts them part by part (torchrec collections: one part per table) are
+followed by their parts, named ``"<module>.<part>"``, which match like module names (and, for
+class entries, as the collection they belong to); naming the module itself selects all its parts.
+Their insides (the collection's own ``nn.EmbeddingBag`` modules) are not targets.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Iterator
+
+from torch import nn
+
+from recpeft.layers import LORA_WRAPPERS, LoraLayer, ModulesToSaveWrapper, wrapper_for
+
+_LIST_LIMIT = 12
+
+
+def part_names(module: nn.Module) -> list[str] | None:
+    """The parts of ``module`` its wrapper adapts one by one, or None."""
+    wrapper = wrapper_for(module)
+    return None if wrapper is None else wrapper.part_names(module)
+
+
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, str | None]]:
+    """(name, module, owner) for every target candidate: owner is the module name for a part,
+    None for a module. LoRA layers are seen as their base layer; the insides of recpeft's
+    wrappers and of modules adapted part by part are skipped."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            inside.append(name + ".")
+            yield name, module.original_module, None
+            continue
+        if isinstance(module, LoraLayer):
+            inside.append(name + ".")
+            module = module.base_layer
+        yield name, module, None
+        parts = part_names(module)
+        if parts is not None:
+            inside.append(name + ".")
+            yield from ((f"{name}.{part}", module, name) for part in parts)
+
+
+def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every named module, seeing a LoRA layer as its base layer and skipping
+    the insides of recpeft's wrappers; a module adapted part by part is followed by
+    ("<name>.<part>", module) for each part, and its insides are skipped."""
+    for name, module, _ in _walk(model):
+        yield name, module
+
+
+def part_owners(model: nn.Module) -> dict[str, str]:
+    """"<module>.<part>" → "<module>" for every part of every module adapted part by part."""
+    return {name: owner for name, _, owner in _walk(model) if owner is not None}
+
+
+def _entry_matches(entry, name: str, module: nn.Module) -> bool:
+    if isinstance(entry, type):
+        return isinstance(module, entry)
+    return name == entry or name.endswith("." + entry)
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_LIST_LIMIT])
+    return shown + (f", … ({len(names)} in all)" if len(names) > _LIST_LIMIT else "")
+
+
+def _no_match_error(kind: str, entry, adaptable: list[str], all_names: list[str], parts: list[str]) -> ValueError:
+    label = entry.__name__ if isinstance(entry, type) else entry
+    close = difflib.get_close_matches(str(label), all_names, n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    tables = f" Tables (targeted as '<module>.<table>' or by table name): {_listing(parts)}" if parts else ""
+    return ValueError(f"{kind} entry {label!r} matched no module.{hint} Adaptable modules: {_listing(adaptable)}.{tables}")
+
+
+def match_modules(model: nn.Module, spec, kind: str, *, require_each: bool = True) -> list[str]:
+    """Names of the modules ``spec`` selects; each list entry (or the regex) must match something."""
+    if spec is None:
+        return []
+    modules = list(iter_modules(model))
+    all_names = [n for n, _ in modules]
+    adaptable = [n for n, m in modules if wrapper_for(m) is not None]
+    parts = list(part_owners(model))
+    if isinstance(spec, str):
+        matched = [n for n in all_names if re.fullmatch(spec, n)]
+        if not matched and require_each:
+            raise _no_match_error(f"{kind} regex", spec, adaptable, all_names, parts)
+        return matched
+    matched: list[str] = []
+    for entry in spec:
+        hits = [n for n, m in modules if _entry_matches(entry, n, m)]
+        if not hits and require_each:
+            raise _no_match_error(kind, entry, adaptable, all_names, parts)
+        matched += [n for n in hits if n not in matched]
+    return matched
+
+
+def select_lora_targets(model: nn.Module, config) -> list[str]:
+    """Module names to wrap for ``config``; raises on patterns that match nothing or name a
+    module recpeft cannot wrap (naming the adaptable modules under it). A regex selects only
+    among adaptable modules. A module adapted part by part stands for all its parts: the result
+    names parts ("<module>.<part>"), never such a module."""
+    owners = part_owners(model)
+    targets = _expand_parts(match_modules(model, config.target_modules, "target_modules"), owners)
+    excluded = set(_expand_parts(match_modules(model, config.exclude_modules, "exclude_modules", require_each=False), owners))
+    modules = dict(iter_modules(model))
+    adaptable = [n for n, m in modules.items() if wrapper_for(m) is not None]
+    if isinstance(config.target_modules, str):  # a regex selects among the adaptable modules
+        matched = targets
+        targets = [n for n in matched if n in adaptable]
+        if not targets:
+            raise ValueError(f"target_modules regex {config.target_modules!r} matched only modules recpeft cannot "
+                             f"adapt ({_listing(matched)}); adaptable modules: {_listing(adaptable)}")
+    chosen = []
+    for name in targets:
+        if name in excluded:
+            continue
+        wrapper = wrapper_for(modules[name])
+        if wrapper is None:
+            inside = [n for n in adaptable if n.startswith(name + ".")]
+            where = f"adaptable modules inside it: {_listing(inside)}" if inside else f"adaptable modules: {_listing(adaptable)}"
+            raise ValueError(
+                f"target {name!r} is a {type(modules[name]).__name__}, which recpeft cannot adapt "
+                f"(it wraps {', '.join(sorted({t.__name__ for t in LORA_WRAPPERS}))}); {where}"
+            )
+        wrapper.check_supported(modules[name], name)
+        chosen.append(name)
+    if not chosen:
+        raise ValueError(f"target_modules selected nothing once exclude_modules was applied; adaptable modules: {_listing(adaptable)}")
+    return chosen
+
+
+def _expand_parts(names: list[str], owners: dict[str, str]) -> list[str]:
+    """``names`` with every module that is adapted part by part replaced by its parts."""
+    parts_of: dict[str, list[str]] = {}
+    for part, owner in owners.items():
+        parts_of.setdefault(owner, []).append(part)
+    return list(dict.fromkeys(p for name in names for p in parts_of.get(name, [name])))
+
+
+def group_lora_targets(model: nn.Module, targets: list[str]) -> dict[str, list[str] | None]:
+    """Module name → the parts it adapts (None for a module adapted whole), in target order."""
+    owners = part_owners(model)
+    groups: dict[str, list[str] | None] = {}
+    for name in targets:
+        owner = owners.get(name)
+        if owner is None:
+            groups[name] = None
+        else:
+            groups.setdefault(owner, []).append(name[len(owner) + 1:])
+    return groups
+
+
+def select_modules_to_save(model: nn.Module, config, lora_targets: list[str]) -> list[str]:
+    """Module names for ``config.modules_to_save``; a module is either adapted or saved whole."""
+    names = match_modules(model, config.modules_to_save, "modules_to_save")
+    for name in lora_targets:
+        if isinstance(model.get_submodule(name), ModulesToSaveWrapper):
+            raise ValueError(f"target {name!r} is saved whole (modules_to_save) by another adapter; it cannot also be adapted")
+    for name in names:
+        if isinstance(model.get_submodule(name), LoraLayer):
+            raise ValueError(f"modules_to_save {name!r} is adapted by LoRA in another adapter; it cannot also be saved whole")
+        overlap = [t for t in lora_targets if t == name or t.startswith(name + ".")]
+        if overlap:
+            raise ValueError(f"modules_to_save {name!r} contains LoRA targets {overlap}; a module is either adapted or saved whole")
+    return names

@@ -1,0 +1,156 @@
+"""The settings of a :class:`~recpeft.train.Trainer` run (:class:`TrainConfig`) and what a run
+did (:class:`FitReport`).
+
+A :class:`TrainConfig` checks every field when it is built (a bad value raises a ValueError naming
+the field) and round-trips through a dict / JSON (``to_dict``/``from_dict``, ``to_json``/``from_json``);
+a checkpoint stores it so that a resumed run can refuse settings that would change its trajectory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from .schedules import Schedule
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a :class:`~recpeft.train.Trainer` run.
+
+    Args:
+        epochs: passes over the training rows (≥ 1).
+        batch_size: rows per optimizer step (≥ 1); the last batch of an epoch may be smaller.
+        lr: peak learning rate (> 0).
+        weight_decay: decoupled weight decay λ (≥ 0) of AdamW.
+        warmup_fraction: W = ⌊warmup_fraction · T⌋ linear-warmup steps of the T planned ones, in [0, 1].
+        schedule: after warmup, ``constant`` or ``cosine`` down to ``min_lr_ratio · lr``.
+        min_lr_ratio: cosine floor in [0, 1].
+        clip_grad_norm: max global L2 norm of the gradients (> 0), or None for no clipping.
+        early_stopping_patience: epochs without improvement of the validation metric before
+            stopping (≥ 1), or None to run every epoch; the best epoch's weights are restored
+            whenever a validation source is given.
+        keep_initial: evaluate the starting weights before training (epoch −1 of the best-epoch
+            choice, not in ``history``); if no epoch improves on them they are restored. Needs a
+            validation source to have any effect.
+        seed: seeds the torch RNG at the start of a fresh run and every epoch's row order.
+        amp: bf16 autocast of the forward pass on CUDA; ignored elsewhere.
+        eval_batch_size: rows per forward pass in evaluation (≥ 1).
+        checkpoint_dir: folder for checkpoints, or None for none.
+        checkpoint_every_steps: also checkpoint every this many optimizer steps (≥ 1), or None.
+        progress: show a tqdm bar of trained samples.
+        desc: the bar's label.
+    """
+
+    epochs: int = 3
+    batch_size: int = 512
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.05
+    schedule: Schedule = Schedule.COSINE
+    min_lr_ratio: float = 0.0
+    clip_grad_norm: float | None = 1.0
+    early_stopping_patience: int | None = 2
+    keep_initial: bool = False
+    seed: int = 0
+    amp: bool = True
+    eval_batch_size: int = 8192
+    checkpoint_dir: str | None = None
+    checkpoint_every_steps: int | None = None
+    progress: bool = True
+    desc: str = "train"
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        for name in ("early_stopping_patience", "checkpoint_every_steps"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be a positive finite number, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"TrainConfig.weight_decay must be a finite number ≥ 0, got {self.weight_decay!r}")
+        for name in ("warmup_fraction", "min_lr_ratio"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1], got {value!r}")
+        if self.clip_grad_norm is not None and not (
+                isinstance(self.clip_grad_norm, (int, float)) and 0 < self.clip_grad_norm < math.inf):
+            raise ValueError(f"TrainConfig.clip_grad_norm must be a positive finite number or None, "
+                             f"got {self.clip_grad_norm!r}")
+        try:
+            self.schedule = Schedule(self.schedule)
+        except ValueError:
+            raise ValueError(f"TrainConfig.schedule must be one of {[s.value for s in Schedule]}, "
+                             f"got {self.schedule!r}") from None
+        for name in ("amp", "progress", "keep_initial"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = str(self.checkpoint_dir)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["schedule"] = self.schedule.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "TrainConfig") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown TrainConfig keys {unknown}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "TrainConfig JSON") -> "TrainConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must hold a JSON object")
+        return cls.from_dict(data, source)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"TrainConfig.{name} must be an integer ≥ {minimum}, got {value!r}")
+
+
+@dataclass
+class FitReport:
+    """What a :meth:`~recpeft.train.Trainer.fit` call did.
+
+    ``epochs_run``, ``steps``, ``samples``, ``final_loss`` and ``history`` cover the whole run,
+    including the part before a resumed checkpoint (``resumed_from_step`` > 0). ``seconds`` is this
+    call's wall time; ``samples_per_second`` is the samples this call trained over the seconds it
+    spent in training steps (building and moving the batch, forward, backward, clipping,
+    optimizer), evaluation and checkpoint writes excluded. ``history`` holds one dict per epoch:
+    epoch, train_loss (row-weighted mean of the batch losses), valid_metric (None without a
+    validation source), lr (at the epoch's last step). ``best_epoch`` is −1 when ``keep_initial``
+    kept the starting weights (``best_metric`` is then their metric). Memory: see
+    :func:`~recpeft.train.memory.training_state_bytes`;
+    ``peak_memory_bytes`` is CUDA's ``max_memory_allocated`` during the call minus the allocation
+    at its start (None on CPU).
+    """
+
+    epochs_run: int
+    steps: int
+    samples: int
+    seconds: float
+    samples_per_second: float
+    final_loss: float
+    best_metric: float | None
+    best_epoch: int | None
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+    resumed_from_step: int = 0
+    training_state_bytes: int = 0
+    peak_memory_bytes: int | None = None

@@ -1,0 +1,325 @@
+"""The Trainer: one loop for LoRA adapters and for dense fine-tuning of a whole model.
+
+The loop optimizes the model's trainable parameters (``requires_grad``) on mini-batches of a
+:class:`~recpeft.datasets.batch.BatchSource`. Each optimizer step t (0-based, T planned) does:
+
+    loss  = loss_fn(model, batch)           default: BCE(σ(model(*args, **kwargs)), labels), mean over B
+    g     = ∇loss;  if ‖g‖₂ > c: g ← g · c / ‖g‖₂     (‖g‖₂ over every dense and sparse gradient)
+    lr_t  = lr · f(t)                       f: warmup + constant/cosine (:mod:`recpeft.train.schedules`)
+    AdamW step with lr_t and decoupled weight decay λ
+
+Optimizers and clipping: :mod:`recpeft.train.optimizers` (sparse-gradient parameters go to
+:class:`~recpeft.train.lora_adamw.LoraAdamW`, the rest to ``torch.optim.AdamW``). A sparse gradient on any
+other parameter raises a TypeError naming it.
+
+Epochs. Epoch e visits the rows in the order :func:`epoch_order` (``torch.randperm(N)`` from a
+generator seeded by (seed, e)), so a resumed run regenerates it. After each epoch the validation
+metric (default AUC) decides early stopping: ``early_stopping_patience`` epochs in a row without
+improving on the best ends training, and the best epoch's trainable parameters and buffers are
+restored at the end. With ``keep_initial`` the starting weights are evaluated first, as epoch −1,
+and compete with the epochs: a run where no epoch beats them ends with the model unchanged
+(``best_epoch == -1``).
+
+Checkpoints and resume: :mod:`recpeft.train.run_state`. Settings and report:
+:mod:`recpeft.train.config`; memory accounting: :mod:`recpeft.train.memory`. Everything they
+define that was public here is still importable from ``recpeft.train``.
+
+Example::
+
+    trainer = Trainer(model, TrainConfig(epochs=3, lr=3e-3, checkpoint_dir="ckpt"))
+    report = trainer.fit(TensorBatches(users, items, labels=clicks), valid_source)
+    scores = predict(model, test_source)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from recpeft.datasets.batch import Batch, BatchSource, TensorBatches
+from recpeft.metrics import auc
+from .schedules import LRSchedule, warmup_steps_for
+from .config import FitReport, TrainConfig
+from .memory import training_state_bytes
+from .optimizers import (build_optimizers, clip_grad_norm, set_lr, sparse_gradient_parameters,
+                               split_by_gradient_kind)
+from .run_state import (CHECKPOINT_FORMAT, RunState, latest_checkpoint, load_checkpoint, load_trainable_state,
+                          save_checkpoint, trainable_state)
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "FitReport", "TrainConfig", "Trainer", "auc_metric", "bce_loss", "build_optimizers",
+    "clip_grad_norm", "epoch_order", "predict", "sparse_gradient_parameters", "training_state_bytes",
+]
+
+
+def epoch_order(rows: int, seed: int, epoch: int) -> torch.Tensor:
+    """The row order of ``epoch``: a permutation of [0, rows) from a generator seeded by
+    (seed, epoch), int64 [rows]."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(rows, generator=generator)
+
+
+
+# ---- prediction -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model: nn.Module, source, batch_size: int = 8192, **kwargs) -> torch.Tensor:
+    """The model's outputs for every row of ``source``, in row order, in eval mode, concatenated
+    along dim 0 ([N] for a click model). ``source`` is a :class:`BatchSource`, or (the older call
+    style) a tuple of feature tensors [N, ...] sliced into ``model(*features_batch)``; ``kwargs``
+    go to every call (tensors in ``kwargs`` of a tuple source are sliced with the features)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(source, (tuple, list)):
+        if not source:
+            raise ValueError("predict: the feature tuple is empty")
+        sliced = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        fixed = {k: v for k, v in kwargs.items() if k not in sliced}
+        source = _FeatureRows(tuple(source), sliced)
+        kwargs = fixed
+    device = _model_device(model)
+    model.eval()
+    rows = len(source)
+    outputs = []
+    for begin in range(0, rows, batch_size):
+        batch = source.batch(torch.arange(begin, min(begin + batch_size, rows))).to(device)
+        outputs.append(model(*batch.args, **batch.kwargs, **kwargs))
+    return torch.cat(outputs) if outputs else torch.zeros(0)
+
+
+class _FeatureRows(TensorBatches):
+    """A feature tuple without labels, for :func:`predict`'s older call style."""
+
+    def __init__(self, features: tuple, kwargs: dict):
+        super().__init__(*features, labels=torch.zeros(features[0].shape[0]), **kwargs)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+# ---- the default loss and metric ---------------------------------------------------------------
+
+def bce_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean binary cross-entropy of the logits ``model(*batch.args, **batch.kwargs)`` [B] (or any
+    shape of B elements) against ``batch.labels`` [B] in {0, 1}, computed in float32."""
+    logits = model(*batch.args, **batch.kwargs)
+    labels = batch.labels
+    if logits.numel() != labels.numel():
+        raise ValueError(f"the model returned {tuple(logits.shape)} logits for a batch of {labels.numel()} "
+                         f"labels; pass a loss_fn for models that do not return one logit per row")
+    return nn.functional.binary_cross_entropy_with_logits(logits.reshape(labels.shape).float(), labels.float())
+
+
+def auc_metric(model: nn.Module, source: BatchSource, batch_size: int = 8192) -> float:
+    """AUC of :func:`predict`'s scores against the source's labels."""
+    labels = torch.cat([source.batch(torch.arange(b, min(b + batch_size, len(source)))).labels
+                        for b in range(0, len(source), batch_size)])
+    return auc(predict(model, source, batch_size), labels)
+
+
+# ---- the trainer ------------------------------------------------------------------------------
+
+class Trainer:
+    """Trains ``model``'s trainable parameters with :class:`TrainConfig` (see the module docstring).
+
+    Args:
+        model: any ``nn.Module``; freeze what should not train (``get_peft_model`` does it for
+            adapters; for dense fine-tuning leave every parameter trainable).
+        config: the run's settings.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default :func:`bce_loss`.
+        metric_fn: ``metric_fn(model, source) -> float``, the validation metric; default AUC.
+            Called in eval mode under ``torch.no_grad()``.
+        metric_mode: ``"max"`` (higher is better) or ``"min"``.
+        device: where to train; default the model's device (the model is moved there).
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig | None = None, *,
+                 loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+                 metric_fn: Callable[[nn.Module, BatchSource], float] | None = None,
+                 metric_mode: str = "max", device: torch.device | str | None = None):
+        if metric_mode not in ("max", "min"):
+            raise ValueError(f"metric_mode must be 'max' or 'min', got {metric_mode!r}")
+        self.config = config if config is not None else TrainConfig()
+        if not isinstance(self.config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(self.config).__name__}")
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.model = model.to(self.device)
+        self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
+        self.loss_fn = loss_fn or bce_loss
+        self.metric_fn = metric_fn
+        self.metric_mode = metric_mode
+        self.amp = self.config.amp and self.device.type == "cuda"
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self._dense_params: list[tuple[str, nn.Parameter]] = []
+
+    # ---- optimizers ----------------------------------------------------------------------
+
+    def _build_optimizers(self) -> None:
+        """Fresh optimizers for the trainable parameters (:func:`build_optimizers`)."""
+        self._dense_params, _ = split_by_gradient_kind(self.model, self.trainable)
+        self.optimizers = build_optimizers(self.model, self.config.lr, self.config.weight_decay,
+                                           named_parameters=self.trainable)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def _step(self, batch: Batch, lr: float, check_sparse: bool) -> float:
+        set_lr(self.optimizers, lr)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            loss = self.loss_fn(self.model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                             f"{tuple(getattr(loss, 'shape', ()))}")
+        loss.backward()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the training loss is {value} (lr {lr:.3g}); lower lr or check the inputs")
+        if check_sparse:
+            for name, p in self._dense_params:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise TypeError(f"parameter {name} got a sparse gradient but is not an embedding with "
+                                    f"sparse=True or a LoRA table adapter; torch AdamW cannot step it")
+        if self.config.clip_grad_norm is not None:
+            clip_grad_norm([p for _, p in self.trainable], self.config.clip_grad_norm)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return value
+
+    # ---- evaluation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, source: BatchSource) -> float:
+        """The validation metric of the model on ``source`` (eval mode; the model stays in it)."""
+        if len(source) == 0:
+            raise ValueError("the validation source is empty")
+        self.model.eval()
+        if self.metric_fn is not None:
+            return float(self.metric_fn(self.model, source))
+        return auc_metric(self.model, source, self.config.eval_batch_size)
+
+    def _checked_metric(self, valid: BatchSource, when: str) -> float:
+        metric = self.evaluate(valid)
+        if math.isnan(metric):
+            raise ValueError(f"the validation metric is NaN {when} (for AUC: does the validation source hold "
+                             f"both labels?)")
+        return metric
+
+    def _improves(self, metric: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return metric > best if self.metric_mode == "max" else metric < best
+
+    # ---- model state and checkpoints ----------------------------------------------------------
+
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint with the highest step in ``config.checkpoint_dir``, or None."""
+        return latest_checkpoint(self.config.checkpoint_dir)
+
+    def _save_checkpoint(self, run: RunState, best_state: dict | None, rows: int) -> None:
+        save_checkpoint(self.config.checkpoint_dir, self.config, rows, run, self.model, self.trainable, best_state,
+                        self.optimizers)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def fit(self, train: BatchSource, valid: BatchSource | None = None, *, resume: bool = True) -> FitReport:
+        """Train on ``train``; evaluate on ``valid`` after every epoch (early stopping, best
+        weights restored). With ``resume`` and a checkpoint in ``config.checkpoint_dir``, continue
+        from it. Leaves the model in eval mode."""
+        config = self.config
+        rows = len(train)
+        if rows == 0:
+            raise ValueError("the training source is empty")
+        if valid is not None and len(valid) == 0:
+            raise ValueError("the validation source is empty")
+        steps_per_epoch = math.ceil(rows / config.batch_size)
+        total_steps = config.epochs * steps_per_epoch
+        schedule = LRSchedule(total_steps, warmup_steps_for(total_steps, config.warmup_fraction),
+                              config.schedule, config.min_lr_ratio)
+        self._build_optimizers()
+        run, best_state = RunState(), None
+        torch.manual_seed(config.seed)
+        checkpoint = self.latest_checkpoint() if resume else None
+        if checkpoint is not None:
+            run, best_state = load_checkpoint(checkpoint, config, rows, self.model, self.trainable,
+                                               self.optimizers)
+        elif config.keep_initial and valid is not None:   # a fresh run: the starting weights are epoch -1
+            run.best_metric, run.best_epoch = self._checked_metric(valid, "before training"), -1
+            best_state = trainable_state(self.model, self.trainable)
+        resumed_from, samples_before = run.global_step, run.samples
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            memory_at_start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start, train_seconds = time.perf_counter(), 0.0
+        bar = tqdm(total=config.epochs * rows, initial=min(run.samples, config.epochs * rows), desc=config.desc,
+                   unit="samples", disable=not config.progress, leave=False)
+        with bar:
+            while run.epoch < config.epochs and not run.stopped_early:
+                self.model.train()
+                order = epoch_order(rows, config.seed, run.epoch)
+                for step in range(run.step_in_epoch, steps_per_epoch):
+                    index = order[step * config.batch_size:(step + 1) * config.batch_size]
+                    tick = time.perf_counter()
+                    batch = train.batch(index).to(self.device)
+                    run.last_lr = config.lr * schedule(run.global_step)
+                    run.last_loss = self._step(batch, run.last_lr, check_sparse=run.global_step == resumed_from)
+                    train_seconds += time.perf_counter() - tick
+                    run.step_in_epoch, run.global_step = step + 1, run.global_step + 1
+                    run.samples += len(index)
+                    run.loss_sum += run.last_loss * len(index)
+                    run.loss_rows += len(index)
+                    bar.update(len(index))
+                    every = config.checkpoint_every_steps
+                    if (config.checkpoint_dir and every and run.global_step % every == 0
+                            and run.step_in_epoch < steps_per_epoch):
+                        self._save_checkpoint(run, best_state, rows)
+                best_state = self._end_epoch(run, valid, best_state)
+                last = run.history[-1]
+                bar.set_postfix(epoch=last["epoch"], loss=f"{last['train_loss']:.4f}",
+                                valid=None if last["valid_metric"] is None else f"{last['valid_metric']:.4f}")
+                if config.checkpoint_dir:
+                    self._save_checkpoint(run, best_state, rows)
+        if best_state is not None:
+            load_trainable_state(self.model, self.trainable, best_state, "the best epoch's weights")
+        self.model.eval()
+        seconds = time.perf_counter() - start
+        return FitReport(
+            epochs_run=len(run.history), steps=run.global_step, samples=run.samples, seconds=seconds,
+            samples_per_second=(run.samples - samples_before) / max(train_seconds, 1e-9),
+            final_loss=run.last_loss, best_metric=run.best_metric, best_epoch=run.best_epoch,
+            stopped_early=run.stopped_early, history=[dict(h) for h in run.history],
+            resumed_from_step=resumed_from, training_state_bytes=training_state_bytes(self.model, self.optimizers),
+            peak_memory_bytes=(torch.cuda.max_memory_allocated(self.device) - memory_at_start) if cuda else None,
+        )
+
+    def _end_epoch(self, run: RunState, valid: BatchSource | None, best_state: dict | None) -> dict | None:
+        """Record the epoch in the history, evaluate, update the best weights and the patience
+        counter, advance to the next epoch. Returns the best weights so far."""
+        metric = None
+        if valid is not None:
+            metric = self._checked_metric(valid, f"after epoch {run.epoch}")
+            if self._improves(metric, run.best_metric):
+                run.best_metric, run.best_epoch, run.bad_epochs = metric, run.epoch, 0
+                best_state = trainable_state(self.model, self.trainable)
+            else:
+                run.bad_epochs += 1
+                patience = self.config.early_stopping_patience
+                run.stopped_early = patience is not None and run.bad_epochs >= patience
+        run.history.append({"epoch": run.epoch, "train_loss": run.loss_sum / max(run.loss_rows, 1),
+                            "valid_metric": metric, "lr": run.last_lr})
+        run.epoch, run.step_in_epoch, run.loss_sum, run.loss_rows = run.epoch + 1, 0, 0.0, 0
+        return best_state
+

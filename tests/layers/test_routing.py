@@ -1,0 +1,139 @@
+"""Per-sample routing: a mixed batch equals every sample run through its own merged model, for
+every layer type, in inference and training."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from recpeft import LoraConfig, get_peft_model
+
+from toy_models import ALL_TARGETS, make_batch, make_model, train_steps
+
+ADAPTERS = {
+    "de": LoraConfig(r=4, target_modules=ALL_TARGETS[:4], init_lora_weights=False),
+    "fr": LoraConfig(r=2, lora_alpha=6, target_modules=["item", "mlp.0"], init_lora_weights=False),
+    "es": LoraConfig(r=3, target_modules=["history", "dense"], modules_to_save=["mlp.2"], init_lora_weights=False),
+}
+
+
+def _multi_adapter_model():
+    names = list(ADAPTERS)
+    model = get_peft_model(make_model(), ADAPTERS[names[0]], names[0])
+    for name in names[1:]:
+        model.add_adapter(name, ADAPTERS[name])
+    return model
+
+
+def _merged_outputs(model, batch):
+    """Each adapter merged into its own copy of the model: {adapter index: output}; −1: base."""
+    outputs = {-1: make_model()(*batch)}
+    for index, name in enumerate(model.adapter_names):
+        single = copy.deepcopy(model)
+        single.set_adapter(name)
+        outputs[index] = single.merge_and_unload()(*batch)
+    return outputs
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["random order", "grouped by adapter"])
+def test_mixed_batch_equals_each_sample_through_its_own_merged_model(grouped):
+    model = _multi_adapter_model()
+    batch = make_batch(batch=40, seed=5)
+    ids = torch.randint(-1, 3, (40,), generator=torch.Generator().manual_seed(3))
+    if grouped:  # the linear layers then update contiguous slices in place
+        ids = ids.sort().values
+    routed = model(*batch, adapter_ids=ids)
+    merged = _merged_outputs(model, batch)
+    expected = torch.stack([merged[int(a)][i] for i, a in enumerate(ids)])
+    torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_routing_every_sample_to_one_adapter_equals_that_adapter():
+    model = _multi_adapter_model()
+    batch = make_batch(batch=12)
+    model.set_adapter("fr")
+    torch.testing.assert_close(model(*batch, adapter_ids=torch.full((12,), 1)), model(*batch), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["random order", "grouped by adapter"])
+def test_routed_training_gradients_equal_separate_per_adapter_runs(grouped):
+    batch = make_batch(batch=24, seed=8)
+    ids = torch.tensor([0, 1, 2, -1] * 6)
+    if grouped:
+        ids = ids.sort().values
+    mixed = _multi_adapter_model()
+    mixed(*batch, adapter_ids=ids).pow(2).sum().backward()
+
+    separate = _multi_adapter_model()
+    for index, name in enumerate(separate.adapter_names):
+        rows = (ids == index).nonzero().squeeze(1)
+        separate.set_adapter(name)
+        separate(*(t[rows] for t in batch)).pow(2).sum().backward()
+
+    grads = dict(separate.named_parameters())
+    compared = 0
+    for name, param in mixed.named_parameters():
+        if param.grad is None:
+            assert grads[name].grad is None, name
+            continue
+        dense = param.grad.to_dense() if param.grad.is_sparse else param.grad
+        other = grads[name].grad.to_dense() if grads[name].grad.is_sparse else grads[name].grad
+        torch.testing.assert_close(dense, other, rtol=1e-5, atol=1e-6)
+        compared += 1
+    assert compared >= 10
+
+
+def test_routed_training_runs_with_dropout():
+    config = LoraConfig(r=4, target_modules=ALL_TARGETS, lora_dropout=0.2)
+    model = get_peft_model(make_model(), config, "a")
+    model.add_adapter("b", config)
+    losses = train_steps(model, steps=4, adapter_ids=torch.tensor([0, 1] * 8))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert model.base_model.mlp[0].lora_B["b"].abs().sum() > 0  # the second adapter trained too
+
+
+def test_bad_adapter_ids_are_refused():
+    model = _multi_adapter_model()
+    batch = make_batch(batch=4)
+    with pytest.raises(IndexError, match=r"adapter id 3 is out of range.*\['de', 'fr', 'es'\]"):
+        model(*batch, adapter_ids=torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(IndexError, match="adapter id -2"):
+        model(*batch, adapter_ids=[0, -2, 0, 0])
+    with pytest.raises(TypeError, match="adapter_ids must be integers"):
+        model(*batch, adapter_ids=torch.zeros(4))
+    with pytest.raises(ValueError, match="needs the input's leading dimension to be the 3 routed samples, but it is 4"):
+        model(*batch, adapter_ids=torch.tensor([0, 1, 2]))
+
+
+class _Flattening(nn.Module):
+    """Flattens [B, T, K] to [B·T, K] before its linear layer: routing cannot map rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.proj(x.reshape(-1, 4))
+
+
+def test_layer_that_loses_the_sample_dimension_says_so():
+    model = get_peft_model(_Flattening(), LoraConfig(target_modules=["proj"]))
+    with pytest.raises(ValueError, match="proj: per-sample routing needs the input's leading dimension"):
+        model(torch.randn(2, 5, 4), adapter_ids=torch.tensor([0, 0]))
+
+
+def test_a_module_cannot_be_both_adapted_and_saved_whole():
+    model = _multi_adapter_model()
+    with pytest.raises(ValueError, match="'mlp.0' is adapted by LoRA"):
+        model.add_adapter("it", LoraConfig(target_modules=["item"], modules_to_save=["mlp.0"]))
+    with pytest.raises(ValueError, match="'mlp.2' is saved whole"):
+        model.add_adapter("it", LoraConfig(target_modules=["mlp.2"]))
+    assert model.adapter_names == ("de", "fr", "es")
+
+
+def test_routing_a_merged_model_is_refused():
+    model = _multi_adapter_model()
+    model.merge_adapter()
+    with pytest.raises(RuntimeError, match="merged; unmerge before routing"):
+        model(*make_batch(batch=2), adapter_ids=torch.tensor([0, 1]))
