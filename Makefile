@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap demo test bench clean distclean
+.PHONY: bootstrap demo test lint bench clean distclean
 
 bootstrap:
 	RECPEFT_VENV=$(VENV) bash scripts/bootstrap.sh
@@ -11,10 +11,15 @@ bootstrap:
 demo: bootstrap
 	$(VENV)/bin/recpeft demo
 
-# pytest's exit status fails the recipe, so `make test` exits non-zero
-# (make reports 2) whenever pytest does.
-test: bootstrap
+# The lint habit first (import layering, ruff's rules, ruff's format), then the suite; any
+# failing step fails the recipe, so `make test` exits non-zero (make reports 2).
+test: bootstrap lint
 	$(PY) -m pytest -q
+
+lint: bootstrap
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Benchmarks are not collected by the default run (python_files = test_*.py);
 # here both test_*.py and bench_*.py under benchmarks/ are collected.

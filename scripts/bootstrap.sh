@@ -29,6 +29,9 @@ TORCH_CPU_PIN="2.13.0"
 TORCHREC_PIN="1.8.0"
 FBGEMM_CPU_PIN="1.8.0"
 TORCHMETRICS_PIN="1.0.3"
+# the lint habit of the test command (pinned: a new ruff release may add rules or reformat)
+RUFF_PIN="0.17.6"
+IMPORT_LINTER_PIN="2.17"
 
 want_stamp() {
     cat pyproject.toml setup.py scripts/bootstrap.sh | sha256sum | cut -d' ' -f1
@@ -127,7 +130,8 @@ fi
 
 # --- the rest of the stack, then the project itself ---------------------------
 pipi -c "$CONSTRAINTS" "numpy" "pandas>=2.0" "pyarrow>=14" "safetensors>=0.4" \
-    "tqdm>=4.60" "matplotlib>=3.7" "openpyxl>=3.1" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6"
+    "tqdm>=4.60" "matplotlib>=3.7" "openpyxl>=3.1" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" \
+    "ruff==$RUFF_PIN" "import-linter==$IMPORT_LINTER_PIN"
 # Default (finder-based) editable mode: it maps recpeft.kernels -> kernels/.
 # editable_mode=compat would NOT (it only adds the repo root to sys.path).
 # An editable install made while recpeft/__init__.py is missing registers
@@ -140,7 +144,7 @@ pipi -c "$CONSTRAINTS" -e . --no-deps
 did+=("installed deps + recpeft (editable)")
 
 # --- verify --------------------------------------------------------------------
-check='import torch, triton, numpy, pandas, pyarrow, safetensors, tqdm, matplotlib, openpyxl, pytest, recpeft.kernels'
+check='import torch, triton, numpy, pandas, pyarrow, safetensors, tqdm, matplotlib, openpyxl, pytest, importlinter, recpeft.kernels'
 if [[ $HAVE_TORCHREC == 1 ]]; then
     check+='; import fbgemm_gpu, torchrec; from torchrec.modules.embedding_modules import EmbeddingBagCollection'
 fi
