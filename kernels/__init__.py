@@ -2,13 +2,14 @@
 
 Every op has a plain-PyTorch version in :mod:`recpeft.kernels.reference` (the CPU path and the
 test oracle) and, where written, a Triton version in the module named after the op
-(:mod:`recpeft.kernels.lora_linear`, :mod:`recpeft.kernels.lora_embedding_bag`);
-:mod:`recpeft.kernels.dispatch` picks the implementation per call (``dispatch.lora_linear(...)``).
-This package imports nothing from :mod:`recpeft`.
+(:mod:`recpeft.kernels.lora_linear`, :mod:`recpeft.kernels.lora_embedding_bag`), which share
+their launch constants through :mod:`recpeft.kernels.launch`; :mod:`recpeft.kernels.dispatch`
+picks the implementation per call (``dispatch.lora_linear(...)``). This package imports nothing
+from :mod:`recpeft`.
 """
 
-from .bags import BagLayout, bag_layout, unpooled_layout, validate_ids
 from . import dispatch
+from .bags import BagLayout, bag_layout, unpooled_layout, validate_ids
 from .dispatch import Backend, resolve_backend
 from .reference import AdapterWeights, group_by_adapter
 

@@ -1,25 +1,32 @@
 """The one place that picks an implementation for every adapter op.
 
-CUDA tensors go to Triton (where a Triton version of the op is registered), everything else to
+CUDA tensors go to Triton (when triton is installed), everything else to
 :mod:`recpeft.kernels.reference`. ``RECPEFT_BACKEND=torch|triton`` in the environment, or the
-``backend`` argument of each op, forces one; forcing Triton for an op that has no Triton version
-is an error, while the automatic choice falls back to the reference op.
+``backend`` argument of each op, forces one.
 
-Triton implementations are found through :data:`TRITON_MODULES`.
+The ops with a Triton version are listed in :data:`TRITON_MODULES`, and only those: a registered
+module that fails to import (a renamed or broken kernel file), or that lacks the op, raises an
+ImportError naming it — never a silent fall back to torch on CUDA. The ops without one
+(``segmented_*``, per-sample adapter routing) run the reference op on every device; forcing Triton
+for them is an error.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+from collections.abc import Callable
 from enum import Enum
-from typing import Callable
 
 import torch
 
 from . import reference
 
 BACKEND_ENV = "RECPEFT_BACKEND"
+# Triton is a dependency on Linux only (pyproject.toml); elsewhere CUDA tensors use the reference
+# ops unless Triton is forced. Looked up without importing triton.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 class Backend(str, Enum):
@@ -28,41 +35,46 @@ class Backend(str, Enum):
 
 
 # op name → module of this package that holds its Triton implementation (a function of the
-# same name and signature as the reference op). Imported on first use, so machines without
-# Triton never import it.
+# same name that takes the reference op's arguments). Imported on first use, so machines without
+# Triton never import it. tests/kernels/test_dispatch.py imports every entry.
 TRITON_MODULES: dict[str, str] = {
     "lora_linear": "lora_linear",
     "lora_embedding_bag": "lora_embedding_bag",
-    "segmented_lora_linear": "segmented_lora",
-    "segmented_lora_bag_delta": "segmented_lora",
 }
 
 
 def triton_op(name: str) -> Callable | None:
-    """The Triton implementation of op ``name``, or None when Triton or the kernel file is absent."""
+    """The Triton implementation of op ``name``; None when the op has none (not in
+    :data:`TRITON_MODULES`). Raises ImportError naming the module when a registered module does
+    not import or does not define ``name``."""
     module_name = TRITON_MODULES.get(name)
     if module_name is None:
         return None
     qualified = f"{__package__}.{module_name}"
     try:
         module = importlib.import_module(qualified)
-    except ModuleNotFoundError as exc:
-        if exc.name in (qualified, "triton"):
-            return None
-        raise
-    return getattr(module, name, None)
+    except ImportError as exc:
+        raise ImportError(f"{qualified}, the Triton module registered for op {name!r} in "
+                          f"dispatch.TRITON_MODULES, does not import: {exc}", name=qualified) from exc
+    op = getattr(module, name, None)
+    if not callable(op):
+        raise ImportError(f"{qualified}, registered for op {name!r} in dispatch.TRITON_MODULES, defines no "
+                          f"function {name!r}", name=qualified)
+    return op
 
 
 def resolve_backend(tensor: torch.Tensor, backend: str | Backend | None = None) -> Backend:
     """The backend for an op on ``tensor``: the argument, else $RECPEFT_BACKEND, else by device."""
     choice = backend if backend is not None else os.environ.get(BACKEND_ENV) or None
     if choice is None:
-        return Backend.TRITON if tensor.is_cuda else Backend.TORCH
+        return Backend.TRITON if tensor.is_cuda and TRITON_INSTALLED else Backend.TORCH
     try:
         return Backend(choice)
     except ValueError:
         options = ", ".join(b.value for b in Backend)
-        raise ValueError(f"unknown backend {choice!r} (from {BACKEND_ENV} or argument); use one of: {options}") from None
+        raise ValueError(
+            f"unknown backend {choice!r} (from {BACKEND_ENV} or argument); use one of: {options}"
+        ) from None
 
 
 def uses_triton(name: str, tensor: torch.Tensor, backend: str | Backend | None = None) -> bool:
@@ -72,14 +84,17 @@ def uses_triton(name: str, tensor: torch.Tensor, backend: str | Backend | None =
 
 
 def _implementation(name: str, tensor: torch.Tensor, backend) -> Callable:
-    chosen = resolve_backend(tensor, backend)
-    if chosen is Backend.TRITON:
-        op = triton_op(name)
-        if op is not None:
-            return op
-        forced = backend is not None or os.environ.get(BACKEND_ENV)
-        if forced:
-            raise NotImplementedError(f"op {name!r} has no Triton implementation yet; use {BACKEND_ENV}=torch")
+    """The Triton op when Triton is chosen, else the reference op (ops in TRITON_MODULES)."""
+    if resolve_backend(tensor, backend) is Backend.TRITON:
+        return triton_op(name)
+    return getattr(reference, name)
+
+
+def _reference_only(name: str, tensor: torch.Tensor, backend) -> Callable:
+    """The reference op of ``name``, an op that has no Triton version; forcing Triton is an error."""
+    forced = backend is not None or os.environ.get(BACKEND_ENV)
+    if forced and resolve_backend(tensor, backend) is Backend.TRITON:
+        raise NotImplementedError(f"op {name!r} has no Triton implementation yet; use {BACKEND_ENV}=torch")
     return getattr(reference, name)
 
 
@@ -94,10 +109,13 @@ def lora_embedding_bag(table, layout, lora_A, lora_B, scale, base_output=None, *
 
 
 def segmented_lora_linear(x, weight, bias, adapters, row_adapter, *, backend=None):
-    """Per-row adapter routing for the linear op; see :func:`reference.segmented_lora_linear`."""
-    return _implementation("segmented_lora_linear", x, backend)(x, weight, bias, adapters, row_adapter)
+    """Per-row adapter routing for the linear op: :func:`reference.segmented_lora_linear` on every
+    device (no Triton version yet)."""
+    return _reference_only("segmented_lora_linear", x, backend)(x, weight, bias, adapters, row_adapter)
 
 
 def segmented_lora_bag_delta(layout, adapters, bag_adapter, out_dim, dtype, *, backend=None):
-    """Per-bag adapter routing for pooled and plain lookups; see the reference op."""
-    return _implementation("segmented_lora_bag_delta", bag_adapter, backend)(layout, adapters, bag_adapter, out_dim, dtype)
+    """Per-bag adapter routing for pooled and plain lookups: :func:`reference.segmented_lora_bag_delta`
+    on every device (no Triton version yet)."""
+    op = _reference_only("segmented_lora_bag_delta", bag_adapter, backend)
+    return op(layout, adapters, bag_adapter, out_dim, dtype)

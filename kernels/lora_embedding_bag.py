@@ -64,6 +64,7 @@ import triton.language as tl
 
 from . import reference
 from .bags import BagLayout
+from .launch import DOT_MIN, INTERPRETING, padded_rank
 
 # ---------------------------------------------------------------------------------------------
 # Launch settings
@@ -73,7 +74,8 @@ DETERMINISTIC_ENV = "RECPEFT_DETERMINISTIC"
 # dB by a fixed-order two-stage sum: reproducible training for one extra tiny launch (see above).
 DETERMINISTIC_GRAD_B = True
 
-MIN_DOT = 16  # the GPU compiler refuses tl.dot dimensions under 16 (the interpreter does not)
+# DOT_MIN (the smallest tl.dot dimension), the rank padding and the interpreter flag are shared
+# with the other op files: kernels/launch.py.
 MAX_BLOCK_D = 256  # widest D-tile a forward program holds; wider tables take more tiles
 MAX_BLOCK_L = 32  # ids gathered per step: 32 rows × 128 fp32 columns = 16 KB in flight
 # Block sizes and program counts below are first estimates, not yet tuned on a GPU: the GPU
@@ -85,7 +87,7 @@ MAX_BLOCK_L = 32  # ids gathered per step: 32 rows × 128 fp32 columns = 16 KB i
 FORWARD_TARGET_PROGRAMS = 8192
 MAX_BAGS_PER_PROGRAM = 8
 IDS_PER_GRAD_A_PROGRAM = 128  # ids per dA-values program: [128, r] rows out, one coalesced store
-BAGS_PER_DOT = 16  # BLOCK_B, the K dimension of the dB tl.dot
+BAGS_PER_DOT = 16  # BLOCK_B, the K dimension of the dB tl.dot (at least DOT_MIN)
 # dB split: at most this many runs of bags (partials). A few waves on a 132-SM H100/H200; the
 # partials stay under 4·r·D·DB_TARGET_PROGRAMS bytes (4 MB at r=16, D=128).
 DB_TARGET_PROGRAMS = 512
@@ -96,7 +98,7 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Triton's interpreter casts fp32 → bf16 by truncation, the GPU rounds to nearest even; under the
 # interpreter the kernels round by hand so that their bf16 results are the GPU's (and dA stays
 # bit-identical to torch's).
-ROUND_BF16_BY_HAND = os.environ.get("TRITON_INTERPRET") == "1"
+ROUND_BF16_BY_HAND = INTERPRETING
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class LaunchSettings:
 
     block_d: int  # D-tile of the forward and dB kernels
     d_tiles: int  # D-tiles per bag: cdiv(D, block_d)
-    block_r: int  # r padded to a power of two ≥ MIN_DOT
+    block_r: int  # r padded to a power of two ≥ DOT_MIN (padded_rank)
     block_l: int  # ids per gather step in the forward
     bags_per_program: int  # consecutive bags per forward program
     num_warps: int
@@ -117,8 +119,8 @@ def launch_settings(dim: int, rank: int, num_ids: int, num_bags: int) -> LaunchS
     MAX_BLOCK_L) so short bags do not load masked rows; and runs of consecutive bags per
     forward program once the batch fills FORWARD_TARGET_PROGRAMS programs, so that B is loaded
     once per run instead of once per bag."""
-    block_d = max(MIN_DOT, min(triton.next_power_of_2(dim), MAX_BLOCK_D))
-    block_r = max(MIN_DOT, triton.next_power_of_2(rank))
+    block_d = max(DOT_MIN, min(triton.next_power_of_2(dim), MAX_BLOCK_D))
+    block_r = padded_rank(rank)
     mean_len = triton.cdiv(num_ids, max(num_bags, 1))
     block_l = min(triton.next_power_of_2(max(mean_len, 1)), MAX_BLOCK_L)
     bags_per_program = max(1, min(num_bags // FORWARD_TARGET_PROGRAMS, MAX_BAGS_PER_PROGRAM))
@@ -376,8 +378,8 @@ def lora_embedding_bag_forward(table, lora_A, lora_B, ids, offsets, weights, sca
     ids, offsets = ids.contiguous(), offsets.contiguous()
     weights = weights.contiguous() if weights is not None else None
     num_bags, (_, dim), rank = offsets.numel(), table.shape, lora_A.shape[1]
-    first = table if base_output is None else base_output
-    out_dtype = torch.promote_types(first.dtype, lora_A.dtype)
+    base_dtype = table.dtype if base_output is None else base_output.dtype
+    out_dtype = torch.promote_types(base_dtype, lora_A.dtype)
     if out is None:
         out = torch.empty(num_bags, dim, dtype=out_dtype, device=table.device)
     if pooled is None:

@@ -24,16 +24,16 @@ Two routes compute it (DESIGN.md; :class:`~.reference.LinearRoute`):
   from the dY tiles the GEMM loads anyway, and dA accumulates s·vᵀ·d(x) from the x tile at the
   dX tile's position. u (forward) and v (backward) are either *folded* into the GEMM's reduction
   loop (every output tile of a row block recomputes them: 2·M·K·r flops per extra tile, no extra
-  bytes) or made by a separate row-block pass (one more read of x or dY); :func:`fold_rank_product`
-  picks by the cost model below. Dropout forces the separate pass in forward (the mask would be
-  drawn once per output tile otherwise).
+  bytes) or made by the separate skinny-products kernel (one more read of x or dY);
+  :func:`fold_rank_product` picks by the cost model below. Dropout forces the separate pass in
+  forward (the mask would be drawn once per output tile otherwise).
 * **Merge** (p = 0 only). y = x·(W + s·B·A)ᵀ + b exactly: form W' = W + s·B·A (K·N·r
   multiply-adds, r/M of the GEMM) and run the library GEMM (cuBLAS / MKL) forward and for
   dX = dY·W'. W' is formed again in backward rather than saved (a K×N buffer per layer held until
-  backward would double the frozen weight's memory). One Triton row-block kernel makes the
-  skinny products: per block of rows it computes u = x·Aᵀ, then in one pass over dY both v = dY·B
-  and dB += s·dYᵀ·u, then dA += s·vᵀ·x — x and dY are each read once (x twice, the second time
-  from L2 when a row block fits).
+  backward would double the frozen weight's memory). One Triton kernel makes the skinny
+  products (``_skinny_products_kernel``): per block of rows it computes u = x·Aᵀ, then in one
+  pass over dY both v = dY·B and dB += s·dYᵀ·u, then dA += s·vᵀ·x — x and dY are each read once
+  (x twice, the second time from L2 when a row block fits).
 
 dA, dB and db are sums over rows; every program adds its rows' share into float32 buffers with
 ``tl.atomic_add`` (coalesced: the [BLOCK, r] and [r, BLOCK] tiles are contiguous), which are then
@@ -56,7 +56,6 @@ DESIGN.md for the two routes.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -64,16 +63,18 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import DOT_MIN, INTERPRETING, padded_rank
 from .reference import LinearRoute
 
 # ---------------------------------------------------------------------------------------------
 # Constants
 # ---------------------------------------------------------------------------------------------
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-DOT_MIN = 16  # the GPU compiler refuses tl.dot with a dimension below 16: r is padded to this
+# The interpreter flag, DOT_MIN and the rank padding (padded_rank) are shared with the other op
+# files: kernels/launch.py.
 INT32_LIMIT = 2**31  # W offsets are int32 (row offsets of x, dY, y, dX are int64)
+# Dropout seeds are drawn below this: Triton passes a Python int under 2^31 as int32, so every
+# seed runs the same compiled kernel (the seed is not specialised on either).
 SEED_LIMIT = 2**31 - 1
 _UPCAST_BF16_DOTS = tl.constexpr(INTERPRETING)  # see _dot
 
@@ -156,7 +157,7 @@ def _keep_scale_kernel(out_ptr, M, K, p, seed, BLOCK: tl.constexpr):
 def _forward_kernel(
     # pointers: inputs, then outputs
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr,
-    u_ptr,  # [M, R] float32: read (FOLD_SHRINK off) or written by column tile 0 (STORE_U)
+    u_ptr,  # [M, R] float32: read (FOLD_SHRINK off) or written by column tile 0 (FOLD_SHRINK on)
     y_ptr,
     # sizes and scalars
     M, N, K, R,
@@ -165,12 +166,12 @@ def _forward_kernel(
     # strides (elements)
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym,
     # modes
-    HAS_BIAS: tl.constexpr, FOLD_SHRINK: tl.constexpr, STORE_U: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FOLD_SHRINK: tl.constexpr, DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr,
     # tiles (autotuned)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y tile = x·Wᵀ + s·u·Bᵀ + b, stored once; u = x·Aᵀ folded into the loop over K or loaded."""
+    """y tile = x·Wᵀ + s·u·Bᵀ + b, stored once; u = x·Aᵀ folded into the loop over K (and stored
+    for backward by column tile 0) or loaded."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -195,9 +196,8 @@ def _forward_kernel(
     u_ptrs = u_ptr + rows[:, None] * R + ranks[None, :]
     u_mask = row_ok[:, None] & rank_ok[None, :]
     if FOLD_SHRINK:
-        if STORE_U:
-            if pid_n == 0:  # one column tile per row block writes u
-                tl.store(u_ptrs, u, mask=u_mask)
+        if pid_n == 0:  # one column tile per row block writes u
+            tl.store(u_ptrs, u, mask=u_mask)
     else:
         u = tl.load(u_ptrs, mask=u_mask, other=0.0)
     bt_tile = tl.load(b_ptr + ranks[:, None] * stride_br + cols[None, :] * stride_bn,
@@ -214,8 +214,8 @@ def _grad_x_kernel(
     # pointers: inputs
     dy_ptr, w_ptr, a_ptr, b_ptr,
     v_ptr,  # [M, R] float32 v = dY·B, read when FOLD_V is off
-    u_ptr,  # [M, R] float32 u from forward (GRADS_AB)
-    x_ptr,  # x (GRADS_AB)
+    u_ptr,  # [M, R] float32 u from forward (FOLD_V)
+    x_ptr,  # x (FOLD_V)
     # pointers: outputs (da, db, dbias are float32 accumulators, zero on entry)
     dx_ptr, da_ptr, db_ptr, dbias_ptr,
     # sizes and scalars
@@ -226,14 +226,15 @@ def _grad_x_kernel(
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_xm, stride_xk, stride_dxm,
     # modes
-    FOLD_V: tl.constexpr, GRADS_AB: tl.constexpr, HAS_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    FOLD_V: tl.constexpr, HAS_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr,
     # tiles (autotuned)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dX tile = dY·W + s·(v·A) ⊙ m, stored once; v = dY·B folded into the loop over N (FOLD_V)
-    or loaded. GRADS_AB (needs FOLD_V): dB += s·dYᵀ·u over this program's share of the N chunks
-    (chunk j goes to column tile j mod the number of column tiles), db += Σ dY likewise, and
+    or loaded. With FOLD_V the kernel also makes the adapter's gradients (else the skinny-products
+    kernel has): dB += s·dYᵀ·u over this program's share of the N chunks (chunk j goes to column
+    tile j mod the number of column tiles), db += Σ dY likewise (HAS_DBIAS), and
     dA[:, cols] += s·vᵀ·d(x) from the x tile under the dX tile."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -243,7 +244,7 @@ def _grad_x_kernel(
     dtype = dy_ptr.dtype.element_ty
     col_tiles = tl.cdiv(K, BLOCK_K)
 
-    if GRADS_AB:
+    if FOLD_V:
         su = tl.load(u_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         su = (su * scale).to(dtype)  # s·u [BLOCK_M, R_PAD]
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -260,8 +261,7 @@ def _grad_x_kernel(
             b_tile = tl.load(b_ptr + ns[:, None] * stride_bn + ranks[None, :] * stride_br,
                              mask=n_ok[:, None] & rank_ok[None, :], other=0.0)  # B [BLOCK_N, R_PAD]
             v = _dot(dy_tile, b_tile, v, DOT_PRECISION)
-        if GRADS_AB:
-            if (n0 // BLOCK_N) % col_tiles == pid_k:
+            if (n0 // BLOCK_N) % col_tiles == pid_k:  # this program's share of dB and db
                 db_part = _dot(tl.trans(dy_tile), su, None, DOT_PRECISION)  # [BLOCK_N, R_PAD]
                 tl.atomic_add(db_ptr + ns[:, None] * R + ranks[None, :], db_part,
                               mask=n_ok[:, None] & rank_ok[None, :])
@@ -281,7 +281,7 @@ def _grad_x_kernel(
     tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
-    if GRADS_AB:
+    if FOLD_V:
         x_drop = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                          mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if DROPOUT:
@@ -291,7 +291,7 @@ def _grad_x_kernel(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _rank_kernel(
+def _skinny_products_kernel(
     # pointers: inputs
     x_ptr, a_ptr, dy_ptr, b_ptr,
     # pointers: u [M, R] float32 (written with STORE_U, read without COMPUTE_U), v [M, R] float32
@@ -383,22 +383,28 @@ GRAD_X_CONFIGS = [
     _gemm_config(128, 64, 64, 4, 4),
     _gemm_config(64, 128, 64, 4, 4),
 ]
-# Row-block kernel: 32-row blocks keep M=8192 at 256 programs (two per SM); larger blocks
+# Skinny-products kernel: 32-row blocks keep M=8192 at 256 programs (two per SM); larger blocks
 # halve the atomic adds per row.
-RANK_CONFIGS = [
+SKINNY_PRODUCTS_CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_C": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_C": 64}, num_warps=8, num_stages=3),
 ]
 # The interpreter cannot time configs (autotune needs a GPU driver then) and is slow on big
-# tiles: one small config, whose 16-wide tiles still give the tests several tiles per matrix.
+# tiles: one small config per kernel, whose tiles still give the tests (matrices up to 48 wide)
+# several tiles per matrix.
+INTERPRETER_TILE = DOT_MIN
 INTERPRETER_CONFIGS = {
-    "forward": _gemm_config(16, 16, 16, 4, 1),
-    "grad_x": _gemm_config(16, 16, 16, 4, 1),
-    "rank": triton.Config({"BLOCK_M": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1),
+    "forward": _gemm_config(INTERPRETER_TILE, INTERPRETER_TILE, INTERPRETER_TILE, 4, 1),
+    "grad_x": _gemm_config(INTERPRETER_TILE, INTERPRETER_TILE, INTERPRETER_TILE, 4, 1),
+    "skinny_products": triton.Config({"BLOCK_M": INTERPRETER_TILE, "BLOCK_C": INTERPRETER_TILE}, num_warps=4,
+                                     num_stages=1),
 }
-KERNEL_CONFIGS = {"forward": FORWARD_CONFIGS, "grad_x": GRAD_X_CONFIGS, "rank": RANK_CONFIGS}
+KERNEL_CONFIGS = {"forward": FORWARD_CONFIGS, "grad_x": GRAD_X_CONFIGS, "skinny_products": SKINNY_PRODUCTS_CONFIGS}
 _ACCUMULATORS = ["da_ptr", "db_ptr", "dbias_ptr"]  # zeroed between the autotuner's timing runs
+# The mask kernel (tests and the GPU suite's checks only): square blocks of this many rows and
+# columns; elementwise, so any size is right and this one is not tuned.
+KEEP_SCALE_BLOCK = 64
 
 
 def _tuned(name, kernel, key, reset_to_zero=None):
@@ -406,11 +412,12 @@ def _tuned(name, kernel, key, reset_to_zero=None):
     return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)(kernel)
 
 
-_KERNELS = {"forward": _forward_kernel, "grad_x": _grad_x_kernel, "rank": _rank_kernel}
+_KERNELS = {"forward": _forward_kernel, "grad_x": _grad_x_kernel, "skinny_products": _skinny_products_kernel}
 _TUNED = {
     "forward": _tuned("forward", _forward_kernel, ["M_BUCKET", "N", "K", "R_PAD", "FOLD_SHRINK"]),
-    "grad_x": _tuned("grad_x", _grad_x_kernel, ["M_BUCKET", "N", "K", "R_PAD", "FOLD_V", "GRADS_AB"], _ACCUMULATORS),
-    "rank": _tuned("rank", _rank_kernel, ["M_BUCKET", "N", "K", "R_PAD", "COMPUTE_U", "BACKWARD"], _ACCUMULATORS),
+    "grad_x": _tuned("grad_x", _grad_x_kernel, ["M_BUCKET", "N", "K", "R_PAD", "FOLD_V"], _ACCUMULATORS),
+    "skinny_products": _tuned("skinny_products", _skinny_products_kernel,
+                              ["M_BUCKET", "N", "K", "R_PAD", "COMPUTE_U", "BACKWARD"], _ACCUMULATORS),
 }
 
 
@@ -424,16 +431,13 @@ def _launch(name: str, grid, configs: dict | None, **args):
         _KERNELS[name][grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _rank_pad(r: int) -> int:
-    return max(DOT_MIN, triton.next_power_of_2(r))
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
 
 
 def _shape_args(m: int, r: int, dtype: torch.dtype) -> dict:
-    return {"M_BUCKET": triton.next_power_of_2(max(m, 1)), "R_PAD": _rank_pad(r), "DOT_PRECISION": _dot_precision(dtype)}
+    return {"M_BUCKET": triton.next_power_of_2(max(m, 1)), "R_PAD": padded_rank(r),
+            "DOT_PRECISION": _dot_precision(dtype)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,13 +462,13 @@ def _fold_seconds(m: int, reduce_dim: int, out_dim: int, r: int) -> float:
     """Extra time of folding a rank product over ``reduce_dim`` into a GEMM with ``out_dim``
     output columns: every column tile after the first recomputes it."""
     extra_tiles = triton.cdiv(out_dim, MODEL_OUTPUT_TILE) - 1
-    return _flop_seconds(2.0 * m * reduce_dim * _rank_pad(r) * extra_tiles)
+    return _flop_seconds(2.0 * m * reduce_dim * padded_rank(r) * extra_tiles)
 
 
 def fold_rank_product(m: int, reduce_dim: int, out_dim: int, r: int, elt: int) -> bool:
     """Fold u = x·Aᵀ (forward: reduce over K, N output columns) or v = dY·B (dX: reduce over N,
     K output columns) into the GEMM, rather than a separate pass over the M×reduce_dim operand?"""
-    if _rank_pad(r) > MAX_FOLDED_RANK:
+    if padded_rank(r) > MAX_FOLDED_RANK:
         return False
     return _fold_seconds(m, reduce_dim, out_dim, r) < _pass_seconds(m * reduce_dim * elt)
 
@@ -511,7 +515,7 @@ def draw_dropout_seed() -> int:
 def dropout_keep_scale(seed: int, m: int, k: int, p: float, device) -> torch.Tensor:
     """m [M, K] float32: keep/(1 − p) exactly as the kernels draw it for ``seed``."""
     out = torch.empty(m, k, dtype=torch.float32, device=device)
-    block = INTERPRETER_CONFIGS["rank"].kwargs["BLOCK_M"] if INTERPRETING else 64
+    block = INTERPRETER_TILE if INTERPRETING else KEEP_SCALE_BLOCK
     if out.numel():
         _keep_scale_kernel[(triton.cdiv(m, block), triton.cdiv(k, block))](out, m, k, float(p), seed, BLOCK=block)
     return out
@@ -541,7 +545,8 @@ def _output(out: torch.Tensor | None, shape, like: torch.Tensor, dtype=None) -> 
     if out is None:
         return torch.empty(shape, dtype=dtype, device=like.device)
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"preallocated output must be contiguous {dtype} {tuple(shape)}, got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(f"preallocated output must be contiguous {dtype} {tuple(shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
     return out
 
 
@@ -552,7 +557,8 @@ def merged_weight(weight, lora_A, lora_B, scale: float) -> torch.Tensor:
 
 def lora_linear_forward(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float = 0.0, seed: int = 0,
                         route: LinearRoute = LinearRoute.EPILOGUE, fold: bool | None = None,
-                        out: torch.Tensor | None = None, u_out: torch.Tensor | None = None, configs: dict | None = None):
+                        out: torch.Tensor | None = None, u_out: torch.Tensor | None = None,
+                        configs: dict | None = None):
     """y = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ for x [M, K]. Returns (y [M, N], u [M, r] float32), u None
     on the merge route. ``fold`` None lets :func:`fold_rank_product` decide; ``out``/``u_out``
     are optional preallocated outputs; ``configs`` maps kernel names to fixed triton.Configs."""
@@ -571,30 +577,33 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scale: float, dropout_p
         raise ValueError("dropout draws its mask in the separate shrink pass; fold=True needs dropout_p=0")
     shape = _shape_args(m, r, x.dtype)
     if not fold:
-        _rank(x, lora_A, None, lora_B, u, None, None, None, None, scale, dropout_p, seed,
-              compute_u=True, store_u=True, backward=False, configs=configs)
+        _skinny_products(x, lora_A, None, lora_B, u, None, None, None, None, scale, dropout_p, seed,
+                         compute_u=True, store_u=True, backward=False, configs=configs)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _launch("forward", grid, configs,
-            x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else u, a_ptr=lora_A, b_ptr=lora_B, u_ptr=u, y_ptr=y,
+            x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else u, a_ptr=lora_A, b_ptr=lora_B, u_ptr=u,
+            y_ptr=y,
             M=m, N=n, K=k, R=r, scale=float(scale),
             stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-            stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1), stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
-            stride_ym=y.stride(0), HAS_BIAS=bias is not None, FOLD_SHRINK=fold, STORE_U=True, **shape)
+            stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1), stride_bn=lora_B.stride(0),
+            stride_br=lora_B.stride(1), stride_ym=y.stride(0), HAS_BIAS=bias is not None, FOLD_SHRINK=fold, **shape)
     return y, u
 
 
-def _rank(x, lora_A, grad_y, lora_B, u, v, grad_a, grad_b, grad_bias, scale, p, seed, *,
-          compute_u: bool, store_u: bool, backward: bool, configs):
-    """Launch the row-block kernel; unused pointers get a 1-element placeholder."""
+def _skinny_products(x, lora_A, grad_y, lora_B, u, v, grad_a, grad_b, grad_bias, scale, p, seed, *,
+                     compute_u: bool, store_u: bool, backward: bool, configs):
+    """Launch the skinny-products kernel (u; with ``backward`` v, dA, dB, db); unused pointers get a
+    1-element placeholder."""
     m, k = x.shape
     r, n = lora_A.shape[0], lora_B.shape[0]
-    spare = torch.zeros(1, dtype=torch.float32, device=x.device)
+    placeholder = torch.zeros(1, dtype=torch.float32, device=x.device)
     dy = grad_y if grad_y is not None else x
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    _launch("rank", grid, configs,
+    _launch("skinny_products", grid, configs,
             x_ptr=x, a_ptr=lora_A, dy_ptr=dy, b_ptr=lora_B, u_ptr=u,
-            v_ptr=v if v is not None else spare, da_ptr=grad_a if grad_a is not None else spare,
-            db_ptr=grad_b if grad_b is not None else spare, dbias_ptr=grad_bias if grad_bias is not None else spare,
+            v_ptr=v if v is not None else placeholder, da_ptr=grad_a if grad_a is not None else placeholder,
+            db_ptr=grad_b if grad_b is not None else placeholder,
+            dbias_ptr=grad_bias if grad_bias is not None else placeholder,
             M=m, N=n, K=k, R=r, scale=float(scale), p=float(p), seed=seed,
             stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
             stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
@@ -607,29 +616,31 @@ def _grad_x(grad_y, weight, lora_A, lora_B, v, u, x, grad_x, grad_a, grad_b, gra
     """Launch the dX GEMM; with ``fold_v`` it also accumulates dA, dB (and db) from u and x."""
     m, n = grad_y.shape
     k, r = grad_x.shape[1], lora_A.shape[0]
-    spare = torch.zeros(1, dtype=torch.float32, device=grad_y.device)
+    placeholder = torch.zeros(1, dtype=torch.float32, device=grad_y.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
     _launch("grad_x", grid, configs,
-            dy_ptr=grad_y, w_ptr=weight, a_ptr=lora_A, b_ptr=lora_B, v_ptr=v if v is not None else spare,
+            dy_ptr=grad_y, w_ptr=weight, a_ptr=lora_A, b_ptr=lora_B, v_ptr=v if v is not None else placeholder,
             u_ptr=u, x_ptr=x, dx_ptr=grad_x, da_ptr=grad_a, db_ptr=grad_b,
-            dbias_ptr=grad_bias if grad_bias is not None else spare,
+            dbias_ptr=grad_bias if grad_bias is not None else placeholder,
             M=m, N=n, K=k, R=r, scale=float(scale), p=float(p), seed=seed,
             stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1), stride_wn=weight.stride(0),
             stride_wk=weight.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
             stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), stride_xm=x.stride(0), stride_xk=x.stride(1),
-            stride_dxm=grad_x.stride(0), FOLD_V=fold_v, GRADS_AB=fold_v,
-            HAS_DBIAS=fold_v and grad_bias is not None, DROPOUT=p > 0, **_shape_args(m, r, grad_y.dtype))
+            stride_dxm=grad_x.stride(0), FOLD_V=fold_v, HAS_DBIAS=fold_v and grad_bias is not None, DROPOUT=p > 0,
+            **_shape_args(m, r, grad_y.dtype))
 
 
 def lora_linear_backward(grad_y, x, u, weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0, seed: int = 0,
                          route: LinearRoute = LinearRoute.EPILOGUE, fold: bool | None = None, need_x: bool = True,
-                         need_bias: bool = False, out: LoraGrads | None = None, configs: dict | None = None) -> LoraGrads:
+                         need_bias: bool = False, out: LoraGrads | None = None,
+                         configs: dict | None = None) -> LoraGrads:
     """dX, dA, dB (and db with ``need_bias``) for dY [M, N] and the forward's x [M, K] and u
     (epilogue route; None on the merge route). ``fold`` None lets the cost model decide whether
     the dX GEMM makes v itself; ``out`` holds optional preallocated outputs."""
     m, k, n, r = _check_operands(x, weight, None, lora_A, lora_B)
     if grad_y.shape != (m, n) or grad_y.stride(-1) != 1 or grad_y.dtype != x.dtype:
-        raise ValueError(f"grad_y must be {x.dtype} [{m}, {n}] with unit column stride, got {grad_y.dtype} {tuple(grad_y.shape)}")
+        raise ValueError(f"grad_y must be {x.dtype} [{m}, {n}] with unit column stride, "
+                         f"got {grad_y.dtype} {tuple(grad_y.shape)}")
     out = out or LoraGrads()
     acc_a = torch.zeros(r, k, dtype=torch.float32, device=x.device)
     acc_b = torch.zeros(n, r, dtype=torch.float32, device=x.device)
@@ -641,8 +652,8 @@ def lora_linear_backward(grad_y, x, u, weight, lora_A, lora_B, scale: float, dro
         if need_x:
             torch.mm(grad_y, merged_weight(weight, lora_A, lora_B, scale), out=grad_x)
         u = torch.empty(m, r, dtype=torch.float32, device=x.device)  # made and used inside the kernel only
-        _rank(x, lora_A, grad_y, lora_B, u, None, acc_a, acc_b, acc_bias, scale, 0.0, seed,
-              compute_u=True, store_u=False, backward=True, configs=configs)
+        _skinny_products(x, lora_A, grad_y, lora_B, u, None, acc_a, acc_b, acc_bias, scale, 0.0, seed,
+                         compute_u=True, store_u=False, backward=True, configs=configs)
     elif m > 0:
         if u is None or u.shape != (m, r) or u.dtype != torch.float32:
             raise ValueError("the epilogue route's backward needs the forward's u [M, r] float32")
@@ -653,8 +664,8 @@ def lora_linear_backward(grad_y, x, u, weight, lora_A, lora_B, scale: float, dro
                     fold_v=True, configs=configs)
         else:
             v = torch.empty(m, r, dtype=torch.float32, device=x.device) if need_x else None
-            _rank(x, lora_A, grad_y, lora_B, u, v, acc_a, acc_b, acc_bias, scale, dropout_p, seed,
-                  compute_u=False, store_u=False, backward=True, configs=configs)
+            _skinny_products(x, lora_A, grad_y, lora_B, u, v, acc_a, acc_b, acc_bias, scale, dropout_p, seed,
+                             compute_u=False, store_u=False, backward=True, configs=configs)
             if need_x:
                 _grad_x(grad_y, weight, lora_A, lora_B, v, u, x, grad_x, acc_a, acc_b, None, scale, dropout_p, seed,
                         fold_v=False, configs=configs)

@@ -117,11 +117,13 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_a = (v.t() @ x_d).mul_(s)
         if need_b_lora:
             u = F.linear(x_d, lora_A)  # [M, r]
-            grad_b = (u.t() @ g).mul_(s).t().contiguous()  # (uᵀ·dY)ᵀ: MKL runs this layout far faster than dYᵀ·u
+            # (uᵀ·dY)ᵀ: MKL runs this layout far faster than dYᵀ·u
+            grad_b = (u.t() @ g).mul_(s).t().contiguous()
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float = 0.0, route: LinearRoute | None = None):
+def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float = 0.0,
+                route: LinearRoute | None = None):
     """y = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ for x of any leading shape [..., K]; ``dropout_p`` is the
     active dropout probability (0 in eval mode)."""
     if route is None:
@@ -136,7 +138,8 @@ class LoraPooledDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lora_A, lora_B, base, ids, bag_of_id, offsets, weights, scale: float):
-        pooled = pooled_rank_space(lora_A.detach(), ids, offsets, weights)  # [nb, r]; detached: torch's forward-only path
+        # [nb, r]; detached: torch's forward-only path
+        pooled = pooled_rank_space(lora_A.detach(), ids, offsets, weights)
         ctx.save_for_backward(ids, bag_of_id, weights, pooled, lora_B)
         ctx.scale, ctx.table_shape = scale, lora_A.shape
         ctx.base_dtype = base.dtype if base is not None else None
@@ -181,8 +184,10 @@ def lora_embedding_bag(table, layout: BagLayout, lora_A, lora_B, scale: float, b
     own result when the caller has it (the LoRA layer passes it so that a zero adapter leaves the
     base output bit for bit); otherwise it is pooled from ``layout``."""
     if base_output is None:
-        base_output = F.embedding_bag(layout.ids, table, layout.offsets, mode="sum", per_sample_weights=layout.weights) \
+        base_output = (
+            F.embedding_bag(layout.ids, table, layout.offsets, mode="sum", per_sample_weights=layout.weights)
             if layout.num_bags else table.new_zeros(0, table.shape[1])
+        )
     return lora_bag_delta(layout, lora_A, lora_B, scale, base_output)
 
 
@@ -256,7 +261,8 @@ def select_bags(layout: BagLayout, bags: torch.Tensor, id_rows: torch.Tensor) ->
                      weights, bags.numel())
 
 
-def segmented_lora_bag_delta(layout: BagLayout, adapters: list[AdapterWeights | None], bag_adapter, out_dim: int, dtype):
+def segmented_lora_bag_delta(layout: BagLayout, adapters: list[AdapterWeights | None], bag_adapter, out_dim: int,
+                             dtype):
     """delta_j = s_a·(Σ w_i·A_a[i])·B_a with a = bag_adapter[j] (zero for −1): [nb, D]."""
     delta = torch.zeros(layout.num_bags, out_dim, dtype=dtype, device=bag_adapter.device)
     id_groups = dict(group_by_adapter(bag_adapter.index_select(0, layout.bag_of_id), len(adapters)))

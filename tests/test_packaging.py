@@ -32,11 +32,17 @@ def test_built_wheel_carries_and_imports_recpeft_kernels(tmp_path):
     wheel = next((tmp_path / "dist").glob("recpeft-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "recpeft/kernels/reference.py" in names and "recpeft/cli/main.py" in names
+    # every Triton module dispatch imports, and the launch constants they share, ship too
+    from recpeft.kernels import dispatch
+
+    for module in {*dispatch.TRITON_MODULES.values(), "launch"}:
+        assert f"recpeft/kernels/{module}.py" in names, module
     assert not any(n.startswith("kernels/") for n in names)
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
     probe = ("import sys; sys.path.insert(0, sys.argv[1]); import recpeft.kernels.reference as r; "
              "print(r.__file__)")
-    out = subprocess.run([sys.executable, "-c", probe, str(site)], cwd=tmp_path, check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", probe, str(site)], cwd=tmp_path, check=True, capture_output=True,
+                         text=True)
     assert Path(out.stdout.strip()) == site / "recpeft" / "kernels" / "reference.py"

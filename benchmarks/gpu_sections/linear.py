@@ -1,7 +1,7 @@
 """GPU section: the fused LoRA linear (kernels/lora_linear.py).
 
 First checks every path of the op — merge route; epilogue route with u and v folded into the
-GEMMs or made by the row-block kernel; dropout — against the float64 formula on CUDA, with every
+GEMMs or made by the skinny-products kernel; dropout — against the float64 formula on CUDA, with every
 config the autotuner can pick forced in turn, at each timed shape's K, N, r (so the autotuner's
 later compiles are the checked ones) and at one ragged shape; raises on any mismatch, so nothing
 is timed then. Then times, side by side, bf16, dropout 0, M×K → N at rank r:
@@ -22,7 +22,7 @@ with the rate and bandwidth measured by the suite. The fewest bytes each op must
 rank-r product pair for LoRA (forward u and s·u·Bᵀ; backward v, s·v·A, dA, dB). The rows the
 op's cost model would run are starred (``model_pick``); each route is timed either way.
 
-Targets (issue 3, H200): fused fwd+bwd ≤ 1.10x base at 65536×512→512 r16 and ≤ 1.05x at
+Targets (H200): fused fwd+bwd ≤ 1.10x base at 65536×512→512 r16 and ≤ 1.05x at
 8192×4096→4096 r16; ≥ 1.8x faster than unfused at 65536×512→512 r16; fused forward ≤ 1.05x the
 base forward. "fused" is the route the op's cost model picks; every route is timed beside it.
 """
@@ -62,10 +62,9 @@ TARGET_FWD = 1.05
 
 
 def _op_module():
-    op = dispatch.triton_op("lora_linear")
-    if op is None:
-        raise RuntimeError("kernels/lora_linear.py (or triton) could not be imported")
-    return sys.modules[op.__module__]
+    """The Triton module of the op, found the way dispatch finds it (ImportError naming the module
+    when it does not import)."""
+    return sys.modules[dispatch.triton_op("lora_linear").__module__]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ GPU is present.
 """
 
 import importlib
-import os
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from recpeft.kernels import BagLayout, bag_layout, dispatch, reference, unpooled_layout
+from recpeft.kernels.launch import DOT_MIN, INTERPRETING
 from recpeft.layers import LoraEmbedding, LoraEmbeddingBag
 
 from reference_math import leaf64, naive_bag
@@ -24,10 +24,9 @@ from reference_math import leaf64, naive_bag
 # The Triton module, found the way dispatch finds it.
 fused = sys.modules[dispatch.triton_op("lora_embedding_bag").__module__]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
-        not INTERPRET,
+        not INTERPRETING,
         reason="Triton runs CPU tensors only under TRITON_INTERPRET=1, which conftest sets on machines without CUDA")),
     pytest.param("cuda", marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="no CUDA GPU on this machine: the CUDA runs of these tests need one")),
@@ -439,7 +438,7 @@ def test_every_tl_dot_dimension_is_at_least_16(rank, dim):
     """The interpreter accepts tl.dot with a dimension under 16; the GPU compiler refuses it. The
     dB dot is [block_r, BAGS_PER_DOT]·[BAGS_PER_DOT, block_d]."""
     cfg = fused.launch_settings(dim, rank, num_ids=100, num_bags=10)
-    assert min(cfg.block_r, cfg.block_d, fused.BAGS_PER_DOT) >= fused.MIN_DOT == 16
+    assert min(cfg.block_r, cfg.block_d, fused.BAGS_PER_DOT) >= DOT_MIN == 16
     assert cfg.block_r >= rank and cfg.block_d * cfg.d_tiles >= dim
     assert all(x & (x - 1) == 0 for x in (cfg.block_r, cfg.block_d, cfg.block_l))
 
@@ -484,7 +483,7 @@ def test_layers_go_through_the_triton_op_under_recpeft_backend_triton(device, mo
              (emb, (ids.to(device),), True), (emb_pad, (ids.to(device),), False)]
     for layer, args, fuses_base in cases:
         base_calls = []
-        hook = layer.base_layer.register_forward_hook(lambda *_: base_calls.append(1))
+        hook = layer.base_layer.register_forward_hook(lambda *_, seen=base_calls: seen.append(1))
         num_out = layer.base_layer(*args).shape
         base_calls.clear()
         dy = torch.randn(num_out, generator=g).to(device)

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from recpeft.kernels.launch import INTERPRETING
 from recpeft.kernels.reference import LinearRoute
 from recpeft.layers import LoraLinear
 
@@ -27,7 +28,7 @@ ops = importlib.import_module(OP_MODULE)
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
-        not ops.INTERPRETING,
+        not INTERPRETING,
         reason="Triton runs CPU tensors only under TRITON_INTERPRET=1, which conftest sets on machines without CUDA")),
     pytest.param("cuda", marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU runs use the Triton interpreter")),
@@ -109,7 +110,8 @@ def run_launchers(inp, route, fold_fwd, fold_bwd, p, seed, need_bias, configs=No
     y, u = ops.lora_linear_forward(x, inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], SCALE, p, seed,
                                    route, fold_fwd, out=poisoned((m, n), dtype, device), u_out=u_out, configs=configs)
     out = ops.LoraGrads(x=poisoned((m, k), dtype, device), lora_A=poisoned((r, k), dtype, device),
-                        lora_B=poisoned((n, r), dtype, device), bias=poisoned((n,), dtype, device) if need_bias else None)
+                        lora_B=poisoned((n, r), dtype, device),
+                        bias=poisoned((n,), dtype, device) if need_bias else None)
     grads = ops.lora_linear_backward(inp["grad_y"], x, u, inp["weight"], inp["lora_A"], inp["lora_B"], SCALE, p, seed,
                                      route, fold_bwd, need_x=True, need_bias=need_bias, out=out, configs=configs)
     return y, u, grads
@@ -193,7 +195,7 @@ def test_every_gpu_config(device, kernel):
     the interpreter, bigger tiles than the tests' usual 16)."""
     paths = {"forward": [(LinearRoute.EPILOGUE, True, True)], "grad_x": [(LinearRoute.EPILOGUE, True, True),
                                                                           (LinearRoute.EPILOGUE, False, False)],
-             "rank": [(LinearRoute.MERGE, None, None)]}[kernel]
+             "skinny_products": [(LinearRoute.MERGE, None, None)]}[kernel]
     for i, config in enumerate(ops.KERNEL_CONFIGS[kernel]):
         inp = make_inputs(70, 37, 45, 6, torch.bfloat16, device, seed=i)
         for route, fold_fwd, fold_bwd in paths:
