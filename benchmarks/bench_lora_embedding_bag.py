@@ -18,11 +18,12 @@ Before anything is timed: recpeft and unfused give the same output and the same 
 gradient Σ g over each id's bags.
 
 Memory: the backward of (b) at V=250,000 and V=2,000,000, each in a fresh subprocess
-(``python benchmarks/bench_lora_embedding_bag.py --memory-probe V``). The probe builds the model,
-runs one warm-up step, runs the forward, then resets the resident-set high-water mark
-(/proc/self/clear_refs) and records how far the backward raises it above the resident set before
-it. glibc is told to serve every allocation over 128 KiB by mmap (MALLOC_MMAP_THRESHOLD_), so
-freed blocks leave the resident set and the high-water mark is the backward's true peak.
+(``python benchmarks/bench_lora_embedding_bag.py --memory-probe V``), measured with
+:mod:`recpeft.utils.memory_probe`. The probe builds the model, runs one warm-up step, runs the
+forward, then resets the resident-set high-water mark (/proc/self/clear_refs) and records how far
+the backward raises it above the resident set before it. glibc is told to serve every allocation
+over 128 KiB by mmap (MALLOC_MMAP_THRESHOLD_), so freed blocks leave the resident set and the
+high-water mark is the backward's true peak.
 A dense V×r gradient of A would add V·r·4 bytes: 8 MB at 250k, 64 MB at 2M.
 
 Target (reported, not asserted): recpeft/frozen ≤ 1.6x. Asserted: the backward's extra memory
@@ -32,11 +33,7 @@ does not grow with V.
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from recpeft import LoraConfig, get_peft_model
+from recpeft.utils.memory_probe import MALLOC_MMAP_THRESHOLD, can_measure_memory, resident_growth, run_json_subprocesses
+from recpeft.utils.tensor_bytes import tensor_bytes
 
 V, D, R, ALPHA = 1_000_000, 64, 8, 16
 NUM_BAGS, BAG_LEN = 4096, 20
@@ -200,11 +199,6 @@ def test_lora_embedding_bag_interleaved(request, bench, report, case):
 # ---- backward memory, independent of V -----------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    return int(match.group(1))
-
-
 def memory_probe(num_embeddings: int) -> dict:
     """Run in a fresh process: the resident memory the backward of (b) adds, in bytes."""
     torch.manual_seed(0)
@@ -216,36 +210,26 @@ def memory_probe(num_embeddings: int) -> dict:
     (peft(ids, offsets) * g).sum().backward()  # warm-up: one-time allocations of the libraries
     lora_A.grad = lora_B.grad = None
     loss = (peft(ids, offsets) * g).sum()
-    rss_before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    loss.backward()
-    hwm = _status_kib("VmHWM")
-    rss_after = _status_kib("VmRSS")
+    _, peak_extra, retained = resident_growth(loss.backward)
     grad = lora_A.grad
-    grad_bytes = (grad._indices().numel() * grad._indices().element_size()
-                  + grad._values().numel() * grad._values().element_size()) if grad.is_sparse else \
-        grad.numel() * grad.element_size()
     return {
         "V": num_embeddings,
-        "backward_peak_extra_bytes": (hwm - rss_before) * 1024,
-        "backward_retained_bytes": (rss_after - rss_before) * 1024,
+        "backward_peak_extra_bytes": peak_extra,
+        "backward_retained_bytes": retained,
         "grad_A_sparse": grad.is_sparse,
-        "grad_A_bytes": grad_bytes,
+        "grad_A_bytes": tensor_bytes(grad),
         "dense_grad_A_bytes": num_embeddings * R * 4,
     }
 
 
 def run_memory_probe(num_embeddings: int) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    done = subprocess.run([sys.executable, __file__, "--memory-probe", str(num_embeddings)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"memory probe at V={num_embeddings} failed:\n{done.stderr[-3000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """:func:`memory_probe` in a fresh process."""
+    return run_json_subprocesses([[sys.executable, __file__, "--memory-probe", str(num_embeddings)]], timeout=300)[0]
 
 
 def test_backward_memory_independent_of_V(request, bench, report):
     bench.skip_if_not_timing(request.config)
-    if not Path("/proc/self/clear_refs").exists():
+    if not can_measure_memory():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the resident-set high-water mark")
     small, large = (run_memory_probe(v) for v in MEMORY_SIZES)
     mib = 2 ** 20
@@ -257,7 +241,7 @@ def test_backward_memory_independent_of_V(request, bench, report):
     growth = large["backward_peak_extra_bytes"] / max(small["backward_peak_extra_bytes"], 1)
     report.extra["backward_memory"] = {"probes": [small, large], "growth_ratio": round(growth, 3),
                                        "method": "VmHWM - VmRSS around loss.backward(), fresh subprocess, "
-                                                 "MALLOC_MMAP_THRESHOLD_=131072"}
+                                                 f"MALLOC_MMAP_THRESHOLD_={MALLOC_MMAP_THRESHOLD}"}
     assert large["grad_A_sparse"], "the gradient of A is dense"
     # Page-granular RSS and allocator noise: allow 1.5x plus 1 MiB.
     assert large["backward_peak_extra_bytes"] <= 1.5 * small["backward_peak_extra_bytes"] + mib, \

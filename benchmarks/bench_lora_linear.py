@@ -5,9 +5,9 @@ gradient dX (the layer sits inside a network); gradients are cleared (``.grad = 
 each call, outside the timed region.
 
     frozen   (a) nn.Linear with weight and bias frozen: y = base(x); y.backward(g) — the floor
-    recpeft  (b) get_peft_model on a one-layer model (init_lora_weights=False: non-zero adapter)
+    recpeft  (b) get_peft_model on a copy of a one-layer model (init_lora_weights=False: non-zero adapter)
     unfused  (c) HF-PEFT-style base(x) + lora_B(lora_A(x))·s with two trainable nn.Linear
-    dense    (d) dense fine-tuning of the layer: weight and bias trainable
+    dense    (d) dense fine-tuning of a copy of the layer: weight and bias trainable
 
 Before anything is timed the variants are checked against each other: recpeft and unfused give the
 same y, dX, dA and dB; frozen and dense the same y and dX.
@@ -18,13 +18,12 @@ HF PEFT 1.77x, dense fine-tuning 1.49x.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
-from recpeft import LoraConfig, get_peft_model
+from recpeft import LoraConfig
+from recpeft.apps.workflow import Method, trainable_copy
 
 M, K, N, R, ALPHA = 8192, 512, 512, 16, 32
 ROUNDS = 30
@@ -68,7 +67,7 @@ def case(bench):
 
     frozen = nn.Linear(K, N).requires_grad_(False)
 
-    peft = get_peft_model(OneLayer(copy.deepcopy(frozen)),
+    peft = trainable_copy(OneLayer(frozen), Method.LORA,
                           LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["fc"], init_lora_weights=False))
     layer = peft.base_model.fc
     lora_A, lora_B = layer.lora_A["default"], layer.lora_B["default"]  # [r, K], [N, r]
@@ -83,7 +82,7 @@ def case(bench):
     def unfused(inp):
         return frozen(inp) + unfused_B(unfused_A(inp)) * scale
 
-    dense = copy.deepcopy(frozen).requires_grad_(True)
+    dense = trainable_copy(frozen, Method.DENSE)
 
     variants = {
         "frozen": bench.Variant("(a) frozen nn.Linear (floor)", lambda: frozen(x).backward(g), _clear(x)),

@@ -20,16 +20,16 @@ gradients cleared.
 Before anything is timed: all four start from the same pretrained model and give the same
 scores on a batch (LoRA at init bit for bit), and one step of each changes them.
 
-Memory: each variant in a fresh subprocess (``python benchmarks/bench_torchrec.py --memory
-VARIANT``), read from the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs):
-``peak`` is the mark during three training steps above the resident set before the model was
-built — what the fine-tuning job holds for model, gradients, optimizer state and activations;
-``model`` the resident growth once the model is built (and wrapped or sharded); ``training`` =
-peak − model. ``build_peak`` is the mark while building: the DMP variants (b, d) build the
-unsharded model and then shard it, so both copies exist for a moment (torchrec's way around that
-is building on the meta device, which this benchmark does not do); it is reported apart from
-``peak``. glibc serves allocations over 128 KiB by mmap (MALLOC_MMAP_THRESHOLD_), so freed blocks
-leave the resident set.
+Memory (:mod:`recpeft.utils.memory_probe`): each variant in a fresh subprocess (``python
+benchmarks/bench_torchrec.py --memory VARIANT``), read from the resident-set high-water mark
+(VmHWM, reset through /proc/self/clear_refs): ``peak`` is the mark during three training steps
+above the resident set before the model was built — what the fine-tuning job holds for model,
+gradients, optimizer state and activations; ``model`` the resident growth once the model is built
+(and wrapped or sharded); ``training`` = peak − model. ``build_peak`` is the mark while
+building: the DMP variants (b, d) build the unsharded model and then shard it, so both copies
+exist for a moment (torchrec's way around that is building on the meta device, which this
+benchmark does not do); it is reported apart from ``peak``. glibc serves allocations over
+128 KiB by mmap (MALLOC_MMAP_THRESHOLD_), so freed blocks leave the resident set.
 
 Targets (reported, not asserted): lora samples/s ≥ 2x dense_adam (step time ratio ≤ 0.5), lora
 peak memory ≤ 0.5x dense_adam.
@@ -57,8 +57,9 @@ from torchrec.models.dlrm import DLRM
 from torchrec.optim import RowWiseAdagrad
 
 from recpeft import LoraAdamW, LoraConfig, get_peft_model
-from recpeft.apps.bench import MALLOC_MMAP_THRESHOLD, can_measure_memory, measure_peak_memory, run_json_subprocesses
 from recpeft.peft.distributed import copy_full_state, dense_parameters, shard_peft_model
+from recpeft.utils.memory_probe import (can_measure_memory, describe_peak_memory, measure_peak_memory,
+                                        run_json_subprocesses)
 
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
@@ -270,9 +271,7 @@ def test_torchrec_peak_memory_and_throughput(request, bench, report):
         print(f"target {key}: {verdict['measured']} -> {'MET' if verdict['met'] else 'NOT MET'}")
     report.extra["per_variant"] = rows
     report.extra["targets_throughput_memory"] = verdicts
-    report.extra["memory_method"] = ("fresh subprocess per variant; VmHWM reset via /proc/self/clear_refs; peak = VmHWM "
-                                     f"over {MEMORY_STEPS} training steps - VmRSS before building the model; build_peak "
-                                     f"= VmHWM while building; MALLOC_MMAP_THRESHOLD_={MALLOC_MMAP_THRESHOLD}")
+    report.extra["memory_method"] = describe_peak_memory(MEMORY_STEPS)
     report.extra["samples_per_s_from"] = sources
 
 

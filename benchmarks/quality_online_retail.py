@@ -1,7 +1,7 @@
 """Personalization on real data: the UCI Online Retail transactions, one LoRA adapter per country.
 
-Protocol (issue 6, "Real data"): purchases (quantity > 0, price > 0, known customer) deduplicated
-per (customer, product, day); markets = countries; time split at 2011-09-01. Per seed:
+Protocol: purchases (quantity > 0, price > 0, known customer) deduplicated per (customer,
+product, day); markets = countries; time split at 2011-09-01. Per seed:
 
 1. pretrain a :class:`~recpeft.models.basket_ranker.BasketRanker` on every market's purchases
    before the split (softmax over all products; early stopping on the latest 10% of them);
@@ -30,7 +30,6 @@ Data: Chen, D. (2015). Online Retail. UCI Machine Learning Repository, doi:10.24
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import tempfile
@@ -44,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from recpeft import LoraConfig, get_peft_model
+from recpeft import LoraConfig
+from recpeft.apps.workflow import Method, trainable_copy
 from recpeft.datasets.batch import Batch
 from recpeft.datasets.online_retail import (NUM_CONTEXT, NUM_CROSS, RetailCatalog, RetailEvents,
                                             load_online_retail, purchases)
@@ -317,8 +317,8 @@ def tune_market(base: BasketRanker, split: Split, settings: Settings, seed: int,
     entry = {"base": evaluate(base, split), "train_rows": len(split.train), "valid_rows": len(split.valid),
              "test_rows": len(split.test)}
     loss = make_loss(settings.bpr_weight, settings.bpr_negatives)
-    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
-                                                          target_modules=LORA_TARGETS))
+    lora = trainable_copy(base, Method.LORA, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                                                        target_modules=LORA_TARGETS))
     entry["lora_fit"] = fit(lora, split, settings.lora_lr, settings.lora_weight_decay, settings.tune_epochs,
                             settings.tune_batch_size, settings.patience, loss, settings.keep_initial, seed,
                             f"{market} lora", progress)
@@ -327,7 +327,7 @@ def tune_market(base: BasketRanker, split: Split, settings: Settings, seed: int,
     lora.save_pretrained(adapter_dir)
     entry["adapter_bytes"] = file_bytes(adapter_dir)
     entry["lora_params"] = lora.get_nb_trainable_parameters()
-    dense = copy.deepcopy(base)
+    dense = trainable_copy(base, Method.DENSE)
     entry["dense_fit"] = fit(dense, split, settings.dense_lr, settings.base_weight_decay, settings.tune_epochs,
                              settings.tune_batch_size, settings.patience, loss, settings.keep_initial, seed,
                              f"{market} dense", progress)

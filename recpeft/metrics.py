@@ -41,6 +41,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import torch
 
+from recpeft.utils.validation import check_positive_number, is_int
+
 
 # ---------------------------------------------------------------------------------------------
 # input checks
@@ -109,7 +111,7 @@ def _targets(targets, scores: torch.Tensor) -> torch.Tensor:
 
 def _ks(k: int | Iterable[int]) -> list[int]:
     ks = [k] if isinstance(k, int) else list(k)
-    if not ks or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in ks):
+    if not ks or any(not is_int(v) or v < 1 for v in ks):
         raise ValueError(f"k must be a positive integer or a list of them, got {k!r}")
     return ks
 
@@ -203,8 +205,7 @@ def weighted_auc(per_segment_auc: dict[Hashable, float], counts: dict[Hashable, 
     total = weighted = 0.0
     for g, value in per_segment_auc.items():
         n = counts[g]
-        if not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
-            raise ValueError(f"counts[{g!r}] must be a non-negative number, got {n!r}")
+        check_positive_number(f"counts[{g!r}]", n, allow_zero=True)
         if not math.isnan(value):
             total += n
             weighted += n * value

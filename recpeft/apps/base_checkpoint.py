@@ -21,12 +21,12 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from recpeft.datasets import FeatureEncoder
 from recpeft.utils.atomic import atomic_path, atomic_write_text
+from recpeft.utils.validation import check_state_keys, check_state_shapes, first_non_finite, read_json_object
 from recpeft.models.dlrm import ClickDLRM, build_click_model
 
 FORMAT = 1
@@ -42,9 +42,9 @@ def save_base(directory: str | Path, model: ClickDLRM, encoder: FeatureEncoder, 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"save_base: tensor {key!r} holds non-finite values; not saving a broken model")
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise ValueError(f"save_base: tensor {bad!r} holds non-finite values; not saving a broken model")
     with atomic_path(directory / WEIGHTS) as tmp:
         save_file(state, str(tmp))
     encoder.save(directory / ENCODER)
@@ -54,11 +54,8 @@ def save_base(directory: str | Path, model: ClickDLRM, encoder: FeatureEncoder, 
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("model"), dict):
+    config = read_json_object(path)
+    if config.get("format") != FORMAT or not isinstance(config.get("model"), dict):
         raise ValueError(f"{path}: not a recpeft base checkpoint config (need format {FORMAT} and a 'model' object)")
     return config
 
@@ -86,16 +83,12 @@ def load_base(directory: str | Path) -> tuple[ClickDLRM, FeatureEncoder]:
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{directory / WEIGHTS} cannot be read: {exc}") from None
     expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS} does not match {CONFIG}: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise ValueError(f"{directory / WEIGHTS}: {key!r} has shape {tuple(tensor.shape)}, "
-                             f"the config needs {tuple(expected[key].shape)}")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{directory / WEIGHTS}: {key!r} holds non-finite values")
+    mismatch = f"{directory / WEIGHTS} does not match {CONFIG}"
+    check_state_keys(state, expected, where=mismatch)
+    check_state_shapes(state, expected, where=mismatch)
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise ValueError(f"{directory / WEIGHTS}: {bad!r} holds non-finite values")
     model.load_state_dict(state)
     encoder = FeatureEncoder.load(directory / ENCODER)
     if encoder.cardinalities != model.spec["cardinalities"]:
@@ -131,10 +124,9 @@ def check_base_fingerprint(adapter_dir: str | Path, base_dir: str | Path, ignore
     record = Path(adapter_dir) / BASE_FINGERPRINT
     if ignore or not record.is_file():
         return
-    try:
-        expected = json.loads(record.read_text())["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{record} is malformed: {exc}") from None
+    expected = read_json_object(record).get("sha256")
+    if not isinstance(expected, str):
+        raise ValueError(f"{record} is malformed: no \"sha256\" string")
     if expected != base_fingerprint(base_dir):
         raise ValueError(f"adapter {adapter_dir} was trained on another base than {base_dir} (recorded in {record}); "
                          "pass --ignore-base-mismatch to apply it anyway")

@@ -36,11 +36,11 @@ samples/s. ``WARMUP_STEPS`` steps of each variant, then ``rounds`` interleaved r
 lora, dense, lora, …) of ``steps`` steps each; a round's step time is its wall time / steps;
 samples/s = B / (median step time over the rounds). Ratio = lora / dense.
 
-Peak memory. Each variant runs in a fresh process (``python -m recpeft.apps.bench --memory VARIANT
---spec JSON``, with ``MALLOC_MMAP_THRESHOLD_=131072`` so freed large blocks leave the resident
-set). With the batches drawn, the process reads its resident set (VmRSS), resets the high-water
-mark VmHWM through ``/proc/self/clear_refs``, builds the model (and wraps it), resets the mark
-again and trains ``MEMORY_STEPS`` steps:
+Peak memory (:mod:`recpeft.utils.memory_probe`). Each variant runs in a fresh process (``python -m
+recpeft.apps.bench --memory VARIANT --spec JSON``, with ``MALLOC_MMAP_THRESHOLD_=131072`` so freed
+large blocks leave the resident set). With the batches drawn, the process reads its resident set
+(VmRSS), resets the high-water mark VmHWM through ``/proc/self/clear_refs``, builds the model (and
+wraps it), resets the mark again and trains ``MEMORY_STEPS`` steps:
 
     peak_bytes      = VmHWM over the training steps − VmRSS before building  (model, gradients,
                       optimizer state, activations: what the fine-tuning job holds)
@@ -48,7 +48,7 @@ again and trains ``MEMORY_STEPS`` steps:
     training_bytes  = peak_bytes − model_bytes
     build_peak_bytes= VmHWM while building − VmRSS before building
 
-Ratio = lora peak / dense peak. Targets (``TARGETS``, issue 6): samples/s ratio ≥ 2, peak ratio ≤ 0.5.
+Ratio = lora peak / dense peak. Targets (``TARGETS``): samples/s ratio ≥ 2, peak ratio ≤ 0.5.
 
 Example::
 
@@ -63,29 +63,30 @@ import copy
 import gc
 import json
 import math
-import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, TypeVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from recpeft.datasets.batch import Batch
-from .base_checkpoint import ENCODER, load_base, read_base_config
-from recpeft.peft.config import LoraConfig
-from .shop_recipe import BASE_OPTIONS, LORA
-from recpeft.datasets.synthetic import SHOP_SCHEMA
 from recpeft.datasets import FeatureEncoder
+from recpeft.datasets.batch import Batch
+from recpeft.datasets.synthetic import SHOP_SCHEMA
 from recpeft.models.dlrm import ClickDLRM, build_click_model, click_model_lora_targets, single_id_kjt
-from recpeft.peft.model import get_peft_model
+from recpeft.peft.config import LoraConfig
 from recpeft.train.trainer import bce_loss, build_optimizers
+from recpeft.utils.memory_probe import (can_measure_memory, describe_peak_memory, measure_peak_memory,
+                                        run_json_subprocesses)
+from recpeft.utils.tensor_bytes import tensor_bytes
+from recpeft.utils.validation import check_int, parse_json_object
+
+from .base_checkpoint import ENCODER, load_base, read_base_config
+from .shop_recipe import BASE_OPTIONS, LORA
+from .workflow import Method, make_trainable
 
 #: production-size tables for the shop schema's features (shop vocabularies + 1 oov row for the small ones)
 DEFAULT_ROWS = {"user": 2_000_000, "item": 500_000, "category": 25, "brand": 151, "price_bucket": 11}
@@ -101,11 +102,7 @@ VARIANTS = ("dense", "lora")
 LABELS = {"dense": "dense fine-tuning, AdamW on every parameter",
           "lora": "LoRA (recpeft), LoraAdamW + AdamW on the adapters"}
 TARGETS = {"samples_per_second_ratio_min": 2.0, "peak_memory_ratio_max": 0.5}
-#: glibc serves blocks above this by mmap, so freed ones leave the resident set at once
-MALLOC_MMAP_THRESHOLD = "131072"
 START_TOLERANCE = 1e-6  # |lora − dense| logits at init; LoRA starts exactly at its base
-
-Built = TypeVar("Built")
 
 
 # ---- what both processes rebuild -------------------------------------------------------------
@@ -136,25 +133,23 @@ class BenchSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "BenchSpec":
+        data = parse_json_object(text, "--spec")
         try:
-            return cls(**json.loads(text))
-        except (json.JSONDecodeError, TypeError) as exc:
+            return cls(**data)
+        except TypeError as exc:
             raise ValueError(f"--spec is not a BenchSpec JSON object: {exc}") from None
 
 
 def model_options(rows_per_table: dict | None, embedding_dim: int) -> dict:
     """:func:`build_click_model` arguments of the default benchmark model: ``DEFAULT_ROWS``
     updated by ``rows_per_table`` (feature → rows, features of the shop schema only)."""
-    if not isinstance(embedding_dim, int) or isinstance(embedding_dim, bool) or embedding_dim < 1:
-        raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
+    check_int("embedding_dim", embedding_dim)
     rows = dict(DEFAULT_ROWS)
     for feature, count in (rows_per_table or {}).items():
         if feature not in DEFAULT_ROWS:
             raise ValueError(f"rows_per_table: unknown feature {feature!r}; the benchmark's tables are "
                              f"{list(DEFAULT_ROWS)}")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ValueError(f"rows_per_table[{feature!r}] must be a positive integer, got {count!r}")
-        rows[feature] = count
+        rows[feature] = check_int(f"rows_per_table[{feature!r}]", count)
     options = dict(BASE_OPTIONS, embedding_dim=embedding_dim, over_arch=list(BASE_OPTIONS["over_arch"]),
                    dense_arch=[*BASE_OPTIONS["dense_arch"][:-1], embedding_dim])
     return {"cardinalities": rows, "num_dense": len(SHOP_SCHEMA.dense), **options}
@@ -209,20 +204,16 @@ def draw_batches(model_spec: dict, batch_size: int, seed: int, count: int = NUM_
 # ---- the two variants ----------------------------------------------------------------------
 
 def prepare_variant(name: str, base: nn.Module, lora_config: LoraConfig, lr: float = LR):
-    """(model, optimizers) of variant ``name`` ("dense" or "lora"); ``base`` is consumed (wrapped
-    or made trainable in place). The optimizers are the ones :class:`Trainer` would build."""
-    if name == "dense":
-        model = base.train()
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
-    elif name == "lora":
-        try:
-            model = get_peft_model(base, lora_config).train()
-        except ValueError as exc:
-            raise ValueError(f"the LoRA config does not fit the benchmarked model ({exc}); pass a lora_config "
-                             f"whose target_modules exist in it") from None
-    else:
+    """(model in train mode, optimizers) of variant ``name`` ("dense" or "lora"); ``base`` is
+    consumed (:func:`~recpeft.apps.workflow.make_trainable` wraps it or makes it trainable in
+    place). The optimizers are the ones :class:`Trainer` would build."""
+    if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; variants: {list(VARIANTS)}")
+    try:
+        model = make_trainable(base, Method(name), lora_config).train()
+    except ValueError as exc:
+        raise ValueError(f"the LoRA config does not fit the benchmarked model ({exc}); pass a lora_config "
+                         f"whose target_modules exist in it") from None
     return model, build_optimizers(model, lr, weight_decay=0.0)
 
 
@@ -237,68 +228,7 @@ def train_step(model: nn.Module, optimizers, batch: Batch) -> float:
     return float(loss.detach())
 
 
-# ---- peak memory (also used by benchmarks/bench_torchrec.py) -----------------------------------
-
-def _status_kib(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"/proc/self/status has no {field} line")
-    return int(match.group(1))
-
-
-def _reset_high_water_mark() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-
-
-def can_measure_memory() -> bool:
-    """True where the resident-set high-water mark can be reset (Linux /proc)."""
-    return Path("/proc/self/clear_refs").exists() and Path("/proc/self/status").exists()
-
-
-def measure_peak_memory(build: Callable[[], Built], step: Callable[[Built, int], object], steps: int) -> dict:
-    """Resident-memory growth of ``built = build()`` and of ``step(built, i)`` for i < ``steps``,
-    in this process (see the module docstring for the four byte counts); also the mean seconds
-    per step. Call it in a fresh process: earlier allocations blur the marks."""
-    gc.collect()
-    before = _status_kib("VmRSS")
-    _reset_high_water_mark()
-    built = build()
-    gc.collect()
-    build_peak, after_build = _status_kib("VmHWM"), _status_kib("VmRSS")
-    _reset_high_water_mark()
-    start = time.perf_counter()
-    for i in range(steps):
-        step(built, i)
-    seconds = (time.perf_counter() - start) / max(steps, 1)
-    peak = _status_kib("VmHWM")
-    return {"peak_bytes": (peak - before) * 1024, "model_bytes": (after_build - before) * 1024,
-            "training_bytes": (peak - after_build) * 1024, "build_peak_bytes": (build_peak - before) * 1024,
-            "step_s_in_probe": round(seconds, 4)}
-
-
-def run_json_subprocesses(argvs: list[list[str]], timeout: float = 600) -> list[dict]:
-    """Run every command of ``argvs`` at once, each with ``MALLOC_MMAP_THRESHOLD_`` set; the JSON
-    object on the last stdout line of each, in order. Processes measure their own resident set, so
-    running them side by side changes no figure, only the wall time. Raises RuntimeError with the
-    end of a failed command's stderr (the others are stopped)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MALLOC_MMAP_THRESHOLD)
-    running = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for argv in argvs]
-    results = []
-    try:
-        for argv, process in zip(argvs, running):
-            stdout, stderr = process.communicate(timeout=timeout)
-            lines = stdout.strip().splitlines()
-            if process.returncode != 0 or not lines:
-                raise RuntimeError(f"{' '.join(argv[:5])} … failed (exit {process.returncode}):\n{stderr[-3000:]}")
-            results.append(json.loads(lines[-1]))
-    finally:
-        for process in running:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-    return results
-
+# ---- peak memory, a fresh process per variant ---------------------------------------------------
 
 def memory_probe(variant: str, spec: BenchSpec, steps: int = MEMORY_STEPS) -> dict:
     """In this (fresh) process: peak memory of building ``variant`` from ``spec`` and training it."""
@@ -317,11 +247,6 @@ def run_memory_probes(variants, spec: BenchSpec, timeout: float = 600) -> dict:
 
 
 # ---- the run -------------------------------------------------------------------------------
-
-def _check_count(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
 
 def _max_logit_difference(models: dict, batch: Batch) -> float:
     with torch.no_grad():
@@ -351,7 +276,7 @@ def run_bench(*, base: str | Path | None = None, rows_per_table: dict | None = N
     """
     started = time.perf_counter()
     for name, value in (("batch_size", batch_size), ("steps", steps), ("rounds", rounds)):
-        _check_count(name, value)
+        check_int(name, value)
     if base is not None and (rows_per_table is not None or embedding_dim != 64):
         raise ValueError("rows_per_table and embedding_dim set the default model's sizes; a base checkpoint "
                          "(base=...) has its own")
@@ -364,8 +289,7 @@ def run_bench(*, base: str | Path | None = None, rows_per_table: dict | None = N
     base_model = build_base(spec)
     spec = replace(spec, model=dict(base_model.spec))  # every build_click_model argument, JSON-ready
     batches = draw_batches(spec.model, batch_size, spec.seed)
-    table_bytes = sum(p.numel() * p.element_size()
-                      for p in base_model.sparse_arch.embedding_bag_collection.parameters())
+    table_bytes = sum(tensor_bytes(p) for p in base_model.sparse_arch.embedding_bag_collection.parameters())
     parameters = sum(p.numel() for p in base_model.parameters())
 
     bar = tqdm(total=len(VARIANTS) * (2 + rounds), desc="bench", unit="task", disable=not progress, leave=False)
@@ -400,7 +324,8 @@ def run_bench(*, base: str | Path | None = None, rows_per_table: dict | None = N
                 bar.set_postfix_str(f"timing {name}")
                 step_seconds[name].append(run_steps(name, steps))
                 bar.update()
-        del built, models
+        built.clear()  # frees the models before the probes (run_steps keeps the dict, not them)
+        del models
         gc.collect()
 
         bar.set_postfix_str("peak memory (a fresh process per variant)")
@@ -435,10 +360,8 @@ def run_bench(*, base: str | Path | None = None, rows_per_table: dict | None = N
         "met": {"samples_per_second": speed >= TARGETS["samples_per_second_ratio_min"],
                 "peak_memory": None if memory is None else memory <= TARGETS["peak_memory_ratio_max"]},
         "start_logits_max_abs_diff": start_diff,
-        "memory_method": (f"fresh process per variant; VmHWM reset via /proc/self/clear_refs; peak = VmHWM over "
-                          f"{MEMORY_STEPS} training steps - VmRSS before building the model; "
-                          f"MALLOC_MMAP_THRESHOLD_={MALLOC_MMAP_THRESHOLD}"
-                          if all(probes.values()) else "not measured: needs Linux /proc/self/clear_refs"),
+        "memory_method": (describe_peak_memory(MEMORY_STEPS) if all(probes.values())
+                          else "not measured: needs Linux /proc/self/clear_refs"),
         "torch": torch.__version__,
         "threads": spec.threads,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

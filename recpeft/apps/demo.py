@@ -25,14 +25,13 @@ from pathlib import Path
 import torch
 
 from .base_checkpoint import checkpoint_bytes, load_base, read_base_config, save_base
-from recpeft.peft.config import LoraConfig
 from recpeft.datasets.synthetic import SHOP_SCHEMA, load_shop
 from recpeft.metrics import weighted_auc
 from recpeft.peft.model import PeftModel
 from .shop_recipe import BASE_OPTIONS, LORA
 from .demo_report import print_table, save_plot, save_report
 from recpeft.train.trainer import TrainConfig, predict
-from .workflow import Method, Prepared, click_metrics, finetune, prepare, pretrain
+from .workflow import EncodedSplit, Method, click_metrics, finetune, prepare, pretrain
 
 TEST_START = "2026-03-12"
 VALID_FRACTION = 0.25  # of each market's rows before the cut: early stopping and the learning rate
@@ -51,7 +50,7 @@ def _base_recipe(seed: int) -> dict:
     return json.loads(json.dumps(recipe))
 
 
-def _base(data: Prepared, out: Path, seed: int, progress: bool, fresh: bool):
+def _base(data: EncodedSplit, out: Path, seed: int, progress: bool, fresh: bool):
     """The cached base under ``out/base`` if it fits the data, else a newly pretrained one."""
     cached = out / "base"
     if not fresh and cached.is_dir():
@@ -72,7 +71,7 @@ def _base(data: Prepared, out: Path, seed: int, progress: bool, fresh: bool):
                    "samples_per_second": report.samples_per_second}
 
 
-def _finetune_best_lr(base, data: Prepared, market: str, method: Method, seed: int, progress: bool):
+def _finetune_best_lr(base, data: EncodedSplit, market: str, method: Method, seed: int, progress: bool):
     """Fine-tune with every learning rate of ``LEARNING_RATES[method]``; keep the run with the best
     validation AUC. The report's time and throughput are that run's own; ``sweep_seconds`` counts
     every learning rate tried."""
@@ -96,7 +95,7 @@ def _run_row(model, report, test, method: Method) -> dict:
             f"{method.value}_peak_memory_bytes": report.peak_memory_bytes}
 
 
-def _check_routing(out: Path, markets: list[str], data: Prepared, seed: int) -> float:
+def _check_routing(out: Path, markets: list[str], data: EncodedSplit, seed: int) -> float:
     """Largest |routed − merged| over a mixed test batch of every market."""
     served, _ = load_base(out / "base")
     served = PeftModel.from_pretrained(served, out / "adapters" / markets[0], adapter_name=markets[0])

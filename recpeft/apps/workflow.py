@@ -2,12 +2,12 @@
 
 1. :func:`prepare`: split an interaction table by time per segment (train, validation = the
    latest training rows, test = the rows after the cut) and encode it with the base's encoder
-   (ids the encoder never saw map to each table's out-of-vocabulary row).
+   (ids the encoder never saw map to each table's out-of-vocabulary row): an :class:`EncodedSplit`.
 2. :func:`pretrain`: a torchrec click model (``build_click_model``) trained on every segment's
    training rows, early-stopped on every segment's validation rows.
 3. :func:`finetune`: one segment's training rows, either a LoRA adapter on a frozen copy of the
-   base (``Method.LORA``) or every parameter of a copy (``Method.DENSE``), early-stopped on the
-   segment's validation rows, with the same Trainer.
+   base (``Method.LORA``) or every parameter of a copy (``Method.DENSE``), both made by
+   :func:`make_trainable`, early-stopped on the segment's validation rows, with the same Trainer.
 4. :func:`click_metrics`: AUC and LogLoss on a segment's test rows.
 
 Example::
@@ -45,8 +45,9 @@ class Method(str, enum.Enum):
 
 
 @dataclass
-class Prepared:
-    """A table split by time and encoded: ``train``, ``valid``, ``test`` rows of every segment."""
+class EncodedSplit:
+    """An interaction table split by time per segment (``split``, the raw rows) and encoded by
+    ``encoder``: the ``train``, ``valid`` and ``test`` rows of every segment, ready for a model."""
 
     schema: Schema
     encoder: FeatureEncoder
@@ -83,12 +84,12 @@ class Prepared:
 
 
 def prepare(frame: pd.DataFrame, schema: Schema, *, encoder: FeatureEncoder | None = None, test_start=None,
-            test_fraction: float = 0.2, valid_fraction: float = 0.15, name: str = "data") -> Prepared:
+            test_fraction: float = 0.2, valid_fraction: float = 0.15, name: str = "data") -> EncodedSplit:
     """Split ``frame`` by time (``split_by_time``) and encode it.
 
     Without ``encoder`` one is fitted on the rows before the test cut (train and validation), as a
     base's pretraining would; with one (a saved base's), its vocabularies are used unchanged and
-    ids it never saw map to each table's out-of-vocabulary row (see ``Prepared.unseen_share``).
+    ids it never saw map to each table's out-of-vocabulary row (see ``EncodedSplit.unseen_share``).
     The latest ``valid_fraction`` of each segment's rows before its test cut are its validation rows.
     """
     split = split_by_time(frame, schema, test_start=test_start, test_fraction=test_fraction,
@@ -97,10 +98,10 @@ def prepare(frame: pd.DataFrame, schema: Schema, *, encoder: FeatureEncoder | No
         encoder = FeatureEncoder().fit(pd.concat([split.train, split.valid]), schema)
     parts = {part: encoder.transform(getattr(split, part), unseen="oov", name=f"{name} ({part} rows)")
              for part in ("train", "valid", "test")}
-    return Prepared(schema, encoder, split, **parts)
+    return EncodedSplit(schema, encoder, split, **parts)
 
 
-def pretrain(data: Prepared, *, model_options: dict | None = None,
+def pretrain(data: EncodedSplit, *, model_options: dict | None = None,
              train_config: TrainConfig | None = None) -> tuple[ClickDLRM, FitReport]:
     """A base click model over the encoder's features, trained on every segment's training rows."""
     torch.manual_seed((train_config or TrainConfig()).seed)
@@ -111,9 +112,10 @@ def pretrain(data: Prepared, *, model_options: dict | None = None,
     return model.eval(), report
 
 
-def trainable_copy(base: nn.Module, method: Method, lora_config: LoraConfig | None = None) -> nn.Module:
-    """A copy of ``base`` ready to fine-tune: LoRA-wrapped (base frozen) or fully trainable."""
-    model = copy.deepcopy(base)
+def make_trainable(model: nn.Module, method: Method, lora_config: LoraConfig | None = None) -> nn.Module:
+    """``model`` itself (changed in place, its train/eval mode kept) ready to fine-tune:
+    ``Method.LORA`` wraps it with ``lora_config``'s adapters and freezes the rest, ``Method.DENSE``
+    makes every parameter trainable. The dense and LoRA arms of every comparison start here."""
     if Method(method) is Method.LORA:
         if lora_config is None:
             raise ValueError("LoRA fine-tuning needs a lora_config")
@@ -123,7 +125,12 @@ def trainable_copy(base: nn.Module, method: Method, lora_config: LoraConfig | No
     return model
 
 
-def finetune(base: nn.Module, data: Prepared, segment: str, method: Method, *, train_config: TrainConfig,
+def trainable_copy(base: nn.Module, method: Method, lora_config: LoraConfig | None = None) -> nn.Module:
+    """A copy of ``base`` ready to fine-tune (:func:`make_trainable`); ``base`` is left as it is."""
+    return make_trainable(copy.deepcopy(base), method, lora_config)
+
+
+def finetune(base: nn.Module, data: EncodedSplit, segment: str, method: Method, *, train_config: TrainConfig,
              lora_config: LoraConfig | None = None) -> tuple[nn.Module, FitReport]:
     """Fine-tune a copy of ``base`` on ``segment``'s training rows, early-stopped on its validation rows."""
     if segment not in data.segments:

@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from recpeft.utils.validation import first_non_finite
+
 
 def _move(value: Any, device: torch.device | str) -> Any:
     """Tensors and objects with ``.to`` (KeyedJaggedTensor) go to ``device``; the rest stay."""
@@ -62,11 +64,13 @@ class TensorBatches:
 
     def __init__(self, *features: torch.Tensor, labels: torch.Tensor, **kwargs: torch.Tensor):
         rows = int(labels.shape[0])
-        for name, tensor in [*((f"feature {i}", f) for i, f in enumerate(features)), *kwargs.items()]:
+        named = {**{f"feature {i}": f for i, f in enumerate(features)}, **kwargs}
+        for name, tensor in named.items():
             if tensor.shape[0] != rows:
                 raise ValueError(f"{name} has {tensor.shape[0]} rows but labels have {rows}")
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise ValueError(f"{name} holds non-finite values")
+        bad = first_non_finite(named)
+        if bad is not None:
+            raise ValueError(f"{bad} holds non-finite values")
         self.features, self.labels, self.kwargs = tuple(features), labels, kwargs
 
     def __len__(self) -> int:

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from recpeft.utils.atomic import atomic_write_text
+from recpeft.utils.validation import parse_json_object
 from .interactions import RowLocator, parse_timestamps, shown
 from .schema import Schema
 
@@ -286,11 +287,8 @@ class FeatureEncoder:
 
     @classmethod
     def _from_json(cls, text: str, name: str) -> "FeatureEncoder":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{name}: not valid JSON: {exc}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+        data = parse_json_object(text, name)
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
             raise ValueError(f"{name}: not a {FORMAT} version {VERSION} file")
         schema = Schema.from_dict(data["schema"])
         encoder = cls()

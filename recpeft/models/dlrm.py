@@ -23,6 +23,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_configs import PoolingType
 
+from recpeft.utils.validation import check_fraction, check_int
+
 KINDS = ("dlrm", "dcn")
 
 
@@ -111,16 +113,14 @@ def _check_spec(cardinalities: dict, num_dense: int, kind: str, embedding_dim: i
     if not cardinalities:
         raise ValueError("cardinalities must name at least one sparse feature")
     for feature, rows in cardinalities.items():
-        if not isinstance(rows, int) or rows < 1:
-            raise ValueError(f"cardinalities[{feature!r}] must be a positive int, got {rows!r}")
+        check_int(f"cardinalities[{feature!r}]", rows)
     if num_dense < 1:
         raise ValueError(f"num_dense must be ≥ 1 (torchrec's DenseArch needs an input), got {num_dense}")
     if not dense_arch or dense_arch[-1] != embedding_dim:
         raise ValueError(f"dense_arch {list(dense_arch)} must end with embedding_dim={embedding_dim}")
     if not over_arch:
         raise ValueError("over_arch needs at least one hidden layer size")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    check_fraction("dropout", dropout, below_one=True)
 
 
 def build_click_model(cardinalities: dict[str, int], num_dense: int, *, kind: str = "dlrm", embedding_dim: int = 16,

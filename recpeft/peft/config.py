@@ -20,6 +20,7 @@ from typing import Any, Union
 from torch import nn
 
 from recpeft.utils.atomic import atomic_write_text
+from recpeft.utils.validation import check_fraction, check_int, read_json_object
 
 TargetSpec = Union[str, list, tuple, None]
 
@@ -111,12 +112,10 @@ class LoraConfig:
     peft_type: str = "LORA"
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        check_int("r", self.r)
         if not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_fraction("lora_dropout", self.lora_dropout, below_one=True)
         if self.init_lora_weights not in _INIT_CHOICES:
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES}, got {self.init_lora_weights!r}")
         try:
@@ -142,8 +141,7 @@ class LoraConfig:
         _check_patterns("rank_pattern", self.rank_pattern)
         _check_patterns("alpha_pattern", self.alpha_pattern)
         for pattern, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank < 1:
-                raise ValueError(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
+            check_int(f"rank_pattern[{pattern!r}]", rank)
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
 
@@ -207,10 +205,4 @@ class LoraConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
+
+from recpeft.utils.validation import check_fraction, check_int, check_positive_number, parse_json_object
 
 from .schedules import Schedule
 
@@ -64,23 +65,17 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+            check_int(f"TrainConfig.{name}", getattr(self, name))
+        check_int("TrainConfig.seed", self.seed, minimum=0)
         for name in ("early_stopping_patience", "checkpoint_every_steps"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be a positive finite number, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
-            raise ValueError(f"TrainConfig.weight_decay must be a finite number ≥ 0, got {self.weight_decay!r}")
+                check_int(f"TrainConfig.{name} (or None)", getattr(self, name))
+        check_positive_number("TrainConfig.lr", self.lr)
+        check_positive_number("TrainConfig.weight_decay", self.weight_decay, allow_zero=True)
         for name in ("warmup_fraction", "min_lr_ratio"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise ValueError(f"TrainConfig.{name} must be in [0, 1], got {value!r}")
-        if self.clip_grad_norm is not None and not (
-                isinstance(self.clip_grad_norm, (int, float)) and 0 < self.clip_grad_norm < math.inf):
-            raise ValueError(f"TrainConfig.clip_grad_norm must be a positive finite number or None, "
-                             f"got {self.clip_grad_norm!r}")
+            check_fraction(f"TrainConfig.{name}", getattr(self, name))
+        if self.clip_grad_norm is not None:
+            check_positive_number("TrainConfig.clip_grad_norm (or None)", self.clip_grad_norm)
         try:
             self.schedule = Schedule(self.schedule)
         except ValueError:
@@ -110,18 +105,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = "TrainConfig JSON") -> "TrainConfig":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{source} must hold a JSON object")
-        return cls.from_dict(data, source)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"TrainConfig.{name} must be an integer ≥ {minimum}, got {value!r}")
+        return cls.from_dict(parse_json_object(text, source), source)
 
 
 @dataclass

@@ -3,23 +3,9 @@ the figure :class:`~recpeft.train.config.FitReport` and ``recpeft bench`` report
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-
-def _storage_bytes(tensors, seen: set) -> int:
-    """Σ nbytes of the storages behind ``tensors`` (a sparse tensor: its indices and values) not
-    yet in ``seen`` (keys (data_ptr, device), updated in place)."""
-    total = 0
-    for t in tensors:
-        parts = (t._indices(), t._values()) if t.is_sparse else (t,)
-        for part in parts:
-            storage = part.untyped_storage()
-            key = (storage.data_ptr(), part.device)
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
-    return total
+from recpeft.utils.tensor_bytes import storage_bytes
 
 
 def training_state_bytes(model: nn.Module, optimizers) -> int:
@@ -30,9 +16,9 @@ def training_state_bytes(model: nn.Module, optimizers) -> int:
     the allocator's slack — it estimates the state the optimizer choice decides, not a peak."""
     seen: set = set()
     params = list(model.parameters())
-    total = _storage_bytes(params, seen)
-    total += _storage_bytes([p.grad for p in params if p.grad is not None], seen)
+    total = storage_bytes(params, seen)
+    total += storage_bytes([p.grad for p in params if p.grad is not None], seen)
     for optimizer in optimizers:
         for state in optimizer.state.values():
-            total += _storage_bytes([v for v in state.values() if isinstance(v, torch.Tensor)], seen)
+            total += storage_bytes(state.values(), seen)
     return total

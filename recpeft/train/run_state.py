@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from recpeft.utils.atomic import atomic_path
+from recpeft.utils.validation import check_state_keys, check_state_shapes
 from .config import TrainConfig
 from .optimizers import NamedParameters
 
@@ -73,13 +74,9 @@ def load_trainable_state(model: nn.Module, trainable: NamedParameters, state: di
     ValueError names ``source`` and the mismatch."""
     targets = {n: p for n, p in trainable}
     targets.update({f"buffer:{n}": b for n, b in model.named_buffers()})
-    if set(state) != set(targets):
-        missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
-        raise ValueError(f"{source} does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    check_state_keys(state, targets, where=f"{source} does not fit the model")
+    check_state_shapes(state, targets, where=source)
     for name, tensor in state.items():
-        if tensor.shape != targets[name].shape:
-            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)} but the model's is "
-                             f"{tuple(targets[name].shape)}")
         targets[name].copy_(tensor)
 
 

@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from recpeft.utils.validation import check_fraction, check_int, is_int
+
 
 class Schedule(str, Enum):
     """What the learning rate does after warmup."""
@@ -55,13 +57,11 @@ class LRSchedule:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.total_steps, int) or self.total_steps < 1:
-            raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.total_steps:
+        check_int("total_steps", self.total_steps)
+        if not is_int(self.warmup_steps) or not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"warmup_steps must be an integer in [0, total_steps={self.total_steps}], "
                              f"got {self.warmup_steps!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        check_fraction("min_lr_ratio", self.min_lr_ratio)
         object.__setattr__(self, "kind", Schedule(self.kind))
 
     def __call__(self, step: int) -> float:

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from recpeft.datasets.batch import Batch, BatchSource, TensorBatches
 from recpeft.metrics import auc
+from recpeft.utils.validation import check_int
 from .schedules import LRSchedule, warmup_steps_for
 from .config import FitReport, TrainConfig
 from .memory import training_state_bytes
@@ -74,8 +75,7 @@ def predict(model: nn.Module, source, batch_size: int = 8192, **kwargs) -> torch
     along dim 0 ([N] for a click model). ``source`` is a :class:`BatchSource`, or (the older call
     style) a tuple of feature tensors [N, ...] sliced into ``model(*features_batch)``; ``kwargs``
     go to every call (tensors in ``kwargs`` of a tuple source are sliced with the features)."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     if isinstance(source, (tuple, list)):
         if not source:
             raise ValueError("predict: the feature tuple is empty")

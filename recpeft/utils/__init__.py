@@ -1,3 +1,4 @@
-"""Helpers any layer may use: atomic file writes (``atomic``) and shared argument validators
-(``validation``). Imports nothing from the rest of recpeft.
+"""Helpers any layer may use: atomic file writes (``atomic``), shared argument validators
+(``validation``), tensor byte counts (``tensor_bytes``), the resident-memory probe
+(``memory_probe``) and lazy package exports (``lazy``). Imports nothing from the rest of recpeft.
 """

@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from recpeft.apps import bench
-from recpeft.apps.bench import (BenchSpec, TARGETS, VARIANTS, build_base, can_measure_memory, draw_batches, memory_probe,
-                           model_options, power_law_ids, prepare_variant, print_bench, run_bench, train_step)
+from recpeft.apps.bench import (BenchSpec, TARGETS, VARIANTS, build_base, draw_batches, memory_probe, model_options,
+                                power_law_ids, prepare_variant, print_bench, run_bench, train_step)
 from recpeft.apps.base_checkpoint import save_base
 from recpeft.datasets import FeatureEncoder
 from recpeft.apps.shop_recipe import LORA
 from recpeft.datasets.synthetic import SHOP_SCHEMA
 from recpeft.models.dlrm import build_click_model
 from recpeft.train.lora_adamw import LoraAdamW
+from recpeft.utils.memory_probe import can_measure_memory
 
 BIG_USER_ROWS, DIM = 200_000, 64
 needs_proc = pytest.mark.skipif(not can_measure_memory(), reason="needs Linux /proc/self/clear_refs")

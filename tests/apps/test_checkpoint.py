@@ -46,8 +46,8 @@ def _edit_weights(path, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda s: s.pop(next(k for k in s if "t_u" in k)), "missing keys"),
-    (lambda s: s.update(extra=torch.zeros(1)), "unexpected keys"),
+    (lambda s: s.pop(next(k for k in s if "t_u" in k)), r"does not match model_config.json: missing key .*t_u"),
+    (lambda s: s.update(extra=torch.zeros(1)), "does not match model_config.json: unexpected key extra"),
     (lambda s: s.update({k: torch.zeros(3, 8) for k in s if "t_i" in k}), "has shape"),
     (lambda s: s.update({k: torch.full_like(v, float("nan")) for k, v in s.items() if "t_c" in k}), "non-finite"),
 ])

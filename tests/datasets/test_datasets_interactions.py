@@ -213,7 +213,7 @@ def test_encoder_rejects_bad_dense_and_files(tmp_path):
     with pytest.raises(ValueError, match=r"column\(s\) \['score'\] hold negatives"):
         FeatureEncoder().fit(frame, SCHEMA, log1p="all")
     (tmp_path / "enc.json").write_text("{not json")
-    with pytest.raises(ValueError, match="enc.json: not valid JSON"):
+    with pytest.raises(ValueError, match="enc.json is not valid JSON"):
         FeatureEncoder.load(tmp_path / "enc.json")
 
 
