@@ -21,8 +21,7 @@ and compete with the epochs: a run where no epoch beats them ends with the model
 (``best_epoch == -1``).
 
 Checkpoints and resume: :mod:`recpeft.train.run_state`. Settings and report:
-:mod:`recpeft.train.config`; memory accounting: :mod:`recpeft.train.memory`. Everything they
-define that was public here is still importable from ``recpeft.train``.
+:mod:`recpeft.train.config`; memory accounting: :mod:`recpeft.train.memory`.
 
 Example::
 
@@ -72,17 +71,11 @@ def epoch_order(rows: int, seed: int, epoch: int) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: nn.Module, source, batch_size: int = 8192, **kwargs) -> torch.Tensor:
     """The model's outputs for every row of ``source``, in row order, in eval mode, concatenated
-    along dim 0 ([N] for a click model). ``source`` is a :class:`BatchSource`, or (the older call
-    style) a tuple of feature tensors [N, ...] sliced into ``model(*features_batch)``; ``kwargs``
-    go to every call (tensors in ``kwargs`` of a tuple source are sliced with the features)."""
+    along dim 0 ([N] for a click model). ``source`` is a :class:`BatchSource` (features without
+    labels: ``TensorBatches(*features, labels=torch.zeros(N))``); ``kwargs`` go to every call."""
     check_int("batch_size", batch_size)
-    if isinstance(source, (tuple, list)):
-        if not source:
-            raise ValueError("predict: the feature tuple is empty")
-        sliced = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-        fixed = {k: v for k, v in kwargs.items() if k not in sliced}
-        source = _FeatureRows(tuple(source), sliced)
-        kwargs = fixed
+    if not hasattr(source, "batch"):
+        raise TypeError(f"predict: source must be a BatchSource (with .batch and len()), got {type(source).__name__}")
     device = _model_device(model)
     model.eval()
     rows = len(source)
@@ -91,13 +84,6 @@ def predict(model: nn.Module, source, batch_size: int = 8192, **kwargs) -> torch
         batch = source.batch(torch.arange(begin, min(begin + batch_size, rows))).to(device)
         outputs.append(model(*batch.args, **batch.kwargs, **kwargs))
     return torch.cat(outputs) if outputs else torch.zeros(0)
-
-
-class _FeatureRows(TensorBatches):
-    """A feature tuple without labels, for :func:`predict`'s older call style."""
-
-    def __init__(self, features: tuple, kwargs: dict):
-        super().__init__(*features, labels=torch.zeros(features[0].shape[0]), **kwargs)
 
 
 def _model_device(model: nn.Module) -> torch.device:

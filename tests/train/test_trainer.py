@@ -292,13 +292,15 @@ def test_training_state_bytes_counts_params_grads_and_adam_state():
     assert training_state_bytes(model, [dense_opt, sparse_opt]) == params + grads + adam
 
 
-def test_predict_new_and_old_call_style():
+def test_predict_batches_a_source_in_row_order_and_refuses_a_bare_tuple():
     data = click_data(70, seed=2)
     model = dense_model().eval()
     with torch.no_grad():
         direct = model(*data.features)
+    # the same rows in batches of 16: each output row is computed by the same ops as in one batch
     torch.testing.assert_close(predict(model, data, batch_size=16), direct, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(predict(model, data.features, 16), direct, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="must be a BatchSource"):
+        predict(model, data.features, 16)
 
 
 # ---- configuration and errors ----------------------------------------------------------------
