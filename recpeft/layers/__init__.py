@@ -1,4 +1,16 @@
-"""LoRA wrappers, one file per wrapped module type, and the registry that maps type → wrapper."""
+"""LoRA wrappers, one file per wrapped module type, and the registry that maps type → wrapper.
+
+Every module that holds adapters is an :class:`AdapterHolder` (its protocol: adapter names,
+parameters, sparse and untouched parameters, merge, delete, export / check / load):
+
+    AdapterHolder                       adapter_holder.py — the protocol and shared bookkeeping
+    ├── LoraLayer                       base.py — any LoRA wrapper: base_layer, creation, merge loop
+    │   ├── LoraWeightLayer             weight.py — one weight: A, B ParameterDicts, s and r per adapter
+    │   │   ├── LoraLinear              linear.py
+    │   │   └── LoraTableLayer          table.py → LoraEmbedding, LoraEmbeddingBag
+    │   └── LoraCollectionLayer         torchrec/collection.py — per-table A_t, B_t, s_t, r_t
+    └── ModulesToSaveWrapper            modules_to_save.py — a trained copy per adapter
+"""
 
 from __future__ import annotations
 
@@ -6,12 +18,14 @@ import sys
 
 from torch import nn
 
-from .base import AdapterStateError, LoraLayer
+from .adapter_holder import AdapterHolder, AdapterStateError
+from .base import LoraLayer
 from .embedding import LoraEmbedding
 from .embedding_bag import LoraEmbeddingBag
 from .linear import LoraLinear
 from .modules_to_save import ModulesToSaveWrapper
 from .routing import Routing, current_routing
+from .weight import LoraWeightLayer
 
 #: wrapped module type → LoRA wrapper. Later integrations (torchrec) register theirs here.
 LORA_WRAPPERS: dict[type[nn.Module], type[LoraLayer]] = {
@@ -22,6 +36,7 @@ LORA_WRAPPERS: dict[type[nn.Module], type[LoraLayer]] = {
 
 
 def register_wrapper(module_type: type[nn.Module], wrapper: type[LoraLayer]) -> None:
+    """Make ``wrapper`` the LoRA wrapper of ``module_type`` (and of its subclasses without their own)."""
     LORA_WRAPPERS[module_type] = wrapper
 
 
@@ -54,12 +69,14 @@ def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
 
 
 __all__ = [
+    "AdapterHolder",
     "AdapterStateError",
     "LORA_WRAPPERS",
     "LoraEmbedding",
     "LoraEmbeddingBag",
     "LoraLayer",
     "LoraLinear",
+    "LoraWeightLayer",
     "ModulesToSaveWrapper",
     "Routing",
     "current_routing",

@@ -9,6 +9,7 @@ from torch import nn
 
 from recpeft.kernels import unpooled_layout, validate_ids
 from recpeft.kernels.bags import check_id_dtype
+
 from .table import LoraTableLayer
 
 

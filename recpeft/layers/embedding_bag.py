@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from recpeft.kernels import bag_layout
+
 from .table import LoraTableLayer
 
 

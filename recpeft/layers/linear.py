@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from recpeft.kernels import dispatch
-from .base import LoraLayer
+
+from .adapter_state import check_adapter_tensors
+from .weight import LoraWeightLayer
 
 
-class LoraLinear(LoraLayer):
+class LoraLinear(LoraWeightLayer):
     """y = x·Wᵀ + b + Σ_a s_a·(d(x)·A_aᵀ)·B_aᵀ over the active adapters a, with W frozen.
 
     A_a [r, K], B_a [N, r], s_a = α/r (α/√r with rsLoRA), d = dropout (training only).
@@ -87,12 +89,12 @@ class LoraLinear(LoraLayer):
         self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
 
     def export_adapter(self, adapter):
+        """``lora_A.weight`` A [r, K] and ``lora_B.weight`` B [N, r], HF PEFT's keys."""
         return {"lora_A.weight": self.lora_A[adapter].detach(), "lora_B.weight": self.lora_B[adapter].detach()}
 
     def check_adapter_state(self, adapter, tensors, source):
-        self._check_keys(tensors, {"lora_A.weight", "lora_B.weight"}, source)
-        self._check_shape("lora_A.weight", tensors["lora_A.weight"], self.lora_A[adapter].shape, source)
-        self._check_shape("lora_B.weight", tensors["lora_B.weight"], self.lora_B[adapter].shape, source)
+        expected = {"lora_A.weight": self.lora_A[adapter].shape, "lora_B.weight": self.lora_B[adapter].shape}
+        check_adapter_tensors(tensors, expected, source=source, prefix=f"{self.module_name}.")
 
     @torch.no_grad()
     def load_adapter_state(self, adapter, tensors):

@@ -8,11 +8,16 @@ adds s·A[rows]·B to those rows only, and the file stores only touched rows.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from recpeft.kernels import BagLayout, dispatch
-from .base import AdapterStateError, LoraLayer
+from recpeft.utils.validation import check_state_keys, check_state_shapes
+
+from .adapter_holder import AdapterStateError
+from .weight import LoraWeightLayer
 
 A_DENSE = "lora_embedding_A.weight"
 A_ROWS = "lora_embedding_A.rows"
@@ -32,31 +37,33 @@ def encode_rows(indices: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int
     return {A_INDICES: indices, A_ROWS: rows, A_SHAPE: torch.tensor([num_rows, rank])}
 
 
-def check_encoded_adapter(layer: LoraLayer, state: dict, prefix: str, shape: tuple[int, int], b_shape, source: str) -> None:
-    """Raise AdapterStateError naming the first key of ``state`` (keys ``prefix + …``) that does
-    not fit an adapter with A of ``shape`` and B of ``b_shape``."""
-    key = {name: prefix + name for name in (A_DENSE, A_INDICES, A_ROWS, A_SHAPE, B_WEIGHT)}
-    where = f"{layer.module_name}.{prefix}lora_embedding_A"
-    if key[A_DENSE] in state:
-        layer._check_keys(state, {key[A_DENSE], key[B_WEIGHT]}, source)
-        layer._check_shape(key[A_DENSE], state[key[A_DENSE]], shape, source)
-    else:
-        layer._check_keys(state, {key[A_INDICES], key[A_ROWS], key[A_SHAPE], key[B_WEIGHT]}, source)
-        layer._check_shape(key[A_SHAPE], state[key[A_SHAPE]], (2,), source)
-        saved_shape = tuple(int(v) for v in state[key[A_SHAPE]])
-        if saved_shape != tuple(shape):
-            raise AdapterStateError(f"{source}: {where} was saved for a table of shape {saved_shape} but the "
-                                    f"model's is {tuple(shape)}")
-        indices = state[key[A_INDICES]]
-        if indices.dtype != torch.int64 or indices.dim() != 1:
-            raise AdapterStateError(f"{source}: {where}.indices must be 1-D int64")
-        layer._check_shape(key[A_ROWS], state[key[A_ROWS]], (indices.numel(), shape[1]), source)
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= shape[0]):
-            raise AdapterStateError(f"{source}: {where}.indices holds rows outside [0, {shape[0]})")
-    layer._check_shape(key[B_WEIGHT], state[key[B_WEIGHT]], b_shape, source)
+def check_encoded_adapter(state: dict, shape: tuple[int, int], b_shape, *, source: str, name: str) -> None:
+    """Raise AdapterStateError naming the first key of ``state`` (named ``<name>.<key>`` in the
+    message, ``name`` being the adapted table's) that does not fit an adapter with A of ``shape``
+    [V, r] and B of ``b_shape``, in either on-disk form of :func:`encode_rows`: first the keys, then
+    the saved table shape, the indices (1-D int64, in [0, V)) and every tensor's shape."""
+    shown, where = f"{name}.", f"{name}.lora_embedding_A"
+    dense = A_DENSE in state
+    check_state_keys(state, (A_DENSE, B_WEIGHT) if dense else (A_INDICES, A_ROWS, A_SHAPE, B_WEIGHT), where=source,
+                     prefix=shown, error=AdapterStateError)
+    shapes = partial(check_state_shapes, state, where=source, prefix=shown, error=AdapterStateError)
+    if dense:
+        shapes({A_DENSE: shape, B_WEIGHT: b_shape})
+        return
+    shapes({A_SHAPE: (2,)})
+    saved_shape = tuple(int(v) for v in state[A_SHAPE])
+    if saved_shape != tuple(shape):
+        raise AdapterStateError(f"{source}: {where} was saved for a table of shape {saved_shape} but the "
+                                f"model's is {tuple(shape)}")
+    indices = state[A_INDICES]
+    if indices.dtype != torch.int64 or indices.dim() != 1:
+        raise AdapterStateError(f"{source}: {where}.indices must be 1-D int64")
+    shapes({A_ROWS: (indices.numel(), shape[1]), B_WEIGHT: b_shape})
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= shape[0]):
+        raise AdapterStateError(f"{source}: {where}.indices holds rows outside [0, {shape[0]})")
 
 
-class LoraTableLayer(LoraLayer):
+class LoraTableLayer(LoraWeightLayer):
     """Shared part of :class:`LoraEmbedding` and :class:`LoraEmbeddingBag`.
 
     ``validate_ids`` (default True): every forward checks that the ids lie in [0, V) and raises
@@ -89,6 +96,15 @@ class LoraTableLayer(LoraLayer):
     def touched_rows(self, adapter: str) -> torch.Tensor:
         """Indices of the rows of A that are not all zero (the rows training has updated)."""
         return (self.lora_A[adapter] != 0).any(dim=1).nonzero().squeeze(1)
+
+    def sparse_parameters(self, adapter):
+        """[A]: its gradient holds the rows of the batch's ids only."""
+        return [self.lora_A[adapter]]
+
+    def untouched_parameters(self, adapter):
+        """Entries of A in rows still all zero: (V − touched rows)·r."""
+        a = self.lora_A[adapter]
+        return a.numel() - self.touched_rows(adapter).numel() * a.shape[1]
 
     def merge_delta(self, adapter, sign):
         rows = self.touched_rows(adapter)
@@ -135,7 +151,8 @@ class LoraTableLayer(LoraLayer):
         return {**encode_rows(rows, a[rows], tuple(a.shape)), B_WEIGHT: self.lora_B[adapter].detach()}
 
     def check_adapter_state(self, adapter, tensors, source):
-        check_encoded_adapter(self, tensors, "", tuple(self.lora_A[adapter].shape), self.lora_B[adapter].shape, source)
+        check_encoded_adapter(tensors, tuple(self.lora_A[adapter].shape), self.lora_B[adapter].shape, source=source,
+                              name=self.module_name)
 
     @torch.no_grad()
     def load_adapter_state(self, adapter, tensors):

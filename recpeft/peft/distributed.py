@@ -58,11 +58,19 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.sharding_plan import get_default_sharders
-from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingEnv, ShardingPlan, ShardingType
+from torchrec.distributed.types import (
+    EmbeddingModuleShardingPlan,
+    ParameterSharding,
+    ShardingEnv,
+    ShardingPlan,
+    ShardingType,
+)
 from torchrec.optim import RowWiseAdagrad
 
 from recpeft.layers.torchrec import LoraCollectionLayer
-from .model import WEIGHTS_NAME, PeftModel, read_adapter_file
+
+from .model import PeftModel
+from .serialization import read_adapter_file, weights_file
 
 #: sharding types under which every process holds whole rows of a table
 ROW_SHARDINGS = (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
@@ -72,8 +80,10 @@ FUSED_DIM_MULTIPLE = 4
 
 
 def _collections(model: PeftModel) -> dict[str, LoraCollectionLayer]:
-    """Module path in the user's model (``PeftModel.base_model``) → LoRA collection layer."""
-    return {name: layer for name, layer in model.lora_layers().items() if isinstance(layer, LoraCollectionLayer)}
+    """Module path in the user's model (``PeftModel.base_model``) → adapter holder of the torchrec
+    family (:class:`~recpeft.layers.torchrec.LoraCollectionLayer`, the base of every collection
+    wrapper): the holders whose tables DMP shards, and all that this module plans."""
+    return {name: holder for name, holder in model.adapter_holders().items() if isinstance(holder, LoraCollectionLayer)}
 
 
 # ---- the plan ----------------------------------------------------------------------------------
@@ -274,4 +284,4 @@ def load_adapter_weights(sharded: DistributedModelParallel, model_id: str | Path
     with get_peft_model from the saved config before sharding). Every file key and shape is checked
     before anything is written; each process writes the table blocks it holds."""
     tensors = read_adapter_file(model_id)
-    peft_module(sharded).load_adapter_state(adapter_name, tensors, str(Path(model_id) / WEIGHTS_NAME))
+    peft_module(sharded).load_adapter_state(adapter_name, tensors, str(weights_file(model_id)))

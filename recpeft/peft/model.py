@@ -1,33 +1,35 @@
 """get_peft_model / PeftModel: inject adapters into a model, switch, merge, route, save, load.
 
 The wrapped model is ``PeftModel.base_model``; every targeted module is replaced in place by its
-LoRA wrapper (``recpeft.layers``), every base parameter is frozen. Adapters are named; their order
-of addition (``adapter_names``) is what per-sample routing ids index.
+LoRA wrapper (``recpeft.layers``), every module saved whole by a ModulesToSaveWrapper, every base
+parameter is frozen. Adapters are named; their order of addition (``adapter_names``) is what
+per-sample routing ids index.
 
-Files (HF PEFT's names): ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
-``base_model.model.<module>.<tensor>``; adapters other than "default" go to a sub-folder named
-after them. Embedding adapters store only their touched rows (see ``recpeft.layers.table``).
+PeftModel knows those wrappers only as adapter holders (``recpeft.layers.AdapterHolder``): it
+iterates over them and calls their protocol, whatever an adapter is inside one. The files (HF
+PEFT's layout) are written and read by :mod:`recpeft.peft.serialization`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from .config import CONFIG_NAME, LoraBias, LoraConfig
-from .serialization import KEY_PREFIX, WEIGHTS_NAME, read_adapter_file
-from recpeft.utils.atomic import atomic_path, atomic_write_text
-from recpeft.layers import AdapterStateError, LoraLayer, ModulesToSaveWrapper, wrapper_for
+from recpeft.layers import AdapterHolder, LoraLayer, ModulesToSaveWrapper, wrapper_for
 from recpeft.layers.routing import check_adapter_ids, routed
-from recpeft.layers.table import LoraTableLayer
+
+from . import serialization
+from .config import LoraBias, LoraConfig
+from .serialization import read_adapter_file, weights_file
 from .targeting import group_lora_targets, select_lora_targets, select_modules_to_save
 
-def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> "PeftModel":
+
+def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> PeftModel:
     """Freeze ``model`` and wrap the modules ``config`` targets with LoRA adapter ``adapter_name``.
 
     Example::
@@ -36,6 +38,11 @@ def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         model.print_trainable_parameters()
     """
     return PeftModel(model, config, adapter_name)
+
+
+def _lora_wrapper(module: nn.Module, name: str) -> LoraLayer:
+    """A new LoRA wrapper around ``module``, of the type the registry gives its type."""
+    return wrapper_for(module)(module, name)
 
 
 def _clean_name(param_name: str) -> str:
@@ -60,6 +67,7 @@ class PeftModel(nn.Module):
         self.base_model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self._targets: dict[str, list[str]] = {}
+        self._saved: dict[str, list[str]] = {}  # adapter → the modules it saves whole
         self._bias_names: dict[str, list[str]] = {}
         self._inference_only: set[str] = set()
         self._active: list[str] = []
@@ -94,11 +102,13 @@ class PeftModel(nn.Module):
     def active_adapter(self) -> str:
         return self._active[0] if self._active else ""
 
-    def lora_layers(self) -> dict[str, LoraLayer]:
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, LoraLayer)}
+    def adapter_holders(self) -> dict[str, AdapterHolder]:
+        """Module name → every module holding adapters (LoRA wrappers and modules saved whole)."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, AdapterHolder)}
 
-    def _save_wrappers(self) -> dict[str, ModulesToSaveWrapper]:
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    def lora_layers(self) -> dict[str, LoraLayer]:
+        """Module name → the LoRA wrappers among :meth:`adapter_holders`."""
+        return {n: m for n, m in self.adapter_holders().items() if isinstance(m, LoraLayer)}
 
     # ---- adding, switching, deleting ---------------------------------------------------------
 
@@ -115,13 +125,13 @@ class PeftModel(nn.Module):
         saved = select_modules_to_save(self.base_model, config, list(groups))
         try:
             for name, parts in groups.items():
-                layer = self._wrap(name, LoraLayer)
+                layer = self._wrap(name, _lora_wrapper)
                 if parts is None:
                     layer.update_layer(adapter_name, config.rank_for(name), config.scale_for(name),
                                        config.lora_dropout, config.init_lora_weights)
                 else:  # ranks and scales per "<module>.<part>"
-                    layer.update_parts(adapter_name, {p: (config.rank_for(f"{name}.{p}"), config.scale_for(f"{name}.{p}"))
-                                                      for p in parts}, config.init_lora_weights)
+                    parts_rs = {p: (config.rank_for(f"{name}.{p}"), config.scale_for(f"{name}.{p}")) for p in parts}
+                    layer.update_parts(adapter_name, parts_rs, config.init_lora_weights)
             for name in saved:
                 self._wrap(name, ModulesToSaveWrapper).update(adapter_name)
         except BaseException:
@@ -129,16 +139,19 @@ class PeftModel(nn.Module):
             raise
         self.peft_config[adapter_name] = config
         self._targets[adapter_name] = targets
+        self._saved[adapter_name] = saved
         self._bias_names[adapter_name] = self._select_biases(config, targets)
         if config.inference_mode:
             self._inference_only.add(adapter_name)
         self._refresh_trainable()
 
-    def _wrap(self, name: str, kind: type) -> nn.Module:
+    def _wrap(self, name: str, make: Callable[[nn.Module, str], AdapterHolder]) -> AdapterHolder:
+        """The holder at ``name``: the one already there (targeting has checked it is of the right
+        kind), else ``make(module, name)`` put in the module's place."""
         module = self.base_model.get_submodule(name)
-        if isinstance(module, kind):
+        if isinstance(module, AdapterHolder):
             return module
-        wrapper = wrapper_for(module)(module, name) if kind is LoraLayer else ModulesToSaveWrapper(module, name)
+        wrapper = make(module, name)
         wrapper.train(module.training)
         self._replace(name, wrapper)
         return wrapper
@@ -157,7 +170,7 @@ class PeftModel(nn.Module):
         """Names of the biases ``config.bias`` trains (never those of a module saved whole)."""
         if config.bias is LoraBias.NONE:
             return []
-        saved_whole = tuple(f"{name}." for name in self._save_wrappers())
+        saved_whole = tuple(f"{name}." for names in self._saved.values() for name in names)
         names = [n for n in self._base_parameters() if n.rsplit(".", 1)[-1] == "bias" and not n.startswith(saved_whole)]
         if config.bias is LoraBias.LORA_ONLY:
             names = [n for n in names if n.rsplit(".", 1)[0] in targets]
@@ -169,13 +182,10 @@ class PeftModel(nn.Module):
         biases = {n for names in self._bias_names.values() for n in names}
         for name, param in self.base_model.named_parameters():
             param.requires_grad_(_clean_name(name) in biases and ".original_module." not in name)
-        for layer in self.lora_layers().values():
-            for store in (layer.lora_A, layer.lora_B):
-                for adapter, param in store.items():
+        for holder in self.adapter_holders().values():
+            for adapter in holder.adapter_names():
+                for param in holder.adapter_parameters(adapter):
                     param.requires_grad_(adapter not in self._inference_only)
-        for wrapper in self._save_wrappers().values():
-            for adapter, module in wrapper.modules_to_save.items():
-                module.requires_grad_(adapter not in self._inference_only)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make ``adapter_name`` (or several, whose deltas add up) the active adapter(s); merged
@@ -184,13 +194,8 @@ class PeftModel(nn.Module):
         for name in names:
             self._check_known(name)
         self._active = names
-        for layer in self.lora_layers().values():
-            leaving = [a for a in layer.merged_adapters if a not in names]
-            if leaving:  # a merged adapter that is no longer active leaves the weights too
-                layer.unmerge(leaving)
-            layer.active_adapters = [n for n in names if n in layer.lora_A]
-        for wrapper in self._save_wrappers().values():
-            wrapper.active_adapters = [n for n in names if n in wrapper.modules_to_save]
+        for holder in self.adapter_holders().values():
+            holder.set_active_adapters(names)
 
     def _check_known(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -199,25 +204,22 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; modules left with no adapter are unwrapped."""
         self._check_known(adapter_name)
-        if any(adapter_name in layer.merged_adapters for layer in self.lora_layers().values()):
+        if any(adapter_name in holder.merged_adapters for holder in self.adapter_holders().values()):
             raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() first")
         self._remove_adapter_modules(adapter_name)
-        del self.peft_config[adapter_name], self._targets[adapter_name], self._bias_names[adapter_name]
+        del self.peft_config[adapter_name], self._targets[adapter_name], self._saved[adapter_name]
+        del self._bias_names[adapter_name]
         self._inference_only.discard(adapter_name)
         self.set_adapter([a for a in self._active if a != adapter_name])
         self._refresh_trainable()
 
     def _remove_adapter_modules(self, adapter_name: str) -> None:
-        for name, layer in self.lora_layers().items():
-            if adapter_name in layer.lora_A:
-                layer.delete_adapter(adapter_name)
-            if not len(layer.lora_A):
-                self._replace(name, layer.base_layer)
-        for name, wrapper in self._save_wrappers().items():
-            if adapter_name in wrapper.modules_to_save:
-                wrapper.delete_adapter(adapter_name)
-            if not len(wrapper.modules_to_save):
-                self._replace(name, wrapper.original_module)
+        """Delete ``adapter_name`` from every holder; a holder left empty gives back its module."""
+        for name, holder in self.adapter_holders().items():
+            if holder.has_adapter(adapter_name):
+                holder.delete_adapter(adapter_name)
+            if not holder.adapter_names():
+                self._replace(name, holder.unwrap(keep_trained=False))
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -232,20 +234,17 @@ class PeftModel(nn.Module):
     def disable_adapter(self):
         """Run the base model alone inside the block (merged adapters are unmerged meanwhile);
         blocks nest."""
-        layers = list(self.lora_layers().values())
-        wrappers = list(self._save_wrappers().values())
-        before = [(module, module.disabled, list(getattr(module, "merged_adapters", []))) for module in layers + wrappers]
-        for module in layers:
-            module.unmerge()
-        for module in layers + wrappers:
-            module.disabled = True
+        holders = list(self.adapter_holders().values())
+        before = [(holder, holder.disabled, list(holder.merged_adapters)) for holder in holders]
+        for holder in holders:
+            holder.unmerge()
+            holder.disabled = True
         try:
             yield
         finally:
-            for module, disabled, merged in before:
-                module.disabled = disabled
-                if isinstance(module, LoraLayer):
-                    module.merge(merged)
+            for holder, disabled, merged in before:
+                holder.disabled = disabled
+                holder.merge(merged)
 
     # ---- merging ----------------------------------------------------------------------------
 
@@ -255,32 +254,29 @@ class PeftModel(nn.Module):
         names = self._active if adapter_names is None else list(adapter_names)
         for name in names:
             self._check_known(name)
-        for layer in self.lora_layers().values():
-            layer.merge(names)
+        for holder in self.adapter_holders().values():
+            holder.merge(names)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged delta again (restores the weights to float tolerance)."""
-        for layer in self.lora_layers().values():
-            layer.unmerge()
+        for holder in self.adapter_holders().values():
+            holder.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapters and return the plain model with no LoRA modules."""
         self.merge_adapter()
-        return self._unwrap(keep_trained_copies=True)
+        return self._unwrap(keep_trained=True)
 
     def unload(self) -> nn.Module:
         """Return the plain model without merging (the original weights, unmerged)."""
         self.unmerge_adapter()
-        return self._unwrap(keep_trained_copies=False)
+        return self._unwrap(keep_trained=False)
 
-    def _unwrap(self, keep_trained_copies: bool) -> nn.Module:
-        for name, layer in self.lora_layers().items():
-            self._replace(name, layer.base_layer)
-        for name, wrapper in self._save_wrappers().items():
-            module = wrapper._active() if keep_trained_copies else wrapper.original_module
-            self._replace(name, module)
+    def _unwrap(self, keep_trained: bool) -> nn.Module:
+        for name, holder in self.adapter_holders().items():
+            self._replace(name, holder.unwrap(keep_trained))
         self._restore_requires_grad()
-        self.peft_config, self._active, self._targets, self._bias_names = {}, [], {}, {}
+        self.peft_config, self._active, self._targets, self._saved, self._bias_names = {}, [], {}, {}, {}
         self._inference_only.clear()
         return self.base_model
 
@@ -294,14 +290,8 @@ class PeftModel(nn.Module):
         """trainable, all, and touched (trainable less the embedding-adapter rows still zero)."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
-        untouched = 0
-        for layer in self.lora_layers().values():
-            if isinstance(layer, LoraTableLayer):
-                for adapter, a in layer.lora_A.items():
-                    if a.requires_grad:
-                        untouched += a.numel() - layer.touched_rows(adapter).numel() * a.shape[1]
-            else:
-                untouched += sum(layer.untouched_parameters(a) for a in layer.lora_A if a not in self._inference_only)
+        untouched = sum(holder.untouched_parameters(adapter) for holder in self.adapter_holders().values()
+                        for adapter in holder.adapter_names() if adapter not in self._inference_only)
         return {"trainable": trainable, "all": total, "touched": trainable - untouched}
 
     def print_trainable_parameters(self) -> None:
@@ -315,29 +305,16 @@ class PeftModel(nn.Module):
 
     # ---- saving and loading ---------------------------------------------------------------
 
-    def _components(self, adapter: str) -> dict[str, LoraLayer | ModulesToSaveWrapper]:
-        """File-key prefix → module holding part of ``adapter``."""
-        parts: dict[str, LoraLayer | ModulesToSaveWrapper] = {}
-        for name, layer in self.lora_layers().items():
-            if adapter in layer.lora_A:
-                parts[f"{KEY_PREFIX}{name}."] = layer
-        for name, wrapper in self._save_wrappers().items():
-            if adapter in wrapper.modules_to_save:
-                parts[f"{KEY_PREFIX}{name}.modules_to_save."] = wrapper
-        return parts
-
     def _bias_params(self, adapter: str) -> dict[str, nn.Parameter]:
+        """The biases ``adapter`` trains, by their names in the unwrapped model."""
         params = self._base_parameters()
-        return {KEY_PREFIX + n: params[n] for n in self._bias_names[adapter]}
+        return {n: params[n] for n in self._bias_names[adapter]}
 
     def adapter_state_dict(self, adapter: str = "default") -> dict[str, torch.Tensor]:
-        """The tensors ``save_pretrained`` writes for ``adapter``."""
+        """The tensors ``save_pretrained`` writes for ``adapter``
+        (:func:`~recpeft.peft.serialization.adapter_state_dict`)."""
         self._check_known(adapter)
-        state = {}
-        for prefix, part in self._components(adapter).items():
-            state.update({prefix + key: value for key, value in part.export_adapter(adapter).items()})
-        state.update({key: p.detach() for key, p in self._bias_params(adapter).items()})
-        return {k: v.contiguous().cpu() for k, v in state.items()}
+        return serialization.adapter_state_dict(self.adapter_holders(), self._bias_params(adapter), adapter)
 
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
                         is_main_process: bool = True) -> None:
@@ -350,13 +327,9 @@ class PeftModel(nn.Module):
         for adapter in selected_adapters or self.adapter_names:
             self._check_known(adapter)
             state = self.adapter_state_dict(adapter)
-            if not is_main_process:
-                continue
-            config_text = self._config_for_file(adapter).to_json() + "\n"  # fails before anything is written
-            directory = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
-            with atomic_path(directory / WEIGHTS_NAME) as tmp:
-                save_file(state, str(tmp), metadata={"format": "pt", "library": "recpeft"})
-            atomic_write_text(directory / CONFIG_NAME, config_text)
+            if is_main_process:
+                serialization.save_adapter(serialization.adapter_directory(save_directory, adapter), state,
+                                           self._config_for_file(adapter))
 
     def _config_for_file(self, adapter: str) -> LoraConfig:
         """The adapter's config with module classes replaced by the module names they matched
@@ -366,40 +339,18 @@ class PeftModel(nn.Module):
         if has_class(config.target_modules) or has_class(config.exclude_modules):
             config = dataclasses.replace(config, target_modules=list(self._targets[adapter]), exclude_modules=None)
         if has_class(config.modules_to_save):
-            saved = [n for n, w in self._save_wrappers().items() if adapter in w.modules_to_save]
+            saved = [n for n in self.adapter_holders() if n in self._saved[adapter]]  # in model order
             config = dataclasses.replace(config, modules_to_save=saved)
         return config
 
     def load_adapter_state(self, adapter: str, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Check every key and shape of ``tensors`` against ``adapter``, then copy them in;
-        nothing is copied when any check fails."""
-        parts = self._components(adapter)
-        biases = self._bias_params(adapter)
-        grouped: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in parts}
-        prefixes = sorted(parts, key=len, reverse=True)
-        for key in sorted(tensors):
-            if key in biases:
-                continue
-            prefix = next((p for p in prefixes if key.startswith(p)), None)
-            if prefix is None:
-                raise AdapterStateError(f"{source}: unexpected key {key!r} (no such adapted module in the model)")
-            grouped[prefix][key[len(prefix):]] = tensors[key]
-        for key, param in biases.items():
-            if key not in tensors:
-                raise AdapterStateError(f"{source}: missing key {key!r}")
-            if tensors[key].shape != param.shape:
-                raise AdapterStateError(f"{source}: {key} has shape {tuple(tensors[key].shape)} but the model expects {tuple(param.shape)}")
-        for prefix, part in parts.items():
-            part.check_adapter_state(adapter, grouped[prefix], source)
-        for prefix, part in parts.items():
-            part.load_adapter_state(adapter, grouped[prefix])
-        with torch.no_grad():
-            for key, param in biases.items():
-                param.copy_(tensors[key])
+        nothing is copied when any check fails (:func:`~recpeft.peft.serialization.load_adapter_state`)."""
+        serialization.load_adapter_state(self.adapter_holders(), self._bias_params(adapter), adapter, tensors, source)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
-                        is_trainable: bool = False) -> "PeftModel":
+                        is_trainable: bool = False) -> PeftModel:
         """Wrap ``model`` with the adapter saved in ``model_id``. On any mismatch the error names
         the first bad key and ``model`` is left as it was."""
         config = LoraConfig.load(model_id)
@@ -407,7 +358,7 @@ class PeftModel(nn.Module):
         tensors = read_adapter_file(model_id)
         peft = cls(model, config, adapter_name)
         try:
-            peft.load_adapter_state(adapter_name, tensors, str(Path(model_id) / WEIGHTS_NAME))
+            peft.load_adapter_state(adapter_name, tensors, str(weights_file(model_id)))
         except BaseException:
             peft.unload()
             raise
@@ -420,7 +371,7 @@ class PeftModel(nn.Module):
         tensors = read_adapter_file(model_id)
         self.add_adapter(adapter_name, config)
         try:
-            self.load_adapter_state(adapter_name, tensors, str(Path(model_id) / WEIGHTS_NAME))
+            self.load_adapter_state(adapter_name, tensors, str(weights_file(model_id)))
         except BaseException:
             self.delete_adapter(adapter_name)
             raise

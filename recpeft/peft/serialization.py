@@ -1,33 +1,111 @@
 """Adapter files, in HF PEFT's layout: ``adapter_config.json`` beside
-``adapter_model.safetensors``, tensors keyed ``base_model.model.<module>.<tensor>``.
+``adapter_model.safetensors``, tensors keyed ``base_model.model.<module>.<tensor>``; adapters other
+than "default" in a sub-folder named after them.
 
-Embedding adapters store only their touched rows (see ``recpeft.layers.table``).
+The file's tensors are the adapter holders' own (``AdapterHolder.export_adapter``: embedding
+adapters store only their touched rows, see ``recpeft.layers.table``) plus the biases the
+adapter's config trains, keyed by their names in the unwrapped model. Reading checks every key
+and shape before anything is written into the model.
+
+    state = adapter_state_dict(holders, biases, "default")     # what save_pretrained writes
+    save_adapter(adapter_directory(out, "default"), state, config)
+    load_adapter_state(holders, biases, "default", read_adapter_file(out), source=str(weights_file(out)))
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+
+from recpeft.layers import AdapterHolder
+from recpeft.layers.adapter_state import check_adapter_tensors, split_by_prefix
+from recpeft.utils.atomic import atomic_path, atomic_write_text
+from recpeft.utils.validation import first_non_finite
+
+from .config import CONFIG_NAME, LoraConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 
 
+def adapter_directory(save_directory: str | Path, adapter: str) -> Path:
+    """Where ``adapter``'s files go: ``save_directory`` for "default", else its sub-folder ``adapter``."""
+    return Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
+
+
+def weights_file(directory: str | Path) -> Path:
+    """``directory/adapter_model.safetensors``."""
+    return Path(directory) / WEIGHTS_NAME
+
+
+# ---- the model's side --------------------------------------------------------------------------
+
+
+def _holder_prefixes(holders: Mapping[str, AdapterHolder], adapter: str) -> dict[str, AdapterHolder]:
+    """File-key prefix ``base_model.model.<module name>.`` → holder, for the holders of ``adapter``."""
+    return {f"{KEY_PREFIX}{name}.": holder for name, holder in holders.items() if holder.has_adapter(adapter)}
+
+
+def adapter_state_dict(holders: Mapping[str, AdapterHolder], biases: Mapping[str, torch.Tensor],
+                       adapter: str) -> dict[str, torch.Tensor]:
+    """The file tensors of ``adapter``, contiguous and on the CPU: every holder's
+    ``export_adapter(adapter)`` under ``base_model.model.<holder name>.``, and every trained bias
+    (``biases``: name in the unwrapped model → tensor) under ``base_model.model.<name>``.
+    Collective where a holder's adapter is sharded."""
+    state = {}
+    for prefix, holder in _holder_prefixes(holders, adapter).items():
+        state.update({prefix + key: value for key, value in holder.export_adapter(adapter).items()})
+    state.update({KEY_PREFIX + name: bias.detach() for name, bias in biases.items()})
+    return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+def load_adapter_state(holders: Mapping[str, AdapterHolder], biases: Mapping[str, torch.Tensor], adapter: str,
+                       tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Check every key and shape of ``tensors`` (a file's, keyed as :func:`adapter_state_dict`
+    keys them) against ``adapter`` of ``holders`` and ``biases``, then copy them in; nothing is
+    copied when any check fails (AdapterStateError naming ``source`` and the first bad key)."""
+    bias_keys = {KEY_PREFIX + name: bias for name, bias in biases.items()}
+    parts = _holder_prefixes(holders, adapter)
+    grouped = split_by_prefix({k: v for k, v in tensors.items() if k not in bias_keys}, list(parts), source=source,
+                              hint="no such adapted module in the model")
+    check_adapter_tensors({k: v for k, v in tensors.items() if k in bias_keys}, bias_keys, source=source)
+    for prefix, holder in parts.items():
+        holder.check_adapter_state(adapter, grouped[prefix], source)
+    for prefix, holder in parts.items():
+        holder.load_adapter_state(adapter, grouped[prefix])
+    with torch.no_grad():
+        for key, bias in bias_keys.items():
+            bias.copy_(tensors[key])
+
+
+# ---- the files ---------------------------------------------------------------------------------
+
+
+def save_adapter(directory: str | Path, state: Mapping[str, torch.Tensor], config: LoraConfig) -> None:
+    """Write ``state`` as ``directory/adapter_model.safetensors`` and ``config`` as
+    ``directory/adapter_config.json``; each file goes to a temporary name first and is renamed
+    when complete, and the config is serialised before anything is written."""
+    config_text = config.to_json() + "\n"
+    with atomic_path(weights_file(directory)) as tmp:
+        save_file(dict(state), str(tmp), metadata={"format": "pt", "library": "recpeft"})
+    atomic_write_text(Path(directory) / CONFIG_NAME, config_text)
+
 
 def read_adapter_file(directory: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of ``directory/adapter_model.safetensors``; raises naming the file on a missing
     or unreadable file and naming the tensor on non-finite values."""
-    path = Path(directory) / WEIGHTS_NAME
+    path = weights_file(directory)
     if not path.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{path}: tensor {key!r} holds non-finite values (NaN or inf)")
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise ValueError(f"{path}: tensor {bad!r} holds non-finite values (NaN or inf)")
     return tensors

@@ -3,10 +3,11 @@
 Optimizers. Parameters that get sparse gradients (rows of a batch's ids only) go to
 :class:`~recpeft.train.lora_adamw.LoraAdamW` (lazy Adam on the touched rows); all others to
 ``torch.optim.AdamW(foreach=True)``. The split is structural, decided before the first step, so a
-checkpoint always matches it: the ``lora_A`` tables of recpeft's embedding adapters
-(:class:`~recpeft.layers.table.LoraTableLayer`) and the weight of every ``nn.Embedding`` /
-``nn.EmbeddingBag`` built with ``sparse=True`` (which covers torchrec's unsharded collections and
-their adapter collections). Both use the same lr and decoupled weight decay λ.
+checkpoint always matches it: the parameters every adapter holder names as sparse
+(:meth:`recpeft.layers.AdapterHolder.sparse_parameters`: the ``lora_A`` tables of embedding
+adapters, the unsharded adapter tables of torchrec collections) and the weight of every
+``nn.Embedding`` / ``nn.EmbeddingBag`` built with ``sparse=True`` (which covers torchrec's unsharded
+collections). Both use the same lr and decoupled weight decay λ.
 
 Clipping. With g the concatenation of every gradient, dense and sparse (a sparse one coalesced,
 so it stands for its dense gradient), every gradient is scaled by min(1, c / (‖g‖₂ + 1e-6)).
@@ -15,24 +16,26 @@ so it stands for its dense gradient), every gradient is scaled by min(1, c / (�
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from recpeft.layers.table import LoraTableLayer
+from recpeft.layers import AdapterHolder
+
 from .lora_adamw import LoraAdamW
 
 NamedParameters = list[tuple[str, nn.Parameter]]
 
 
 def sparse_gradient_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of ``model`` whose gradients are sparse: the ``lora_A`` tables of recpeft's
-    embedding adapters and the weights of ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``."""
+    """Parameters of ``model`` whose gradients are sparse: every adapter holder's
+    ``sparse_parameters`` of each of its adapters (the ``lora_A`` tables of embedding adapters)
+    and the weights of ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``."""
     found: dict[int, nn.Parameter] = {}
     for module in model.modules():
-        if isinstance(module, LoraTableLayer):
-            found.update((id(p), p) for p in module.lora_A.values())
+        if isinstance(module, AdapterHolder):
+            found.update((id(p), p) for adapter in module.adapter_names() for p in module.sparse_parameters(adapter))
         elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
             found[id(module.weight)] = module.weight
     return list(found.values())

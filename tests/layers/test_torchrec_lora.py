@@ -17,6 +17,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from recpeft import LoraAdamW, LoraConfig, PeftModel, get_peft_model
 from recpeft.layers.base import AdapterStateError
 from recpeft.layers.torchrec import LoraEmbeddingBagCollection, LoraEmbeddingCollection
+from recpeft.peft import CONFIG_NAME, WEIGHTS_NAME
 
 from reference_math import leaf64, naive_bag
 from torchrec_models import make_batch, make_dlrm, make_kjt, slice_batch, table_configs
@@ -244,7 +245,7 @@ def test_save_writes_touched_rows_per_table_and_load_reproduces_outputs(kind, tm
     model = get_peft_model(Holder(copy.deepcopy(base)), LoraConfig(r=4, target_modules=["t_user", "t_cat"]))
     _train(model, lambda step: _kjt(kind, batch=3, seed=40 + step))
     model.save_pretrained(tmp_path)
-    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    tensors = load_file(str(tmp_path / WEIGHTS_NAME))
     prefix = "base_model.model.coll."
     assert sorted(tensors) == sorted(f"{prefix}{t}.{k}" for t in ["t_user", "t_cat"] for k in (
         "lora_embedding_A.indices", "lora_embedding_A.rows", "lora_embedding_A.shape", "lora_embedding_B.weight"))
@@ -272,7 +273,7 @@ def test_a_file_that_does_not_fit_names_the_table_and_leaves_the_model(tmp_path)
     assert isinstance(other.coll, EmbeddingBagCollection)
 
     target = get_peft_model(Holder(_collection("ebc")), LoraConfig(r=4, target_modules=["t_user"]))
-    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    tensors = load_file(str(tmp_path / WEIGHTS_NAME))
     with pytest.raises(AdapterStateError, match=r"unexpected key coll\.t_cat\.lora_embedding_A\.indices .*adapts tables \['t_user'\]"):
         target.load_adapter_state("default", tensors, "file")
     tensors.pop("base_model.model.coll.t_cat.lora_embedding_B.weight")
@@ -327,7 +328,7 @@ def test_dlrm_family_trains_saves_loads_and_merges(kind, tmp_path, capsys):
     after = model(dense, sparse).detach()
     assert not torch.allclose(after, before)
     model.save_pretrained(tmp_path)
-    saved_targets = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    saved_targets = json.loads((tmp_path / CONFIG_NAME).read_text())["target_modules"]
     assert "sparse_arch.embedding_bag_collection.t_item" in saved_targets and "over_arch.model.1" in saved_targets
 
     loaded = PeftModel.from_pretrained(make_dlrm(kind), tmp_path)

@@ -11,6 +11,7 @@ from torch import nn
 from recpeft import LoraConfig, PeftModel, get_peft_model
 from recpeft.layers import LoraLayer
 from recpeft.layers.base import AdapterStateError
+from recpeft.peft import CONFIG_NAME, WEIGHTS_NAME
 
 from toy_models import ALL_TARGETS, make_batch, make_model, train_steps
 
@@ -31,7 +32,7 @@ def _assert_untouched(model):
 def test_round_trip_reproduces_outputs(tmp_path):
     model = _trained(tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]  # no temporary files left
+    assert files == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temporary files left
     loaded = PeftModel.from_pretrained(make_model(), tmp_path)
     batch = make_batch(seed=7)
     assert torch.equal(loaded(*batch), model(*batch))
@@ -42,7 +43,7 @@ def test_round_trip_reproduces_outputs(tmp_path):
 
 def test_config_json_uses_hf_peft_keys(tmp_path):
     _trained(tmp_path, lora_alpha=16, rank_pattern={"mlp.0": 2})
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert data["peft_type"] == "LORA" and data["r"] == 4 and data["lora_alpha"] == 16
     assert data["target_modules"] == ALL_TARGETS and data["rank_pattern"] == {"mlp.0": 2}
     assert data["bias"] == "none" and data["use_dora"] is False and data["fan_in_fan_out"] is False
@@ -50,7 +51,7 @@ def test_config_json_uses_hf_peft_keys(tmp_path):
 
 def test_embedding_adapter_is_stored_as_touched_rows(tmp_path):
     model = _trained(tmp_path)
-    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    tensors = load_file(str(tmp_path / WEIGHTS_NAME))
     indices = tensors["base_model.model.item.lora_embedding_A.indices"]
     rows = tensors["base_model.model.item.lora_embedding_A.rows"]
     a = model.base_model.item.lora_A["default"]
@@ -63,7 +64,7 @@ def test_embedding_adapter_is_stored_as_touched_rows(tmp_path):
 def test_adapter_classes_are_saved_as_module_names(tmp_path):
     model = get_peft_model(make_model(), LoraConfig(r=2, target_modules=[nn.Linear], init_lora_weights=False))
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["dense", "mlp.0", "mlp.2"]
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["target_modules"] == ["dense", "mlp.0", "mlp.2"]
     loaded = PeftModel.from_pretrained(make_model(), tmp_path)
     assert torch.equal(loaded(*make_batch()), model(*make_batch()))
 
@@ -72,7 +73,7 @@ def test_several_adapters_save_to_subfolders_and_load_by_name(tmp_path):
     model = _trained(tmp_path)
     model.add_adapter("fr", LoraConfig(r=2, target_modules=["mlp.2"], init_lora_weights=False))
     model.save_pretrained(tmp_path)
-    assert (tmp_path / "fr" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "fr" / WEIGHTS_NAME).is_file()
     other = PeftModel.from_pretrained(make_model(), tmp_path)
     other.load_adapter(tmp_path / "fr", "fr")
     assert other.adapter_names == ("default", "fr")
@@ -92,14 +93,14 @@ def _rewrite(path, edit):
         (lambda t: t.update({"base_model.model.mlp.0.lora_A.weight": torch.zeros(4, 7)}),
          r"mlp\.0\.lora_A\.weight has shape \(4, 7\) but the model expects \(4, 24\)"),
         (lambda t: t.pop("base_model.model.mlp.2.lora_B.weight"), r"missing key mlp\.2\.lora_B\.weight"),
-        (lambda t: t.update({"base_model.model.tower.lora_A.weight": torch.zeros(1)}), "unexpected key 'base_model.model.tower"),
+        (lambda t: t.update({"base_model.model.tower.lora_A.weight": torch.zeros(1)}), "unexpected key base_model.model.tower"),
         (lambda t: t.update({"base_model.model.item.lora_embedding_A.shape": torch.tensor([61, 4])}),
          r"saved for a table of shape \(61, 4\) but the model's is \(60, 4\)"),
     ],
 )
 def test_mismatched_file_names_the_first_bad_key_and_leaves_the_model(tmp_path, edit, message):
     _trained(tmp_path)
-    _rewrite(tmp_path / "adapter_model.safetensors", edit)
+    _rewrite(tmp_path / WEIGHTS_NAME, edit)
     target = make_model()
     with pytest.raises(AdapterStateError, match=message):
         PeftModel.from_pretrained(target, tmp_path)
@@ -117,7 +118,7 @@ def test_wrong_base_model_shape_is_named(tmp_path):
 
 def test_corrupted_file_is_refused(tmp_path):
     _trained(tmp_path)
-    path = tmp_path / "adapter_model.safetensors"
+    path = tmp_path / WEIGHTS_NAME
     path.write_bytes(path.read_bytes()[:-40])
     target = make_model()
     with pytest.raises(ValueError, match="is not a readable safetensors file"):
@@ -127,7 +128,7 @@ def test_corrupted_file_is_refused(tmp_path):
 
 def test_non_finite_weights_are_refused(tmp_path):
     _trained(tmp_path)
-    _rewrite(tmp_path / "adapter_model.safetensors",
+    _rewrite(tmp_path / WEIGHTS_NAME,
              lambda t: t["base_model.model.mlp.0.lora_B.weight"].view(-1).__setitem__(3, float("nan")))
     target = make_model()
     with pytest.raises(ValueError, match="'base_model.model.mlp.0.lora_B.weight' holds non-finite values"):
@@ -137,17 +138,17 @@ def test_non_finite_weights_are_refused(tmp_path):
 
 def test_bad_config_is_refused(tmp_path):
     _trained(tmp_path)
-    (tmp_path / "adapter_config.json").write_text('{"r": 4, "target_modules": ["mlp.0"], "use_dora": true}')
+    (tmp_path / CONFIG_NAME).write_text('{"r": 4, "target_modules": ["mlp.0"], "use_dora": true}')
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
         PeftModel.from_pretrained(make_model(), tmp_path)
-    (tmp_path / "adapter_config.json").write_text("{not json")
+    (tmp_path / CONFIG_NAME).write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         PeftModel.from_pretrained(make_model(), tmp_path)
 
 
 def test_failed_load_adapter_removes_the_new_adapter(tmp_path):
     _trained(tmp_path)
-    _rewrite(tmp_path / "adapter_model.safetensors", lambda t: t.pop("base_model.model.dense.lora_A.weight"))
+    _rewrite(tmp_path / WEIGHTS_NAME, lambda t: t.pop("base_model.model.dense.lora_A.weight"))
     model = get_peft_model(make_model(), LoraConfig(r=2, target_modules=["mlp.0"], init_lora_weights=False))
     before = model(*make_batch())
     with pytest.raises(AdapterStateError, match=r"missing key dense\.lora_A\.weight"):
@@ -159,7 +160,7 @@ def test_failed_load_adapter_removes_the_new_adapter(tmp_path):
 
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     model = _trained(tmp_path)
-    previous = (tmp_path / "adapter_model.safetensors").read_bytes()
+    previous = (tmp_path / WEIGHTS_NAME).read_bytes()
     train_steps(model, steps=1)
 
     def crash(tensors, path, metadata=None):
@@ -167,11 +168,11 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
             handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("recpeft.peft.model.save_file", crash)
+    monkeypatch.setattr("recpeft.peft.serialization.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
-    assert (tmp_path / "adapter_model.safetensors").read_bytes() == previous
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
 
 
 def test_classes_anywhere_in_the_config_are_saved_as_names(tmp_path):
@@ -183,7 +184,7 @@ def test_classes_anywhere_in_the_config_are_saved_as_names(tmp_path):
                         modules_to_save=[nn.Sequential], init_lora_weights=False)
     model = get_peft_model(make_model(), config)
     model.save_pretrained(tmp_path)
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert data["target_modules"] == ["item"] and data["exclude_modules"] is None and data["modules_to_save"] == ["mlp"]
     loaded = PeftModel.from_pretrained(make_model(), tmp_path)
     assert torch.equal(loaded(*make_batch()), model(*make_batch()))

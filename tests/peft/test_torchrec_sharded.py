@@ -28,6 +28,7 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.optim import RowWiseAdagrad
 
 from recpeft import LoraConfig, PeftModel, get_peft_model
+from recpeft.peft import WEIGHTS_NAME
 
 from torchrec_models import TABLES, make_batch, make_dlrm, slice_batch
 
@@ -284,8 +285,8 @@ def test_sharded_training_matches_a_single_process_step_by_step(runs, kind):
 
 @pytest.mark.parametrize("kind", PLAN_KINDS)
 def test_adapters_saved_sharded_equal_the_single_process_adapters(runs, kind):
-    sharded = load_file(str(runs["dir"] / kind / "adapter_model.safetensors"))
-    single = load_file(str(runs["dir"] / "reference" / "adapter_model.safetensors"))
+    sharded = load_file(str(runs["dir"] / kind / WEIGHTS_NAME))
+    single = load_file(str(runs["dir"] / "reference" / WEIGHTS_NAME))
     assert sorted(sharded) == sorted(single)
     for key, value in single.items():
         if key.endswith((".indices", ".shape")):
@@ -349,7 +350,7 @@ def test_a_sharded_embedding_collection_computes_and_saves_what_the_unsharded_on
     with torch.no_grad():
         for rank, got in enumerate(runs["results"]["ec"]["outputs"]):
             torch.testing.assert_close(torch.tensor(got), model(ec_input(rank)), rtol=1e-6, atol=1e-6)
-    sharded = load_file(str(runs["dir"] / "ec" / "adapter_model.safetensors"))
+    sharded = load_file(str(runs["dir"] / "ec" / WEIGHTS_NAME))
     single = model.adapter_state_dict()
     assert sorted(sharded) == sorted(single)
     for key in single:

@@ -49,8 +49,11 @@ from torchrec.distributed.types import Awaitable
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recpeft.layers.base import AdapterStateError, LoraLayer
+from recpeft.layers.adapter_holder import sparse_embedding_weights
+from recpeft.layers.adapter_state import split_by_prefix
+from recpeft.layers.base import LoraLayer
 from recpeft.layers.table import A_DENSE, A_INDICES, A_ROWS, B_WEIGHT, check_encoded_adapter, encode_rows
+
 from . import table_rows
 
 
@@ -88,7 +91,12 @@ def keep_samples(features: KeyedJaggedTensor, keep: torch.Tensor) -> KeyedJagged
 
 
 class LoraCollectionLayer(LoraLayer):
-    """Shared part of :class:`LoraEmbeddingBagCollection` and :class:`LoraEmbeddingCollection`.
+    """Shared part of :class:`LoraEmbeddingBagCollection` and :class:`LoraEmbeddingCollection`:
+    the per-table family of LoRA wrappers (sibling of :class:`~recpeft.layers.weight.LoraWeightLayer`).
+
+    Per adapter: ``lora_A[adapter]`` a ModuleDict {group: adapter collection of dimension r}
+    holding A_t, ``lora_B[adapter]`` a ParameterDict {table: B_t [r_t, D_t]}, and per table its
+    scale ``scaling[adapter][table]`` and rank ``ranks[adapter][table]``.
 
     Subclasses name the base collection's tables (``table_configs``, ``TABLE_ATTR``), build an
     adapter collection (``make_adapter_collection``), group tables into adapter collections
@@ -101,8 +109,8 @@ class LoraCollectionLayer(LoraLayer):
         super().__init__(base_layer, module_name)
         self.lora_A = nn.ModuleDict()  # adapter → ModuleDict{group: adapter collection of dim r}
         self.lora_B = nn.ModuleDict()  # adapter → ParameterDict{table: B_t [r_t, D_t]}
-        self.scaling: dict[str, dict[str, float]] = {}
-        self.ranks: dict[str, dict[str, int]] = {}
+        self.scaling: dict[str, dict[str, float]] = {}  # adapter → {table: s_t}
+        self.ranks: dict[str, dict[str, int]] = {}  # adapter → {table: r_t}
         self.lookups: dict[str, list[FeatureLookup]] = {}
 
     # ---- subclass interface --------------------------------------------------------------------
@@ -119,7 +127,8 @@ class LoraCollectionLayer(LoraLayer):
     def make_adapter_collection(self, configs: list) -> nn.Module:
         raise NotImplementedError
 
-    def adapter_deltas(self, adapter: str, features: KeyedJaggedTensor, keep: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def adapter_deltas(self, adapter: str, features: KeyedJaggedTensor,
+                       keep: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """{base output key: s_t·(lookup of A_t)·B_t} for ``adapter`` on ``features``; with
         ``keep`` [B] (routing) only the kept samples' ids are looked up (:func:`keep_samples`) and
         the other samples get zero."""
@@ -135,15 +144,28 @@ class LoraCollectionLayer(LoraLayer):
     def check_supported(cls, module: nn.Module, name: str) -> None:
         dotted = [c.name for c in cls.table_configs(module) if "." in c.name]
         if dotted:
-            raise ValueError(f"{name}: table name {dotted[0]!r} holds a '.', so it cannot be addressed as '<module>.<table>'")
+            raise ValueError(f"{name}: table name {dotted[0]!r} holds a '.', so it cannot be addressed as "
+                             f"'<module>.<table>'")
 
     def tables(self, adapter: str) -> list[str]:
         return list(self.lora_B[adapter].keys())
 
     # ---- adapters ------------------------------------------------------------------------------
 
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A)
+
+    def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        """The adapter collections' tables A_t and every B_t."""
+        return [*self.lora_A[adapter].parameters(), *self.lora_B[adapter].parameters()]
+
+    def sparse_parameters(self, adapter: str) -> list[nn.Parameter]:
+        """The tables A_t of the unsharded adapter collections (their lookups are ``sparse=True``);
+        none once DistributedModelParallel has replaced them with fused kernels."""
+        return sparse_embedding_weights(self.lora_A[adapter])
+
     def update_layer(self, adapter, r, scale, dropout, init):
-        """The collection as a whole: every table at rank r."""
+        """The collection as a whole: every table at rank r (no dropout: torchrec lookups have none)."""
         self.update_parts(adapter, {c.name: (r, scale) for c in self.table_configs(self.base_layer)}, init)
 
     def update_parts(self, adapter: str, parts: dict[str, tuple[int, float]], init) -> None:
@@ -167,7 +189,6 @@ class LoraCollectionLayer(LoraLayer):
         self.lora_B[adapter] = lora_B
         self.scaling[adapter] = {t: float(s) for t, (_, s) in parts.items()}
         self.ranks[adapter] = {t: r for t, (r, _) in parts.items()}
-        self.lora_dropout[adapter] = 0.0
         self.lookups[adapter] = self._feature_lookups(grouped)
         with torch.no_grad():
             self.reset_adapter(adapter, init)
@@ -196,9 +217,12 @@ class LoraCollectionLayer(LoraLayer):
                 else:
                     block.zero_()
 
-    def delete_adapter(self, adapter):
-        super().delete_adapter(adapter)
-        self.lookups.pop(adapter, None)  # absent when update_parts failed before making it
+    def drop_adapter(self, adapter):
+        for store in (self.lora_A, self.lora_B):
+            if adapter in store:
+                del store[adapter]
+        for settings in (self.scaling, self.ranks, self.lookups):
+            settings.pop(adapter, None)  # absent when update_parts failed before making them
 
     def extra_repr(self) -> str:
         return f"name={self.module_name!r}, adapters={self.ranks}, active={self.active_adapters}"
@@ -249,7 +273,8 @@ class LoraCollectionLayer(LoraLayer):
             if features.variable_stride_per_key():
                 raise ValueError(f"{self.module_name}: per-sample routing needs one stride (batch) for every key")
             sample_adapter = routing.row_adapter(self.module_name, features.stride(), 1, features.values().device)
-            runs = [(name, sample_adapter == index) for index, name in enumerate(routing.adapter_names) if name in self.lora_A]
+            runs = [(name, sample_adapter == index) for index, name in enumerate(routing.adapter_names)
+                    if self.has_adapter(name)]
         else:
             runs = [(name, None) for name in self.pending_adapters()]
         deltas: dict[str, torch.Tensor] = {}
@@ -284,21 +309,15 @@ class LoraCollectionLayer(LoraLayer):
         return out
 
     def check_adapter_state(self, adapter, tensors, source):
-        per_table = self._split_by_table(adapter, tensors, source)
-        for table, state in per_table.items():
+        """Every key under a table the adapter adapts, then each table's tensors in either on-disk
+        form (:func:`~recpeft.layers.table.check_encoded_adapter`)."""
+        tables = self.tables(adapter)
+        per_table = split_by_prefix(tensors, [f"{t}." for t in tables], source=source, shown=f"{self.module_name}.",
+                                    hint=f"adapter {adapter!r} adapts tables {sorted(tables)}")
+        for table in tables:
             weight = self.adapter_table(adapter, table)
-            check_encoded_adapter(self, state, f"{table}.", (weight.size(0), weight.size(1)),
-                                  self.lora_B[adapter][table].shape, source)
-
-    def _split_by_table(self, adapter: str, tensors: dict, source: str) -> dict[str, dict]:
-        per_table: dict[str, dict] = {table: {} for table in self.tables(adapter)}
-        for key, value in tensors.items():
-            table = key.split(".", 1)[0]
-            if table not in per_table:
-                raise AdapterStateError(f"{source}: unexpected key {self.module_name}.{key} (adapter {adapter!r} "
-                                        f"adapts tables {sorted(per_table)})")
-            per_table[table][key] = value
-        return per_table
+            check_encoded_adapter(per_table[f"{table}."], (weight.size(0), weight.size(1)),
+                                  self.lora_B[adapter][table].shape, source=source, name=self._qualified(table))
 
     @torch.no_grad()
     def load_adapter_state(self, adapter, tensors):
