@@ -12,10 +12,7 @@ def _packages() -> list[str]:
     pkgs = ["recpeft"]
     # Subpackages of recpeft/ (a stray recpeft/kernels/ would clash with the
     # mapping below, so it is never picked up from there).
-    pkgs += [
-        f"recpeft.{p}"
-        for p in find_packages("recpeft", exclude=["kernels", "kernels.*", "tests", "tests.*"])
-    ]
+    pkgs += [f"recpeft.{p}" for p in find_packages("recpeft", exclude=["kernels", "kernels.*", "tests", "tests.*"])]
     pkgs.append("recpeft.kernels")
     pkgs += [f"recpeft.kernels.{p}" for p in find_packages("kernels", exclude=["tests", "tests.*"])]
     return sorted(set(pkgs))

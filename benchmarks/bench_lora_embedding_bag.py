@@ -54,8 +54,16 @@ MEMORY_SIZES = (250_000, 2_000_000)
 SUITE = {
     "name": "lora_embedding_bag",
     "title": f"LoRA embedding bag, fp32, V={V:,} D={D} r={R}, {NUM_BAGS} bags x {BAG_LEN} ids, sum",
-    "shape": {"V": V, "D": D, "r": R, "lora_alpha": ALPHA, "num_bags": NUM_BAGS, "bag_len": BAG_LEN,
-              "mode": "sum", "ids": "uniform random, 1-D ids + offsets"},
+    "shape": {
+        "V": V,
+        "D": D,
+        "r": R,
+        "lora_alpha": ALPHA,
+        "num_bags": NUM_BAGS,
+        "bag_len": BAG_LEN,
+        "mode": "sum",
+        "ids": "uniform random, 1-D ids + offsets",
+    },
     "dtype": "float32",
     "floor": "frozen",
     "targets": {"recpeft": 1.6},
@@ -85,8 +93,9 @@ def make_batch(num_embeddings: int, generator: torch.Generator):
     return ids, offsets, g
 
 
-def assert_sparse_rows_close(bench, name: str, got: torch.Tensor, expected_rows: torch.Tensor,
-                             expected_values: torch.Tensor) -> None:
+def assert_sparse_rows_close(
+    bench, name: str, got: torch.Tensor, expected_rows: torch.Tensor, expected_values: torch.Tensor
+) -> None:
     """A sparse gradient holds exactly ``expected_rows`` (sorted) with ``expected_values``."""
     assert got.is_sparse, f"{name}: expected a sparse gradient, got {got.layout}"
     got = got.coalesce()
@@ -124,31 +133,37 @@ def case(bench):
         def run():
             ids, offsets, _ = current["batch"]
             return forward(ids, offsets)
+
         return run
 
     def fwd_bwd(forward):
         def run():
             ids, offsets, g = current["batch"]
             (forward(ids, offsets) * g).sum().backward()
+
         return run
 
     def next_batch_and_clear(*tensors):
-        order = iter(range(10 ** 9))
+        order = iter(range(10**9))
 
         def reset():
             current["batch"] = batches[next(order) % NUM_BATCHES]
             for t in tensors:
                 t.grad = None
+
         return reset
 
     variants = {
         "frozen": bench.Variant("(a) frozen EmbeddingBag fwd (floor)", forward_only(frozen), next_batch_and_clear()),
-        "recpeft": bench.Variant("(b) recpeft LoraEmbeddingBag fwd+bwd", fwd_bwd(peft),
-                                 next_batch_and_clear(lora_A, lora_B)),
-        "unfused": bench.Variant("(c) unfused E-bag + A-bag(sparse)@B fwd+bwd", fwd_bwd(unfused),
-                                 next_batch_and_clear(unfused_A, unfused_B)),
-        "dense": bench.Variant("(d) dense sparse-grad table fwd+bwd", fwd_bwd(dense),
-                               next_batch_and_clear(dense.weight)),
+        "recpeft": bench.Variant(
+            "(b) recpeft LoraEmbeddingBag fwd+bwd", fwd_bwd(peft), next_batch_and_clear(lora_A, lora_B)
+        ),
+        "unfused": bench.Variant(
+            "(c) unfused E-bag + A-bag(sparse)@B fwd+bwd", fwd_bwd(unfused), next_batch_and_clear(unfused_A, unfused_B)
+        ),
+        "dense": bench.Variant(
+            "(d) dense sparse-grad table fwd+bwd", fwd_bwd(dense), next_batch_and_clear(dense.weight)
+        ),
     }
 
     # ---- the variants compute the same thing, checked before anything is timed ----
@@ -167,8 +182,9 @@ def case(bench):
     bench.assert_close("recpeft out vs unfused out", out_peft, out_unf)
     bench.assert_close("recpeft dB vs unfused dB", lora_B.grad, unfused_B.grad)
     expected_A = unfused_A.grad.coalesce()
-    assert_sparse_rows_close(bench, "recpeft dA vs unfused dA", lora_A.grad, expected_A.indices()[0],
-                             expected_A.values())
+    assert_sparse_rows_close(
+        bench, "recpeft dA vs unfused dA", lora_A.grad, expected_A.indices()[0], expected_A.values()
+    )
     bench.assert_close("dense out vs frozen out", out_dense, out_frozen)
     rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
     bag_of_id = torch.arange(NUM_BAGS).repeat_interleave(BAG_LEN)
@@ -232,22 +248,30 @@ def test_backward_memory_independent_of_V(request, bench, report):
     if not can_measure_memory():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the resident-set high-water mark")
     small, large = (run_memory_probe(v) for v in MEMORY_SIZES)
-    mib = 2 ** 20
+    mib = 2**20
     for probe in (small, large):
-        print(f"\nV={probe['V']:>9,}: backward peak extra {probe['backward_peak_extra_bytes'] / mib:6.2f} MiB, "
-              f"retained {probe['backward_retained_bytes'] / mib:6.2f} MiB, grad A "
-              f"{'sparse' if probe['grad_A_sparse'] else 'DENSE'} {probe['grad_A_bytes'] / mib:.2f} MiB "
-              f"(a dense grad A: {probe['dense_grad_A_bytes'] / mib:.1f} MiB)")
+        print(
+            f"\nV={probe['V']:>9,}: backward peak extra {probe['backward_peak_extra_bytes'] / mib:6.2f} MiB, "
+            f"retained {probe['backward_retained_bytes'] / mib:6.2f} MiB, grad A "
+            f"{'sparse' if probe['grad_A_sparse'] else 'DENSE'} {probe['grad_A_bytes'] / mib:.2f} MiB "
+            f"(a dense grad A: {probe['dense_grad_A_bytes'] / mib:.1f} MiB)"
+        )
     growth = large["backward_peak_extra_bytes"] / max(small["backward_peak_extra_bytes"], 1)
-    report.extra["backward_memory"] = {"probes": [small, large], "growth_ratio": round(growth, 3),
-                                       "method": "VmHWM - VmRSS around loss.backward(), fresh subprocess, "
-                                                 f"MALLOC_MMAP_THRESHOLD_={MALLOC_MMAP_THRESHOLD}"}
+    report.extra["backward_memory"] = {
+        "probes": [small, large],
+        "growth_ratio": round(growth, 3),
+        "method": "VmHWM - VmRSS around loss.backward(), fresh subprocess, "
+        f"MALLOC_MMAP_THRESHOLD_={MALLOC_MMAP_THRESHOLD}",
+    }
     assert large["grad_A_sparse"], "the gradient of A is dense"
     # Page-granular RSS and allocator noise: allow 1.5x plus 1 MiB.
-    assert large["backward_peak_extra_bytes"] <= 1.5 * small["backward_peak_extra_bytes"] + mib, \
-        f"backward memory grows with V: {small['backward_peak_extra_bytes']} -> {large['backward_peak_extra_bytes']} bytes"
-    assert large["backward_peak_extra_bytes"] < large["dense_grad_A_bytes"] / 4, \
+    assert large["backward_peak_extra_bytes"] <= 1.5 * small["backward_peak_extra_bytes"] + mib, (
+        f"backward memory grows with V: {small['backward_peak_extra_bytes']} -> "
+        f"{large['backward_peak_extra_bytes']} bytes"
+    )
+    assert large["backward_peak_extra_bytes"] < large["dense_grad_A_bytes"] / 4, (
         "backward memory is not well below a dense gradient of A"
+    )
 
 
 if __name__ == "__main__":

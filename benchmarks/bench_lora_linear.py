@@ -36,8 +36,10 @@ SUITE = {
     "dtype": "float32",
     "floor": "frozen",
     "targets": {"recpeft": 1.15},
-    "anchors": {"HF PEFT LoRA / frozen (DESIGN.md, 2 CPU cores)": "1.77x",
-                "dense fine-tuning / frozen (DESIGN.md, 2 CPU cores)": "1.49x"},
+    "anchors": {
+        "HF PEFT LoRA / frozen (DESIGN.md, 2 CPU cores)": "1.77x",
+        "dense fine-tuning / frozen (DESIGN.md, 2 CPU cores)": "1.49x",
+    },
 }
 VARIANTS = ["frozen", "recpeft", "unfused", "dense"]
 
@@ -55,6 +57,7 @@ def _clear(*tensors):
     def reset():
         for t in tensors:
             t.grad = None
+
     return reset
 
 
@@ -67,8 +70,9 @@ def case(bench):
 
     frozen = nn.Linear(K, N).requires_grad_(False)
 
-    peft = trainable_copy(OneLayer(frozen), Method.LORA,
-                          LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["fc"], init_lora_weights=False))
+    peft = trainable_copy(
+        OneLayer(frozen), Method.LORA, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["fc"], init_lora_weights=False)
+    )
     layer = peft.base_model.fc
     lora_A, lora_B = layer.lora_A["default"], layer.lora_B["default"]  # [r, K], [N, r]
     assert peft.peft_config["default"].scale_for("fc") == scale
@@ -87,10 +91,14 @@ def case(bench):
     variants = {
         "frozen": bench.Variant("(a) frozen nn.Linear (floor)", lambda: frozen(x).backward(g), _clear(x)),
         "recpeft": bench.Variant("(b) recpeft LoraLinear", lambda: peft(x).backward(g), _clear(x, lora_A, lora_B)),
-        "unfused": bench.Variant("(c) unfused base + B(A(x))*s (HF PEFT)", lambda: unfused(x).backward(g),
-                                 _clear(x, unfused_A.weight, unfused_B.weight)),
-        "dense": bench.Variant("(d) dense fine-tuning", lambda: dense(x).backward(g),
-                               _clear(x, dense.weight, dense.bias)),
+        "unfused": bench.Variant(
+            "(c) unfused base + B(A(x))*s (HF PEFT)",
+            lambda: unfused(x).backward(g),
+            _clear(x, unfused_A.weight, unfused_B.weight),
+        ),
+        "dense": bench.Variant(
+            "(d) dense fine-tuning", lambda: dense(x).backward(g), _clear(x, dense.weight, dense.bias)
+        ),
     }
 
     # ---- the variants compute the same thing, checked before anything is timed ----

@@ -41,8 +41,15 @@ INTERLEAVED_ROUNDS = 15
 SUITE = {
     "name": "routing",
     "title": f"Routed inference, {NUM_ADAPTERS} adapters, fp32, M={M} K={K} N={N} r={R}",
-    "shape": {"M": M, "K": K, "N": N, "r": R, "lora_alpha": ALPHA, "num_adapters": NUM_ADAPTERS,
-              "adapter_ids": "uniform random in [0, 64) per sample"},
+    "shape": {
+        "M": M,
+        "K": K,
+        "N": N,
+        "r": R,
+        "lora_alpha": ALPHA,
+        "num_adapters": NUM_ADAPTERS,
+        "adapter_ids": "uniform random in [0, 64) per sample",
+    },
     "dtype": "float32",
     "floor": "merged",
     "targets": {"recpeft": 1.5, "grouped": 1.5},
@@ -106,8 +113,9 @@ def case(bench):
         adapter_names = [names[i] for i in ids.tolist()]
         y = F.linear(x, weight, bias)
         unique_adapters = set(adapter_names)
-        sub_batch_indices_list = [[index for index, item in enumerate(adapter_names) if item == adapter]
-                                  for adapter in unique_adapters]
+        sub_batch_indices_list = [
+            [index for index, item in enumerate(adapter_names) if item == adapter] for adapter in unique_adapters
+        ]
         for i, adapter in enumerate(unique_adapters):
             a = names.index(adapter)
             sub_batch = x[sub_batch_indices_list[i]]
@@ -118,6 +126,7 @@ def case(bench):
         def run():
             with torch.no_grad():
                 return fn()
+
         return run
 
     variants = {
@@ -132,15 +141,17 @@ def case(bench):
     outputs = {name: variants[name].run() for name in ("recpeft", "masks", "hf_lists")}
     bench.assert_close("recpeft vs boolean-mask loop", outputs["recpeft"], outputs["masks"])
     bench.assert_close("recpeft vs HF index lists", outputs["recpeft"], outputs["hf_lists"])
-    bench.assert_close("grouped batch vs the same samples in random order", variants["grouped"].run(),
-                       outputs["recpeft"][order])
+    bench.assert_close(
+        "grouped batch vs the same samples in random order", variants["grouped"].run(), outputs["recpeft"][order]
+    )
     checked = torch.cat([(ids == a).nonzero().squeeze(1)[:SAMPLES_PER_ADAPTER_CHECKED] for a in range(NUM_ADAPTERS)])
     for sample in checked.tolist():
         a = int(ids[sample])
         merged_weight = weight.double() + scale * lora_B[a].double() @ lora_A[a].double()  # W + s·B·A
         expected = x[sample].double() @ merged_weight.t() + bias.double()
-        bench.assert_close(f"sample {sample} (adapter {names[a]}) vs its merged model", outputs["recpeft"][sample],
-                           expected)
+        bench.assert_close(
+            f"sample {sample} (adapter {names[a]}) vs its merged model", outputs["recpeft"][sample], expected
+        )
     assert checked.numel() >= NUM_ADAPTERS, "some adapter got no samples"
     delta = (outputs["recpeft"] - variants["merged"].run()).abs().max().item()
     assert delta > 0.1, f"the adapters barely change the output ({delta:.2e})"

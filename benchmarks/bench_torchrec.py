@@ -58,8 +58,12 @@ from torchrec.optim import RowWiseAdagrad
 
 from recpeft import LoraAdamW, LoraConfig, get_peft_model
 from recpeft.peft.distributed import copy_full_state, dense_parameters, shard_peft_model
-from recpeft.utils.memory_probe import (can_measure_memory, describe_peak_memory, measure_peak_memory,
-                                        run_json_subprocesses)
+from recpeft.utils.memory_probe import (
+    can_measure_memory,
+    describe_peak_memory,
+    measure_peak_memory,
+    run_json_subprocesses,
+)
 
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
@@ -76,9 +80,19 @@ EBC_PATH = "sparse_arch.embedding_bag_collection"
 SUITE = {
     "name": "torchrec",
     "title": f"torchrec DLRM fine-tuning step, fp32, {NUM_TABLES} tables {ROWS:,} x {DIM}, batch {BATCH} x "
-             f"{IDS_PER_FEATURE} ids/feature, LoRA r={R}",
-    "shape": {"tables": NUM_TABLES, "rows": ROWS, "dim": DIM, "batch": BATCH, "ids_per_feature": IDS_PER_FEATURE,
-              "dense_in": DENSE_IN, "dense_arch": DENSE_ARCH, "over_arch": OVER_ARCH, "r": R, "lora_alpha": ALPHA},
+    f"{IDS_PER_FEATURE} ids/feature, LoRA r={R}",
+    "shape": {
+        "tables": NUM_TABLES,
+        "rows": ROWS,
+        "dim": DIM,
+        "batch": BATCH,
+        "ids_per_feature": IDS_PER_FEATURE,
+        "dense_in": DENSE_IN,
+        "dense_arch": DENSE_ARCH,
+        "over_arch": OVER_ARCH,
+        "r": R,
+        "lora_alpha": ALPHA,
+    },
     "dtype": "float32",
     "floor": "dense_adam",
     "targets": {"lora": 0.5},
@@ -98,10 +112,16 @@ LABELS = {
 
 def pretrained() -> DLRM:
     torch.manual_seed(0)
-    tables = [EmbeddingBagConfig(name=f"t_{i}", embedding_dim=DIM, num_embeddings=ROWS, feature_names=[f"f_{i}"])
-              for i in range(NUM_TABLES)]
-    return DLRM(EmbeddingBagCollection(tables), dense_in_features=DENSE_IN, dense_arch_layer_sizes=DENSE_ARCH,
-                over_arch_layer_sizes=OVER_ARCH)
+    tables = [
+        EmbeddingBagConfig(name=f"t_{i}", embedding_dim=DIM, num_embeddings=ROWS, feature_names=[f"f_{i}"])
+        for i in range(NUM_TABLES)
+    ]
+    return DLRM(
+        EmbeddingBagCollection(tables),
+        dense_in_features=DENSE_IN,
+        dense_arch_layer_sizes=DENSE_ARCH,
+        over_arch_layer_sizes=OVER_ARCH,
+    )
 
 
 def make_batches():
@@ -118,8 +138,9 @@ def make_batches():
 
 def table_wise_plan(ebc: EmbeddingBagCollection) -> ShardingPlan:
     per_table = {c.name: table_wise(rank=0, compute_kernel="fused") for c in ebc.embedding_bag_configs()}
-    return ShardingPlan({EBC_PATH: construct_module_sharding_plan(ebc, per_table, local_size=1, world_size=1,
-                                                                  device_type="cpu")})
+    return ShardingPlan(
+        {EBC_PATH: construct_module_sharding_plan(ebc, per_table, local_size=1, world_size=1, device_type="cpu")}
+    )
 
 
 def build(name: str, model: nn.Module):
@@ -132,7 +153,9 @@ def build(name: str, model: nn.Module):
         plan = table_wise_plan(model.sparse_arch.embedding_bag_collection)
         from torch.distributed.optim import _apply_optimizer_in_backward
 
-        _apply_optimizer_in_backward(RowWiseAdagrad, model.sparse_arch.embedding_bag_collection.parameters(), {"lr": EMB_LR})
+        _apply_optimizer_in_backward(
+            RowWiseAdagrad, model.sparse_arch.embedding_bag_collection.parameters(), {"lr": EMB_LR}
+        )
         state = model.state_dict()
         sharded = DistributedModelParallel(model, env=env, plan=plan)
         copy_full_state(sharded, state)
@@ -194,13 +217,14 @@ def case(bench):
     lora_table = built["lora"][0].base_model.sparse_arch.embedding_bag_collection
     assert all(not p.requires_grad for p in lora_table.base_layer.parameters())
 
-    order = {name: iter(range(10 ** 9)) for name in VARIANTS}
+    order = {name: iter(range(10**9)) for name in VARIANTS}
 
     def step(name):
         model, optimizer = built[name]
 
         def run():
             train_step(model, optimizer, batches[next(order[name]) % NUM_BATCHES])
+
         return run
 
     return {name: bench.Variant(LABELS[name], step(name)) for name in VARIANTS}
@@ -228,8 +252,11 @@ def memory_probe(name: str) -> dict:
     """Run in a fresh process: peak resident memory of building ``name`` and training it."""
     init_single_process_group()
     batches = make_batches()
-    result = measure_peak_memory(lambda: build(name, pretrained()),
-                                 lambda built, step: train_step(*built, batches[step % NUM_BATCHES]), MEMORY_STEPS)
+    result = measure_peak_memory(
+        lambda: build(name, pretrained()),
+        lambda built, step: train_step(*built, batches[step % NUM_BATCHES]),
+        MEMORY_STEPS,
+    )
     return {"variant": name, **result}
 
 
@@ -247,24 +274,34 @@ def test_torchrec_peak_memory_and_throughput(request, bench, report):
     # per variant: the interleaved quiet median when there is one, else pytest-benchmark's median
     step_s = {name: report.interleaved.get(name, report.medians.get(name)) for name in VARIANTS}
     sources = {name: "interleaved" if name in report.interleaved else "pytest-benchmark" for name in VARIANTS}
-    gib = 2 ** 30
+    gib = 2**30
     rows = {}
-    print(f"\n{'variant':<62} {'samples/s':>10} {'peak GiB':>9} {'model GiB':>10} {'training GiB':>13} "
-          f"{'build peak GiB':>15}")
+    print(
+        f"\n{'variant':<62} {'samples/s':>10} {'peak GiB':>9} {'model GiB':>10} {'training GiB':>13} "
+        f"{'build peak GiB':>15}"
+    )
     for name in VARIANTS:
         probe = probes[name]
         rate = BATCH / step_s[name] if step_s[name] else None
-        rows[name] = {**probe, "samples_per_s": round(rate, 1) if rate else None, "step_ms": round(step_s[name] * 1e3, 2)
-                      if step_s[name] else None}
-        print(f"{LABELS[name]:<62} {rate or float('nan'):>10.0f} {probe['peak_bytes'] / gib:>9.3f} "
-              f"{probe['model_bytes'] / gib:>10.3f} {probe['training_bytes'] / gib:>13.3f} "
-              f"{probe['build_peak_bytes'] / gib:>15.3f}")
+        rows[name] = {
+            **probe,
+            "samples_per_s": round(rate, 1) if rate else None,
+            "step_ms": round(step_s[name] * 1e3, 2) if step_s[name] else None,
+        }
+        print(
+            f"{LABELS[name]:<62} {rate or float('nan'):>10.0f} {probe['peak_bytes'] / gib:>9.3f} "
+            f"{probe['model_bytes'] / gib:>10.3f} {probe['training_bytes'] / gib:>13.3f} "
+            f"{probe['build_peak_bytes'] / gib:>15.3f}"
+        )
     dense, lora = rows["dense_adam"], rows["lora"]
     speed = lora["samples_per_s"] / dense["samples_per_s"] if lora["samples_per_s"] and dense["samples_per_s"] else None
     memory = lora["peak_bytes"] / dense["peak_bytes"]
     verdicts = {
-        "lora_samples_per_s_over_dense_adam": {"measured": round(speed, 3) if speed else None, "target_min": 2.0,
-                                               "met": bool(speed and speed >= 2.0)},
+        "lora_samples_per_s_over_dense_adam": {
+            "measured": round(speed, 3) if speed else None,
+            "target_min": 2.0,
+            "met": bool(speed and speed >= 2.0),
+        },
         "lora_peak_memory_over_dense_adam": {"measured": round(memory, 3), "target_max": 0.5, "met": memory <= 0.5},
     }
     for key, verdict in verdicts.items():

@@ -39,9 +39,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import pytest
 import torch
@@ -155,8 +155,9 @@ class BenchReport:
         self.iqrs[name] = stats.stats.iqr
         self.rounds[name] = stats.stats.rounds
 
-    def time_interleaved(self, variants: dict[str, Variant], rounds: int, warmup_rounds: int = 1,
-                         max_rounds_factor: int = 4) -> None:
+    def time_interleaved(
+        self, variants: dict[str, Variant], rounds: int, warmup_rounds: int = 1, max_rounds_factor: int = 4
+    ) -> None:
         """Round-robin rounds (each variant once per round) until ``rounds`` quiet ones are in or
         ``max_rounds_factor`` × ``rounds`` have run; keep each variant's median over the quiet
         rounds (over all rounds, flagged ``contended``, when fewer than half were quiet)."""
@@ -192,7 +193,9 @@ class BenchReport:
             self.interleaved[name] = statistics.median(t[name] for t in kept)
             self.interleaved_min[name] = min(t[name] for _, t in all_rounds)
         self.interleaved_info = {
-            "rounds_run": len(all_rounds), "rounds_kept": len(kept), "contended": contended,
+            "rounds_run": len(all_rounds),
+            "rounds_kept": len(kept),
+            "contended": contended,
             "probe_best_ms": round(best_probe * 1e3, 4),
             "probe_median_ms": round(statistics.median(p for p, _ in all_rounds) * 1e3, 4),
         }
@@ -211,17 +214,24 @@ class BenchReport:
         rows = []
         for name, limit in self.suite.get("targets", {}).items():
             judged = interleaved.get(name, pedantic.get(name))
-            rows.append({"ratio": f"{name}/{self.floor}", "target_max": limit,
-                         "measured_pytest_benchmark": pedantic.get(name),
-                         "measured_interleaved": interleaved.get(name),
-                         "met": judged is not None and judged <= limit})
+            rows.append(
+                {
+                    "ratio": f"{name}/{self.floor}",
+                    "target_max": limit,
+                    "measured_pytest_benchmark": pedantic.get(name),
+                    "measured_interleaved": interleaved.get(name),
+                    "met": judged is not None and judged <= limit,
+                }
+            )
         return rows
 
     def contended_pedantic(self) -> list[str]:
         """Variants whose pytest-benchmark run had a slow probe before or after it."""
         if not self.probes:
             return []
-        best = min([min(p) for p in self.probes.values()] + [self.interleaved_info.get("probe_best_ms", math.inf) / 1e3])
+        best = min(
+            [min(p) for p in self.probes.values()] + [self.interleaved_info.get("probe_best_ms", math.inf) / 1e3]
+        )
         return [n for n, p in self.probes.items() if max(p) > QUIET_FACTOR * best + QUIET_SLACK_S]
 
     def table(self) -> str:
@@ -233,9 +243,11 @@ class BenchReport:
             return format(values[name] * scale, fmt) if name in values else "-"
 
         lowest = self._ratios(self.interleaved_min)
-        lines = [f"\n== {self.suite['title']} ==  (torch {torch.__version__}, {torch.get_num_threads()} threads)",
-                 f"{'variant':<{width}}  {'median ms':>10}  {'x floor':>8}  {'interleaved ms':>14}  {'x floor':>8}"
-                 f"  {'inter. min ms':>13}  {'x floor':>8}"]
+        lines = [
+            f"\n== {self.suite['title']} ==  (torch {torch.__version__}, {torch.get_num_threads()} threads)",
+            f"{'variant':<{width}}  {'median ms':>10}  {'x floor':>8}  {'interleaved ms':>14}  {'x floor':>8}"
+            f"  {'inter. min ms':>13}  {'x floor':>8}",
+        ]
         for name in names:
             lines.append(
                 f"{self.labels.get(name, name):<{width}}  {cell(self.medians, name, 1e3, '.2f'):>10}"
@@ -245,18 +257,26 @@ class BenchReport:
             )
         info = self.interleaved_info
         if info:
-            lines.append(f"interleaved: {info['rounds_kept']} quiet rounds kept of {info['rounds_run']} "
-                         f"(probe best {info['probe_best_ms']} ms, median {info['probe_median_ms']} ms)"
-                         + ("  ** CONTENDED: every round kept; ratios unreliable **" if info["contended"] else ""))
+            lines.append(
+                f"interleaved: {info['rounds_kept']} quiet rounds kept of {info['rounds_run']} "
+                f"(probe best {info['probe_best_ms']} ms, median {info['probe_median_ms']} ms)"
+                + ("  ** CONTENDED: every round kept; ratios unreliable **" if info["contended"] else "")
+            )
         slow = self.contended_pedantic()
         if slow:
             lines.append(f"pytest-benchmark figures taken under contention (probe slow around): {', '.join(slow)}")
         for row in self.targets():
-            got = ", ".join(f"{label} {v:.3f}x" for label, v in (("interleaved", row["measured_interleaved"]),
-                                                                  ("pytest-benchmark", row["measured_pytest_benchmark"]))
-                            if v is not None)
-            lines.append(f"target {row['ratio']} <= {row['target_max']}x: {got or '-'} -> "
-                         f"{'MET' if row['met'] else 'NOT MET'}")
+            got = ", ".join(
+                f"{label} {v:.3f}x"
+                for label, v in (
+                    ("interleaved", row["measured_interleaved"]),
+                    ("pytest-benchmark", row["measured_pytest_benchmark"]),
+                )
+                if v is not None
+            )
+            lines.append(
+                f"target {row['ratio']} <= {row['target_max']}x: {got or '-'} -> {'MET' if row['met'] else 'NOT MET'}"
+            )
         for key, value in self.suite.get("anchors", {}).items():
             lines.append(f"anchor: {key}: {value}")
         return "\n".join(lines)

@@ -38,6 +38,7 @@ def make_recpeft_importable() -> None:
     ``kernels/`` folder as ``recpeft.kernels``."""
     try:
         import recpeft.kernels  # noqa: F401  (an install, editable or not)
+
         return
     except ImportError:  # a source tree without the package mapping
         for name in [n for n in sys.modules if n == "recpeft" or n.startswith("recpeft.")]:
@@ -74,8 +75,10 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     env = measure_device()
-    print(f"{env['device']}: copy {env['copy_gbps']:.0f} GB/s, bf16 matmul {env['bf16_tflops']:.0f} TFLOP/s "
-          f"(torch {torch.__version__}, triton {triton.__version__})")
+    print(
+        f"{env['device']}: copy {env['copy_gbps']:.0f} GB/s, bf16 matmul {env['bf16_tflops']:.0f} TFLOP/s "
+        f"(torch {torch.__version__}, triton {triton.__version__})"
+    )
     report = {"env": env, "quick": args.quick, "sections": {}, "errors": {}}
     for name in args.sections.split(","):
         try:

@@ -46,25 +46,34 @@ from tqdm import tqdm
 from recpeft import LoraConfig
 from recpeft.apps.workflow import Method, trainable_copy
 from recpeft.datasets.batch import Batch
-from recpeft.datasets.online_retail import (NUM_CONTEXT, NUM_CROSS, RetailCatalog, RetailEvents,
-                                            load_online_retail, purchases)
-from recpeft.utils.atomic import atomic_path, atomic_write_text
+from recpeft.datasets.online_retail import (
+    NUM_CONTEXT,
+    NUM_CROSS,
+    RetailCatalog,
+    RetailEvents,
+    load_online_retail,
+    purchases,
+)
 from recpeft.metrics import auc, ranking_metrics
 from recpeft.models.basket_ranker import BasketRanker
-from recpeft.train import Trainer, TrainConfig
+from recpeft.train import TrainConfig, Trainer
+from recpeft.utils.atomic import atomic_path, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "online_retail.parquet"
 RESULTS = ROOT / "benchmarks" / "results"
 SPLIT = pd.Timestamp("2011-09-01")
-DEV_SPLIT = pd.Timestamp("2011-07-01")   # --dev: the protocol within the rows before SPLIT
+DEV_SPLIT = pd.Timestamp("2011-07-01")  # --dev: the protocol within the rows before SPLIT
 MARKETS = ("Germany", "France", "Spain", "Belgium", "Switzerland", "Portugal")
 NEGATIVES = 4
 K = 10
-MASKED = -1e9                       # logit of the basket's other items in the training softmax
+MASKED = -1e9  # logit of the basket's other items in the training softmax
 TARGETS = {"base_auc": 0.757, "lora_auc": 0.770, "lora_ndcg@10": 0.047, "adapter_share": 0.01}
-REFERENCE = {"base": {"auc": 0.757, "ndcg@10": 0.0425}, "lora": {"auc": 0.764, "ndcg@10": 0.0450},
-             "dense": {"auc": 0.760, "ndcg@10": 0.0445}}
+REFERENCE = {
+    "base": {"auc": 0.757, "ndcg@10": 0.0425},
+    "lora": {"auc": 0.764, "ndcg@10": 0.0450},
+    "dense": {"auc": 0.760, "ndcg@10": 0.0445},
+}
 # The basket/history bags are left out: their touched rows (1–2k items per market) would take the
 # adapter file past 1% of the base checkpoint for no gain on the validation slices. The customer
 # table is left out too: per-customer rows trained on a few purchases each did not help on --dev.
@@ -92,11 +101,11 @@ class Settings:
     tune_batch_size: int = 256
     patience: int = 5
     lora_weight_decay: float = 0.0
-    keep_initial: bool = True       # the base itself competes on the validation AUC (epoch -1)
-    bpr_weight: float = 2.0         # weight of the sampled-negative BPR term next to the softmax
+    keep_initial: bool = True  # the base itself competes on the validation AUC (epoch -1)
+    bpr_weight: float = 2.0  # weight of the sampled-negative BPR term next to the softmax
     bpr_negatives: int = 16
     base_bpr_weight: float = 0.0
-    valid_negatives: int = 20       # sampled non-purchases per validation row
+    valid_negatives: int = 20  # sampled non-purchases per validation row
     base_valid_fraction: float = 0.1
     valid_fraction: float = 0.2
 
@@ -130,8 +139,9 @@ def bought_by(rows: pd.DataFrame, item_of: dict) -> dict[int, set]:
     return bought
 
 
-def sample_negatives(bought: dict[int, set], customers: np.ndarray, count: int, num_items: int,
-                     rng: np.random.Generator) -> torch.Tensor:
+def sample_negatives(
+    bought: dict[int, set], customers: np.ndarray, count: int, num_items: int, rng: np.random.Generator
+) -> torch.Tensor:
     """[N, count] products each row's customer never bought (uniform, without repeats)."""
     out = np.empty((len(customers), count), dtype=np.int64)
     for n, c in enumerate(customers):
@@ -168,7 +178,9 @@ def prepare(path: Path, settings: Settings, split: pd.Timestamp = SPLIT, end: pd
     for market in MARKETS:
         own = (rows["Country"] == market).to_numpy()
         if not (own & before).any() or not (own & ~before).any():
-            raise ValueError(f"{path}: column 'Country' has no rows for market {market!r} before and after {split.date()}")
+            raise ValueError(
+                f"{path}: column 'Country' has no rows for market {market!r} before and after {split.date()}"
+            )
         market_late[market] = valid_mask(rows, own & before, settings.valid_fraction)
     # the base never trains on a market's validation rows: fine-tuning keeps the base (keep_initial)
     # only when it beats the adapter on rows neither has trained on
@@ -178,8 +190,12 @@ def prepare(path: Path, settings: Settings, split: pd.Timestamp = SPLIT, end: pd
     for market in MARKETS:
         own = (rows["Country"] == market).to_numpy()
         test_select = own & ~before
-        markets[market] = Split(events.select(own & before & ~market_late[market]), scored(market_late[market]),
-                                events.select(test_select), test_customers=customers[test_select])
+        markets[market] = Split(
+            events.select(own & before & ~market_late[market]),
+            scored(market_late[market]),
+            events.select(test_select),
+            test_customers=customers[test_select],
+        )
     return rows, catalog, base, markets
 
 
@@ -251,8 +267,10 @@ def make_loss(bpr_weight: float, bpr_negatives: int):
 def scores_of(model, events: RetailEvents, batch_size: int = 1024) -> torch.Tensor:
     """[N, I] logits of every row."""
     model.eval()
-    parts = [model(*events.batch(torch.arange(s, min(s + batch_size, len(events)))).args)
-             for s in range(0, len(events), batch_size)]
+    parts = [
+        model(*events.batch(torch.arange(s, min(s + batch_size, len(events)))).args)
+        for s in range(0, len(events), batch_size)
+    ]
     return torch.cat(parts)
 
 
@@ -269,17 +287,42 @@ def valid_auc(model, source: ScoredRows) -> float:
     return sampled_auc(scores_of(model, source.events), source.events.labels, source.negatives)
 
 
-def fit(model, split: Split, lr: float, weight_decay: float, epochs: int, batch_size: int, patience: int,
-        loss_fn, keep_initial: bool, seed: int, desc: str, progress: bool) -> dict:
+def fit(
+    model,
+    split: Split,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    batch_size: int,
+    patience: int,
+    loss_fn,
+    keep_initial: bool,
+    seed: int,
+    desc: str,
+    progress: bool,
+) -> dict:
     """recpeft's Trainer (AdamW, LoraAdamW for the sparse adapter tables, warmup + cosine,
     clipping at 1) on ``split.train``, early stopping on the validation AUC; with ``keep_initial``
     the starting weights compete as epoch −1. Returns the FitReport's essentials."""
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         early_stopping_patience=patience, keep_initial=keep_initial, seed=seed,
-                         progress=progress, desc=desc)
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        early_stopping_patience=patience,
+        keep_initial=keep_initial,
+        seed=seed,
+        progress=progress,
+        desc=desc,
+    )
     report = Trainer(model, config, loss_fn=loss_fn, metric_fn=valid_auc).fit(TrainingRows(split.train), split.valid)
-    return {"epochs": report.epochs_run, "best_epoch": report.best_epoch, "valid_auc": report.best_metric,
-            "history": [round(h["valid_metric"], 5) for h in report.history], "seconds": report.seconds}
+    return {
+        "epochs": report.epochs_run,
+        "best_epoch": report.best_epoch,
+        "valid_auc": report.best_metric,
+        "history": [round(h["valid_metric"], 5) for h in report.history],
+        "seconds": report.seconds,
+    }
 
 
 def evaluate(model, split: Split) -> dict:
@@ -297,46 +340,105 @@ def file_bytes(directory: Path) -> int:
 
 
 def new_base(catalog: RetailCatalog, settings: Settings) -> BasketRanker:
-    return BasketRanker(len(catalog.customers) + 1, len(catalog.markets), len(catalog.words), catalog.word_ids,
-                        catalog.word_offsets, catalog.item_dense, num_context=NUM_CONTEXT, num_cross=NUM_CROSS,
-                        dim=settings.dim, hidden=settings.hidden, dropout=settings.dropout)
+    return BasketRanker(
+        len(catalog.customers) + 1,
+        len(catalog.markets),
+        len(catalog.words),
+        catalog.word_ids,
+        catalog.word_offsets,
+        catalog.item_dense,
+        num_context=NUM_CONTEXT,
+        num_cross=NUM_CROSS,
+        dim=settings.dim,
+        hidden=settings.hidden,
+        dropout=settings.dropout,
+    )
 
 
 def train_base(seed: int, settings: Settings, catalog: RetailCatalog, base_split: Split, progress: bool):
     torch.manual_seed(seed)
     base = new_base(catalog, settings)
     loss = make_loss(settings.base_bpr_weight, settings.bpr_negatives)
-    report = fit(base, base_split, settings.base_lr, settings.base_weight_decay, settings.base_epochs,
-                 settings.batch_size, 1, loss, False, seed, f"seed {seed} base", progress)
+    report = fit(
+        base,
+        base_split,
+        settings.base_lr,
+        settings.base_weight_decay,
+        settings.base_epochs,
+        settings.batch_size,
+        1,
+        loss,
+        False,
+        seed,
+        f"seed {seed} base",
+        progress,
+    )
     return base, report
 
 
-def tune_market(base: BasketRanker, split: Split, settings: Settings, seed: int, market: str, workdir: Path,
-                progress: bool) -> dict:
+def tune_market(
+    base: BasketRanker, split: Split, settings: Settings, seed: int, market: str, workdir: Path, progress: bool
+) -> dict:
     """Base, LoRA and dense fine-tuning of one market, evaluated on its test rows."""
-    entry = {"base": evaluate(base, split), "train_rows": len(split.train), "valid_rows": len(split.valid),
-             "test_rows": len(split.test)}
+    entry = {
+        "base": evaluate(base, split),
+        "train_rows": len(split.train),
+        "valid_rows": len(split.valid),
+        "test_rows": len(split.test),
+    }
     loss = make_loss(settings.bpr_weight, settings.bpr_negatives)
-    lora = trainable_copy(base, Method.LORA, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
-                                                        target_modules=LORA_TARGETS))
-    entry["lora_fit"] = fit(lora, split, settings.lora_lr, settings.lora_weight_decay, settings.tune_epochs,
-                            settings.tune_batch_size, settings.patience, loss, settings.keep_initial, seed,
-                            f"{market} lora", progress)
+    lora = trainable_copy(
+        base, Method.LORA, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, target_modules=LORA_TARGETS)
+    )
+    entry["lora_fit"] = fit(
+        lora,
+        split,
+        settings.lora_lr,
+        settings.lora_weight_decay,
+        settings.tune_epochs,
+        settings.tune_batch_size,
+        settings.patience,
+        loss,
+        settings.keep_initial,
+        seed,
+        f"{market} lora",
+        progress,
+    )
     entry["lora"] = evaluate(lora, split)
     adapter_dir = workdir / f"{market}_{seed}"
     lora.save_pretrained(adapter_dir)
     entry["adapter_bytes"] = file_bytes(adapter_dir)
     entry["lora_params"] = lora.get_nb_trainable_parameters()
     dense = trainable_copy(base, Method.DENSE)
-    entry["dense_fit"] = fit(dense, split, settings.dense_lr, settings.base_weight_decay, settings.tune_epochs,
-                             settings.tune_batch_size, settings.patience, loss, settings.keep_initial, seed,
-                             f"{market} dense", progress)
+    entry["dense_fit"] = fit(
+        dense,
+        split,
+        settings.dense_lr,
+        settings.base_weight_decay,
+        settings.tune_epochs,
+        settings.tune_batch_size,
+        settings.patience,
+        loss,
+        settings.keep_initial,
+        seed,
+        f"{market} dense",
+        progress,
+    )
     entry["dense"] = evaluate(dense, split)
     return entry
 
 
-def run_seed(seed: int, settings: Settings, catalog: RetailCatalog, base_split: Split, markets: dict,
-             rows: pd.DataFrame, workdir: Path, progress: bool, base: BasketRanker | None = None) -> dict:
+def run_seed(
+    seed: int,
+    settings: Settings,
+    catalog: RetailCatalog,
+    base_split: Split,
+    markets: dict,
+    rows: pd.DataFrame,
+    workdir: Path,
+    progress: bool,
+    base: BasketRanker | None = None,
+) -> dict:
     item_of = {p: i for i, p in enumerate(catalog.products)}
     bought = bought_by(rows, item_of)
     rng = np.random.default_rng(seed)
@@ -368,19 +470,27 @@ def summarize(per_seed: dict[int, dict]) -> dict:
     markets = {}
     for market in MARKETS:
         entries = [per_seed[s]["markets"][market] for s in seeds]
-        markets[market] = {model: {m: float(np.mean([e[model][m] for e in entries])) for m in metrics}
-                           for model in ("base", "lora", "dense")}
+        markets[market] = {
+            model: {m: float(np.mean([e[model][m] for e in entries])) for m in metrics}
+            for model in ("base", "lora", "dense")
+        }
         markets[market]["adapter_share"] = float(np.max([e["adapter_share"] for e in entries]))
         markets[market]["adapter_bytes"] = int(np.max([e["adapter_bytes"] for e in entries]))
-    mean = {model: {m: float(np.mean([markets[k][model][m] for k in MARKETS])) for m in metrics}
-            for model in ("base", "lora", "dense")}
+    mean = {
+        model: {m: float(np.mean([markets[k][model][m] for k in MARKETS])) for m in metrics}
+        for model in ("base", "lora", "dense")
+    }
     checks = {
         "base_auc >= 0.757": mean["base"]["auc"] >= TARGETS["base_auc"],
         "lora_auc >= 0.770": mean["lora"]["auc"] >= TARGETS["lora_auc"],
         "lora_ndcg@10 >= 0.047": mean["lora"]["ndcg@10"] >= TARGETS["lora_ndcg@10"],
-        "lora_auc >= base_auc in every market": all(markets[k]["lora"]["auc"] >= markets[k]["base"]["auc"] for k in MARKETS),
+        "lora_auc >= base_auc in every market": all(
+            markets[k]["lora"]["auc"] >= markets[k]["base"]["auc"] for k in MARKETS
+        ),
         "lora_auc >= dense_auc (mean)": mean["lora"]["auc"] >= mean["dense"]["auc"],
-        "adapter <= 1% of base checkpoint": all(markets[k]["adapter_share"] <= TARGETS["adapter_share"] for k in MARKETS),
+        "adapter <= 1% of base checkpoint": all(
+            markets[k]["adapter_share"] <= TARGETS["adapter_share"] for k in MARKETS
+        ),
     }
     return {"markets": markets, "mean": mean, "targets": checks}
 
@@ -400,13 +510,16 @@ def table(summary: dict) -> str:
 
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(MARKETS) + ["mean"]
     source = [summary["markets"][k] for k in MARKETS] + [summary["mean"]]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    for ax, metric, title in zip(axes, ("auc", "ndcg@10"), ("AUC vs 4 sampled non-purchases", "NDCG@10 among all products")):
+    for ax, metric, title in zip(
+        axes, ("auc", "ndcg@10"), ("AUC vs 4 sampled non-purchases", "NDCG@10 among all products")
+    ):
         x = np.arange(len(names))
         for offset, model in zip((-0.27, 0.0, 0.27), ("base", "lora", "dense")):
             ax.bar(x + offset, [m[model][metric] for m in source], width=0.27, label=model)
@@ -431,9 +544,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--dev", action="store_true",
-                        help=f"the same protocol on the rows before {SPLIT.date()} only, split at {DEV_SPLIT.date()}: "
-                             "where the settings were chosen; writes quality_online_retail_dev.json, no plot")
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        help=f"the same protocol on the rows before {SPLIT.date()} only, split at {DEV_SPLIT.date()}: "
+        "where the settings were chosen; writes quality_online_retail_dev.json, no plot",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
@@ -447,14 +563,28 @@ def main(argv=None) -> dict:
             per_seed[seed] = run_seed(seed, settings, catalog, base_split, markets, rows, Path(workdir), progress)
     summary = summarize(per_seed)
     report = {
-        "benchmark": "quality_online_retail", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "data": {"file": args.data.name, "purchases": len(rows), "products": catalog.num_items,
-                 "customers_before_split": len(catalog.customers), "split": str(split.date()), "dev": args.dev,
-                 "source": "Chen, D. (2015). Online Retail. UCI ML Repository, doi:10.24432/C5BW33, CC BY 4.0"},
-        "settings": asdict(settings), "lora_targets": LORA_TARGETS, "seeds": args.seeds,
-        "torch": torch.__version__, "threads": args.threads, "machine": platform.machine(),
-        "seconds": time.perf_counter() - start, "reference": REFERENCE, "targets": TARGETS,
-        **summary, "per_seed": per_seed,
+        "benchmark": "quality_online_retail",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "data": {
+            "file": args.data.name,
+            "purchases": len(rows),
+            "products": catalog.num_items,
+            "customers_before_split": len(catalog.customers),
+            "split": str(split.date()),
+            "dev": args.dev,
+            "source": "Chen, D. (2015). Online Retail. UCI ML Repository, doi:10.24432/C5BW33, CC BY 4.0",
+        },
+        "settings": asdict(settings),
+        "lora_targets": LORA_TARGETS,
+        "seeds": args.seeds,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "seconds": time.perf_counter() - start,
+        "reference": REFERENCE,
+        "targets": TARGETS,
+        **summary,
+        "per_seed": per_seed,
     }
     args.output.mkdir(parents=True, exist_ok=True)
     name = "quality_online_retail_dev" if args.dev else "quality_online_retail"

@@ -51,22 +51,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recpeft import LoraConfig, PeftModel
+from recpeft.apps.demo_report import save_report
+from recpeft.apps.workflow import Method, trainable_copy
 from recpeft.datasets.batch import Batch, TensorBatches
 from recpeft.datasets.splits import leave_last_out
 from recpeft.datasets.synthetic import load_shop
-from recpeft.utils.atomic import atomic_path
 from recpeft.metrics import ranking_metrics, sampled_ranking_metrics
 from recpeft.models.sasrec import PAD, SASRec
-from recpeft.apps.demo_report import save_report
 from recpeft.train import TrainConfig, Trainer
-from recpeft.apps.workflow import Method, trainable_copy
+from recpeft.utils.atomic import atomic_path
 
-K = 10                 # the cut-off of HR@K and NDCG@K
+K = 10  # the cut-off of HR@K and NDCG@K
 SAMPLED_NEGATIVES = 100
 VARIANTS = ("base", "lora", "dense")
 
 
 # ---- data ----------------------------------------------------------------------------------------
+
 
 @dataclass
 class EvalSet:
@@ -78,7 +79,7 @@ class EvalSet:
     negatives: torch.Tensor
     market: np.ndarray
 
-    def rows(self, market: str | None = None) -> "EvalSet":
+    def rows(self, market: str | None = None) -> EvalSet:
         keep = np.ones(len(self.market), bool) if market is None else self.market == market
         index = torch.from_numpy(np.flatnonzero(keep))
         return EvalSet(self.inputs[index], self.targets[index], self.negatives[index], self.market[keep])
@@ -169,13 +170,29 @@ def prepare_sequences(shop: pd.DataFrame, max_len: int, seed: int = 0) -> Sequen
     valid_item = dict(zip(parts.valid["user"], parts.valid["item"].to_numpy(np.int64) + 1))
     test = eval_set(parts.test, {u: train_items[u] + [valid_item[u]] for u in parts.test["user"]})
     markets = clicks["market"].astype(str).value_counts().index.tolist()  # largest first
-    counts = {m: {"click_users": int((market_of == m).sum()), "test_users": int((test.market == m).sum()),
-                  "train_windows": int(sum(w == m for w in window_market))} for m in markets}
-    return SequenceData(torch.tensor([w[0] for w in windows]), torch.tensor([w[1] for w in windows]),
-                        np.array(window_market), valid, test, num_items, max_len, markets, counts)
+    counts = {
+        m: {
+            "click_users": int((market_of == m).sum()),
+            "test_users": int((test.market == m).sum()),
+            "train_windows": int(sum(w == m for w in window_market)),
+        }
+        for m in markets
+    }
+    return SequenceData(
+        torch.tensor([w[0] for w in windows]),
+        torch.tensor([w[1] for w in windows]),
+        np.array(window_market),
+        valid,
+        test,
+        num_items,
+        max_len,
+        markets,
+        counts,
+    )
 
 
 # ---- training and evaluation ---------------------------------------------------------------------
+
 
 def next_item_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The Trainer's ``loss_fn``: SASRec's full-softmax next-item cross-entropy, inputs
@@ -188,7 +205,7 @@ def catalogue_scores(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1
     """Next-item scores of every catalogue item, [U, N−1]: column j is item id j + 1 (the padding
     column of ``score_all`` is dropped)."""
     model.eval()
-    return torch.cat([model.score_all(inputs[b:b + batch_size])[:, 1:] for b in range(0, len(inputs), batch_size)])
+    return torch.cat([model.score_all(inputs[b : b + batch_size])[:, 1:] for b in range(0, len(inputs), batch_size)])
 
 
 def evaluate(model: nn.Module, rows: EvalSet) -> dict[str, float]:
@@ -241,6 +258,7 @@ def train(model: nn.Module, data: SequenceData, market: str | None, config: Trai
 
 # ---- the experiment --------------------------------------------------------------------------------
 
+
 @dataclass
 class Experiment:
     """What a run leaves behind: the data, the base, each market's LoRA / dense model, the report."""
@@ -253,12 +271,15 @@ class Experiment:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Per-market LoRA vs dense fine-tuning of SASRec on the embedded "
-                                                 "shop's clicks; HR@10 / NDCG@10 over the full catalogue.")
+    parser = argparse.ArgumentParser(
+        description="Per-market LoRA vs dense fine-tuning of SASRec on the embedded "
+        "shop's clicks; HR@10 / NDCG@10 over the full catalogue."
+    )
     parser.add_argument("--out", default="runs/ranking", help="output folder (report JSON, base weights, adapters)")
     parser.add_argument("--quick", action="store_true", help="tiny model and 2 epochs each (for tests)")
-    parser.add_argument("--markets", nargs="*", default=None,
-                        help="markets to fine-tune (default: every market except the largest)")
+    parser.add_argument(
+        "--markets", nargs="*", default=None, help="markets to fine-tune (default: every market except the largest)"
+    )
     parser.add_argument("--max-len", type=int, default=None, help="SASRec's sequence length L (default 20)")
     parser.add_argument("--dim", type=int, default=None, help="SASRec's dimension D (default 48)")
     parser.add_argument("--seed", type=int, default=0)
@@ -270,12 +291,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def recipe(args: argparse.Namespace) -> dict:
     """Model size and the three training configs; ``--quick`` shrinks everything."""
     quick = args.quick
-    model = {"max_len": args.max_len or (10 if quick else 20), "dim": args.dim or (16 if quick else 48),
-             "num_blocks": 1 if quick else 2, "num_heads": 1, "dropout": 0.2}
+    model = {
+        "max_len": args.max_len or (10 if quick else 20),
+        "dim": args.dim or (16 if quick else 48),
+        "num_blocks": 1 if quick else 2,
+        "num_heads": 1,
+        "dropout": 0.2,
+    }
     common = {"batch_size": 128, "seed": args.seed, "progress": args.progress, "warmup_fraction": 0.0}
     pretrain = TrainConfig(epochs=2 if quick else 40, lr=2e-3, early_stopping_patience=3, desc="pretrain", **common)
-    lora = TrainConfig(epochs=2 if quick else 20, lr=3e-3, early_stopping_patience=3, keep_initial=True,
-                       schedule="constant", **common)
+    lora = TrainConfig(
+        epochs=2 if quick else 20, lr=3e-3, early_stopping_patience=3, keep_initial=True, schedule="constant", **common
+    )
     dense = dataclasses.replace(lora, lr=3e-4)
     return {"model": model, "pretrain": pretrain, "lora": lora, "dense": dense}
 
@@ -283,9 +310,13 @@ def recipe(args: argparse.Namespace) -> dict:
 def fit_summary(report, model: nn.Module) -> dict:
     """A FitReport's best epoch (−1: the starting weights won), epochs, best validation NDCG@10,
     seconds, and the model's trainable parameter count."""
-    return {"best_epoch": report.best_epoch, "epochs_run": report.epochs_run,
-            "best_valid_ndcg@10": report.best_metric, "seconds": report.seconds,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return {
+        "best_epoch": report.best_epoch,
+        "epochs_run": report.epochs_run,
+        "best_valid_ndcg@10": report.best_metric,
+        "seconds": report.seconds,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
 
 
 def run(args: argparse.Namespace) -> Experiment:
@@ -312,8 +343,11 @@ def run(args: argparse.Namespace) -> Experiment:
     rows = {}
     for market in tqdm(markets, desc="markets", disable=not args.progress):
         test = data.test.rows(market)
-        row = {"test_users": len(test.targets), "base": {"metrics": evaluate(base, test)},
-               "popularity": {"metrics": popularity_metrics(data, test)}}
+        row = {
+            "test_users": len(test.targets),
+            "base": {"metrics": evaluate(base, test)},
+            "popularity": {"metrics": popularity_metrics(data, test)},
+        }
         for method, name in ((Method.LORA, "lora"), (Method.DENSE, "dense")):
             torch.manual_seed(args.seed)  # the adapters' initialisation follows the seed
             model = trainable_copy(base, method, lora_config)
@@ -328,8 +362,9 @@ def run(args: argparse.Namespace) -> Experiment:
 
     routing_diff = None
     if markets:  # every test user in one batch, each routed to its market's adapter (others: the base)
-        expected = torch.cat([catalogue_scores(experiment.lora.get(m, base), data.test.rows(m).inputs)
-                              for m in data.markets])
+        expected = torch.cat(
+            [catalogue_scores(experiment.lora.get(m, base), data.test.rows(m).inputs) for m in data.markets]
+        )
         order = np.concatenate([np.flatnonzero(data.test.market == m) for m in data.markets])
         routed = routed_scores(base, out / "adapters", markets, data.test.rows())[torch.from_numpy(order)]
         routing_diff = float((routed - expected).abs().max())
@@ -339,17 +374,28 @@ def run(args: argparse.Namespace) -> Experiment:
             "split": "leave-last-out per user with >= 3 clicks: last click = test target, second last = validation",
             "candidates": "every catalogue item (the user's earlier items stay candidates); ties pessimistic",
             "sampled": f"'sampled_*' keys rank the target among {SAMPLED_NEGATIVES} uniform negatives "
-                       "(not the target), for comparison only",
-            "k": K, "model": {"num_items": data.num_items, **settings["model"]},
+            "(not the target), for comparison only",
+            "k": K,
+            "model": {"num_items": data.num_items, **settings["model"]},
             "lora": {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "targets": "lora_targets"},
             "train": {n: settings[n].to_dict() for n in ("pretrain", "lora", "dense")},
         },
         "counts": data.counts,
-        "pretrain": {**fit_summary(pretrain_report, base), "all_users_test": evaluate(base, data.test),
-                     "trainable_params": sum(p.numel() for p in base.parameters())},
+        "pretrain": {
+            **fit_summary(pretrain_report, base),
+            "all_users_test": evaluate(base, data.test),
+            "trainable_params": sum(p.numel() for p in base.parameters()),
+        },
         "markets": rows,
-        "mean": {v: {key: float(np.mean([rows[m][v]["metrics"][key] for m in rows]))
-                     for key in rows[markets[0]][v]["metrics"]} for v in (*VARIANTS, "popularity")} if rows else {},
+        "mean": {
+            v: {
+                key: float(np.mean([rows[m][v]["metrics"][key] for m in rows]))
+                for key in rows[markets[0]][v]["metrics"]
+            }
+            for v in (*VARIANTS, "popularity")
+        }
+        if rows
+        else {},
         "routing_max_abs_diff": routing_diff,
         "seconds": time.perf_counter() - start,
     }
@@ -364,16 +410,21 @@ def format_table(report: dict) -> str:
     if report["mean"]:
         named.append(("mean", "", report["mean"]))
     text = []
-    for title, keys in (("full catalogue", [f"hr@{K}", f"ndcg@{K}"]),
-                        (f"sampled ({SAMPLED_NEGATIVES} negatives)", [f"sampled_hr@{K}", f"sampled_ndcg@{K}"])):
+    for title, keys in (
+        ("full catalogue", [f"hr@{K}", f"ndcg@{K}"]),
+        (f"sampled ({SAMPLED_NEGATIVES} negatives)", [f"sampled_hr@{K}", f"sampled_ndcg@{K}"]),
+    ):
         header = ["market", "users"] + [f"{v} {k}" for k in keys for v in VARIANTS]
-        lines = [[name, users] + [f"{metrics[v][k]:.4f}" for k in keys for v in VARIANTS]
-                 for name, users, metrics in named]
+        lines = [
+            [name, users] + [f"{metrics[v][k]:.4f}" for k in keys for v in VARIANTS] for name, users, metrics in named
+        ]
         widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
         text.append(f"{title}:")
         text += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [header, *lines]]
-    text.append(f"full: the test target ranked among all {report['protocol']['model']['num_items'] - 1} items "
-                f"(earlier items stay candidates); sampled: among {SAMPLED_NEGATIVES} random items, not comparable.")
+    text.append(
+        f"full: the test target ranked among all {report['protocol']['model']['num_items'] - 1} items "
+        f"(earlier items stay candidates); sampled: among {SAMPLED_NEGATIVES} random items, not comparable."
+    )
     return "\n".join(text)
 
 
@@ -384,10 +435,14 @@ def main(argv: list[str] | None = None) -> Experiment:
     report = experiment.report
     if report["mean"]:
         pop = report["mean"]["popularity"]
-        print(f"popularity ranking (mean over markets): hr@{K} {pop[f'hr@{K}']:.4f}, ndcg@{K} {pop[f'ndcg@{K}']:.4f}; "
-              f"routed mixed batch vs per-market models: max |diff| {report['routing_max_abs_diff']:.2e}")
-    print(f"base pretrained in {experiment.report['pretrain']['seconds']:.1f} s; "
-          f"total {experiment.report['seconds']:.1f} s; report and adapters in {args.out}")
+        print(
+            f"popularity ranking (mean over markets): hr@{K} {pop[f'hr@{K}']:.4f}, ndcg@{K} {pop[f'ndcg@{K}']:.4f}; "
+            f"routed mixed batch vs per-market models: max |diff| {report['routing_max_abs_diff']:.2e}"
+        )
+    print(
+        f"base pretrained in {experiment.report['pretrain']['seconds']:.1f} s; "
+        f"total {experiment.report['seconds']:.1f} s; report and adapters in {args.out}"
+    )
     return experiment
 
 

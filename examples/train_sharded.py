@@ -38,10 +38,18 @@ DENSE_IN, DIM = 13, 16
 
 def pretrained_model(num_tables: int, rows: int) -> nn.Module:
     torch.manual_seed(0)  # the same "checkpoint" on every process
-    tables = [EmbeddingBagConfig(name=f"t_{i}", embedding_dim=DIM, num_embeddings=rows, feature_names=[f"f_{i}"])
-              for i in range(num_tables)]
-    return DLRM_DCN(EmbeddingBagCollection(tables), dense_in_features=DENSE_IN, dense_arch_layer_sizes=[32, DIM],
-                    over_arch_layer_sizes=[32, 1], dcn_num_layers=2, dcn_low_rank_dim=8)
+    tables = [
+        EmbeddingBagConfig(name=f"t_{i}", embedding_dim=DIM, num_embeddings=rows, feature_names=[f"f_{i}"])
+        for i in range(num_tables)
+    ]
+    return DLRM_DCN(
+        EmbeddingBagCollection(tables),
+        dense_in_features=DENSE_IN,
+        dense_arch_layer_sizes=[32, DIM],
+        over_arch_layer_sizes=[32, 1],
+        dcn_num_layers=2,
+        dcn_low_rank_dim=8,
+    )
 
 
 def batch(step: int, size: int, num_tables: int, rows: int, rank: int, device: torch.device):
@@ -59,11 +67,21 @@ def make_plan(kind: str, model: nn.Module, world: int, device: torch.device) -> 
     if kind == "auto":
         return None
     ebc = model.sparse_arch.embedding_bag_collection
-    per_table = {c.name: (row_wise() if kind == "row_wise" else table_wise(rank=i % world))
-                 for i, c in enumerate(ebc.embedding_bag_configs())}
-    return ShardingPlan({"sparse_arch.embedding_bag_collection": construct_module_sharding_plan(
-        ebc, per_table, local_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), world_size=world,
-        device_type=device.type)})
+    per_table = {
+        c.name: (row_wise() if kind == "row_wise" else table_wise(rank=i % world))
+        for i, c in enumerate(ebc.embedding_bag_configs())
+    }
+    return ShardingPlan(
+        {
+            "sparse_arch.embedding_bag_collection": construct_module_sharding_plan(
+                ebc,
+                per_table,
+                local_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                world_size=world,
+                device_type=device.type,
+            )
+        }
+    )
 
 
 def main() -> None:
@@ -83,12 +101,19 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(device)
 
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["sparse_arch.embedding_bag_collection", "over_arch.model.1"])
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["sparse_arch.embedding_bag_collection", "over_arch.model.1"]
+    )
     pretrained = pretrained_model(args.tables, args.rows)
     plan = make_plan(args.plan, pretrained, world, device)  # the plan you would use for the plain model
     model = get_peft_model(pretrained, config)
-    sharded = shard_peft_model(model, plan=plan, env=ShardingEnv.from_process_group(dist.group.WORLD), device=device,
-                               embedding_optimizer=(RowWiseAdagrad, {"lr": 0.05}))
+    sharded = shard_peft_model(
+        model,
+        plan=plan,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=device,
+        embedding_optimizer=(RowWiseAdagrad, {"lr": 0.05}),
+    )
     optimizer = torch.optim.Adam(dense_parameters(sharded), lr=3e-3)
     if rank == 0:
         print(sharded.plan)
@@ -107,9 +132,11 @@ def main() -> None:
     state = optimizer_state_bytes(sharded, optimizer)
     if rank == 0:
         rows_total = args.tables * args.rows
-        print(f"optimizer state, all processes: base tables {state['base_tables']:,} B, adapter tables "
-              f"{state['adapter_tables']:,} B (row-wise Adagrad: 4 B per row, {rows_total:,} rows), "
-              f"dense parameters {state['dense']:,} B (Adam, replicated per process)")
+        print(
+            f"optimizer state, all processes: base tables {state['base_tables']:,} B, adapter tables "
+            f"{state['adapter_tables']:,} B (row-wise Adagrad: 4 B per row, {rows_total:,} rows), "
+            f"dense parameters {state['dense']:,} B (Adam, replicated per process)"
+        )
 
     save_adapters(sharded, args.output)
     dense, kjt, _ = batch(10_000, 8, args.tables, args.rows, rank, device)

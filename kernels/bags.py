@@ -60,8 +60,7 @@ def validate_ids(ids: torch.Tensor, num_embeddings: int, table_name: str) -> Non
         return
     position = int(((flat < 0) | (flat >= num_embeddings)).nonzero()[0, 0])
     raise IndexError(
-        f"{table_name}: id {int(flat[position])} at position {position} is out of range "
-        f"[0, {num_embeddings})"
+        f"{table_name}: id {int(flat[position])} at position {position} is out of range [0, {num_embeddings})"
     )
 
 
@@ -85,10 +84,7 @@ def _bags_from_offsets(
         raise ValueError(f"{table_name}: offsets[0] must be 0, got {int(starts[0])}")
     lengths = ends - starts
     if (lengths < 0).any() or (ends.numel() and int(ends[-1]) > num_ids):
-        raise ValueError(
-            f"{table_name}: offsets must be non-decreasing and at most the number of ids "
-            f"({num_ids})"
-        )
+        raise ValueError(f"{table_name}: offsets must be non-decreasing and at most the number of ids ({num_ids})")
     bags = torch.arange(starts.numel(), device=offsets.device)
     used = int(ends[-1]) if ends.numel() else 0
     return starts, lengths, torch.repeat_interleave(bags, lengths, output_size=used), used

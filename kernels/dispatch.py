@@ -54,12 +54,17 @@ def triton_op(name: str) -> Callable | None:
     try:
         module = importlib.import_module(qualified)
     except ImportError as exc:
-        raise ImportError(f"{qualified}, the Triton module registered for op {name!r} in "
-                          f"dispatch.TRITON_MODULES, does not import: {exc}", name=qualified) from exc
+        raise ImportError(
+            f"{qualified}, the Triton module registered for op {name!r} in "
+            f"dispatch.TRITON_MODULES, does not import: {exc}",
+            name=qualified,
+        ) from exc
     op = getattr(module, name, None)
     if not callable(op):
-        raise ImportError(f"{qualified}, registered for op {name!r} in dispatch.TRITON_MODULES, defines no "
-                          f"function {name!r}", name=qualified)
+        raise ImportError(
+            f"{qualified}, registered for op {name!r} in dispatch.TRITON_MODULES, defines no function {name!r}",
+            name=qualified,
+        )
     return op
 
 

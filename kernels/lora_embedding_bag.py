@@ -207,8 +207,9 @@ def _lora_bag_forward_kernel(
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < rank
     # B [r, D-tile] stays in registers for the whole run of bags
-    b = tl.load(lora_b_ptr + ranks[:, None] * stride_b + cols[None, :],
-                mask=rank_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    b = tl.load(
+        lora_b_ptr + ranks[:, None] * stride_b + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0
+    ).to(tl.float32)
 
     first_bag = run * bags_per_program
     for bag in range(first_bag, tl.minimum(first_bag + bags_per_program, num_bags)):
@@ -222,15 +223,21 @@ def _lora_bag_forward_kernel(
             pos = first + tl.arange(0, BLOCK_L)
             in_bag = pos < end
             rows = tl.load(ids_ptr + pos, mask=in_bag, other=0).to(tl.int64)
-            a = tl.load(lora_a_ptr + rows[:, None] * stride_a + ranks[None, :],
-                        mask=in_bag[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
+            a = tl.load(
+                lora_a_ptr + rows[:, None] * stride_a + ranks[None, :],
+                mask=in_bag[:, None] & rank_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
             if HAS_WEIGHTS:
                 w = tl.load(weights_ptr + pos, mask=in_bag, other=0.0).to(tl.float32)
                 a = a * w[:, None]
             pooled += tl.sum(a, axis=0)
             if GATHER_TABLE:
-                e = tl.load(table_ptr + rows[:, None] * stride_table + cols[None, :],
-                            mask=in_bag[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                e = tl.load(
+                    table_ptr + rows[:, None] * stride_table + cols[None, :],
+                    mask=in_bag[:, None] & col_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
                 if HAS_WEIGHTS:
                     e = e * w[:, None]
                 acc_e += tl.sum(e, axis=0)
@@ -240,8 +247,9 @@ def _lora_bag_forward_kernel(
             result = acc_e + delta
         else:
             result = tl.load(base_ptr + bag * stride_base + cols, mask=col_ok, other=0.0).to(tl.float32) + delta
-        tl.store(out_ptr + bag * stride_out + cols, _cast(result, out_ptr.dtype.element_ty, ROUND_BF16_BY_HAND),
-                 mask=col_ok)
+        tl.store(
+            out_ptr + bag * stride_out + cols, _cast(result, out_ptr.dtype.element_ty, ROUND_BF16_BY_HAND), mask=col_ok
+        )
         if d_tile == 0:  # every D-tile pooled the same A rows; one writes them
             tl.store(pooled_ptr + bag * stride_pooled + ranks, pooled, mask=rank_ok)
 
@@ -313,10 +321,12 @@ def _lora_bag_grad_b_kernel(
     for b0 in range(first, last, BLOCK_B):
         bags = b0 + tl.arange(0, BLOCK_B)
         ok = bags < last
-        pooled_t = tl.load(pooled_ptr + bags[None, :] * stride_pooled + ranks[:, None],
-                           mask=rank_ok[:, None] & ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_B]
-        dy = tl.load(grad_ptr + bags[:, None] * stride_grad + cols[None, :],
-                     mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_B, BLOCK_D]
+        pooled_t = tl.load(
+            pooled_ptr + bags[None, :] * stride_pooled + ranks[:, None], mask=rank_ok[:, None] & ok[None, :], other=0.0
+        )  # [BLOCK_R, BLOCK_B]
+        dy = tl.load(
+            grad_ptr + bags[:, None] * stride_grad + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0
+        ).to(tl.float32)  # [BLOCK_B, BLOCK_D]
         acc = tl.dot(pooled_t, dy, acc, input_precision="ieee")
     acc = acc * scale
 
@@ -365,8 +375,9 @@ def _rows_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
-def lora_embedding_bag_forward(table, lora_A, lora_B, ids, offsets, weights, scale: float,
-                               base_output=None, *, out=None, pooled=None):
+def lora_embedding_bag_forward(
+    table, lora_A, lora_B, ids, offsets, weights, scale: float, base_output=None, *, out=None, pooled=None
+):
     """out_j = (base_output_j or Σ w_i·E[i]) + s·(Σ w_i·A[i])·B and pooled_j = Σ w_i·A[i].
 
     Shapes: table [V, D], lora_A [V, r], lora_B [r, D], ids/weights [L], offsets [nb],
@@ -394,18 +405,52 @@ def lora_embedding_bag_forward(table, lora_A, lora_B, ids, offsets, weights, sca
     cfg = launch_settings(dim, rank, ids.numel(), num_bags)
     base = base_output if base_output is not None else out  # placeholder pointer, never read
     _lora_bag_forward_kernel[(triton.cdiv(num_bags, cfg.bags_per_program), cfg.d_tiles)](
-        table, lora_A, lora_B, ids, offsets, weights if weights is not None else ids, base, out, pooled,
-        num_bags, ids.numel(), dim, rank, cfg.bags_per_program, float(scale),
-        table.stride(0), lora_A.stride(0), lora_B.stride(0), base.stride(0), out.stride(0), pooled.stride(0),
-        HAS_WEIGHTS=weights is not None, GATHER_TABLE=base_output is None, ROUND_BF16_BY_HAND=ROUND_BF16_BY_HAND,
-        BLOCK_L=cfg.block_l, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r, num_warps=cfg.num_warps,
+        table,
+        lora_A,
+        lora_B,
+        ids,
+        offsets,
+        weights if weights is not None else ids,
+        base,
+        out,
+        pooled,
+        num_bags,
+        ids.numel(),
+        dim,
+        rank,
+        cfg.bags_per_program,
+        float(scale),
+        table.stride(0),
+        lora_A.stride(0),
+        lora_B.stride(0),
+        base.stride(0),
+        out.stride(0),
+        pooled.stride(0),
+        HAS_WEIGHTS=weights is not None,
+        GATHER_TABLE=base_output is None,
+        ROUND_BF16_BY_HAND=ROUND_BF16_BY_HAND,
+        BLOCK_L=cfg.block_l,
+        BLOCK_D=cfg.block_d,
+        BLOCK_R=cfg.block_r,
+        num_warps=cfg.num_warps,
     )
     return out, pooled
 
 
-def lora_embedding_bag_backward(grad_out, pooled, lora_B, bag_of_id, weights, scale: float, *,
-                                need_grad_a: bool = True, need_grad_b: bool = True,
-                                deterministic: bool | None = None, grad_a_values=None, grad_b=None):
+def lora_embedding_bag_backward(
+    grad_out,
+    pooled,
+    lora_B,
+    bag_of_id,
+    weights,
+    scale: float,
+    *,
+    need_grad_a: bool = True,
+    need_grad_b: bool = True,
+    deterministic: bool | None = None,
+    grad_a_values=None,
+    grad_b=None,
+):
     """(values [L, r] of the sparse dA, dB [r, D]); either is None when not needed.
 
     values_i = w_i·g_{bag(i)} with g = s·dY·Bᵀ (see the module docstring); dB = s·pooledᵀ·dY in
@@ -415,8 +460,10 @@ def lora_embedding_bag_backward(grad_out, pooled, lora_B, bag_of_id, weights, sc
     num_bags, dim = grad_out.shape
     rank = lora_B.shape[0]
     if tuple(pooled.shape) != (num_bags, rank) or tuple(lora_B.shape) != (rank, dim):
-        raise ValueError(f"grad_out {tuple(grad_out.shape)}, pooled {tuple(pooled.shape)} and "
-                         f"lora_B {tuple(lora_B.shape)} do not fit [nb, D], [nb, r], [r, D]")
+        raise ValueError(
+            f"grad_out {tuple(grad_out.shape)}, pooled {tuple(pooled.shape)} and "
+            f"lora_B {tuple(lora_B.shape)} do not fit [nb, D], [nb, r], [r, D]"
+        )
     cfg = launch_settings(dim, rank, bag_of_id.numel(), num_bags)
     values = None
     if need_grad_a:
@@ -424,17 +471,28 @@ def lora_embedding_bag_backward(grad_out, pooled, lora_B, bag_of_id, weights, sc
         # and with it dA — is bit-identical to the reference's.
         per_bag = (grad_out.to(lora_B.dtype) @ lora_B.t()).mul_(scale)  # [nb, r]
         num_ids = bag_of_id.numel()
-        values = grad_a_values if grad_a_values is not None else \
-            torch.empty(num_ids, rank, dtype=per_bag.dtype, device=grad_out.device)
+        values = (
+            grad_a_values
+            if grad_a_values is not None
+            else torch.empty(num_ids, rank, dtype=per_bag.dtype, device=grad_out.device)
+        )
         if tuple(values.shape) != (num_ids, rank) or values.dtype != per_bag.dtype or not values.is_contiguous():
             raise ValueError(f"grad_a_values must be a contiguous [{num_ids}, {rank}] {per_bag.dtype} tensor")
         if num_ids:
             weights_arg = weights.contiguous() if weights is not None else bag_of_id
             _lora_bag_grad_a_kernel[(triton.cdiv(num_ids, IDS_PER_GRAD_A_PROGRAM),)](
-                per_bag, bag_of_id.contiguous(), weights_arg, values,
-                num_ids, rank, per_bag.stride(0), values.stride(0),
-                HAS_WEIGHTS=weights is not None, ROUND_BF16_BY_HAND=ROUND_BF16_BY_HAND,
-                BLOCK_IDS=IDS_PER_GRAD_A_PROGRAM, BLOCK_R=cfg.block_r,
+                per_bag,
+                bag_of_id.contiguous(),
+                weights_arg,
+                values,
+                num_ids,
+                rank,
+                per_bag.stride(0),
+                values.stride(0),
+                HAS_WEIGHTS=weights is not None,
+                ROUND_BF16_BY_HAND=ROUND_BF16_BY_HAND,
+                BLOCK_IDS=IDS_PER_GRAD_A_PROGRAM,
+                BLOCK_R=cfg.block_r,
             )
     result_b = None
     if need_grad_b:
@@ -451,10 +509,20 @@ def lora_embedding_bag_backward(grad_out, pooled, lora_B, bag_of_id, weights, sc
         else:
             partial = torch.empty(runs, rank, dim, dtype=torch.float32, device=grad_out.device)
         _lora_bag_grad_b_kernel[(runs, cfg.d_tiles)](
-            pooled, grad_out, partial,
-            num_bags, dim, rank, per_run, float(scale),
-            pooled.stride(0), grad_out.stride(0),
-            ATOMIC=atomic, BLOCK_B=BAGS_PER_DOT, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r,
+            pooled,
+            grad_out,
+            partial,
+            num_bags,
+            dim,
+            rank,
+            per_run,
+            float(scale),
+            pooled.stride(0),
+            grad_out.stride(0),
+            ATOMIC=atomic,
+            BLOCK_B=BAGS_PER_DOT,
+            BLOCK_D=cfg.block_d,
+            BLOCK_R=cfg.block_r,
             num_warps=cfg.num_warps,
         )
         result_b.copy_(partial if atomic else partial.sum(0))  # fixed-order second stage
@@ -471,8 +539,9 @@ class LoraEmbeddingBagFunction(torch.autograd.Function):
     B, identity for base_output, none for E, the layout or the weights."""
 
     @staticmethod
-    def forward(ctx, table, lora_A, lora_B, ids, bag_of_id, offsets, weights, base_output,
-                scale: float, deterministic: bool):
+    def forward(
+        ctx, table, lora_A, lora_B, ids, bag_of_id, offsets, weights, base_output, scale: float, deterministic: bool
+    ):
         out, pooled = lora_embedding_bag_forward(table, lora_A, lora_B, ids, offsets, weights, scale, base_output)
         ctx.save_for_backward(ids, bag_of_id, weights, pooled, lora_B)
         ctx.scale, ctx.deterministic, ctx.table_shape = scale, deterministic, tuple(lora_A.shape)
@@ -483,8 +552,15 @@ class LoraEmbeddingBagFunction(torch.autograd.Function):
         ids, bag_of_id, weights, pooled, lora_B = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         values, grad_b = lora_embedding_bag_backward(
-            grad_out, pooled, lora_B, bag_of_id, weights, ctx.scale,
-            need_grad_a=need_a, need_grad_b=need_b, deterministic=ctx.deterministic,
+            grad_out,
+            pooled,
+            lora_B,
+            bag_of_id,
+            weights,
+            ctx.scale,
+            need_grad_a=need_a,
+            need_grad_b=need_b,
+            deterministic=ctx.deterministic,
         )
         grad_a = None
         if need_a:
@@ -494,8 +570,9 @@ class LoraEmbeddingBagFunction(torch.autograd.Function):
         return None, grad_a, grad_b, None, None, None, None, grad_base, None, None
 
 
-def lora_embedding_bag(table, layout: BagLayout, lora_A, lora_B, scale: float, base_output=None, *,
-                       deterministic: bool | None = None):
+def lora_embedding_bag(
+    table, layout: BagLayout, lora_A, lora_B, scale: float, base_output=None, *, deterministic: bool | None = None
+):
     """out_j = Σ w_i·E[i] + s·(Σ w_i·A[i])·B over ``layout``: [nb, D], as
     :func:`recpeft.kernels.reference.lora_embedding_bag`.
 
@@ -507,16 +584,31 @@ def lora_embedding_bag(table, layout: BagLayout, lora_A, lora_B, scale: float, b
     float64 inputs run the reference op.
     """
     if torch.float64 in (table.dtype, lora_A.dtype, lora_B.dtype) or (
-            base_output is not None and base_output.dtype == torch.float64):
+        base_output is not None and base_output.dtype == torch.float64
+    ):
         return reference.lora_embedding_bag(table, layout, lora_A, lora_B, scale, base_output)
     weights = layout.weights
-    if base_output is None and torch.is_grad_enabled() and (
-            table.requires_grad or (weights is not None and weights.requires_grad)):
-        base_output = F.embedding_bag(layout.ids, table, layout.offsets, mode="sum", per_sample_weights=weights) \
-            if layout.num_bags else table.new_zeros(0, table.shape[1])
+    if (
+        base_output is None
+        and torch.is_grad_enabled()
+        and (table.requires_grad or (weights is not None and weights.requires_grad))
+    ):
+        base_output = (
+            F.embedding_bag(layout.ids, table, layout.offsets, mode="sum", per_sample_weights=weights)
+            if layout.num_bags
+            else table.new_zeros(0, table.shape[1])
+        )
     if weights is not None:
         weights = weights.detach()
     return LoraEmbeddingBagFunction.apply(
-        table.detach(), lora_A, lora_B, layout.ids, layout.bag_of_id, layout.offsets, weights, base_output,
-        float(scale), resolve_deterministic(deterministic),
+        table.detach(),
+        lora_A,
+        lora_B,
+        layout.ids,
+        layout.bag_of_id,
+        layout.offsets,
+        weights,
+        base_output,
+        float(scale),
+        resolve_deterministic(deterministic),
     )

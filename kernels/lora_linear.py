@@ -137,8 +137,11 @@ def _keep_scale(seed, rows, cols, p):
 @triton.jit
 def _load_dropped(x_ptr, rows, cols, M, K, stride_xm, stride_xk, p, seed, DROPOUT: tl.constexpr):
     """The d(x) tile rows × cols in x's dtype (zeros outside the matrix)."""
-    tile = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                   mask=(rows < M)[:, None] & (cols < K)[None, :], other=0.0)
+    tile = tl.load(
+        x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+        mask=(rows < M)[:, None] & (cols < K)[None, :],
+        other=0.0,
+    )
     if DROPOUT:
         tile = (tile.to(tl.float32) * _keep_scale(seed, rows, cols, p)).to(tile.dtype)
     return tile
@@ -149,26 +152,50 @@ def _keep_scale_kernel(out_ptr, M, K, p, seed, BLOCK: tl.constexpr):
     """out [M, K] = m, the dropout multiplier the other kernels regenerate (tests read it)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + rows[:, None] * K + cols[None, :], _keep_scale(seed, rows, cols, p),
-             mask=(rows < M)[:, None] & (cols < K)[None, :])
+    tl.store(
+        out_ptr + rows[:, None] * K + cols[None, :],
+        _keep_scale(seed, rows, cols, p),
+        mask=(rows < M)[:, None] & (cols < K)[None, :],
+    )
 
 
 @triton.jit
 def _forward_kernel(
     # pointers: inputs, then outputs
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    a_ptr,
+    b_ptr,
     u_ptr,  # [M, R] float32: read (FOLD_SHRINK off) or written by column tile 0 (FOLD_SHRINK on)
     y_ptr,
     # sizes and scalars
-    M, N, K, R,
+    M,
+    N,
+    K,
+    R,
     M_BUCKET,  # next power of two of M: the autotune key, unused in the body
     scale,
     # strides (elements)
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_ym,
     # modes
-    HAS_BIAS: tl.constexpr, FOLD_SHRINK: tl.constexpr, DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FOLD_SHRINK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
     # tiles (autotuned)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """y tile = x·Wᵀ + s·u·Bᵀ + b, stored once; u = x·Aᵀ folded into the loop over K (and stored
     for backward by column tile 0) or loaded."""
@@ -183,14 +210,19 @@ def _forward_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt_tile = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                          mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # Wᵀ [BLOCK_K, BLOCK_N]
+        x_tile = tl.load(
+            x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        wt_tile = tl.load(
+            w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0
+        )  # Wᵀ [BLOCK_K, BLOCK_N]
         acc = _dot(x_tile, wt_tile, acc, DOT_PRECISION)
         if FOLD_SHRINK:
-            at_tile = tl.load(a_ptr + ks[:, None] * stride_ak + ranks[None, :] * stride_ar,
-                              mask=k_ok[:, None] & rank_ok[None, :], other=0.0)  # Aᵀ [BLOCK_K, R_PAD]
+            at_tile = tl.load(
+                a_ptr + ks[:, None] * stride_ak + ranks[None, :] * stride_ar,
+                mask=k_ok[:, None] & rank_ok[None, :],
+                other=0.0,
+            )  # Aᵀ [BLOCK_K, R_PAD]
             u = _dot(x_tile, at_tile, u, DOT_PRECISION)
 
     u_ptrs = u_ptr + rows[:, None] * R + ranks[None, :]
@@ -200,36 +232,68 @@ def _forward_kernel(
             tl.store(u_ptrs, u, mask=u_mask)
     else:
         u = tl.load(u_ptrs, mask=u_mask, other=0.0)
-    bt_tile = tl.load(b_ptr + ranks[:, None] * stride_br + cols[None, :] * stride_bn,
-                      mask=rank_ok[:, None] & col_ok[None, :], other=0.0)  # Bᵀ [R_PAD, BLOCK_N]
+    bt_tile = tl.load(
+        b_ptr + ranks[:, None] * stride_br + cols[None, :] * stride_bn,
+        mask=rank_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )  # Bᵀ [R_PAD, BLOCK_N]
     acc = _dot((u * scale).to(bt_tile.dtype), bt_tile, acc, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        y_ptr + rows[:, None] * stride_ym + cols[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _grad_x_kernel(
     # pointers: inputs
-    dy_ptr, w_ptr, a_ptr, b_ptr,
+    dy_ptr,
+    w_ptr,
+    a_ptr,
+    b_ptr,
     v_ptr,  # [M, R] float32 v = dY·B, read when FOLD_V is off
     u_ptr,  # [M, R] float32 u from forward (FOLD_V)
     x_ptr,  # x (FOLD_V)
     # pointers: outputs (da, db, dbias are float32 accumulators, zero on entry)
-    dx_ptr, da_ptr, db_ptr, dbias_ptr,
+    dx_ptr,
+    da_ptr,
+    db_ptr,
+    dbias_ptr,
     # sizes and scalars
-    M, N, K, R,
+    M,
+    N,
+    K,
+    R,
     M_BUCKET,  # autotune key
-    scale, p, seed,
+    scale,
+    p,
+    seed,
     # strides (elements)
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_xm, stride_xk, stride_dxm,
+    stride_dym,
+    stride_dyn,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_xm,
+    stride_xk,
+    stride_dxm,
     # modes
-    FOLD_V: tl.constexpr, HAS_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr,
+    FOLD_V: tl.constexpr,
+    HAS_DBIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
     # tiles (autotuned)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """dX tile = dY·W + s·(v·A) ⊙ m, stored once; v = dY·B folded into the loop over N (FOLD_V)
     or loaded. With FOLD_V the kernel also makes the adapter's gradients (else the skinny-products
@@ -252,38 +316,53 @@ def _grad_x_kernel(
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         n_ok = ns < N
-        dy_tile = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
-                          mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        w_tile = tl.load(w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
-                         mask=n_ok[:, None] & col_ok[None, :], other=0.0)  # W [BLOCK_N, BLOCK_K]
+        dy_tile = tl.load(
+            dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
+            mask=row_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        w_tile = tl.load(
+            w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk, mask=n_ok[:, None] & col_ok[None, :], other=0.0
+        )  # W [BLOCK_N, BLOCK_K]
         acc = _dot(dy_tile, w_tile, acc, DOT_PRECISION)
         if FOLD_V:
-            b_tile = tl.load(b_ptr + ns[:, None] * stride_bn + ranks[None, :] * stride_br,
-                             mask=n_ok[:, None] & rank_ok[None, :], other=0.0)  # B [BLOCK_N, R_PAD]
+            b_tile = tl.load(
+                b_ptr + ns[:, None] * stride_bn + ranks[None, :] * stride_br,
+                mask=n_ok[:, None] & rank_ok[None, :],
+                other=0.0,
+            )  # B [BLOCK_N, R_PAD]
             v = _dot(dy_tile, b_tile, v, DOT_PRECISION)
             if (n0 // BLOCK_N) % col_tiles == pid_k:  # this program's share of dB and db
                 db_part = _dot(tl.trans(dy_tile), su, None, DOT_PRECISION)  # [BLOCK_N, R_PAD]
-                tl.atomic_add(db_ptr + ns[:, None] * R + ranks[None, :], db_part,
-                              mask=n_ok[:, None] & rank_ok[None, :])
+                tl.atomic_add(db_ptr + ns[:, None] * R + ranks[None, :], db_part, mask=n_ok[:, None] & rank_ok[None, :])
                 if HAS_DBIAS:
                     tl.atomic_add(dbias_ptr + ns, tl.sum(dy_tile.to(tl.float32), axis=0), mask=n_ok)
 
     if not FOLD_V:
         v = tl.load(v_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
     sv = (v * scale).to(dtype)  # s·v [BLOCK_M, R_PAD]
-    a_tile = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
-                     mask=rank_ok[:, None] & col_ok[None, :], other=0.0)  # A [R_PAD, BLOCK_K]
+    a_tile = tl.load(
+        a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+        mask=rank_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )  # A [R_PAD, BLOCK_K]
     if DROPOUT:
         keep = _keep_scale(seed, rows, cols, p)
         acc += _dot(sv, a_tile, None, DOT_PRECISION) * keep
     else:
         acc = _dot(sv, a_tile, acc, DOT_PRECISION)
-    tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        dx_ptr + rows[:, None] * stride_dxm + cols[None, :],
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
     if FOLD_V:
-        x_drop = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        x_drop = tl.load(
+            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         if DROPOUT:
             x_drop = (x_drop.to(tl.float32) * keep).to(dtype)
         da_part = _dot(tl.trans(sv), x_drop, None, DOT_PRECISION)  # [R_PAD, BLOCK_K]
@@ -293,21 +372,47 @@ def _grad_x_kernel(
 @triton.jit(do_not_specialize=["seed"])
 def _skinny_products_kernel(
     # pointers: inputs
-    x_ptr, a_ptr, dy_ptr, b_ptr,
+    x_ptr,
+    a_ptr,
+    dy_ptr,
+    b_ptr,
     # pointers: u [M, R] float32 (written with STORE_U, read without COMPUTE_U), v [M, R] float32
     # (written with STORE_V), float32 accumulators da [R, K], db [N, R], dbias [N] (zero on entry)
-    u_ptr, v_ptr, da_ptr, db_ptr, dbias_ptr,
+    u_ptr,
+    v_ptr,
+    da_ptr,
+    db_ptr,
+    dbias_ptr,
     # sizes and scalars
-    M, N, K, R,
+    M,
+    N,
+    K,
+    R,
     M_BUCKET,  # autotune key
-    scale, p, seed,
+    scale,
+    p,
+    seed,
     # strides (elements)
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_dym, stride_dyn, stride_bn, stride_br,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_dym,
+    stride_dyn,
+    stride_bn,
+    stride_br,
     # modes
-    COMPUTE_U: tl.constexpr, STORE_U: tl.constexpr, BACKWARD: tl.constexpr, STORE_V: tl.constexpr,
-    HAS_DBIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr,
+    COMPUTE_U: tl.constexpr,
+    STORE_U: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    STORE_V: tl.constexpr,
+    HAS_DBIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
     # tiles (autotuned): rows per program, columns per step of the loops over K and N
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """The skinny products for one block of rows, in three loops:
     over K: u = d(x)·Aᵀ (COMPUTE_U; else u is loaded);
@@ -325,8 +430,11 @@ def _skinny_products_kernel(
         for k0 in range(0, K, BLOCK_C):
             ks = k0 + tl.arange(0, BLOCK_C)
             x_drop = _load_dropped(x_ptr, rows, ks, M, K, stride_xm, stride_xk, p, seed, DROPOUT)
-            at_tile = tl.load(a_ptr + ks[:, None] * stride_ak + ranks[None, :] * stride_ar,
-                              mask=(ks < K)[:, None] & rank_ok[None, :], other=0.0)  # Aᵀ [BLOCK_C, R_PAD]
+            at_tile = tl.load(
+                a_ptr + ks[:, None] * stride_ak + ranks[None, :] * stride_ar,
+                mask=(ks < K)[:, None] & rank_ok[None, :],
+                other=0.0,
+            )  # Aᵀ [BLOCK_C, R_PAD]
             u = _dot(x_drop, at_tile, u, DOT_PRECISION)
         if STORE_U:
             tl.store(u_ptrs, u, mask=rows_ranks_ok)
@@ -339,10 +447,16 @@ def _skinny_products_kernel(
         for n0 in range(0, N, BLOCK_C):
             ns = n0 + tl.arange(0, BLOCK_C)
             n_ok = ns < N
-            dy_tile = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
-                              mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-            b_tile = tl.load(b_ptr + ns[:, None] * stride_bn + ranks[None, :] * stride_br,
-                             mask=n_ok[:, None] & rank_ok[None, :], other=0.0)  # B [BLOCK_C, R_PAD]
+            dy_tile = tl.load(
+                dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                mask=row_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            b_tile = tl.load(
+                b_ptr + ns[:, None] * stride_bn + ranks[None, :] * stride_br,
+                mask=n_ok[:, None] & rank_ok[None, :],
+                other=0.0,
+            )  # B [BLOCK_C, R_PAD]
             v = _dot(dy_tile, b_tile, v, DOT_PRECISION)
             db_part = _dot(tl.trans(dy_tile), su, None, DOT_PRECISION)  # [BLOCK_C, R_PAD]
             tl.atomic_add(db_ptr + ns[:, None] * R + ranks[None, :], db_part, mask=n_ok[:, None] & rank_ok[None, :])
@@ -355,8 +469,7 @@ def _skinny_products_kernel(
             ks = k0 + tl.arange(0, BLOCK_C)
             x_drop = _load_dropped(x_ptr, rows, ks, M, K, stride_xm, stride_xk, p, seed, DROPOUT)
             da_part = _dot(sv_t, x_drop, None, DOT_PRECISION)  # [R_PAD, BLOCK_C]
-            tl.atomic_add(da_ptr + ranks[:, None] * K + ks[None, :], da_part,
-                          mask=rank_ok[:, None] & (ks < K)[None, :])
+            tl.atomic_add(da_ptr + ranks[:, None] * K + ks[None, :], da_part, mask=rank_ok[:, None] & (ks < K)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,8 +478,9 @@ def _skinny_products_kernel(
 
 
 def _gemm_config(block_m, block_n, block_k, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                         num_warps=warps, num_stages=stages)
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}, num_warps=warps, num_stages=stages
+    )
 
 
 # Hopper-sized tiles (Triton tutorial 03's fp16 list, trimmed to three each: every config is a
@@ -397,8 +511,9 @@ INTERPRETER_TILE = DOT_MIN
 INTERPRETER_CONFIGS = {
     "forward": _gemm_config(INTERPRETER_TILE, INTERPRETER_TILE, INTERPRETER_TILE, 4, 1),
     "grad_x": _gemm_config(INTERPRETER_TILE, INTERPRETER_TILE, INTERPRETER_TILE, 4, 1),
-    "skinny_products": triton.Config({"BLOCK_M": INTERPRETER_TILE, "BLOCK_C": INTERPRETER_TILE}, num_warps=4,
-                                     num_stages=1),
+    "skinny_products": triton.Config(
+        {"BLOCK_M": INTERPRETER_TILE, "BLOCK_C": INTERPRETER_TILE}, num_warps=4, num_stages=1
+    ),
 }
 KERNEL_CONFIGS = {"forward": FORWARD_CONFIGS, "grad_x": GRAD_X_CONFIGS, "skinny_products": SKINNY_PRODUCTS_CONFIGS}
 _ACCUMULATORS = ["da_ptr", "db_ptr", "dbias_ptr"]  # zeroed between the autotuner's timing runs
@@ -416,8 +531,12 @@ _KERNELS = {"forward": _forward_kernel, "grad_x": _grad_x_kernel, "skinny_produc
 _TUNED = {
     "forward": _tuned("forward", _forward_kernel, ["M_BUCKET", "N", "K", "R_PAD", "FOLD_SHRINK"]),
     "grad_x": _tuned("grad_x", _grad_x_kernel, ["M_BUCKET", "N", "K", "R_PAD", "FOLD_V"], _ACCUMULATORS),
-    "skinny_products": _tuned("skinny_products", _skinny_products_kernel,
-                              ["M_BUCKET", "N", "K", "R_PAD", "COMPUTE_U", "BACKWARD"], _ACCUMULATORS),
+    "skinny_products": _tuned(
+        "skinny_products",
+        _skinny_products_kernel,
+        ["M_BUCKET", "N", "K", "R_PAD", "COMPUTE_U", "BACKWARD"],
+        _ACCUMULATORS,
+    ),
 }
 
 
@@ -436,8 +555,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _shape_args(m: int, r: int, dtype: torch.dtype) -> dict:
-    return {"M_BUCKET": triton.next_power_of_2(max(m, 1)), "R_PAD": padded_rank(r),
-            "DOT_PRECISION": _dot_precision(dtype)}
+    return {
+        "M_BUCKET": triton.next_power_of_2(max(m, 1)),
+        "R_PAD": padded_rank(r),
+        "DOT_PRECISION": _dot_precision(dtype),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,8 +667,9 @@ def _output(out: torch.Tensor | None, shape, like: torch.Tensor, dtype=None) -> 
     if out is None:
         return torch.empty(shape, dtype=dtype, device=like.device)
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"preallocated output must be contiguous {dtype} {tuple(shape)}, "
-                         f"got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(
+            f"preallocated output must be contiguous {dtype} {tuple(shape)}, got {out.dtype} {tuple(out.shape)}"
+        )
     return out
 
 
@@ -555,10 +678,21 @@ def merged_weight(weight, lora_A, lora_B, scale: float) -> torch.Tensor:
     return torch.addmm(weight, lora_B, lora_A, alpha=scale)
 
 
-def lora_linear_forward(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float = 0.0, seed: int = 0,
-                        route: LinearRoute = LinearRoute.EPILOGUE, fold: bool | None = None,
-                        out: torch.Tensor | None = None, u_out: torch.Tensor | None = None,
-                        configs: dict | None = None):
+def lora_linear_forward(
+    x,
+    weight,
+    bias,
+    lora_A,
+    lora_B,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    route: LinearRoute = LinearRoute.EPILOGUE,
+    fold: bool | None = None,
+    out: torch.Tensor | None = None,
+    u_out: torch.Tensor | None = None,
+    configs: dict | None = None,
+):
     """y = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ for x [M, K]. Returns (y [M, N], u [M, r] float32), u None
     on the merge route. ``fold`` None lets :func:`fold_rank_product` decide; ``out``/``u_out``
     are optional preallocated outputs; ``configs`` maps kernel names to fixed triton.Configs."""
@@ -577,21 +711,76 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scale: float, dropout_p
         raise ValueError("dropout draws its mask in the separate shrink pass; fold=True needs dropout_p=0")
     shape = _shape_args(m, r, x.dtype)
     if not fold:
-        _skinny_products(x, lora_A, None, lora_B, u, None, None, None, None, scale, dropout_p, seed,
-                         compute_u=True, store_u=True, backward=False, configs=configs)
+        _skinny_products(
+            x,
+            lora_A,
+            None,
+            lora_B,
+            u,
+            None,
+            None,
+            None,
+            None,
+            scale,
+            dropout_p,
+            seed,
+            compute_u=True,
+            store_u=True,
+            backward=False,
+            configs=configs,
+        )
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _launch("forward", grid, configs,
-            x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else u, a_ptr=lora_A, b_ptr=lora_B, u_ptr=u,
-            y_ptr=y,
-            M=m, N=n, K=k, R=r, scale=float(scale),
-            stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-            stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1), stride_bn=lora_B.stride(0),
-            stride_br=lora_B.stride(1), stride_ym=y.stride(0), HAS_BIAS=bias is not None, FOLD_SHRINK=fold, **shape)
+    _launch(
+        "forward",
+        grid,
+        configs,
+        x_ptr=x,
+        w_ptr=weight,
+        bias_ptr=bias if bias is not None else u,
+        a_ptr=lora_A,
+        b_ptr=lora_B,
+        u_ptr=u,
+        y_ptr=y,
+        M=m,
+        N=n,
+        K=k,
+        R=r,
+        scale=float(scale),
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_wn=weight.stride(0),
+        stride_wk=weight.stride(1),
+        stride_ar=lora_A.stride(0),
+        stride_ak=lora_A.stride(1),
+        stride_bn=lora_B.stride(0),
+        stride_br=lora_B.stride(1),
+        stride_ym=y.stride(0),
+        HAS_BIAS=bias is not None,
+        FOLD_SHRINK=fold,
+        **shape,
+    )
     return y, u
 
 
-def _skinny_products(x, lora_A, grad_y, lora_B, u, v, grad_a, grad_b, grad_bias, scale, p, seed, *,
-                     compute_u: bool, store_u: bool, backward: bool, configs):
+def _skinny_products(
+    x,
+    lora_A,
+    grad_y,
+    lora_B,
+    u,
+    v,
+    grad_a,
+    grad_b,
+    grad_bias,
+    scale,
+    p,
+    seed,
+    *,
+    compute_u: bool,
+    store_u: bool,
+    backward: bool,
+    configs,
+):
     """Launch the skinny-products kernel (u; with ``backward`` v, dA, dB, db); unused pointers get a
     1-element placeholder."""
     m, k = x.shape
@@ -599,48 +788,117 @@ def _skinny_products(x, lora_A, grad_y, lora_B, u, v, grad_a, grad_b, grad_bias,
     placeholder = torch.zeros(1, dtype=torch.float32, device=x.device)
     dy = grad_y if grad_y is not None else x
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    _launch("skinny_products", grid, configs,
-            x_ptr=x, a_ptr=lora_A, dy_ptr=dy, b_ptr=lora_B, u_ptr=u,
-            v_ptr=v if v is not None else placeholder, da_ptr=grad_a if grad_a is not None else placeholder,
-            db_ptr=grad_b if grad_b is not None else placeholder,
-            dbias_ptr=grad_bias if grad_bias is not None else placeholder,
-            M=m, N=n, K=k, R=r, scale=float(scale), p=float(p), seed=seed,
-            stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
-            stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
-            COMPUTE_U=compute_u, STORE_U=store_u, BACKWARD=backward, STORE_V=v is not None,
-            HAS_DBIAS=grad_bias is not None, DROPOUT=p > 0, **_shape_args(m, r, x.dtype))
+    _launch(
+        "skinny_products",
+        grid,
+        configs,
+        x_ptr=x,
+        a_ptr=lora_A,
+        dy_ptr=dy,
+        b_ptr=lora_B,
+        u_ptr=u,
+        v_ptr=v if v is not None else placeholder,
+        da_ptr=grad_a if grad_a is not None else placeholder,
+        db_ptr=grad_b if grad_b is not None else placeholder,
+        dbias_ptr=grad_bias if grad_bias is not None else placeholder,
+        M=m,
+        N=n,
+        K=k,
+        R=r,
+        scale=float(scale),
+        p=float(p),
+        seed=seed,
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_ar=lora_A.stride(0),
+        stride_ak=lora_A.stride(1),
+        stride_dym=dy.stride(0),
+        stride_dyn=dy.stride(1),
+        stride_bn=lora_B.stride(0),
+        stride_br=lora_B.stride(1),
+        COMPUTE_U=compute_u,
+        STORE_U=store_u,
+        BACKWARD=backward,
+        STORE_V=v is not None,
+        HAS_DBIAS=grad_bias is not None,
+        DROPOUT=p > 0,
+        **_shape_args(m, r, x.dtype),
+    )
 
 
-def _grad_x(grad_y, weight, lora_A, lora_B, v, u, x, grad_x, grad_a, grad_b, grad_bias, scale, p, seed, *,
-            fold_v: bool, configs):
+def _grad_x(
+    grad_y, weight, lora_A, lora_B, v, u, x, grad_x, grad_a, grad_b, grad_bias, scale, p, seed, *, fold_v: bool, configs
+):
     """Launch the dX GEMM; with ``fold_v`` it also accumulates dA, dB (and db) from u and x."""
     m, n = grad_y.shape
     k, r = grad_x.shape[1], lora_A.shape[0]
     placeholder = torch.zeros(1, dtype=torch.float32, device=grad_y.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
-    _launch("grad_x", grid, configs,
-            dy_ptr=grad_y, w_ptr=weight, a_ptr=lora_A, b_ptr=lora_B, v_ptr=v if v is not None else placeholder,
-            u_ptr=u, x_ptr=x, dx_ptr=grad_x, da_ptr=grad_a, db_ptr=grad_b,
-            dbias_ptr=grad_bias if grad_bias is not None else placeholder,
-            M=m, N=n, K=k, R=r, scale=float(scale), p=float(p), seed=seed,
-            stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1), stride_wn=weight.stride(0),
-            stride_wk=weight.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
-            stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), stride_xm=x.stride(0), stride_xk=x.stride(1),
-            stride_dxm=grad_x.stride(0), FOLD_V=fold_v, HAS_DBIAS=fold_v and grad_bias is not None, DROPOUT=p > 0,
-            **_shape_args(m, r, grad_y.dtype))
+    _launch(
+        "grad_x",
+        grid,
+        configs,
+        dy_ptr=grad_y,
+        w_ptr=weight,
+        a_ptr=lora_A,
+        b_ptr=lora_B,
+        v_ptr=v if v is not None else placeholder,
+        u_ptr=u,
+        x_ptr=x,
+        dx_ptr=grad_x,
+        da_ptr=grad_a,
+        db_ptr=grad_b,
+        dbias_ptr=grad_bias if grad_bias is not None else placeholder,
+        M=m,
+        N=n,
+        K=k,
+        R=r,
+        scale=float(scale),
+        p=float(p),
+        seed=seed,
+        stride_dym=grad_y.stride(0),
+        stride_dyn=grad_y.stride(1),
+        stride_wn=weight.stride(0),
+        stride_wk=weight.stride(1),
+        stride_ar=lora_A.stride(0),
+        stride_ak=lora_A.stride(1),
+        stride_bn=lora_B.stride(0),
+        stride_br=lora_B.stride(1),
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_dxm=grad_x.stride(0),
+        FOLD_V=fold_v,
+        HAS_DBIAS=fold_v and grad_bias is not None,
+        DROPOUT=p > 0,
+        **_shape_args(m, r, grad_y.dtype),
+    )
 
 
-def lora_linear_backward(grad_y, x, u, weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0, seed: int = 0,
-                         route: LinearRoute = LinearRoute.EPILOGUE, fold: bool | None = None, need_x: bool = True,
-                         need_bias: bool = False, out: LoraGrads | None = None,
-                         configs: dict | None = None) -> LoraGrads:
+def lora_linear_backward(
+    grad_y,
+    x,
+    u,
+    weight,
+    lora_A,
+    lora_B,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    route: LinearRoute = LinearRoute.EPILOGUE,
+    fold: bool | None = None,
+    need_x: bool = True,
+    need_bias: bool = False,
+    out: LoraGrads | None = None,
+    configs: dict | None = None,
+) -> LoraGrads:
     """dX, dA, dB (and db with ``need_bias``) for dY [M, N] and the forward's x [M, K] and u
     (epilogue route; None on the merge route). ``fold`` None lets the cost model decide whether
     the dX GEMM makes v itself; ``out`` holds optional preallocated outputs."""
     m, k, n, r = _check_operands(x, weight, None, lora_A, lora_B)
     if grad_y.shape != (m, n) or grad_y.stride(-1) != 1 or grad_y.dtype != x.dtype:
-        raise ValueError(f"grad_y must be {x.dtype} [{m}, {n}] with unit column stride, "
-                         f"got {grad_y.dtype} {tuple(grad_y.shape)}")
+        raise ValueError(
+            f"grad_y must be {x.dtype} [{m}, {n}] with unit column stride, got {grad_y.dtype} {tuple(grad_y.shape)}"
+        )
     out = out or LoraGrads()
     acc_a = torch.zeros(r, k, dtype=torch.float32, device=x.device)
     acc_b = torch.zeros(n, r, dtype=torch.float32, device=x.device)
@@ -652,23 +910,87 @@ def lora_linear_backward(grad_y, x, u, weight, lora_A, lora_B, scale: float, dro
         if need_x:
             torch.mm(grad_y, merged_weight(weight, lora_A, lora_B, scale), out=grad_x)
         u = torch.empty(m, r, dtype=torch.float32, device=x.device)  # made and used inside the kernel only
-        _skinny_products(x, lora_A, grad_y, lora_B, u, None, acc_a, acc_b, acc_bias, scale, 0.0, seed,
-                         compute_u=True, store_u=False, backward=True, configs=configs)
+        _skinny_products(
+            x,
+            lora_A,
+            grad_y,
+            lora_B,
+            u,
+            None,
+            acc_a,
+            acc_b,
+            acc_bias,
+            scale,
+            0.0,
+            seed,
+            compute_u=True,
+            store_u=False,
+            backward=True,
+            configs=configs,
+        )
     elif m > 0:
         if u is None or u.shape != (m, r) or u.dtype != torch.float32:
             raise ValueError("the epilogue route's backward needs the forward's u [M, r] float32")
         if fold is None:
             fold = fold_rank_product(m, n, k, r, x.element_size())
         if need_x and fold:
-            _grad_x(grad_y, weight, lora_A, lora_B, None, u, x, grad_x, acc_a, acc_b, acc_bias, scale, dropout_p, seed,
-                    fold_v=True, configs=configs)
+            _grad_x(
+                grad_y,
+                weight,
+                lora_A,
+                lora_B,
+                None,
+                u,
+                x,
+                grad_x,
+                acc_a,
+                acc_b,
+                acc_bias,
+                scale,
+                dropout_p,
+                seed,
+                fold_v=True,
+                configs=configs,
+            )
         else:
             v = torch.empty(m, r, dtype=torch.float32, device=x.device) if need_x else None
-            _skinny_products(x, lora_A, grad_y, lora_B, u, v, acc_a, acc_b, acc_bias, scale, dropout_p, seed,
-                             compute_u=False, store_u=False, backward=True, configs=configs)
+            _skinny_products(
+                x,
+                lora_A,
+                grad_y,
+                lora_B,
+                u,
+                v,
+                acc_a,
+                acc_b,
+                acc_bias,
+                scale,
+                dropout_p,
+                seed,
+                compute_u=False,
+                store_u=False,
+                backward=True,
+                configs=configs,
+            )
             if need_x:
-                _grad_x(grad_y, weight, lora_A, lora_B, v, u, x, grad_x, acc_a, acc_b, None, scale, dropout_p, seed,
-                        fold_v=False, configs=configs)
+                _grad_x(
+                    grad_y,
+                    weight,
+                    lora_A,
+                    lora_B,
+                    v,
+                    u,
+                    x,
+                    grad_x,
+                    acc_a,
+                    acc_b,
+                    None,
+                    scale,
+                    dropout_p,
+                    seed,
+                    fold_v=False,
+                    configs=configs,
+                )
     return LoraGrads(
         x=grad_x,
         lora_A=_cast_into(out.lora_A, acc_a, lora_A.dtype),
@@ -714,15 +1036,37 @@ class LoraLinearFunction(torch.autograd.Function):
         x_rows, u, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_w, need_bias = ctx.needs_input_grad[:3]
         g = _as_rows(grad_y)
-        grads = lora_linear_backward(g, x_rows, u, weight, lora_A, lora_B, ctx.scale, ctx.dropout_p, ctx.seed,
-                                     ctx.route, ctx.fold, need_x=need_x, need_bias=need_bias)
+        grads = lora_linear_backward(
+            g,
+            x_rows,
+            u,
+            weight,
+            lora_A,
+            lora_B,
+            ctx.scale,
+            ctx.dropout_p,
+            ctx.seed,
+            ctx.route,
+            ctx.fold,
+            need_x=need_x,
+            need_bias=need_bias,
+        )
         grad_x = grads.x.view(ctx.x_shape) if need_x else None
         grad_w = g.t() @ x_rows if need_w else None  # only when a user unfroze W (dW' = dW on the merge route)
         return grad_x, grad_w, grads.bias, grads.lora_A, grads.lora_B, None, None, None, None
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float = 0.0,
-                route: LinearRoute | None = None, fold: bool | None = None):
+def lora_linear(
+    x,
+    weight,
+    bias,
+    lora_A,
+    lora_B,
+    scale: float,
+    dropout_p: float = 0.0,
+    route: LinearRoute | None = None,
+    fold: bool | None = None,
+):
     """y = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ for x of any leading shape [..., K]; ``dropout_p`` is the
     active dropout probability (0 in eval mode). ``route`` and ``fold`` (make u and v inside the
     Triton GEMMs; the forward never does with dropout) default to the cost model's choice for

@@ -122,8 +122,9 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float = 0.0,
-                route: LinearRoute | None = None):
+def lora_linear(
+    x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float = 0.0, route: LinearRoute | None = None
+):
     """y = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ for x of any leading shape [..., K]; ``dropout_p`` is the
     active dropout probability (0 in eval mode)."""
     if route is None:
@@ -186,7 +187,8 @@ def lora_embedding_bag(table, layout: BagLayout, lora_A, lora_B, scale: float, b
     if base_output is None:
         base_output = (
             F.embedding_bag(layout.ids, table, layout.offsets, mode="sum", per_sample_weights=layout.weights)
-            if layout.num_bags else table.new_zeros(0, table.shape[1])
+            if layout.num_bags
+            else table.new_zeros(0, table.shape[1])
         )
     return lora_bag_delta(layout, lora_A, lora_B, scale, base_output)
 
@@ -257,12 +259,14 @@ def select_bags(layout: BagLayout, bags: torch.Tensor, id_rows: torch.Tensor) ->
     bag_of_id = local[layout.bag_of_id.index_select(0, id_rows)]
     counts = torch.bincount(bag_of_id, minlength=bags.numel())
     weights = layout.weights.index_select(0, id_rows) if layout.weights is not None else None
-    return BagLayout(layout.ids.index_select(0, id_rows), bag_of_id, torch.cumsum(counts, 0) - counts,
-                     weights, bags.numel())
+    return BagLayout(
+        layout.ids.index_select(0, id_rows), bag_of_id, torch.cumsum(counts, 0) - counts, weights, bags.numel()
+    )
 
 
-def segmented_lora_bag_delta(layout: BagLayout, adapters: list[AdapterWeights | None], bag_adapter, out_dim: int,
-                             dtype):
+def segmented_lora_bag_delta(
+    layout: BagLayout, adapters: list[AdapterWeights | None], bag_adapter, out_dim: int, dtype
+):
     """delta_j = s_a·(Σ w_i·A_a[i])·B_a with a = bag_adapter[j] (zero for −1): [nb, D]."""
     delta = torch.zeros(layout.num_bags, out_dim, dtype=dtype, device=bag_adapter.device)
     id_groups = dict(group_by_adapter(bag_adapter.index_select(0, layout.bag_of_id), len(adapters)))

@@ -43,7 +43,6 @@ import torch
 
 from recpeft.utils.validation import check_positive_number, is_int
 
-
 # ---------------------------------------------------------------------------------------------
 # input checks
 
@@ -153,8 +152,10 @@ def _segment_keys(segments, rows: int) -> tuple[list[Hashable], torch.Tensor]:
     each row's index into them."""
     if isinstance(segments, torch.Tensor):
         if segments.dim() != 1 or segments.is_floating_point():
-            raise ValueError(f"segments must be a 1-D integer tensor or a sequence, got {segments.dtype} "
-                             f"of shape {tuple(segments.shape)}")
+            raise ValueError(
+                f"segments must be a 1-D integer tensor or a sequence, got {segments.dtype} "
+                f"of shape {tuple(segments.shape)}"
+            )
         values, index = torch.unique(segments.detach(), return_inverse=True)
         keys = [v.item() for v in values]
     else:
@@ -167,8 +168,12 @@ def _segment_keys(segments, rows: int) -> tuple[list[Hashable], torch.Tensor]:
     return keys, index
 
 
-def per_segment(metric: Callable[[torch.Tensor, torch.Tensor], float], scores: torch.Tensor,
-                labels: torch.Tensor, segments: torch.Tensor | Sequence[Hashable]) -> dict[Hashable, float]:
+def per_segment(
+    metric: Callable[[torch.Tensor, torch.Tensor], float],
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    segments: torch.Tensor | Sequence[Hashable],
+) -> dict[Hashable, float]:
     """``metric(scores[g], labels[g])`` for the rows g of each segment value.
 
     Args: scores [B], labels [B], segments [B] (an integer tensor or any sequence of hashable
@@ -235,10 +240,10 @@ def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.
     targets = _targets(targets, scores)
     exclude = None if exclude is None else _mask(exclude, scores, "exclude")
     rows = torch.arange(scores.shape[0], device=scores.device)
-    at_or_above = scores >= scores[rows, targets].unsqueeze(1)            # [B, N], O(B·N), no sort
+    at_or_above = scores >= scores[rows, targets].unsqueeze(1)  # [B, N], O(B·N), no sort
     if exclude is not None:
         at_or_above &= ~exclude
-    at_or_above[rows, targets] = False                                    # the target itself
+    at_or_above[rows, targets] = False  # the target itself
     return at_or_above.sum(1)
 
 
@@ -294,8 +299,9 @@ def recall_at_k(scores: torch.Tensor, target_mask: torch.Tensor, k: int, exclude
     return _mean(in_top.sum(1).double() / relevant.sum(1).double())
 
 
-def sampled_ranking_metrics(pos_scores: torch.Tensor, neg_scores: torch.Tensor,
-                            k: int | Iterable[int] = 10) -> dict[str, float]:
+def sampled_ranking_metrics(
+    pos_scores: torch.Tensor, neg_scores: torch.Tensor, k: int | Iterable[int] = 10
+) -> dict[str, float]:
     """Rank each positive among its own sampled negatives (pessimistic ties):
     rank_b = #{j : neg_bj ≥ pos_b}. Returns {"sampled_hr@K", "sampled_ndcg@K"} for every K and
     "sampled_auc" = mean_b (#{neg_bj < pos_b} + ½·#{neg_bj = pos_b}) / n.
@@ -305,8 +311,9 @@ def sampled_ranking_metrics(pos_scores: torch.Tensor, neg_scores: torch.Tensor,
     pos = _finite("pos_scores", pos_scores)
     neg = _finite("neg_scores", neg_scores)
     if pos.dim() != 1 or neg.dim() != 2 or neg.shape[0] != pos.shape[0] or neg.shape[1] < 1:
-        raise ValueError(f"pos_scores must be [B] and neg_scores [B, n ≥ 1]; got {tuple(pos.shape)} "
-                         f"and {tuple(neg.shape)}")
+        raise ValueError(
+            f"pos_scores must be [B] and neg_scores [B, n ≥ 1]; got {tuple(pos.shape)} and {tuple(neg.shape)}"
+        )
     above = neg > pos.unsqueeze(1)
     tied = neg == pos.unsqueeze(1)
     ranks = (above | tied).sum(1)

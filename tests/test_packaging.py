@@ -27,8 +27,22 @@ def test_kernels_import_nothing_from_recpeft():
 
 
 def test_built_wheel_carries_and_imports_recpeft_kernels(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next((tmp_path / "dist").glob("recpeft-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "recpeft/kernels/reference.py" in names and "recpeft/cli/main.py" in names
@@ -39,10 +53,13 @@ def test_built_wheel_carries_and_imports_recpeft_kernels(tmp_path):
         assert f"recpeft/kernels/{module}.py" in names, module
     assert not any(n.startswith("kernels/") for n in names)
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True)
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import recpeft.kernels.reference as r; "
-             "print(r.__file__)")
-    out = subprocess.run([sys.executable, "-c", probe, str(site)], cwd=tmp_path, check=True, capture_output=True,
-                         text=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    probe = "import sys; sys.path.insert(0, sys.argv[1]); import recpeft.kernels.reference as r; print(r.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(site)], cwd=tmp_path, check=True, capture_output=True, text=True
+    )
     assert Path(out.stdout.strip()) == site / "recpeft" / "kernels" / "reference.py"

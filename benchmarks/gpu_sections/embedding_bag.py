@@ -76,8 +76,15 @@ def _check(fused) -> dict:
         ids = torch.randint(0, V, (int(lengths.sum()),), device="cuda", generator=g)
         offsets = torch.cumsum(lengths, 0) - lengths
         psw = torch.rand(ids.numel(), device="cuda", generator=g) if weighted else None
-        layout = bag_layout(ids, offsets, num_embeddings=V, mode=mode, per_sample_weights=psw,
-                            padding_idx=None if weighted else 3, weight_dtype=table_dtype)
+        layout = bag_layout(
+            ids,
+            offsets,
+            num_embeddings=V,
+            mode=mode,
+            per_sample_weights=psw,
+            padding_idx=None if weighted else 3,
+            weight_dtype=table_dtype,
+        )
         E = torch.randn(V, dim, device="cuda", generator=g).to(table_dtype)
         A = torch.randn(V, rank, device="cuda", generator=g)
         B = torch.randn(rank, dim, device="cuda", generator=g)
@@ -208,8 +215,13 @@ def _time_case(fused, shape, E, A, B, distribution, env) -> dict:
 def run(env: dict, quick: bool) -> dict:
     fused = _fused_module()
     shape = QUICK if quick else FULL
-    result = {"shape": shape, "scale": SCALE, "default_deterministic": fused.DETERMINISTIC_GRAD_B,
-              "check": _check(fused), "rows": []}
+    result = {
+        "shape": shape,
+        "scale": SCALE,
+        "default_deterministic": fused.DETERMINISTIC_GRAD_B,
+        "check": _check(fused),
+        "rows": [],
+    }
     V, D, r = shape["num_embeddings"], shape["dim"], shape["rank"]
     for table_dtype in (torch.float32, torch.bfloat16):
         # torch.empty + a fill on the device: a 10M×128 fp32 table is 5 GB
@@ -225,9 +237,22 @@ def run(env: dict, quick: bool) -> dict:
         f"LoRA embedding bag, V={V:,} D={D} r={r}, {shape['num_bags']:,} bags of {shape['bag_len']} "
         f"(copy {env['copy_gbps']:.0f} GB/s)",
         result["rows"],
-        ["table", "ids", "base_ms", "unfused_ms", "fused_ms", "fused_atomic_ms", "fused_fwd_ms",
-         "fused_x_base", "speedup_vs_unfused", "base_gbps", "fused_gbps", "fused_fwd_gbps",
-         "fused_fwd_copy_fraction", "layout_ms"],
+        [
+            "table",
+            "ids",
+            "base_ms",
+            "unfused_ms",
+            "fused_ms",
+            "fused_atomic_ms",
+            "fused_fwd_ms",
+            "fused_x_base",
+            "speedup_vs_unfused",
+            "base_gbps",
+            "fused_gbps",
+            "fused_fwd_gbps",
+            "fused_fwd_copy_fraction",
+            "layout_ms",
+        ],
     )
     result["targets"] = {
         "fwd_bwd_x_base": {str(k).removeprefix("torch."): v for k, v in TARGET_FWD_BWD_X_BASE.items()},

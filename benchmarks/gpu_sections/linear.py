@@ -75,13 +75,20 @@ def _op_module():
 def _inputs(m, k, n, r, dtype, device, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     rnd = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
-    return {"x": rnd(m, k), "weight": rnd(n, k), "bias": rnd(n), "lora_A": rnd(r, k), "lora_B": rnd(n, r),
-            "grad_y": rnd(m, n)}
+    return {
+        "x": rnd(m, k),
+        "weight": rnd(n, k),
+        "bias": rnd(n),
+        "lora_A": rnd(r, k),
+        "lora_B": rnd(n, r),
+        "grad_y": rnd(m, n),
+    }
 
 
 def _oracle(inp, scale, keep):
     """Float64 y, dX, dA, dB, db of y = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ, and the same formula on
     absolute values (the error bound)."""
+
     def run(absolute):
         f = (lambda t: t.double().abs()) if absolute else (lambda t: t.double())  # noqa: E731
         x, W, b, A, B, dy = (f(inp[k]) for k in ("x", "weight", "bias", "lora_A", "lora_B", "grad_y"))
@@ -90,9 +97,14 @@ def _oracle(inp, scale, keep):
         u = x_drop @ A.t()
         v = dy @ B
         dx_lora = s * (v @ A)
-        return {"y": x @ W.t() + b + s * (u @ B.t()),
-                "x": dy @ W + (dx_lora if keep is None else dx_lora * keep.double()),
-                "lora_A": s * (v.t() @ x_drop), "lora_B": s * (dy.t() @ u), "bias": dy.sum(0)}
+        return {
+            "y": x @ W.t() + b + s * (u @ B.t()),
+            "x": dy @ W + (dx_lora if keep is None else dx_lora * keep.double()),
+            "lora_A": s * (v.t() @ x_drop),
+            "lora_B": s * (dy.t() @ u),
+            "bias": dy.sum(0),
+        }
+
     return run(False), run(True)
 
 
@@ -102,11 +114,38 @@ def _check_case(ops, inp, route, fold_fwd, fold_bwd, p, seed, configs, label, ne
     m, k = x.shape
     n, r = inp["weight"].shape[0], inp["lora_A"].shape[0]
     nan = lambda *shape: torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)  # noqa: E731
-    y, u = ops.lora_linear_forward(x, inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], SCALE, p, seed,
-                                   route, fold_fwd, out=nan(m, n), configs=configs)
+    y, u = ops.lora_linear_forward(
+        x,
+        inp["weight"],
+        inp["bias"],
+        inp["lora_A"],
+        inp["lora_B"],
+        SCALE,
+        p,
+        seed,
+        route,
+        fold_fwd,
+        out=nan(m, n),
+        configs=configs,
+    )
     out = ops.LoraGrads(x=nan(m, k), lora_A=nan(r, k), lora_B=nan(n, r), bias=nan(n) if need_bias else None)
-    grads = ops.lora_linear_backward(inp["grad_y"], x, u, inp["weight"], inp["lora_A"], inp["lora_B"], SCALE, p,
-                                     seed, route, fold_bwd, need_x=True, need_bias=need_bias, out=out, configs=configs)
+    grads = ops.lora_linear_backward(
+        inp["grad_y"],
+        x,
+        u,
+        inp["weight"],
+        inp["lora_A"],
+        inp["lora_B"],
+        SCALE,
+        p,
+        seed,
+        route,
+        fold_bwd,
+        need_x=True,
+        need_bias=need_bias,
+        out=out,
+        configs=configs,
+    )
     keep = ops.dropout_keep_scale(seed, m, k, p, x.device) if p > 0 else None
     ref, bound = _oracle(inp, SCALE, keep)
     got = {"y": y, "x": grads.x, "lora_A": grads.lora_A, "lora_B": grads.lora_B}
@@ -178,8 +217,9 @@ def _timed_ops(ops, inp):
     def fused(route, fold, grad=True):
         if not grad:
             return lambda: _no_grad(lambda: ops.lora_linear(x, W, b, A, B, SCALE, 0.0, route=route, fold=fold))
-        return lambda: torch.autograd.grad(ops.lora_linear(xg, W, b, Ag, Bg, SCALE, 0.0, route=route, fold=fold),
-                                           (xg, Ag, Bg), dy)
+        return lambda: torch.autograd.grad(
+            ops.lora_linear(xg, W, b, Ag, Bg, SCALE, 0.0, route=route, fold=fold), (xg, Ag, Bg), dy
+        )
 
     def unfused(lx, la, lb):
         return F.linear(lx, W, b) + F.linear(F.linear(lx, la), lb) * SCALE
@@ -206,9 +246,12 @@ def _no_grad(fn):
 
 def _model_pick(ops, m, k, n, r) -> dict:
     route = ops.choose_route(m, k, n, r, ELT, dropout_active=False)
-    return {"route": route.value,
-            "fold_fwd": ops.fold_rank_product(m, k, n, r, ELT), "fold_bwd": ops.fold_rank_product(m, n, k, r, ELT),
-            "modelled_extra_us": {rt.value: 1e6 * s for rt, s in ops.route_extra_seconds(m, k, n, r, ELT).items()}}
+    return {
+        "route": route.value,
+        "fold_fwd": ops.fold_rank_product(m, k, n, r, ELT),
+        "fold_bwd": ops.fold_rank_product(m, n, k, r, ELT),
+        "modelled_extra_us": {rt.value: 1e6 * s for rt, s in ops.route_extra_seconds(m, k, n, r, ELT).items()},
+    }
 
 
 def _fused_name(pick: dict, forward: bool) -> str:
@@ -231,12 +274,27 @@ def time_shape(ops, env, m, k, n, r) -> dict:
     rows = []
     for name, t in ms.items():
         base = ms["base_fwd"] if name.endswith("_fwd") else ms["base"]
-        rows.append({"shape": f"{m}x{k}->{n} r{r}", "op": name, "ms": t, "x_base": t / base,
-                     "x_floor": t / floors[kinds[name]], "floor_ms": floors[kinds[name]],
-                     "model_pick": "*" if name in picked else ""})
+        rows.append(
+            {
+                "shape": f"{m}x{k}->{n} r{r}",
+                "op": name,
+                "ms": t,
+                "x_base": t / base,
+                "x_floor": t / floors[kinds[name]],
+                "floor_ms": floors[kinds[name]],
+                "model_pick": "*" if name in picked else "",
+            }
+        )
     fastest = min(("merge", "epilogue_fold", "epilogue_split"), key=ms.get)
-    return {"ms": ms, "floors_ms": floors, "rows": rows, "model_pick": pick, "fastest_measured": fastest,
-            "fused": _fused_name(pick, forward=False), "fused_fwd": _fused_name(pick, forward=True)}
+    return {
+        "ms": ms,
+        "floors_ms": floors,
+        "rows": rows,
+        "model_pick": pick,
+        "fastest_measured": fastest,
+        "fused": _fused_name(pick, forward=False),
+        "fused_fwd": _fused_name(pick, forward=True),
+    }
 
 
 def _targets(results: dict, quick: bool) -> list[dict]:
@@ -247,8 +305,9 @@ def _targets(results: dict, quick: bool) -> list[dict]:
         if not quick and shape in TARGET_FWD_BWD:
             targets.append(_target(f"{shape} fused fwd+bwd / base", fused / ms["base"], "<=", TARGET_FWD_BWD[shape]))
         if not quick and shape in TARGET_SPEEDUP_VS_UNFUSED:
-            targets.append(_target(f"{shape} unfused / fused", ms["unfused"] / fused, ">=",
-                                   TARGET_SPEEDUP_VS_UNFUSED[shape]))
+            targets.append(
+                _target(f"{shape} unfused / fused", ms["unfused"] / fused, ">=", TARGET_SPEEDUP_VS_UNFUSED[shape])
+            )
         targets.append(_target(f"{shape} fused fwd / base fwd", fused_fwd / ms["base_fwd"], "<=", TARGET_FWD))
     return targets
 
@@ -268,14 +327,23 @@ def run(env: dict, quick: bool) -> dict:
         results[full] = time_shape(ops, env, m, k, n, r)
         torch.cuda.empty_cache()
     rows = [row for res in results.values() for row in res["rows"]]
-    print_table("LoRA linear, bf16, dropout 0 (ms; x_base vs frozen layer; x_floor vs roofline)",
-                rows, ["shape", "op", "ms", "x_base", "x_floor", "floor_ms", "model_pick"])
+    print_table(
+        "LoRA linear, bf16, dropout 0 (ms; x_base vs frozen layer; x_floor vs roofline)",
+        rows,
+        ["shape", "op", "ms", "x_base", "x_floor", "floor_ms", "model_pick"],
+    )
     targets = _targets(results, quick)
     print_table("LoRA linear targets", targets, ["target", "value", "limit", "met"])
     for shape, res in results.items():
-        print(f"{shape}: cost model picks {res['model_pick']['route']} "
-              f"(fold fwd {res['model_pick']['fold_fwd']}, bwd {res['model_pick']['fold_bwd']}); "
-              f"fastest measured {res['fastest_measured']}")
-    return {"checks": checked, "dtype": str(DTYPE), "scale": SCALE,
-            "shapes": {f"{m}x{k}->{n} r{r}": res for (m, k, n, r), res in results.items()},
-            "targets": targets}
+        print(
+            f"{shape}: cost model picks {res['model_pick']['route']} "
+            f"(fold fwd {res['model_pick']['fold_fwd']}, bwd {res['model_pick']['fold_bwd']}); "
+            f"fastest measured {res['fastest_measured']}"
+        )
+    return {
+        "checks": checked,
+        "dtype": str(DTYPE),
+        "scale": SCALE,
+        "shapes": {f"{m}x{k}->{n} r{r}": res for (m, k, n, r), res in results.items()},
+        "targets": targets,
+    }

@@ -25,9 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from recpeft.datasets import FeatureEncoder
+from recpeft.models.dlrm import ClickDLRM, build_click_model
 from recpeft.utils.atomic import atomic_path, atomic_write_text
 from recpeft.utils.validation import check_state_keys, check_state_shapes, first_non_finite, read_json_object
-from recpeft.models.dlrm import ClickDLRM, build_click_model
 
 FORMAT = 1
 WEIGHTS, CONFIG, ENCODER = "model.safetensors", "model_config.json", "encoder.json"
@@ -71,8 +71,9 @@ def load_base(directory: str | Path) -> tuple[ClickDLRM, FeatureEncoder]:
     directory = Path(directory)
     for name in (WEIGHTS, CONFIG, ENCODER):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} is not a base checkpoint: {name} is missing "
-                                    f"(make one with `recpeft pretrain`)")
+            raise FileNotFoundError(
+                f"{directory} is not a base checkpoint: {name} is missing (make one with `recpeft pretrain`)"
+            )
     config = _read_config(directory / CONFIG)
     try:
         model = build_click_model(**config["model"])
@@ -92,8 +93,10 @@ def load_base(directory: str | Path) -> tuple[ClickDLRM, FeatureEncoder]:
     model.load_state_dict(state)
     encoder = FeatureEncoder.load(directory / ENCODER)
     if encoder.cardinalities != model.spec["cardinalities"]:
-        raise ValueError(f"{directory / ENCODER} does not match {CONFIG}: encoder cardinalities "
-                         f"{encoder.cardinalities} vs model tables {model.spec['cardinalities']}")
+        raise ValueError(
+            f"{directory / ENCODER} does not match {CONFIG}: encoder cardinalities "
+            f"{encoder.cardinalities} vs model tables {model.spec['cardinalities']}"
+        )
     return model.eval(), encoder
 
 
@@ -114,8 +117,10 @@ def base_fingerprint(directory: str | Path) -> str:
 
 def write_base_fingerprint(adapter_dir: str | Path, base_dir: str | Path) -> None:
     """Record in ``adapter_dir`` which base checkpoint the adapter was trained on."""
-    atomic_write_text(Path(adapter_dir) / BASE_FINGERPRINT,
-                      json.dumps({"base": str(base_dir), "sha256": base_fingerprint(base_dir)}, indent=2) + "\n")
+    atomic_write_text(
+        Path(adapter_dir) / BASE_FINGERPRINT,
+        json.dumps({"base": str(base_dir), "sha256": base_fingerprint(base_dir)}, indent=2) + "\n",
+    )
 
 
 def check_base_fingerprint(adapter_dir: str | Path, base_dir: str | Path, ignore: bool = False) -> None:
@@ -126,7 +131,9 @@ def check_base_fingerprint(adapter_dir: str | Path, base_dir: str | Path, ignore
         return
     expected = read_json_object(record).get("sha256")
     if not isinstance(expected, str):
-        raise ValueError(f"{record} is malformed: no \"sha256\" string")
+        raise ValueError(f'{record} is malformed: no "sha256" string')
     if expected != base_fingerprint(base_dir):
-        raise ValueError(f"adapter {adapter_dir} was trained on another base than {base_dir} (recorded in {record}); "
-                         "pass --ignore-base-mismatch to apply it anyway")
+        raise ValueError(
+            f"adapter {adapter_dir} was trained on another base than {base_dir} (recorded in {record}); "
+            "pass --ignore-base-mismatch to apply it anyway"
+        )

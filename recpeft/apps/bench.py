@@ -79,8 +79,12 @@ from recpeft.datasets.synthetic import SHOP_SCHEMA
 from recpeft.models.dlrm import ClickDLRM, build_click_model, click_model_lora_targets, single_id_kjt
 from recpeft.peft.config import LoraConfig
 from recpeft.train.trainer import bce_loss, build_optimizers
-from recpeft.utils.memory_probe import (can_measure_memory, describe_peak_memory, measure_peak_memory,
-                                        run_json_subprocesses)
+from recpeft.utils.memory_probe import (
+    can_measure_memory,
+    describe_peak_memory,
+    measure_peak_memory,
+    run_json_subprocesses,
+)
 from recpeft.utils.tensor_bytes import tensor_bytes
 from recpeft.utils.validation import check_int, parse_json_object
 
@@ -99,13 +103,16 @@ WARMUP_STEPS = 2
 MEMORY_STEPS = 3
 SEED = 0
 VARIANTS = ("dense", "lora")
-LABELS = {"dense": "dense fine-tuning, AdamW on every parameter",
-          "lora": "LoRA (recpeft), LoraAdamW + AdamW on the adapters"}
+LABELS = {
+    "dense": "dense fine-tuning, AdamW on every parameter",
+    "lora": "LoRA (recpeft), LoraAdamW + AdamW on the adapters",
+}
 TARGETS = {"samples_per_second_ratio_min": 2.0, "peak_memory_ratio_max": 0.5}
 START_TOLERANCE = 1e-6  # |lora − dense| logits at init; LoRA starts exactly at its base
 
 
 # ---- what both processes rebuild -------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class BenchSpec:
@@ -132,7 +139,7 @@ class BenchSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "BenchSpec":
+    def from_json(cls, text: str) -> BenchSpec:
         data = parse_json_object(text, "--spec")
         try:
             return cls(**data)
@@ -147,11 +154,16 @@ def model_options(rows_per_table: dict | None, embedding_dim: int) -> dict:
     rows = dict(DEFAULT_ROWS)
     for feature, count in (rows_per_table or {}).items():
         if feature not in DEFAULT_ROWS:
-            raise ValueError(f"rows_per_table: unknown feature {feature!r}; the benchmark's tables are "
-                             f"{list(DEFAULT_ROWS)}")
+            raise ValueError(
+                f"rows_per_table: unknown feature {feature!r}; the benchmark's tables are {list(DEFAULT_ROWS)}"
+            )
         rows[feature] = check_int(f"rows_per_table[{feature!r}]", count)
-    options = dict(BASE_OPTIONS, embedding_dim=embedding_dim, over_arch=list(BASE_OPTIONS["over_arch"]),
-                   dense_arch=[*BASE_OPTIONS["dense_arch"][:-1], embedding_dim])
+    options = dict(
+        BASE_OPTIONS,
+        embedding_dim=embedding_dim,
+        over_arch=list(BASE_OPTIONS["over_arch"]),
+        dense_arch=[*BASE_OPTIONS["dense_arch"][:-1], embedding_dim],
+    )
     return {"cardinalities": rows, "num_dense": len(SHOP_SCHEMA.dense), **options}
 
 
@@ -160,8 +172,12 @@ def _checkpoint_lora_config(base: str | Path) -> LoraConfig:
     (read from its config and encoder; the weights are loaded once, by ``build_base``)."""
     spec = read_base_config(base)["model"]
     schema = FeatureEncoder.load(Path(base) / ENCODER).schema
-    targets = click_model_lora_targets(schema.sparse_features, len(spec["dense_arch"]), len(spec["over_arch"]),
-                                       frozen_features=(schema.user, schema.item))
+    targets = click_model_lora_targets(
+        schema.sparse_features,
+        len(spec["dense_arch"]),
+        len(spec["over_arch"]),
+        frozen_features=(schema.user, schema.item),
+    )
     return replace(LORA, target_modules=targets)
 
 
@@ -173,8 +189,9 @@ def build_base(spec: BenchSpec) -> ClickDLRM:
     return build_click_model(**spec.model)
 
 
-def power_law_ids(rows: int, count: int, generator: torch.Generator,
-                  exponent: float = POWER_LAW_EXPONENT) -> torch.Tensor:
+def power_law_ids(
+    rows: int, count: int, generator: torch.Generator, exponent: float = POWER_LAW_EXPONENT
+) -> torch.Tensor:
     """``count`` ids in [0, rows), int64, where the k-th most popular id (k = 1 … rows) has
     probability ∝ k^−exponent (continuous inverse CDF of x^−s on [1, rows + 1), floored), the
     popularity ranks scattered over the ids by a random permutation."""
@@ -192,9 +209,12 @@ def draw_batches(model_spec: dict, batch_size: int, seed: int, count: int = NUM_
     generator = torch.Generator().manual_seed(seed + 1)
     batches = []
     for _ in range(count):
-        ids = {f: power_law_ids(rows, batch_size, generator) if rows >= POWER_LAW_MIN_ROWS
-               else torch.randint(0, rows, (batch_size,), generator=generator)
-               for f, rows in model_spec["cardinalities"].items()}
+        ids = {
+            f: power_law_ids(rows, batch_size, generator)
+            if rows >= POWER_LAW_MIN_ROWS
+            else torch.randint(0, rows, (batch_size,), generator=generator)
+            for f, rows in model_spec["cardinalities"].items()
+        }
         dense = torch.randn(batch_size, model_spec["num_dense"], generator=generator)
         labels = (torch.rand(batch_size, generator=generator) < CLICK_RATE).float()
         batches.append(Batch((dense, single_id_kjt(ids)), labels))
@@ -202,6 +222,7 @@ def draw_batches(model_spec: dict, batch_size: int, seed: int, count: int = NUM_
 
 
 # ---- the two variants ----------------------------------------------------------------------
+
 
 def prepare_variant(name: str, base: nn.Module, lora_config: LoraConfig, lr: float = LR):
     """(model in train mode, optimizers) of variant ``name`` ("dense" or "lora"); ``base`` is
@@ -212,8 +233,10 @@ def prepare_variant(name: str, base: nn.Module, lora_config: LoraConfig, lr: flo
     try:
         model = make_trainable(base, Method(name), lora_config).train()
     except ValueError as exc:
-        raise ValueError(f"the LoRA config does not fit the benchmarked model ({exc}); pass a lora_config "
-                         f"whose target_modules exist in it") from None
+        raise ValueError(
+            f"the LoRA config does not fit the benchmarked model ({exc}); pass a lora_config "
+            f"whose target_modules exist in it"
+        ) from None
     return model, build_optimizers(model, lr, weight_decay=0.0)
 
 
@@ -230,13 +253,17 @@ def train_step(model: nn.Module, optimizers, batch: Batch) -> float:
 
 # ---- peak memory, a fresh process per variant ---------------------------------------------------
 
+
 def memory_probe(variant: str, spec: BenchSpec, steps: int = MEMORY_STEPS) -> dict:
     """In this (fresh) process: peak memory of building ``variant`` from ``spec`` and training it."""
     torch.set_num_threads(spec.threads)
     batches = draw_batches(spec.model, spec.batch_size, spec.seed)
     config = LoraConfig.from_dict(spec.lora_config)
-    result = measure_peak_memory(lambda: prepare_variant(variant, build_base(spec), config),
-                                 lambda built, i: train_step(*built, batches[i % len(batches)]), steps)
+    result = measure_peak_memory(
+        lambda: prepare_variant(variant, build_base(spec), config),
+        lambda built, i: train_step(*built, batches[i % len(batches)]),
+        steps,
+    )
     return {"variant": variant, **result}
 
 
@@ -248,6 +275,7 @@ def run_memory_probes(variants, spec: BenchSpec, timeout: float = 600) -> dict:
 
 # ---- the run -------------------------------------------------------------------------------
 
+
 def _max_logit_difference(models: dict, batch: Batch) -> float:
     with torch.no_grad():
         logits = [model.eval()(*batch.args) for model in models.values()]
@@ -256,9 +284,17 @@ def _max_logit_difference(models: dict, batch: Batch) -> float:
     return float((logits[0] - logits[1]).abs().max())
 
 
-def run_bench(*, base: str | Path | None = None, rows_per_table: dict | None = None, embedding_dim: int = 64,
-              batch_size: int = 2048, steps: int = 3, rounds: int = 5, lora_config: LoraConfig | None = None,
-              progress: bool = True) -> dict:
+def run_bench(
+    *,
+    base: str | Path | None = None,
+    rows_per_table: dict | None = None,
+    embedding_dim: int = 64,
+    batch_size: int = 2048,
+    steps: int = 3,
+    rounds: int = 5,
+    lora_config: LoraConfig | None = None,
+    progress: bool = True,
+) -> dict:
     """Measure dense fine-tuning with Adam against LoRA (see the module docstring); a JSON-able dict.
 
     Args:
@@ -278,14 +314,20 @@ def run_bench(*, base: str | Path | None = None, rows_per_table: dict | None = N
     for name, value in (("batch_size", batch_size), ("steps", steps), ("rounds", rounds)):
         check_int(name, value)
     if base is not None and (rows_per_table is not None or embedding_dim != 64):
-        raise ValueError("rows_per_table and embedding_dim set the default model's sizes; a base checkpoint "
-                         "(base=...) has its own")
+        raise ValueError(
+            "rows_per_table and embedding_dim set the default model's sizes; a base checkpoint (base=...) has its own"
+        )
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a LoraConfig, got {type(lora_config).__name__}")
     config = lora_config or (LORA if base is None else _checkpoint_lora_config(base))
     spec_model = model_options(rows_per_table, embedding_dim) if base is None else None
-    spec = BenchSpec(model=spec_model or {}, lora_config=config.to_dict(), batch_size=batch_size,
-                     base=None if base is None else str(base), threads=torch.get_num_threads())
+    spec = BenchSpec(
+        model=spec_model or {},
+        lora_config=config.to_dict(),
+        batch_size=batch_size,
+        base=None if base is None else str(base),
+        threads=torch.get_num_threads(),
+    )
     base_model = build_base(spec)
     spec = replace(spec, model=dict(base_model.spec))  # every build_click_model argument, JSON-ready
     batches = draw_batches(spec.model, batch_size, spec.seed)
@@ -300,10 +342,12 @@ def run_bench(*, base: str | Path | None = None, rows_per_table: dict | None = N
         models = {name: built[name][0] for name in VARIANTS}
         start_diff = _max_logit_difference(models, batches[0])
         if not start_diff <= START_TOLERANCE:
-            raise RuntimeError(f"LoRA and dense fine-tuning do not start from the same model: logits differ by "
-                               f"{start_diff:.3g}")
-        trainable = {name: sum(p.numel() for p in model.parameters() if p.requires_grad)
-                     for name, model in models.items()}
+            raise RuntimeError(
+                f"LoRA and dense fine-tuning do not start from the same model: logits differ by {start_diff:.3g}"
+            )
+        trainable = {
+            name: sum(p.numel() for p in model.parameters() if p.requires_grad) for name, model in models.items()
+        }
         counters = dict.fromkeys(VARIANTS, 0)
 
         def run_steps(name: str, count: int) -> float:
@@ -336,32 +380,53 @@ def run_bench(*, base: str | Path | None = None, rows_per_table: dict | None = N
     for name in VARIANTS:
         median = statistics.median(step_seconds[name])
         probe = probes[name] or {}
-        variants[name] = {"label": LABELS[name], "trainable_parameters": trainable[name],
-                          "step_seconds": [round(s, 6) for s in step_seconds[name]],
-                          "median_step_seconds": round(median, 6), "samples_per_second": batch_size / median,
-                          **{k: probe.get(k) for k in ("peak_bytes", "model_bytes", "training_bytes",
-                                                       "build_peak_bytes")}}
+        variants[name] = {
+            "label": LABELS[name],
+            "trainable_parameters": trainable[name],
+            "step_seconds": [round(s, 6) for s in step_seconds[name]],
+            "median_step_seconds": round(median, 6),
+            "samples_per_second": batch_size / median,
+            **{k: probe.get(k) for k in ("peak_bytes", "model_bytes", "training_bytes", "build_peak_bytes")},
+        }
     dense, lora = variants["dense"], variants["lora"]
     speed = lora["samples_per_second"] / dense["samples_per_second"]
     measured = bool(dense["peak_bytes"]) and lora["peak_bytes"] is not None
     memory = lora["peak_bytes"] / dense["peak_bytes"] if measured else None
     return {
-        "model": {"source": "checkpoint" if base is not None else "built", "base": spec.base, **spec.model,
-                  "table_bytes": table_bytes, "parameters": parameters},
-        "batch": {"batch_size": batch_size, "batches": len(batches), "ids": (
-            f"power law k^-{POWER_LAW_EXPONENT} for tables of ≥ {POWER_LAW_MIN_ROWS} rows, uniform below"),
-            "click_rate": CLICK_RATE},
+        "model": {
+            "source": "checkpoint" if base is not None else "built",
+            "base": spec.base,
+            **spec.model,
+            "table_bytes": table_bytes,
+            "parameters": parameters,
+        },
+        "batch": {
+            "batch_size": batch_size,
+            "batches": len(batches),
+            "ids": (f"power law k^-{POWER_LAW_EXPONENT} for tables of ≥ {POWER_LAW_MIN_ROWS} rows, uniform below"),
+            "click_rate": CLICK_RATE,
+        },
         "lora_config": spec.lora_config,
-        "timing": {"warmup_steps": WARMUP_STEPS, "steps_per_round": steps, "rounds": rounds, "lr": LR,
-                   "order": "interleaved " + ", ".join(VARIANTS) + " per round; median step time per variant"},
+        "timing": {
+            "warmup_steps": WARMUP_STEPS,
+            "steps_per_round": steps,
+            "rounds": rounds,
+            "lr": LR,
+            "order": "interleaved " + ", ".join(VARIANTS) + " per round; median step time per variant",
+        },
         "variants": variants,
         "ratios": {"samples_per_second": speed, "peak_memory": memory},
         "targets": dict(TARGETS),
-        "met": {"samples_per_second": speed >= TARGETS["samples_per_second_ratio_min"],
-                "peak_memory": None if memory is None else memory <= TARGETS["peak_memory_ratio_max"]},
+        "met": {
+            "samples_per_second": speed >= TARGETS["samples_per_second_ratio_min"],
+            "peak_memory": None if memory is None else memory <= TARGETS["peak_memory_ratio_max"],
+        },
         "start_logits_max_abs_diff": start_diff,
-        "memory_method": (describe_peak_memory(MEMORY_STEPS) if all(probes.values())
-                          else "not measured: needs Linux /proc/self/clear_refs"),
+        "memory_method": (
+            describe_peak_memory(MEMORY_STEPS)
+            if all(probes.values())
+            else "not measured: needs Linux /proc/self/clear_refs"
+        ),
         "torch": torch.__version__,
         "threads": spec.threads,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -370,7 +435,7 @@ def run_bench(*, base: str | Path | None = None, rows_per_table: dict | None = N
 
 
 def _mib(value) -> str:
-    return "n/a" if value is None else f"{value / 2 ** 20:,.0f}"
+    return "n/a" if value is None else f"{value / 2**20:,.0f}"
 
 
 def _ratio(value) -> str:
@@ -382,21 +447,29 @@ def print_bench(result: dict) -> None:
     ratios and whether the targets are met."""
     model = result["model"]
     tables = ", ".join(f"{f} {rows:,}" for f, rows in model["cardinalities"].items())
-    print(f"model: {model['source']} DLRM, D={model['embedding_dim']}, tables {tables} "
-          f"({model['table_bytes'] / 2 ** 20:,.0f} MiB); batch {result['batch']['batch_size']}; "
-          f"{result['threads']} thread(s)")
+    print(
+        f"model: {model['source']} DLRM, D={model['embedding_dim']}, tables {tables} "
+        f"({model['table_bytes'] / 2**20:,.0f} MiB); batch {result['batch']['batch_size']}; "
+        f"{result['threads']} thread(s)"
+    )
     header = f"{'variant':<52} {'trainable':>12} {'samples/s':>10} {'peak MiB':>9} {'model MiB':>10}"
     print(header)
     print("-" * len(header))
-    for name, row in result["variants"].items():
-        print(f"{row['label']:<52} {row['trainable_parameters']:>12,} {row['samples_per_second']:>10,.0f} "
-              f"{_mib(row['peak_bytes']):>9} {_mib(row['model_bytes']):>10}")
+    for row in result["variants"].values():
+        print(
+            f"{row['label']:<52} {row['trainable_parameters']:>12,} {row['samples_per_second']:>10,.0f} "
+            f"{_mib(row['peak_bytes']):>9} {_mib(row['model_bytes']):>10}"
+        )
     ratios, targets, met = result["ratios"], result["targets"], result["met"]
     verdict = {True: "met", False: "MISSED", None: "not measured"}
-    print(f"LoRA / dense samples/s: {_ratio(ratios['samples_per_second'])} "
-          f"(target ≥ {targets['samples_per_second_ratio_min']}: {verdict[met['samples_per_second']]})")
-    print(f"LoRA / dense peak memory: {_ratio(ratios['peak_memory'])} "
-          f"(target ≤ {targets['peak_memory_ratio_max']}: {verdict[met['peak_memory']]})")
+    print(
+        f"LoRA / dense samples/s: {_ratio(ratios['samples_per_second'])} "
+        f"(target ≥ {targets['samples_per_second_ratio_min']}: {verdict[met['samples_per_second']]})"
+    )
+    print(
+        f"LoRA / dense peak memory: {_ratio(ratios['peak_memory'])} "
+        f"(target ≤ {targets['peak_memory_ratio_max']}: {verdict[met['peak_memory']]})"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from .base_checkpoint import checkpoint_bytes, load_base, read_base_config, save_base
 from recpeft.datasets.synthetic import SHOP_SCHEMA, load_shop
 from recpeft.metrics import weighted_auc
 from recpeft.peft.model import PeftModel
-from .shop_recipe import BASE_OPTIONS, LORA
-from .demo_report import print_table, save_plot, save_report
 from recpeft.train.trainer import TrainConfig, predict
+
+from .base_checkpoint import checkpoint_bytes, load_base, read_base_config, save_base
+from .demo_report import print_table, save_plot, save_report
+from .shop_recipe import BASE_OPTIONS, LORA
 from .workflow import EncodedSplit, Method, click_metrics, finetune, prepare, pretrain
 
 TEST_START = "2026-03-12"
@@ -45,8 +46,13 @@ TARGETS = {"lora_minus_dense_auc_min": -0.002, "lift_over_base_auc_min": 0.01, "
 
 def _base_recipe(seed: int) -> dict:
     """What decides the base besides the data: a cached base is reused only if this matches."""
-    recipe = {"seed": seed, "options": BASE_OPTIONS, "pretrain": PRETRAIN.to_dict(), "test_start": TEST_START,
-              "valid_fraction": VALID_FRACTION}
+    recipe = {
+        "seed": seed,
+        "options": BASE_OPTIONS,
+        "pretrain": PRETRAIN.to_dict(),
+        "test_start": TEST_START,
+        "valid_fraction": VALID_FRACTION,
+    }
     return json.loads(json.dumps(recipe))
 
 
@@ -64,11 +70,18 @@ def _base(data: EncodedSplit, out: Path, seed: int, progress: bool, fresh: bool)
     model, report = pretrain(data, model_options=BASE_OPTIONS, train_config=config)
     metrics = click_metrics(model, data.segment_rows("valid"))
     save_base(cached, model, data.encoder, metrics={"valid_auc": metrics["auc"], "made_with": _base_recipe(seed)})
-    print(f"base: pretrained on every market ({report.samples:,} samples, {report.epochs_run} epochs, best "
-          f"validation AUC {report.best_metric:.4f} at epoch {report.best_epoch}, {report.seconds:.1f} s)")
-    return model, {"reused": False, "epochs": report.epochs_run, "best_epoch": report.best_epoch,
-                   "valid_auc": report.best_metric, "seconds": report.seconds,
-                   "samples_per_second": report.samples_per_second}
+    print(
+        f"base: pretrained on every market ({report.samples:,} samples, {report.epochs_run} epochs, best "
+        f"validation AUC {report.best_metric:.4f} at epoch {report.best_epoch}, {report.seconds:.1f} s)"
+    )
+    return model, {
+        "reused": False,
+        "epochs": report.epochs_run,
+        "best_epoch": report.best_epoch,
+        "valid_auc": report.best_metric,
+        "seconds": report.seconds,
+        "samples_per_second": report.samples_per_second,
+    }
 
 
 def _finetune_best_lr(base, data: EncodedSplit, market: str, method: Method, seed: int, progress: bool):
@@ -88,11 +101,15 @@ def _finetune_best_lr(base, data: EncodedSplit, market: str, method: Method, see
 def _run_row(model, report, test, method: Method) -> dict:
     counts = model.get_nb_trainable_parameters() if isinstance(model, PeftModel) else None
     trainable = counts["trainable"] if counts else sum(p.numel() for p in model.parameters())
-    return {**{f"{method.value}_{k}": v for k, v in click_metrics(model, test).items() if k in ("auc", "log_loss")},
-            f"{method.value}_trainable_params": trainable, f"{method.value}_epochs": report.epochs_run,
-            f"{method.value}_seconds": report.seconds, f"{method.value}_samples_per_second": report.samples_per_second,
-            f"{method.value}_train_state_bytes": report.training_state_bytes,
-            f"{method.value}_peak_memory_bytes": report.peak_memory_bytes}
+    return {
+        **{f"{method.value}_{k}": v for k, v in click_metrics(model, test).items() if k in ("auc", "log_loss")},
+        f"{method.value}_trainable_params": trainable,
+        f"{method.value}_epochs": report.epochs_run,
+        f"{method.value}_seconds": report.seconds,
+        f"{method.value}_samples_per_second": report.samples_per_second,
+        f"{method.value}_train_state_bytes": report.training_state_bytes,
+        f"{method.value}_peak_memory_bytes": report.peak_memory_bytes,
+    }
 
 
 def _check_routing(out: Path, markets: list[str], data: EncodedSplit, seed: int) -> float:
@@ -122,8 +139,14 @@ def _check_routing(out: Path, markets: list[str], data: EncodedSplit, seed: int)
     return worst
 
 
-def run_demo(out_dir: str | Path = "runs/demo", *, seed: int = 0, progress: bool = True, fresh: bool = False,
-             markets: list[str] | None = None) -> dict:
+def run_demo(
+    out_dir: str | Path = "runs/demo",
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    fresh: bool = False,
+    markets: list[str] | None = None,
+) -> dict:
     """Run the main job; write the base, the adapters, ``report.json`` and ``report.png`` to ``out_dir``."""
     started = time.perf_counter()
     out = Path(out_dir)
@@ -136,16 +159,22 @@ def run_demo(out_dir: str | Path = "runs/demo", *, seed: int = 0, progress: bool
     unknown = sorted(set(markets) - set(data.segments))
     if unknown:
         raise ValueError(f"unknown market(s) {unknown}; the shop's markets are {data.segments}")
-    print(f"data: {len(frame):,} impressions, {frame['user'].nunique():,} users, {frame['item'].nunique():,} items, "
-          f"markets {data.segments}; test from {TEST_START}; personalising {markets}")
+    print(
+        f"data: {len(frame):,} impressions, {frame['user'].nunique():,} users, {frame['item'].nunique():,} items, "
+        f"markets {data.segments}; test from {TEST_START}; personalising {markets}"
+    )
 
     base, base_info = _base(data, out, seed, progress, fresh)
     base_bytes = checkpoint_bytes(out / "base")
     rows = []
     for market in markets:
         test = data.segment_rows("test", market)
-        row = {"market": market, "train_rows": len(data.segment_rows("train", market)),
-               "valid_rows": len(data.segment_rows("valid", market)), "test_rows": len(test)}
+        row = {
+            "market": market,
+            "train_rows": len(data.segment_rows("train", market)),
+            "valid_rows": len(data.segment_rows("valid", market)),
+            "test_rows": len(test),
+        }
         row.update({f"base_{k}": v for k, v in click_metrics(base, test).items() if k in ("auc", "log_loss")})
         for method in (Method.LORA, Method.DENSE):
             model, report, lr, sweep_seconds = _finetune_best_lr(base, data, market, method, seed, progress)
@@ -162,32 +191,52 @@ def run_demo(out_dir: str | Path = "runs/demo", *, seed: int = 0, progress: bool
     weighted = {m: weighted_auc({r["market"]: r[f"{m}_auc"] for r in rows}, counts) for m in ("base", "lora", "dense")}
     routing_diff = _check_routing(out, markets, data, seed)
     checks = _check_targets(rows, routing_diff)
-    report = {"data": {"impressions": len(frame), "markets": data.segments, "test_start": TEST_START,
-                       "schema": SHOP_SCHEMA.to_dict()},
-              "base": {**base_info, "checkpoint_bytes": base_bytes, "options": BASE_OPTIONS},
-              "lora_config": LORA.to_dict(),
-              "finetune": {**FINETUNE.to_dict(), "learning_rates": {m.value: v for m, v in LEARNING_RATES.items()}},
-              "markets": rows, "impression_weighted_auc": weighted, "routing_max_abs_diff": routing_diff,
-              "targets": TARGETS, "checks": checks, "seed": seed, "seconds": time.perf_counter() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    report = {
+        "data": {
+            "impressions": len(frame),
+            "markets": data.segments,
+            "test_start": TEST_START,
+            "schema": SHOP_SCHEMA.to_dict(),
+        },
+        "base": {**base_info, "checkpoint_bytes": base_bytes, "options": BASE_OPTIONS},
+        "lora_config": LORA.to_dict(),
+        "finetune": {**FINETUNE.to_dict(), "learning_rates": {m.value: v for m, v in LEARNING_RATES.items()}},
+        "markets": rows,
+        "impression_weighted_auc": weighted,
+        "routing_max_abs_diff": routing_diff,
+        "targets": TARGETS,
+        "checks": checks,
+        "seed": seed,
+        "seconds": time.perf_counter() - started,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     print_table(rows)
     print("impression-weighted AUC over these markets: " + ", ".join(f"{m} {v:.4f}" for m, v in weighted.items()))
-    print(f"routed a mixed batch through {len(markets)} adapters in one pass; largest difference from each "
-          f"market's merged model: {routing_diff:.2e}")
+    print(
+        f"routed a mixed batch through {len(markets)} adapters in one pass; largest difference from each "
+        f"market's merged model: {routing_diff:.2e}"
+    )
     for name, passed in checks.items():
         print(f"target {name}: {'met' if passed else 'MISSED'}")
     save_report(out / "report.json", report)
     save_plot(out / "report.png", rows)
-    print(f"wrote {out / 'report.json'}, {out / 'report.png'}, the base and {len(rows)} adapters under {out} "
-          f"({report['seconds']:.0f} s)")
+    print(
+        f"wrote {out / 'report.json'}, {out / 'report.png'}, the base and {len(rows)} adapters under {out} "
+        f"({report['seconds']:.0f} s)"
+    )
     return report
 
 
 def _check_targets(rows: list[dict], routing_diff: float) -> dict[str, bool]:
     return {
         "routed batch equals each market's merged model (≤ 1e-4)": routing_diff <= ROUTING_TOLERANCE,
-        "LoRA AUC ≥ dense − 0.002 in every market":
-            all(r["lora_auc"] - r["dense_auc"] >= TARGETS["lora_minus_dense_auc_min"] for r in rows),
-        "LoRA and dense AUC ≥ base + 0.01 in every market":
-            all(min(r["lora_auc"], r["dense_auc"]) - r["base_auc"] >= TARGETS["lift_over_base_auc_min"] for r in rows),
-        "adapter file ≤ 2% of the base checkpoint": all(r["adapter_share"] <= TARGETS["adapter_share_max"] for r in rows),
+        "LoRA AUC ≥ dense − 0.002 in every market": all(
+            r["lora_auc"] - r["dense_auc"] >= TARGETS["lora_minus_dense_auc_min"] for r in rows
+        ),
+        "LoRA and dense AUC ≥ base + 0.01 in every market": all(
+            min(r["lora_auc"], r["dense_auc"]) - r["base_auc"] >= TARGETS["lift_over_base_auc_min"] for r in rows
+        ),
+        "adapter file ≤ 2% of the base checkpoint": all(
+            r["adapter_share"] <= TARGETS["adapter_share_max"] for r in rows
+        ),
     }

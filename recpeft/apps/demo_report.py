@@ -20,8 +20,11 @@ COLUMNS = [  # (header, width, format of the row → text)
     ("base AUC", 9, lambda r: f"{r['base_auc']:.4f}"),
     ("LoRA AUC", 9, lambda r: f"{r['lora_auc']:.4f}"),
     ("dense AUC", 10, lambda r: f"{r['dense_auc']:.4f}"),
-    ("LoRA params", 12, lambda r: f"{r['lora_trainable_params']:,} "
-                                  f"({100 * r['lora_trainable_params'] / r['base_params']:.1f}%)"),
+    (
+        "LoRA params",
+        12,
+        lambda r: f"{r['lora_trainable_params']:,} ({100 * r['lora_trainable_params'] / r['base_params']:.1f}%)",
+    ),
     ("adapter", 9, lambda r: f"{r['adapter_bytes'] / 1024:.1f} KB"),
     ("% of base", 10, lambda r: f"{100 * r['adapter_share']:.2f}%"),
     ("LoRA s", 7, lambda r: f"{r['lora_seconds']:.1f}"),
@@ -39,10 +42,15 @@ def print_table(rows: list[dict]) -> None:
     print("".join(h.rjust(w) if i else h.ljust(w) for i, ((h, _, _), w) in enumerate(zip(COLUMNS, widths))))
     print("-" * sum(widths))
     for row in rows:
-        print("".join(fmt(row).rjust(w) if i else fmt(row).ljust(w)
-                      for i, ((_, _, fmt), w) in enumerate(zip(COLUMNS, widths))))
-    print("AUC on each market's rows after the time cut. params: trainable (share of the base); state: "
-          "parameters + gradients + optimizer state while training (CPU; CUDA reports its peak).")
+        print(
+            "".join(
+                fmt(row).rjust(w) if i else fmt(row).ljust(w) for i, ((_, _, fmt), w) in enumerate(zip(COLUMNS, widths))
+            )
+        )
+    print(
+        "AUC on each market's rows after the time cut. params: trainable (share of the base); state: "
+        "parameters + gradients + optimizer state while training (CPU; CUDA reports its peak)."
+    )
 
 
 def _clean(value):
@@ -70,8 +78,9 @@ def save_plot(path: str | Path, rows: list[dict]) -> None:
     markets = [r["market"] for r in rows]
     x = range(len(rows))
     fig, (quality, speed) = plt.subplots(1, 2, figsize=(11, 4))
-    for offset, (key, label) in zip((-0.27, 0.0, 0.27), (("base_auc", "base"), ("lora_auc", "LoRA"),
-                                                         ("dense_auc", "dense fine-tuning"))):
+    for offset, (key, label) in zip(
+        (-0.27, 0.0, 0.27), (("base_auc", "base"), ("lora_auc", "LoRA"), ("dense_auc", "dense fine-tuning"))
+    ):
         quality.bar([i + offset for i in x], [r[key] for r in rows], width=0.27, label=label)
     low = min(r["base_auc"] for r in rows)
     high = max(max(r["lora_auc"], r["dense_auc"]) for r in rows)
@@ -80,8 +89,9 @@ def save_plot(path: str | Path, rows: list[dict]) -> None:
     quality.set_ylabel("test AUC")
     quality.set_title("quality per market")
     quality.legend(loc="upper left", ncols=3, fontsize=8)
-    for offset, (key, label) in zip((-0.2, 0.2), (("lora_samples_per_second", "LoRA"),
-                                                 ("dense_samples_per_second", "dense fine-tuning"))):
+    for offset, (key, label) in zip(
+        (-0.2, 0.2), (("lora_samples_per_second", "LoRA"), ("dense_samples_per_second", "dense fine-tuning"))
+    ):
         speed.bar([i + offset for i in x], [r[key] for r in rows], width=0.4, label=label)
     speed.set_xticks(list(x), markets)
     speed.set_ylabel("training samples/s")

@@ -12,6 +12,13 @@ from recpeft.peft.config import LoraConfig
 #: ``build_click_model`` options of the shop's base: a torchrec DLRM with D = 64
 BASE_OPTIONS = {"embedding_dim": 64, "dense_arch": (32, 64), "over_arch": (64, 32)}
 #: the attribute tables and every MLP layer adapt; user and item tables stay as pretrained
-LORA = LoraConfig(r=4, lora_alpha=8, target_modules=click_model_lora_targets(
-    SHOP_SCHEMA.sparse_features, len(BASE_OPTIONS["dense_arch"]), len(BASE_OPTIONS["over_arch"]),
-    frozen_features=(SHOP_SCHEMA.user, SHOP_SCHEMA.item)))
+LORA = LoraConfig(
+    r=4,
+    lora_alpha=8,
+    target_modules=click_model_lora_targets(
+        SHOP_SCHEMA.sparse_features,
+        len(BASE_OPTIONS["dense_arch"]),
+        len(BASE_OPTIONS["over_arch"]),
+        frozen_features=(SHOP_SCHEMA.user, SHOP_SCHEMA.item),
+    ),
+)

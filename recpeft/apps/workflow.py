@@ -29,10 +29,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from recpeft.peft.config import LoraConfig
 from recpeft.datasets import ClickBatches, EncodedInteractions, FeatureEncoder, Schema, TimeSplit, split_by_time
 from recpeft.metrics import auc, log_loss
 from recpeft.models.dlrm import ClickDLRM, build_click_model
+from recpeft.peft.config import LoraConfig
 from recpeft.peft.model import get_peft_model
 from recpeft.train.trainer import FitReport, TrainConfig, Trainer, predict
 
@@ -40,7 +40,7 @@ from recpeft.train.trainer import FitReport, TrainConfig, Trainer, predict
 class Method(str, enum.Enum):
     """How a segment's model is fine-tuned."""
 
-    LORA = "lora"    # low-rank adapters on a frozen copy of the base
+    LORA = "lora"  # low-rank adapters on a frozen copy of the base
     DENSE = "dense"  # every parameter of a copy of the base, the baseline LoRA must match
 
 
@@ -83,8 +83,16 @@ class EncodedSplit:
         return {f: float((ids == oov[f]).double().mean()) for f, ids in encoded.sparse.items()}
 
 
-def prepare(frame: pd.DataFrame, schema: Schema, *, encoder: FeatureEncoder | None = None, test_start=None,
-            test_fraction: float = 0.2, valid_fraction: float = 0.15, name: str = "data") -> EncodedSplit:
+def prepare(
+    frame: pd.DataFrame,
+    schema: Schema,
+    *,
+    encoder: FeatureEncoder | None = None,
+    test_start=None,
+    test_fraction: float = 0.2,
+    valid_fraction: float = 0.15,
+    name: str = "data",
+) -> EncodedSplit:
     """Split ``frame`` by time (``split_by_time``) and encode it.
 
     Without ``encoder`` one is fitted on the rows before the test cut (train and validation), as a
@@ -92,17 +100,21 @@ def prepare(frame: pd.DataFrame, schema: Schema, *, encoder: FeatureEncoder | No
     ids it never saw map to each table's out-of-vocabulary row (see ``EncodedSplit.unseen_share``).
     The latest ``valid_fraction`` of each segment's rows before its test cut are its validation rows.
     """
-    split = split_by_time(frame, schema, test_start=test_start, test_fraction=test_fraction,
-                          valid_fraction=valid_fraction)
+    split = split_by_time(
+        frame, schema, test_start=test_start, test_fraction=test_fraction, valid_fraction=valid_fraction
+    )
     if encoder is None:
         encoder = FeatureEncoder().fit(pd.concat([split.train, split.valid]), schema)
-    parts = {part: encoder.transform(getattr(split, part), unseen="oov", name=f"{name} ({part} rows)")
-             for part in ("train", "valid", "test")}
+    parts = {
+        part: encoder.transform(getattr(split, part), unseen="oov", name=f"{name} ({part} rows)")
+        for part in ("train", "valid", "test")
+    }
     return EncodedSplit(schema, encoder, split, **parts)
 
 
-def pretrain(data: EncodedSplit, *, model_options: dict | None = None,
-             train_config: TrainConfig | None = None) -> tuple[ClickDLRM, FitReport]:
+def pretrain(
+    data: EncodedSplit, *, model_options: dict | None = None, train_config: TrainConfig | None = None
+) -> tuple[ClickDLRM, FitReport]:
     """A base click model over the encoder's features, trained on every segment's training rows."""
     torch.manual_seed((train_config or TrainConfig()).seed)
     train = data.segment_rows("train")
@@ -130,8 +142,15 @@ def trainable_copy(base: nn.Module, method: Method, lora_config: LoraConfig | No
     return make_trainable(copy.deepcopy(base), method, lora_config)
 
 
-def finetune(base: nn.Module, data: EncodedSplit, segment: str, method: Method, *, train_config: TrainConfig,
-             lora_config: LoraConfig | None = None) -> tuple[nn.Module, FitReport]:
+def finetune(
+    base: nn.Module,
+    data: EncodedSplit,
+    segment: str,
+    method: Method,
+    *,
+    train_config: TrainConfig,
+    lora_config: LoraConfig | None = None,
+) -> tuple[nn.Module, FitReport]:
     """Fine-tune a copy of ``base`` on ``segment``'s training rows, early-stopped on its validation rows."""
     if segment not in data.segments:
         raise ValueError(f"unknown segment {segment!r}; the data's segments are {data.segments}")
@@ -150,5 +169,9 @@ def click_metrics(model: nn.Module, source: ClickBatches, batch_size: int = 8192
     """AUC, LogLoss, rows and click rate of ``model``'s logits on ``source``."""
     logits = predict(model, source, batch_size)
     labels = source.encoded.labels
-    return {"auc": auc(logits, labels), "log_loss": log_loss(logits, labels), "rows": len(source),
-            "click_rate": float(labels.float().mean()) if len(source) else float("nan")}
+    return {
+        "auc": auc(logits, labels),
+        "log_loss": log_loss(logits, labels),
+        "rows": len(source),
+        "click_rate": float(labels.float().mean()) if len(source) else float("nan"),
+    }

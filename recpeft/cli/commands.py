@@ -1,25 +1,30 @@
 """What each ``recpeft`` sub-command does (the parser lives in cli.py).
 
-    pretrain   DATA --out BASE                      train a base click model on every segment
-    finetune   DATA --base BASE --segment S --out A  a LoRA adapter (or a dense copy) for one segment
-    evaluate   DATA --base BASE [--adapter A]       AUC / LogLoss per segment on the rows after the cut
-    merge      --base BASE --adapter A --out M      fold an adapter into the base: a new base checkpoint
-    bench      [--base BASE]                        LoRA vs dense fine-tuning cost, side by side
-    demo                                            the main job on the embedded shop
+pretrain   DATA --out BASE                      train a base click model on every segment
+finetune   DATA --base BASE --segment S --out A  a LoRA adapter (or a dense copy) for one segment
+evaluate   DATA --base BASE [--adapter A]       AUC / LogLoss per segment on the rows after the cut
+merge      --base BASE --adapter A --out M      fold an adapter into the base: a new base checkpoint
+bench      [--base BASE]                        LoRA vs dense fine-tuning cost, side by side
+demo                                            the main job on the embedded shop
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from recpeft.apps.base_checkpoint import checkpoint_bytes, check_base_fingerprint, load_base, save_base, write_base_fingerprint
-from recpeft.peft.config import LoraConfig
-from recpeft.datasets.sources import Roles, load_source
-from recpeft.peft.model import PeftModel
+from recpeft.apps.base_checkpoint import (
+    check_base_fingerprint,
+    checkpoint_bytes,
+    load_base,
+    save_base,
+    write_base_fingerprint,
+)
 from recpeft.apps.demo_report import save_report
-from recpeft.train.trainer import TrainConfig
 from recpeft.apps.workflow import Method, click_metrics, finetune, prepare, pretrain
-
+from recpeft.datasets.sources import Roles, load_source
+from recpeft.peft.config import LoraConfig
+from recpeft.peft.model import PeftModel
+from recpeft.train.trainer import TrainConfig
 
 #: above this share of ids unknown to the base, finetune/evaluate stop unless --allow-unseen
 UNSEEN_LIMIT = 0.5
@@ -28,13 +33,22 @@ UNSEEN_LIMIT = 0.5
 def _roles(args, schema=None) -> Roles:
     """Column roles: a flag the user gave wins, then the base's schema (its encoder.json), then
     the default names. An empty flag ('') unsets a role."""
-    flags = {"user": args.user, "item": args.item, "label": args.label, "segment": args.segment_col,
-             "timestamp": args.timestamp}
+    flags = {
+        "user": args.user,
+        "item": args.item,
+        "label": args.label,
+        "segment": args.segment_col,
+        "timestamp": args.timestamp,
+    }
     known, defaults = (schema.to_dict() if schema is not None else {}), Roles()
-    single = {role: (flag if flag is not None else known.get(role, getattr(defaults, role))) or None
-              for role, flag in flags.items()}
-    multi = {role: (tuple(c for c in flag.split(",") if c) if flag is not None else tuple(known.get(role, ())))
-             for role, flag in (("categorical", args.categorical), ("dense", args.dense))}
+    single = {
+        role: (flag if flag is not None else known.get(role, getattr(defaults, role))) or None
+        for role, flag in flags.items()
+    }
+    multi = {
+        role: (tuple(c for c in flag.split(",") if c) if flag is not None else tuple(known.get(role, ())))
+        for role, flag in (("categorical", args.categorical), ("dense", args.dense))
+    }
     return Roles(**single, **multi, segment_by=args.segment_by, criteo_segment=args.criteo_segment)
 
 
@@ -48,10 +62,19 @@ def _data(args, encoder=None, segment: str | None = None):
         if segment not in present:
             raise ValueError(f"segment {segment!r} is not in {name}; its segments ({schema.segment!r}) are {present}")
         frame = frame[frame[schema.segment].astype(str) == segment]
-    print(f"data: {len(frame):,} rows from {name}; features {list(schema.sparse_features)} + dense {list(schema.dense)}; "
-          f"segments by {schema.segment!r}")
-    data = prepare(frame, schema, encoder=encoder, test_start=args.test_start, test_fraction=args.test_fraction,
-                   valid_fraction=args.valid_fraction, name=name)
+    print(
+        f"data: {len(frame):,} rows from {name}; features {list(schema.sparse_features)} + dense {list(schema.dense)}; "
+        f"segments by {schema.segment!r}"
+    )
+    data = prepare(
+        frame,
+        schema,
+        encoder=encoder,
+        test_start=args.test_start,
+        test_fraction=args.test_fraction,
+        valid_fraction=args.valid_fraction,
+        name=name,
+    )
     if encoder is not None:
         _check_unseen(data, name, args.allow_unseen)
     return data
@@ -61,47 +84,69 @@ def _check_unseen(data, name: str, allow: bool) -> None:
     for part in ("train", "test"):
         shares = data.unseen_share(part)
         if any(shares.values()):
-            print(f"{part} rows with ids the base never saw (out-of-vocabulary row): "
-                  + ", ".join(f"{f} {100 * v:.1f}%" for f, v in shares.items() if v))
+            print(
+                f"{part} rows with ids the base never saw (out-of-vocabulary row): "
+                + ", ".join(f"{f} {100 * v:.1f}%" for f, v in shares.items() if v)
+            )
         worst = max(shares, key=shares.get, default=None)
         if worst is not None and shares[worst] > UNSEEN_LIMIT and not allow:
-            raise ValueError(f"{name}: {100 * shares[worst]:.0f}% of the {part} rows' {worst!r} ids are unknown to the "
-                             f"base (limit {100 * UNSEEN_LIMIT:.0f}%): is this the data the base was pretrained "
-                             f"on? Pass --allow-unseen to go on")
+            raise ValueError(
+                f"{name}: {100 * shares[worst]:.0f}% of the {part} rows' {worst!r} ids are unknown to the "
+                f"base (limit {100 * UNSEEN_LIMIT:.0f}%): is this the data the base was pretrained "
+                f"on? Pass --allow-unseen to go on"
+            )
 
 
 def _train_config(args, desc: str, **defaults) -> TrainConfig:
-    values = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "seed")
-              if getattr(args, k, None) is not None}
+    values = {
+        k: getattr(args, k)
+        for k in ("epochs", "batch_size", "lr", "weight_decay", "seed")
+        if getattr(args, k, None) is not None
+    }
     return TrainConfig(**{**defaults, **values, "progress": not args.quiet, "desc": desc})
 
 
 def cmd_pretrain(args) -> None:
     data = _data(args)
-    options = {"kind": args.kind, "embedding_dim": args.embedding_dim, "dense_arch": (32, args.embedding_dim),
-               "over_arch": (64, 32), "dropout": args.dropout}
-    model, report = pretrain(data, model_options=options,
-                             train_config=_train_config(args, "pretrain", epochs=6, batch_size=1024, lr=1e-3,
-                                                        early_stopping_patience=1))
+    options = {
+        "kind": args.kind,
+        "embedding_dim": args.embedding_dim,
+        "dense_arch": (32, args.embedding_dim),
+        "over_arch": (64, 32),
+        "dropout": args.dropout,
+    }
+    model, report = pretrain(
+        data,
+        model_options=options,
+        train_config=_train_config(args, "pretrain", epochs=6, batch_size=1024, lr=1e-3, early_stopping_patience=1),
+    )
     test = click_metrics(model, data.segment_rows("test"))
     save_base(args.out, model, data.encoder, metrics={"valid_auc": report.best_metric, "test_auc": test["auc"]})
-    print(f"pretrained {report.epochs_run} epochs ({report.samples_per_second:,.0f} samples/s): validation AUC "
-          f"{report.best_metric:.4f}, test AUC {test['auc']:.4f}, LogLoss {test['log_loss']:.4f}; saved {args.out}")
+    print(
+        f"pretrained {report.epochs_run} epochs ({report.samples_per_second:,.0f} samples/s): validation AUC "
+        f"{report.best_metric:.4f}, test AUC {test['auc']:.4f}, LogLoss {test['log_loss']:.4f}; saved {args.out}"
+    )
 
 
 def _lora_config(args, model, schema) -> LoraConfig:
-    targets = [t for t in (args.targets or "").split(",") if t] or model.lora_targets(frozen_features=(schema.user, schema.item))
-    return LoraConfig(r=args.r, lora_alpha=2 * args.r if args.alpha is None else args.alpha,
-                      lora_dropout=args.lora_dropout,
-                      target_modules=targets)
+    targets = [t for t in (args.targets or "").split(",") if t] or model.lora_targets(
+        frozen_features=(schema.user, schema.item)
+    )
+    return LoraConfig(
+        r=args.r,
+        lora_alpha=2 * args.r if args.alpha is None else args.alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+    )
 
 
 def cmd_finetune(args) -> None:
     base, encoder = load_base(args.base)
     data = _data(args, encoder, segment=args.segment)
     method = Method(args.method)
-    config = _train_config(args, f"{method.value} {args.segment}", epochs=10, batch_size=512,
-                           lr=3e-3 if method is Method.LORA else 1e-3)
+    config = _train_config(
+        args, f"{method.value} {args.segment}", epochs=10, batch_size=512, lr=3e-3 if method is Method.LORA else 1e-3
+    )
     lora = _lora_config(args, base, data.schema) if method is Method.LORA else None
     model, report = finetune(base, data, args.segment, method, train_config=config, lora_config=lora)
     test = data.segment_rows("test", args.segment)
@@ -115,9 +160,11 @@ def cmd_finetune(args) -> None:
     else:
         save_base(out, model, encoder, metrics={"segment": args.segment, "test_auc": after["auc"]})
         what = "fine-tuned copy of the base"
-    print(f"{args.segment}: {report.epochs_run} epochs, {report.samples_per_second:,.0f} samples/s; test AUC "
-          f"base {before['auc']:.4f} → {after['auc']:.4f} (LogLoss {before['log_loss']:.4f} → "
-          f"{after['log_loss']:.4f}) on {after['rows']:,} rows; saved the {what} to {out}")
+    print(
+        f"{args.segment}: {report.epochs_run} epochs, {report.samples_per_second:,.0f} samples/s; test AUC "
+        f"base {before['auc']:.4f} → {after['auc']:.4f} (LogLoss {before['log_loss']:.4f} → "
+        f"{after['log_loss']:.4f}) on {after['rows']:,} rows; saved the {what} to {out}"
+    )
 
 
 def cmd_evaluate(args) -> None:
@@ -133,8 +180,10 @@ def cmd_evaluate(args) -> None:
     for segment in segments:
         metrics = click_metrics(model, data.segment_rows(args.part, segment))
         rows.append({"segment": segment, **metrics})
-        print(f"{segment:<16}{metrics['rows']:>9,}{metrics['click_rate']:>11.3f}{metrics['auc']:>8.4f}"
-              f"{metrics['log_loss']:>9.4f}")
+        print(
+            f"{segment:<16}{metrics['rows']:>9,}{metrics['click_rate']:>11.3f}{metrics['auc']:>8.4f}"
+            f"{metrics['log_loss']:>9.4f}"
+        )
     if args.json:
         save_report(args.json, {"base": str(args.base), "adapter": args.adapter, "part": args.part, "segments": rows})
 

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
-
 import ast
 import importlib.util
+import sys
 from pathlib import Path
 
 from recpeft.datasets.formats import FORMATS, MOVIELENS_SEGMENT_ATTRIBUTES
@@ -32,9 +31,12 @@ def _module_docstring(module: str) -> str | None:
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data", "what to read and how to split it by time")
-    data.add_argument("data", nargs="?", default=None,
-                      help="interaction log (CSV/Parquet), MovieLens folder, or Criteo TSV; "
-                           "omit it to use the embedded shop")
+    data.add_argument(
+        "data",
+        nargs="?",
+        default=None,
+        help="interaction log (CSV/Parquet), MovieLens folder, or Criteo TSV; omit it to use the embedded shop",
+    )
     data.add_argument("--format", choices=FORMATS, default="auto", help="data format (default: from the path)")
     data.add_argument("--user", default=None, help="user id column ('' for none; default: the base's, else 'user')")
     data.add_argument("--item", default=None, help="item id column ('' for none; default: the base's, else 'item')")
@@ -43,16 +45,30 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--timestamp", default=None, help="time column (datetimes or epoch seconds)")
     data.add_argument("--categorical", default=None, help="comma-separated extra id/string feature columns")
     data.add_argument("--dense", default=None, help="comma-separated numeric feature columns")
-    data.add_argument("--segment-by", default="gender", choices=MOVIELENS_SEGMENT_ATTRIBUTES,
-                      help="MovieLens: the user attribute that names segments")
+    data.add_argument(
+        "--segment-by",
+        default="gender",
+        choices=MOVIELENS_SEGMENT_ATTRIBUTES,
+        help="MovieLens: the user attribute that names segments",
+    )
     data.add_argument("--criteo-segment", default=None, help="Criteo: a C column (C1..C26) naming segments")
-    data.add_argument("--test-start", default=None,
-                      help="rows from this time on are test rows (default: each segment's latest --test-fraction)")
+    data.add_argument(
+        "--test-start",
+        default=None,
+        help="rows from this time on are test rows (default: each segment's latest --test-fraction)",
+    )
     data.add_argument("--test-fraction", type=float, default=0.2)
-    data.add_argument("--allow-unseen", action="store_true",
-                      help="fine-tune/evaluate even when over half of a feature's ids are unknown to the base")
-    data.add_argument("--valid-fraction", type=float, default=0.15,
-                      help="each segment's latest rows before the test cut, for early stopping")
+    data.add_argument(
+        "--allow-unseen",
+        action="store_true",
+        help="fine-tune/evaluate even when over half of a feature's ids are unknown to the base",
+    )
+    data.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.15,
+        help="each segment's latest rows before the test cut, for early stopping",
+    )
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,30 +82,45 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="recpeft", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        prog="recpeft",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
         description="Parameter-efficient fine-tuning (LoRA) of recommendation models: pretrain one base click "
-                    "model on every segment, then a small adapter per segment (market, category, cohort).")
+        "model on every segment, then a small adapter per segment (market, category, cohort).",
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
-    common.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: these small models run fastest on one, and "
-                             "several fight over a busy machine)")
+    common.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default 1: these small models run fastest on one, and "
+        "several fight over a busy machine)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = lambda name, **kw: sub.add_parser(name, parents=[common], **kw)  # noqa: E731
 
-    demo = add("demo", help="the main job on the embedded synthetic shop, with a report",
-                          description=_module_docstring("recpeft.apps.demo"),
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo = add(
+        "demo",
+        help="the main job on the embedded synthetic shop, with a report",
+        description=_module_docstring("recpeft.apps.demo"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     demo.add_argument("--out", default="runs/demo", help="folder for the base, adapters, report.json and report.png")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--fresh", action="store_true", help="pretrain the base again even if --out holds one")
-    demo.add_argument("--markets", nargs="+", default=None, help="markets to personalise (default: all but the largest)")
+    demo.add_argument(
+        "--markets", nargs="+", default=None, help="markets to personalise (default: all but the largest)"
+    )
     demo.set_defaults(run="cmd_demo")
 
-    pre = add("pretrain", help="train a base click model (torchrec DLRM/DCN) on every segment",
-                         description="Train a base click model on every segment's rows before the time cut "
-                                     "(early-stopped on the latest of them) and save it with its encoder.")
+    pre = add(
+        "pretrain",
+        help="train a base click model (torchrec DLRM/DCN) on every segment",
+        description="Train a base click model on every segment's rows before the time cut "
+        "(early-stopped on the latest of them) and save it with its encoder.",
+    )
     _data_arguments(pre)
     _train_arguments(pre)
     pre.add_argument("--out", required=True, help="folder for the base checkpoint")
@@ -98,10 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--dropout", type=float, default=0.0)
     pre.set_defaults(run="cmd_pretrain")
 
-    fine = add("finetune", help="train a LoRA adapter (or a dense copy) for one segment",
-                          description="Fine-tune the base on one segment's rows before the time cut and report "
-                                      "base vs fine-tuned AUC on the segment's rows after it. The data is encoded "
-                                      "with the base's vocabularies (unseen ids use the out-of-vocabulary row).")
+    fine = add(
+        "finetune",
+        help="train a LoRA adapter (or a dense copy) for one segment",
+        description="Fine-tune the base on one segment's rows before the time cut and report "
+        "base vs fine-tuned AUC on the segment's rows after it. The data is encoded "
+        "with the base's vocabularies (unseen ids use the out-of-vocabulary row).",
+    )
     _data_arguments(fine)
     _train_arguments(fine)
     fine.add_argument("--base", required=True, help="base checkpoint folder (from `recpeft pretrain`)")
@@ -111,15 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--r", type=int, default=4, help="LoRA rank")
     fine.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
     fine.add_argument("--lora-dropout", type=float, default=0.0)
-    fine.add_argument("--targets", default="", help="comma-separated module names to adapt (default: attribute "
-                                                    "tables and every MLP layer)")
+    fine.add_argument(
+        "--targets",
+        default="",
+        help="comma-separated module names to adapt (default: attribute tables and every MLP layer)",
+    )
     fine.set_defaults(run="cmd_finetune")
 
     ev = add("evaluate", help="AUC and LogLoss per segment of a base (with an adapter)")
     _data_arguments(ev)
     ev.add_argument("--base", required=True)
-    ev.add_argument("--ignore-base-mismatch", action="store_true",
-                    help="apply --adapter even if it was trained on another base")
+    ev.add_argument(
+        "--ignore-base-mismatch", action="store_true", help="apply --adapter even if it was trained on another base"
+    )
     ev.add_argument("--adapter", default=None, help="adapter folder to apply to the base")
     ev.add_argument("--segment", default=None, help="only this segment")
     ev.add_argument("--part", choices=("train", "valid", "test"), default="test", help="which rows to score")
@@ -130,16 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", required=True)
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--out", required=True)
-    merge.add_argument("--ignore-base-mismatch", action="store_true",
-                       help="merge even if the adapter was trained on another base")
+    merge.add_argument(
+        "--ignore-base-mismatch", action="store_true", help="merge even if the adapter was trained on another base"
+    )
     merge.set_defaults(run="cmd_merge")
 
-    bench = add("bench", help="LoRA vs dense fine-tuning: samples/s and peak memory, side by side",
-                           description="Measure one LoRA fine-tuning step against dense fine-tuning with Adam on "
-                                       "the same model and batches, in one run: samples/s (interleaved rounds) "
-                                       "and peak memory (each variant in a fresh process).")
-    bench.add_argument("--base", default=None, help="measure this base checkpoint (default: the demo's architecture "
-                                                    "with production-size tables)")
+    bench = add(
+        "bench",
+        help="LoRA vs dense fine-tuning: samples/s and peak memory, side by side",
+        description="Measure one LoRA fine-tuning step against dense fine-tuning with Adam on "
+        "the same model and batches, in one run: samples/s (interleaved rounds) "
+        "and peak memory (each variant in a fresh process).",
+    )
+    bench.add_argument(
+        "--base",
+        default=None,
+        help="measure this base checkpoint (default: the demo's architecture with production-size tables)",
+    )
     bench.add_argument("--json", default=None, help="write the figures as JSON here")
     bench.set_defaults(run="cmd_bench")
     return parser

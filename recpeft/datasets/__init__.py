@@ -1,10 +1,10 @@
 """Data in: interaction tables as pandas DataFrames, checked, encoded, split and batched.
 
-    schema = Schema(segment="market", timestamp="day", categorical=("category",), dense=("price",))
-    frame = load_interactions("log.parquet", schema)            # or load_movielens / load_criteo
-    parts = split_by_time(frame, schema)                         # per-segment time split
-    encoder = FeatureEncoder().fit(parts.train, schema)          # vocabularies, dense statistics
-    train = ClickBatches(encoder.transform(parts.train), route={"DE": 0})   # → KeyedJaggedTensor batches
+schema = Schema(segment="market", timestamp="day", categorical=("category",), dense=("price",))
+frame = load_interactions("log.parquet", schema)            # or load_movielens / load_criteo
+parts = split_by_time(frame, schema)                         # per-segment time split
+encoder = FeatureEncoder().fit(parts.train, schema)          # vocabularies, dense statistics
+train = ClickBatches(encoder.transform(parts.train), route={"DE": 0})   # → KeyedJaggedTensor batches
 """
 
 from recpeft.utils.lazy import lazy_exports

@@ -38,9 +38,12 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(tuple(_move(a, device) for a in self.args), _move(self.labels, device),
-                     {k: _move(v, device) for k, v in self.kwargs.items()})
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            tuple(_move(a, device) for a in self.args),
+            _move(self.labels, device),
+            {k: _move(v, device) for k, v in self.kwargs.items()},
+        )
 
 
 @runtime_checkable
@@ -77,5 +80,6 @@ class TensorBatches:
         return int(self.labels.shape[0])
 
     def batch(self, index: torch.Tensor) -> Batch:
-        return Batch(tuple(f[index] for f in self.features), self.labels[index],
-                     {k: v[index] for k, v in self.kwargs.items()})
+        return Batch(
+            tuple(f[index] for f in self.features), self.labels[index], {k: v[index] for k, v in self.kwargs.items()}
+        )

@@ -77,11 +77,12 @@ class ClickBatches:
         index = torch.as_tensor(index, dtype=torch.int64)
         ids = self._ids[:, index]  # [F, B]
         kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=self.keys, values=ids.reshape(-1), lengths=torch.ones(ids.numel(), dtype=torch.int32))
+            keys=self.keys, values=ids.reshape(-1), lengths=torch.ones(ids.numel(), dtype=torch.int32)
+        )
         kwargs = {} if self._adapter_ids is None else {"adapter_ids": self._adapter_ids[index]}
         return Batch((self._dense[index], kjt), self.encoded.labels[index], kwargs)
 
-    def subset(self, rows: str | torch.Tensor) -> "ClickBatches":
+    def subset(self, rows: str | torch.Tensor) -> ClickBatches:
         """A ClickBatches over some rows: a segment name, a bool mask [N] or int64 positions [M]."""
         if isinstance(rows, str):
             names = self.encoded.segment_names

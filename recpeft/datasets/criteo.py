@@ -39,20 +39,27 @@ def _lines(path: Path, nrows: int | None, progress: bool) -> list[str]:
     """The first ``nrows`` lines (all when None), without line endings, each checked to hold 40 fields."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8", newline="") as handle:
-        lines = [line.rstrip("\r\n") for line in tqdm(islice(handle, nrows), total=nrows, disable=not progress,
-                                                      desc=f"reading {path.name}", unit=" lines")]
+        lines = [
+            line.rstrip("\r\n")
+            for line in tqdm(
+                islice(handle, nrows), total=nrows, disable=not progress, desc=f"reading {path.name}", unit=" lines"
+            )
+        ]
     if not lines:
         raise ValueError(f"{path}: the file is empty")
     fields = pd.Series(lines, dtype=object).str.count("\t").to_numpy() + 1
     bad = np.flatnonzero(fields != len(COLUMNS))
     if bad.size:
-        raise ValueError(f"{path}, line {bad[0] + 1}: expected {len(COLUMNS)} tab-separated fields "
-                         f"(label, I1..I13, C1..C26), found {fields[bad[0]]}")
+        raise ValueError(
+            f"{path}, line {bad[0] + 1}: expected {len(COLUMNS)} tab-separated fields "
+            f"(label, I1..I13, C1..C26), found {fields[bad[0]]}"
+        )
     return lines
 
 
-def load_criteo(path: str | Path, *, nrows: int | None = None, segment: str | None = None,
-                progress: bool = False) -> tuple[pd.DataFrame, Schema]:
+def load_criteo(
+    path: str | Path, *, nrows: int | None = None, segment: str | None = None, progress: bool = False
+) -> tuple[pd.DataFrame, Schema]:
     """Read a Criteo TSV file.
 
     Args:
@@ -73,8 +80,16 @@ def load_criteo(path: str | Path, *, nrows: int | None = None, segment: str | No
     if segment is not None and segment not in CATEGORICAL:
         raise ValueError(f"load_criteo: segment must be one of C1..C26, got {segment!r}")
     lines = _lines(path, nrows, progress)
-    raw = pd.read_csv(io.StringIO("\n".join(lines)), sep="\t", header=None, names=list(COLUMNS), dtype=str,
-                      keep_default_na=False, na_filter=False, quoting=csv.QUOTE_NONE)
+    raw = pd.read_csv(
+        io.StringIO("\n".join(lines)),
+        sep="\t",
+        header=None,
+        names=list(COLUMNS),
+        dtype=str,
+        keep_default_na=False,
+        na_filter=False,
+        quoting=csv.QUOTE_NONE,
+    )
     frame = pd.DataFrame({"label": raw["label"]})
     bad = np.flatnonzero(~raw["label"].isin(["0", "1"]).to_numpy())
     if bad.size:
@@ -85,13 +100,22 @@ def load_criteo(path: str | Path, *, nrows: int | None = None, segment: str | No
         numbers = pd.to_numeric(text.where(text != "", "0"), errors="coerce").to_numpy(dtype="float64")
         bad = np.flatnonzero(~np.isfinite(numbers) | (numbers != np.round(numbers)))
         if bad.size:
-            raise ValueError(f"{path}, line {bad[0] + 1}: column {column!r} must be an integer or empty, "
-                             f"got {raw[column].iloc[bad[0]]!r}")
+            raise ValueError(
+                f"{path}, line {bad[0] + 1}: column {column!r} must be an integer or empty, "
+                f"got {raw[column].iloc[bad[0]]!r}"
+            )
         frame[column] = np.maximum(numbers, 0.0)
     for column in CATEGORICAL:
         frame[column] = raw[column]
     if segment is not None:
         frame["segment"] = raw[segment]
-    schema = Schema(user=None, item=None, label="label", segment="segment" if segment else None, timestamp=None,
-                    categorical=CATEGORICAL, dense=DENSE)
+    schema = Schema(
+        user=None,
+        item=None,
+        label="label",
+        segment="segment" if segment else None,
+        timestamp=None,
+        categorical=CATEGORICAL,
+        dense=DENSE,
+    )
     return validate_frame(frame, schema, str(path)), schema

@@ -27,9 +27,9 @@ Example::
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,7 @@ import torch
 
 from recpeft.utils.atomic import atomic_write_text
 from recpeft.utils.validation import parse_json_object
+
 from .interactions import RowLocator, parse_timestamps, shown
 from .schema import Schema
 
@@ -74,8 +75,13 @@ class EncodedInteractions:
         n = int(self.dense.shape[0])
         if self.rows is None:
             self.rows = torch.arange(n, dtype=torch.int64)
-        named = [*(("sparse " + k, v) for k, v in self.sparse.items()), ("labels", self.labels),
-                 ("segments", self.segments), ("timestamps", self.timestamps), ("rows", self.rows)]
+        named = [
+            *(("sparse " + k, v) for k, v in self.sparse.items()),
+            ("labels", self.labels),
+            ("segments", self.segments),
+            ("timestamps", self.timestamps),
+            ("rows", self.rows),
+        ]
         for what, tensor in named:
             if tensor is not None and int(tensor.shape[0]) != n:
                 raise ValueError(f"EncodedInteractions: {what} has {tensor.shape[0]} rows, dense has {n}")
@@ -83,12 +89,18 @@ class EncodedInteractions:
     def __len__(self) -> int:
         return int(self.dense.shape[0])
 
-    def select(self, index: torch.Tensor) -> "EncodedInteractions":
+    def select(self, index: torch.Tensor) -> EncodedInteractions:
         """The rows ``index`` (int64 [M] positions or bool [N] mask), as a new object."""
-        pick = (lambda t: None if t is None else t[index])
-        return replace(self, sparse={k: v[index] for k, v in self.sparse.items()}, dense=self.dense[index],
-                       labels=pick(self.labels), segments=pick(self.segments),
-                       timestamps=pick(self.timestamps), rows=self.rows[index])
+        pick = lambda t: None if t is None else t[index]
+        return replace(
+            self,
+            sparse={k: v[index] for k, v in self.sparse.items()},
+            dense=self.dense[index],
+            labels=pick(self.labels),
+            segments=pick(self.segments),
+            timestamps=pick(self.timestamps),
+            rows=self.rows[index],
+        )
 
 
 def _canonical(values: pd.Series) -> tuple[str, pd.Series]:
@@ -132,7 +144,7 @@ class FeatureEncoder:
         self._segments: list[str] = []
 
     # -- fitting -----------------------------------------------------------------------------
-    def fit(self, frame: pd.DataFrame, schema: Schema, *, log1p: str | Iterable[str] = "auto") -> "FeatureEncoder":
+    def fit(self, frame: pd.DataFrame, schema: Schema, *, log1p: str | Iterable[str] = "auto") -> FeatureEncoder:
         """Fit vocabularies, dense statistics and segments on ``frame`` (validated, e.g. by
         ``load_interactions``). ``log1p``: "auto", "none", "all" or the columns to log-transform."""
         missing = [c for c in schema.sparse_features + schema.dense if c not in frame.columns]
@@ -151,8 +163,11 @@ class FeatureEncoder:
             if column in chosen:
                 x = np.log1p(x)
             std = float(x.std())
-            self.dense_stats[column] = {"log1p": column in chosen, "mean": float(x.mean()),
-                                        "std": std if std > 1e-12 else 1.0}
+            self.dense_stats[column] = {
+                "log1p": column in chosen,
+                "mean": float(x.mean()),
+                "std": std if std > 1e-12 else 1.0,
+            }
         if schema.segment is not None:
             self._segments = sorted(frame[schema.segment].astype(str).unique().tolist())
         return self
@@ -166,7 +181,9 @@ class FeatureEncoder:
         chosen = set(schema.dense) if log1p == "all" else set(log1p if not isinstance(log1p, str) else [log1p])
         unknown = sorted(chosen - set(schema.dense))
         if unknown:
-            raise ValueError(f"FeatureEncoder.fit: log1p names {unknown}, which are not dense columns {list(schema.dense)}")
+            raise ValueError(
+                f"FeatureEncoder.fit: log1p names {unknown}, which are not dense columns {list(schema.dense)}"
+            )
         negative = [c for c in sorted(chosen) if frame[c].min() < 0]
         if negative:
             raise ValueError(f"FeatureEncoder.fit: log1p needs values ≥ 0, but column(s) {negative} hold negatives")
@@ -220,20 +237,35 @@ class FeatureEncoder:
             labels = torch.from_numpy(np.array(frame[schema.label], dtype=np.float32))
             bad = np.flatnonzero((labels != 0) & (labels != 1))
             if bad.size:
-                raise ValueError(f"{where.at(schema.label, int(bad[0]))}: the label must be 0 or 1, "
-                                 f"got {shown(frame[schema.label].iloc[bad[0]])}")
+                raise ValueError(
+                    f"{where.at(schema.label, int(bad[0]))}: the label must be 0 or 1, "
+                    f"got {shown(frame[schema.label].iloc[bad[0]])}"
+                )
         if schema.segment and schema.segment in frame.columns:
             segments = torch.from_numpy(self._encode_segments(frame[schema.segment], unseen, where))
         if schema.timestamp and schema.timestamp in frame.columns:
             parsed, bad = parse_timestamps(frame[schema.timestamp])
             if bad is not None:
-                raise ValueError(f"{where.at(schema.timestamp, bad)}: cannot read the timestamp "
-                                 f"{shown(frame[schema.timestamp].iloc[bad])}")
+                raise ValueError(
+                    f"{where.at(schema.timestamp, bad)}: cannot read the timestamp "
+                    f"{shown(frame[schema.timestamp].iloc[bad])}"
+                )
             timestamps = torch.from_numpy(np.array(parsed.to_numpy().astype("int64")))
-        rows = (frame.index.to_numpy(dtype="int64") if pd.api.types.is_integer_dtype(frame.index)
-                else np.arange(len(frame), dtype=np.int64))
-        return EncodedInteractions(schema, sparse, torch.from_numpy(dense), labels, segments,
-                                   self.segments, timestamps, torch.from_numpy(rows.copy()))
+        rows = (
+            frame.index.to_numpy(dtype="int64")
+            if pd.api.types.is_integer_dtype(frame.index)
+            else np.arange(len(frame), dtype=np.int64)
+        )
+        return EncodedInteractions(
+            schema,
+            sparse,
+            torch.from_numpy(dense),
+            labels,
+            segments,
+            self.segments,
+            timestamps,
+            torch.from_numpy(rows.copy()),
+        )
 
     def _encode_sparse(self, values: pd.Series, feature: str, unseen: str, where: RowLocator) -> np.ndarray:
         vocab = self._vocab[feature]
@@ -243,9 +275,11 @@ class FeatureEncoder:
         if lost.any():
             if unseen == "error":
                 pos = int(np.flatnonzero(lost)[0])
-                raise ValueError(f"{where.at(feature, pos)}: value {shown(values.iloc[pos])} was not seen when the "
-                                 f"encoder was fitted ({int(lost.sum())} such rows); pass unseen='oov' to map "
-                                 "unseen values to the reserved id")
+                raise ValueError(
+                    f"{where.at(feature, pos)}: value {shown(values.iloc[pos])} was not seen when the "
+                    f"encoder was fitted ({int(lost.sum())} such rows); pass unseen='oov' to map "
+                    "unseen values to the reserved id"
+                )
             codes[lost] = len(vocab)
         return codes.astype(np.int64)
 
@@ -266,27 +300,42 @@ class FeatureEncoder:
         lost = codes < 0
         if lost.any() and unseen == "error":
             pos = int(np.flatnonzero(lost)[0])
-            raise ValueError(f"{where.at(self.schema.segment, pos)}: segment {shown(values.iloc[pos])} was not seen "
-                             f"when the encoder was fitted (known: {self._segments})")
+            raise ValueError(
+                f"{where.at(self.schema.segment, pos)}: segment {shown(values.iloc[pos])} was not seen "
+                f"when the encoder was fitted (known: {self._segments})"
+            )
         return codes.astype(np.int64)
 
     # -- saving ------------------------------------------------------------------------------
     def to_json(self) -> str:
         schema = self._check_fitted()
-        sparse = {f: {"kind": self._kinds[f], "values": [int(v) if self._kinds[f] == "int" else str(v)
-                                                          for v in self._vocab[f]]} for f in schema.sparse_features}
-        return json.dumps({"format": FORMAT, "version": VERSION, "schema": schema.to_dict(), "sparse": sparse,
-                           "dense": self.dense_stats, "segments": self._segments})
+        sparse = {
+            f: {
+                "kind": self._kinds[f],
+                "values": [int(v) if self._kinds[f] == "int" else str(v) for v in self._vocab[f]],
+            }
+            for f in schema.sparse_features
+        }
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "schema": schema.to_dict(),
+                "sparse": sparse,
+                "dense": self.dense_stats,
+                "segments": self._segments,
+            }
+        )
 
     @classmethod
-    def from_json(cls, text: str, *, name: str = "encoder JSON") -> "FeatureEncoder":
+    def from_json(cls, text: str, *, name: str = "encoder JSON") -> FeatureEncoder:
         try:
             return cls._from_json(text, name)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{name}: malformed encoder file ({type(exc).__name__}: {exc})") from None
 
     @classmethod
-    def _from_json(cls, text: str, name: str) -> "FeatureEncoder":
+    def _from_json(cls, text: str, name: str) -> FeatureEncoder:
         data = parse_json_object(text, name)
         if data.get("format") != FORMAT or data.get("version") != VERSION:
             raise ValueError(f"{name}: not a {FORMAT} version {VERSION} file")
@@ -312,7 +361,7 @@ class FeatureEncoder:
         atomic_write_text(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureEncoder":
+    def load(cls, path: str | Path) -> FeatureEncoder:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such encoder file")

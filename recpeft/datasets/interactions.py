@@ -26,8 +26,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -127,8 +127,9 @@ def _clean_label(values: pd.Series, source: RowLocator, column: str) -> pd.Serie
     numbers = pd.to_numeric(values, errors="coerce") if not pd.api.types.is_numeric_dtype(values) else values
     bad = _first(~numbers.isin([0, 1]))
     if bad is not None:
-        raise ValueError(f"{source.at(column, bad)}: the label must be 0 or 1 (or a boolean), "
-                         f"got {shown(values.iloc[bad])}")
+        raise ValueError(
+            f"{source.at(column, bad)}: the label must be 0 or 1 (or a boolean), got {shown(values.iloc[bad])}"
+        )
     return numbers.astype("float32")
 
 
@@ -144,8 +145,7 @@ def _clean_dense(values: pd.Series, source: RowLocator, column: str) -> pd.Serie
     return numbers
 
 
-def validate_frame(frame: pd.DataFrame, schema: Schema, name: str = "DataFrame",
-                   is_file: bool = False) -> pd.DataFrame:
+def validate_frame(frame: pd.DataFrame, schema: Schema, name: str = "DataFrame", is_file: bool = False) -> pd.DataFrame:
     """Check and normalise ``frame`` as the module docstring says; returns a new frame."""
     _check_columns(frame.columns, schema, name)
     if len(frame) == 0:
@@ -168,9 +168,11 @@ def validate_frame(frame: pd.DataFrame, schema: Schema, name: str = "DataFrame",
     if schema.timestamp:
         parsed, bad = parse_timestamps(frame[schema.timestamp])
         if bad is not None:
-            raise ValueError(f"{source.at(schema.timestamp, bad)}: cannot read the timestamp "
-                             f"{shown(frame[schema.timestamp].iloc[bad])} (use a date/time string, a datetime "
-                             "or epoch seconds)")
+            raise ValueError(
+                f"{source.at(schema.timestamp, bad)}: cannot read the timestamp "
+                f"{shown(frame[schema.timestamp].iloc[bad])} (use a date/time string, a datetime "
+                "or epoch seconds)"
+            )
         out[schema.timestamp] = parsed
     return pd.DataFrame({c: out[c].reset_index(drop=True) for c in schema.columns})
 
@@ -194,20 +196,22 @@ def load_interactions(source: pd.DataFrame | str | Path, schema: Schema, *, name
     raise TypeError(f"load_interactions: source must be a DataFrame or a path, got {type(source).__name__}")
 
 
-def check_segments(frame: pd.DataFrame, schema: Schema, segments: Iterable[str], *,
-                   name: str = "DataFrame") -> dict[str, int]:
+def check_segments(
+    frame: pd.DataFrame, schema: Schema, segments: Iterable[str], *, name: str = "DataFrame"
+) -> dict[str, int]:
     """Rows per requested segment; a requested segment with no rows is an error naming it.
 
     Returns:
         {segment: row count} for the requested segments, in the order given.
     """
     if schema.segment is None:
-        raise ValueError(f"{name}: the schema has no segment column, so segments {list(segments)} "
-                         "cannot be selected")
+        raise ValueError(f"{name}: the schema has no segment column, so segments {list(segments)} cannot be selected")
     counts = frame[schema.segment].astype(str).value_counts()
     requested = [str(s) for s in segments]
     empty = [s for s in requested if counts.get(s, 0) == 0]
     if empty:
-        raise ValueError(f"{name}: column {schema.segment!r} has no rows for segment(s) {empty}; "
-                         f"rows per segment: {counts.sort_index().to_dict()}")
+        raise ValueError(
+            f"{name}: column {schema.segment!r} has no rows for segment(s) {empty}; "
+            f"rows per segment: {counts.sort_index().to_dict()}"
+        )
     return {s: int(counts[s]) for s in requested}

@@ -31,16 +31,53 @@ from .schema import Schema
 
 AGE_BUCKETS = {1: "Under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
 ML1M_OCCUPATIONS = (
-    "other", "academic/educator", "artist", "clerical/admin", "college/grad student", "customer service",
-    "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer",
-    "programmer", "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer",
-    "tradesman/craftsman", "unemployed", "writer")
+    "other",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
+)
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 SEGMENT_ATTRIBUTES = ("gender", "age", "occupation")
-SCHEMA = Schema(user="user", item="item", label="label", segment="segment", timestamp="timestamp",
-                categorical=("genre",))
+SCHEMA = Schema(
+    user="user", item="item", label="label", segment="segment", timestamp="timestamp", categorical=("genre",)
+)
 
 
 def _read_table(path: Path, sep: str, names: tuple[str, ...], encoding: str = "latin-1") -> pd.DataFrame:
@@ -56,13 +93,23 @@ def _read_table(path: Path, sep: str, names: tuple[str, ...], encoding: str = "l
     fields = np.array([line.count(sep) for line in lines]) + 1
     bad = np.flatnonzero(fields != len(names))
     if bad.size:
-        raise ValueError(f"{path}, line {numbers[bad[0]]}: expected {len(names)} fields separated by {sep!r} "
-                         f"({', '.join(names)}), found {fields[bad[0]]}")
+        raise ValueError(
+            f"{path}, line {numbers[bad[0]]}: expected {len(names)} fields separated by {sep!r} "
+            f"({', '.join(names)}), found {fields[bad[0]]}"
+        )
     text = "\n".join(lines)
     if len(sep) > 1:  # the C parser takes one-character separators; \x1f (unit separator) is never in the data
         text = text.replace(sep, "\x1f")
-    frame = pd.read_csv(io.StringIO(text), sep=sep if len(sep) == 1 else "\x1f", header=None, names=list(names),
-                        dtype=str, keep_default_na=False, na_filter=False, quoting=csv.QUOTE_NONE)
+    frame = pd.read_csv(
+        io.StringIO(text),
+        sep=sep if len(sep) == 1 else "\x1f",
+        header=None,
+        names=list(names),
+        dtype=str,
+        keep_default_na=False,
+        na_filter=False,
+        quoting=csv.QUOTE_NONE,
+    )
     frame["line"] = numbers
     return frame
 
@@ -77,8 +124,10 @@ def _ints(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     bad = np.flatnonzero(~(np.isfinite(numbers.to_numpy(dtype="float64")) & (numbers == np.round(numbers))))
     if bad.size:
         row = int(bad[0])
-        raise ValueError(f"{path}, line {frame['line'].iloc[row]}: field {column!r} must be an integer, "
-                         f"got {frame[column].iloc[row]!r}")
+        raise ValueError(
+            f"{path}, line {frame['line'].iloc[row]}: field {column!r} must be an integer, "
+            f"got {frame[column].iloc[row]!r}"
+        )
     return numbers.to_numpy().astype(np.int64)
 
 
@@ -112,16 +161,19 @@ def _ml1m(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, di
     for codes, column, known in ((ages, "age", AGE_BUCKETS), (occupations, "occupation", range(len(ML1M_OCCUPATIONS)))):
         bad = np.flatnonzero(~np.isin(codes, list(known)))
         if bad.size:
-            raise ValueError(f"{paths['users']}, line {users['line'].iloc[bad[0]]}: unknown {column} code "
-                             f"{int(codes[bad[0]])}; known codes: {list(known)}")
+            raise ValueError(
+                f"{paths['users']}, line {users['line'].iloc[bad[0]]}: unknown {column} code "
+                f"{int(codes[bad[0]])}; known codes: {list(known)}"
+            )
     users["age"] = [AGE_BUCKETS[a] for a in ages]
     users["occupation"] = [ML1M_OCCUPATIONS[o] for o in occupations]
     items["genre"] = [g.split("|")[0] if g.strip() else "unknown" for g in items["genres"]]
     return ratings, users, items, paths
 
 
-def _lookup(ratings: pd.DataFrame, keys: np.ndarray, table_keys: np.ndarray, what: str,
-            ratings_path: Path, table_path: Path) -> np.ndarray:
+def _lookup(
+    ratings: pd.DataFrame, keys: np.ndarray, table_keys: np.ndarray, what: str, ratings_path: Path, table_path: Path
+) -> np.ndarray:
     """Row of ``table_keys`` for every rating's key; a key missing there is an error."""
     if len(np.unique(table_keys)) != len(table_keys):
         raise ValueError(f"{table_path}: {what} ids repeat")
@@ -129,13 +181,15 @@ def _lookup(ratings: pd.DataFrame, keys: np.ndarray, table_keys: np.ndarray, wha
     missing = np.flatnonzero(position < 0)
     if missing.size:
         row = int(missing[0])
-        raise ValueError(f"{ratings_path}, line {ratings['line'].iloc[row]}: {what} {int(keys[row])} "
-                         f"is not in {table_path}")
+        raise ValueError(
+            f"{ratings_path}, line {ratings['line'].iloc[row]}: {what} {int(keys[row])} is not in {table_path}"
+        )
     return position
 
 
-def load_movielens(directory: str | Path, *, segment_by: str = "gender",
-                   positive_threshold: float = 4) -> tuple[pd.DataFrame, Schema]:
+def load_movielens(
+    directory: str | Path, *, segment_by: str = "gender", positive_threshold: float = 4
+) -> tuple[pd.DataFrame, Schema]:
     """Read an ML-100K or ML-1M directory (detected by ``u.data`` / ``ratings.dat``).
 
     Args:
@@ -155,23 +209,33 @@ def load_movielens(directory: str | Path, *, segment_by: str = "gender",
     elif (directory / "ratings.dat").exists():
         ratings, users, items, paths = _ml1m(directory)
     else:
-        raise FileNotFoundError(f"{directory}: not a MovieLens folder (expected u.data, u.user and u.item for "
-                                "ML-100K, or ratings.dat, users.dat and movies.dat for ML-1M)")
+        raise FileNotFoundError(
+            f"{directory}: not a MovieLens folder (expected u.data, u.user and u.item for "
+            "ML-100K, or ratings.dat, users.dat and movies.dat for ML-1M)"
+        )
     user_ids, item_ids = _ints(ratings, "user", paths["ratings"]), _ints(ratings, "item", paths["ratings"])
     rating = pd.to_numeric(ratings["rating"].str.strip(), errors="coerce").to_numpy(dtype="float64")
     bad = np.flatnonzero(~np.isfinite(rating))
     if bad.size:
-        raise ValueError(f"{paths['ratings']}, line {ratings['line'].iloc[bad[0]]}: rating must be a number, "
-                         f"got {ratings['rating'].iloc[bad[0]]!r}")
+        raise ValueError(
+            f"{paths['ratings']}, line {ratings['line'].iloc[bad[0]]}: rating must be a number, "
+            f"got {ratings['rating'].iloc[bad[0]]!r}"
+        )
     stamps = _ints(ratings, "timestamp", paths["ratings"])
-    user_row = _lookup(ratings, user_ids, _ints(users, "user", paths["users"]), "user", paths["ratings"], paths["users"])
-    item_row = _lookup(ratings, item_ids, _ints(items, "item", paths["items"]), "item", paths["ratings"], paths["items"])
-    frame = pd.DataFrame({
-        "user": user_ids,
-        "item": item_ids,
-        "label": (rating >= positive_threshold).astype(np.float32),
-        "segment": users[segment_by].str.strip().to_numpy()[user_row],
-        "timestamp": pd.to_datetime(stamps, unit="s"),
-        "genre": items["genre"].to_numpy()[item_row],
-    })
+    user_row = _lookup(
+        ratings, user_ids, _ints(users, "user", paths["users"]), "user", paths["ratings"], paths["users"]
+    )
+    item_row = _lookup(
+        ratings, item_ids, _ints(items, "item", paths["items"]), "item", paths["ratings"], paths["items"]
+    )
+    frame = pd.DataFrame(
+        {
+            "user": user_ids,
+            "item": item_ids,
+            "label": (rating >= positive_threshold).astype(np.float32),
+            "segment": users[segment_by].str.strip().to_numpy()[user_row],
+            "timestamp": pd.to_datetime(stamps, unit="s"),
+            "genre": items["genre"].to_numpy()[item_row],
+        }
+    )
     return validate_frame(frame, SCHEMA, str(paths["ratings"])), SCHEMA

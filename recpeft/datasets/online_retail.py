@@ -35,12 +35,12 @@ from .batch import Batch
 
 REQUIRED_COLUMNS = ("Description", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID", "Country")
 OPTIONAL_COLUMNS = ("InvoiceNo", "StockCode")
-TREND_DAYS = 30          # the window of the item-sales signal
-RECENCY_DAYS = 30.0      # e-folding time of the repeat-recency signal
-MAX_HISTORY = 64         # most recent distinct items kept per customer
-MAX_BASKET = 64          # other basket items kept per event
-NUM_CROSS = 4            # per-(event, item) signals: log1p(repeats), recency, log1p(trend), log1p(market trend)
-NUM_CONTEXT = 2          # per-event scalars: log1p(other basket items), log1p(history items)
+TREND_DAYS = 30  # the window of the item-sales signal
+RECENCY_DAYS = 30.0  # e-folding time of the repeat-recency signal
+MAX_HISTORY = 64  # most recent distinct items kept per customer
+MAX_BASKET = 64  # other basket items kept per event
+NUM_CROSS = 4  # per-(event, item) signals: log1p(repeats), recency, log1p(trend), log1p(market trend)
+NUM_CONTEXT = 2  # per-event scalars: log1p(other basket items), log1p(history items)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,8 +53,10 @@ def _read_table(path: Path) -> pd.DataFrame:
         try:
             import openpyxl  # noqa: F401
         except ImportError:
-            raise ImportError(f"{path}: reading .xlsx needs openpyxl; install it (pip install openpyxl) "
-                              "or export the sheet to CSV/Parquet") from None
+            raise ImportError(
+                f"{path}: reading .xlsx needs openpyxl; install it (pip install openpyxl) "
+                "or export the sheet to CSV/Parquet"
+            ) from None
         return pd.read_excel(path, dtype={"InvoiceNo": str, "StockCode": str})
     if suffix == ".csv":
         return pd.read_csv(path, dtype={"InvoiceNo": str, "StockCode": str, "Description": str, "Country": str})
@@ -99,18 +101,25 @@ def load_online_retail(path: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; the file has {list(frame.columns)}")
     source = str(path)
-    out = pd.DataFrame({
-        "Description": frame["Description"].astype("string").str.strip().astype(object).where(frame["Description"].notna()),
-        "Quantity": _numeric(frame, "Quantity", source, integer=True, nullable=False).astype("int64"),
-        "UnitPrice": _numeric(frame, "UnitPrice", source, integer=False, nullable=False).astype("float64"),
-        "CustomerID": _numeric(frame, "CustomerID", source, integer=True, nullable=True).astype("float64"),
-    })
+    out = pd.DataFrame(
+        {
+            "Description": frame["Description"]
+            .astype("string")
+            .str.strip()
+            .astype(object)
+            .where(frame["Description"].notna()),
+            "Quantity": _numeric(frame, "Quantity", source, integer=True, nullable=False).astype("int64"),
+            "UnitPrice": _numeric(frame, "UnitPrice", source, integer=False, nullable=False).astype("float64"),
+            "CustomerID": _numeric(frame, "CustomerID", source, integer=True, nullable=True).astype("float64"),
+        }
+    )
     dates = pd.to_datetime(frame["InvoiceDate"], errors="coerce")
     bad = dates.isna()
     if bad.any():
         row = _first_bad(bad)
-        raise ValueError(f"{path}: column 'InvoiceDate', row {row}: expected a date and time, "
-                         f"got {frame['InvoiceDate'].iloc[row]!r}")
+        raise ValueError(
+            f"{path}: column 'InvoiceDate', row {row}: expected a date and time, got {frame['InvoiceDate'].iloc[row]!r}"
+        )
     out.insert(2, "InvoiceDate", dates)
     country = frame["Country"]
     bad = country.isna() | (country.astype(str).str.strip() == "")
@@ -132,7 +141,9 @@ def purchases(frame: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"purchases(frame): missing column(s) {missing}")
-    keep = (frame["Quantity"] > 0) & (frame["UnitPrice"] > 0) & frame["CustomerID"].notna() & frame["Description"].notna()
+    keep = (
+        (frame["Quantity"] > 0) & (frame["UnitPrice"] > 0) & frame["CustomerID"].notna() & frame["Description"].notna()
+    )
     rows = frame.loc[keep].sort_values("InvoiceDate", kind="stable").copy()
     rows["CustomerID"] = rows["CustomerID"].astype("int64")
     rows["Day"] = rows["InvoiceDate"].dt.normalize()
@@ -173,7 +184,7 @@ class RetailCatalog:
     item_dense: torch.Tensor
 
     @classmethod
-    def build(cls, rows: pd.DataFrame, fit_mask: np.ndarray) -> "RetailCatalog":
+    def build(cls, rows: pd.DataFrame, fit_mask: np.ndarray) -> RetailCatalog:
         """Catalog of every product and market in ``rows`` (``purchases`` output); customer ids,
         popularity and prices come from the rows where ``fit_mask`` is true only (the training
         rows), so a model never holds an embedding for a customer it could not have trained and
@@ -195,9 +206,15 @@ class RetailCatalog:
         price = fit_prices.reindex(range(len(products))).fillna(all_prices)
         popularity = np.bincount(fit["Description"].map(item_of).to_numpy(), minlength=len(products))
         dense = np.stack([np.log(price.to_numpy()), np.log1p(popularity)], axis=1)
-        return cls(products, customers, sorted(rows["Country"].unique()), list(vocabulary),
-                   torch.tensor(ids, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64),
-                   torch.tensor(dense, dtype=torch.float32))
+        return cls(
+            products,
+            customers,
+            sorted(rows["Country"].unique()),
+            list(vocabulary),
+            torch.tensor(ids, dtype=torch.int64),
+            torch.tensor(offsets, dtype=torch.int64),
+            torch.tensor(dense, dtype=torch.float32),
+        )
 
     @property
     def num_items(self) -> int:
@@ -257,10 +274,12 @@ class RetailEvents:
         self.trend = self._trend(items, days, catalog.num_items)
         market_of = {m: i for i, m in enumerate(catalog.markets)}
         markets = rows["Country"].map(market_of).to_numpy()
-        self.market_day, self.market_trend_ids, self.market_trend_offsets, self.market_trend_values = \
+        self.market_day, self.market_trend_ids, self.market_trend_offsets, self.market_trend_values = (
             self._market_trend(items, days, markets, catalog.num_items)
+        )
         basket_lists, history_lists, history_counts, history_ages = self._lists(
-            items, days, customers, rows["Basket"].to_numpy())
+            items, days, customers, rows["Basket"].to_numpy()
+        )
         self.customer = torch.tensor([catalog.customers.get(int(c), 0) for c in customers], dtype=torch.int64)
         self.market = torch.tensor(markets, dtype=torch.int64)
         self.day = torch.from_numpy(days.astype(np.int64))
@@ -269,15 +288,21 @@ class RetailEvents:
         self.history_ids, self.history_offsets = _csr(history_lists)
         self.history_counts = torch.from_numpy(np.concatenate(history_counts).astype(np.float32))
         self.history_ages = torch.from_numpy(np.concatenate(history_ages).astype(np.float32))
-        self.context = torch.stack([torch.log1p(torch.diff(self.basket_offsets).float()),
-                                    torch.log1p(torch.diff(self.history_offsets).float())], dim=1)
+        self.context = torch.stack(
+            [
+                torch.log1p(torch.diff(self.basket_offsets).float()),
+                torch.log1p(torch.diff(self.history_offsets).float()),
+            ],
+            dim=1,
+        )
 
-    def select(self, mask: np.ndarray | torch.Tensor) -> "RetailEvents":
+    def select(self, mask: np.ndarray | torch.Tensor) -> RetailEvents:
         """The events of the rows where ``mask`` [N] is true (sharing the trend table)."""
         index = torch.as_tensor(np.flatnonzero(np.asarray(mask)), dtype=torch.int64)
         out = copy.copy(self)
         out.customer, out.market, out.day, out.labels, out.context, out.market_day = (
-            t[index] for t in (self.customer, self.market, self.day, self.labels, self.context, self.market_day))
+            t[index] for t in (self.customer, self.market, self.day, self.labels, self.context, self.market_day)
+        )
         out.basket_ids, out.basket_offsets = _gather_csr(self.basket_ids, self.basket_offsets, index)
         out.history_ids, out.history_offsets = _gather_csr(self.history_ids, self.history_offsets, index)
         out.history_counts = _gather_csr(self.history_counts, self.history_offsets, index)[0]
@@ -289,9 +314,9 @@ class RetailEvents:
         """[num_days, I]: log1p of each item's sales over the TREND_DAYS days before each day."""
         num_days = int(days.max()) + 1
         daily = np.zeros((num_days + 1, num_items), dtype=np.float32)
-        np.add.at(daily, (days + 1, items), 1.0)           # row d + 1 = sales on day d
-        cumulative = np.cumsum(daily, axis=0)               # row d = sales on days < d
-        lagged = np.concatenate([np.zeros((TREND_DAYS, num_items), np.float32), cumulative[:-TREND_DAYS]])[: num_days]
+        np.add.at(daily, (days + 1, items), 1.0)  # row d + 1 = sales on day d
+        cumulative = np.cumsum(daily, axis=0)  # row d = sales on days < d
+        lagged = np.concatenate([np.zeros((TREND_DAYS, num_items), np.float32), cumulative[:-TREND_DAYS]])[:num_days]
         return torch.from_numpy(np.log1p(cumulative[:num_days] - lagged))
 
     @staticmethod
@@ -306,8 +331,8 @@ class RetailEvents:
             event_days = np.unique(days[own])
             horizon = int(event_days.max()) + 1
             daily = np.zeros((horizon + 1, num_items), dtype=np.float32)
-            np.add.at(daily, (days[own] + 1, items[own]), 1.0)            # row d + 1 = sales on day d
-            cumulative = np.cumsum(daily, axis=0)                         # row d = sales on days < d
+            np.add.at(daily, (days[own] + 1, items[own]), 1.0)  # row d + 1 = sales on day d
+            cumulative = np.cumsum(daily, axis=0)  # row d = sales on days < d
             window = cumulative[event_days] - cumulative[np.maximum(event_days - TREND_DAYS, 0)]
             pair_of_row[own] = len(lengths) + np.searchsorted(event_days, days[own])
             for sales in window:
@@ -316,8 +341,12 @@ class RetailEvents:
                 values.append(np.log1p(sales[sold]))
                 lengths.append(len(sold))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        return (torch.from_numpy(pair_of_row), torch.from_numpy(np.concatenate(ids).astype(np.int64)),
-                torch.from_numpy(offsets), torch.from_numpy(np.concatenate(values).astype(np.float32)))
+        return (
+            torch.from_numpy(pair_of_row),
+            torch.from_numpy(np.concatenate(ids).astype(np.int64)),
+            torch.from_numpy(offsets),
+            torch.from_numpy(np.concatenate(values).astype(np.float32)),
+        )
 
     @staticmethod
     def _lists(items, days, customers, baskets):
@@ -333,7 +362,7 @@ class RetailEvents:
             c, d = int(customers[n]), int(days[n])
             last = pending.get(c)
             if last is None or last[0] != d:
-                if last is not None:                         # the previous day enters the history
+                if last is not None:  # the previous day enters the history
                     seen = state.setdefault(c, {})
                     for i in last[1]:
                         entry = seen.setdefault(i, [0, last[0]])
@@ -341,9 +370,11 @@ class RetailEvents:
                         entry[1] = last[0]
                 seen = state.get(c, {})
                 recent = sorted(seen.items(), key=lambda kv: -kv[1][1])[:MAX_HISTORY]
-                snapshots[(c, d)] = (np.array([i for i, _ in recent], dtype=np.int64),
-                                     np.array([v[0] for _, v in recent], dtype=np.float32),
-                                     np.array([d - v[1] for _, v in recent], dtype=np.float32))
+                snapshots[(c, d)] = (
+                    np.array([i for i, _ in recent], dtype=np.int64),
+                    np.array([v[0] for _, v in recent], dtype=np.float32),
+                    np.array([d - v[1] for _, v in recent], dtype=np.float32),
+                )
                 pending[c] = (d, [])
             pending[c][1].append(int(items[n]))
         basket_lists, history_lists, counts, ages = [], [], [], []
@@ -359,8 +390,9 @@ class RetailEvents:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def cross(self, index: torch.Tensor, history: tuple[torch.Tensor, torch.Tensor],
-              counts: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+    def cross(
+        self, index: torch.Tensor, history: tuple[torch.Tensor, torch.Tensor], counts: torch.Tensor, ages: torch.Tensor
+    ) -> torch.Tensor:
         """[B, I, NUM_CROSS] signals of the rows ``index`` (see the class docstring)."""
         ids, offsets = history
         rows = torch.repeat_interleave(torch.arange(len(index)), torch.diff(offsets))
@@ -380,8 +412,14 @@ class RetailEvents:
         history = _gather_csr(self.history_ids, self.history_offsets, index)
         counts = _gather_csr(self.history_counts, self.history_offsets, index)[0]
         ages = _gather_csr(self.history_ages, self.history_offsets, index)[0]
-        args = (self.customer[index], self.market[index], *basket, *history, self.context[index],
-                self.cross(index, history, counts, ages))
+        args = (
+            self.customer[index],
+            self.market[index],
+            *basket,
+            *history,
+            self.context[index],
+            self.cross(index, history, counts, ages),
+        )
         return Batch(args, self.labels[index])
 
     def basket_mask(self, index: torch.Tensor) -> torch.Tensor:

@@ -58,8 +58,9 @@ class Schema:
         for role in _MULTI_ROLES:
             value = getattr(self, role)
             if isinstance(value, str):
-                raise ValueError(f"Schema.{role} must be a sequence of column names, got the string {value!r}; "
-                                 f"write ({value!r},)")
+                raise ValueError(
+                    f"Schema.{role} must be a sequence of column names, got the string {value!r}; write ({value!r},)"
+                )
             object.__setattr__(self, role, tuple(value))
         seen: dict[str, str] = {}
         for role, column in self._role_columns():
@@ -95,10 +96,9 @@ class Schema:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Schema":
+    def from_dict(cls, data: dict[str, Any]) -> Schema:
         """Inverse of ``to_dict``; unknown keys are an error that names them."""
         unknown = sorted(set(data) - set(_SINGLE_ROLES) - set(_MULTI_ROLES))
         if unknown:
-            raise ValueError(f"Schema.from_dict: unknown keys {unknown}; "
-                             f"known: {list(_SINGLE_ROLES + _MULTI_ROLES)}")
+            raise ValueError(f"Schema.from_dict: unknown keys {unknown}; known: {list(_SINGLE_ROLES + _MULTI_ROLES)}")
         return cls(**{k: (tuple(v) if k in _MULTI_ROLES else v) for k, v in data.items()})

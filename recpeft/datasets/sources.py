@@ -36,20 +36,29 @@ class Roles:
     timestamp: str | None = "timestamp"
     categorical: tuple[str, ...] = ()
     dense: tuple[str, ...] = ()
-    segment_by: str = "gender"   # movielens: gender | age | occupation
+    segment_by: str = "gender"  # movielens: gender | age | occupation
     criteo_segment: str | None = None  # criteo: a C column naming segments
 
     def schema(self) -> Schema:
-        return Schema(user=self.user, item=self.item, label=self.label, segment=self.segment,
-                      timestamp=self.timestamp, categorical=tuple(self.categorical), dense=tuple(self.dense))
+        return Schema(
+            user=self.user,
+            item=self.item,
+            label=self.label,
+            segment=self.segment,
+            timestamp=self.timestamp,
+            categorical=tuple(self.categorical),
+            dense=tuple(self.dense),
+        )
 
 
 def detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "u.data").is_file() or (path / "ratings.dat").is_file():
             return "movielens"
-        raise ValueError(f"{path} is a folder but not a MovieLens one (no u.data or ratings.dat); "
-                         "pass an interaction file (CSV/Parquet) or --format")
+        raise ValueError(
+            f"{path} is a folder but not a MovieLens one (no u.data or ratings.dat); "
+            "pass an interaction file (CSV/Parquet) or --format"
+        )
     name = path.name.lower()
     if name.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz")):
         return "criteo"

@@ -65,8 +65,10 @@ def _times_ns(frame: pd.DataFrame, column: str, caller: str) -> np.ndarray:
         raise ValueError(f"{caller}: no column {column!r}; the available columns are {list(frame.columns)}")
     parsed, bad = parse_timestamps(frame[column])
     if bad is not None:
-        raise ValueError(f"{caller}: column {column!r}, index {shown(frame.index[bad])}: cannot read the timestamp "
-                         f"{shown(frame[column].iloc[bad])}")
+        raise ValueError(
+            f"{caller}: column {column!r}, index {shown(frame.index[bad])}: cannot read the timestamp "
+            f"{shown(frame[column].iloc[bad])}"
+        )
     return parsed.to_numpy().astype("int64")
 
 
@@ -77,8 +79,15 @@ def _latest_cut(sorted_times: np.ndarray, count: int) -> int:
     return int(sorted_times[max(len(sorted_times) - count, 0)])
 
 
-def split_by_time(frame: pd.DataFrame, schema: Schema, *, test_start=None, valid_start=None,
-                  test_fraction: float = 0.2, valid_fraction: float = 0.1) -> TimeSplit:
+def split_by_time(
+    frame: pd.DataFrame,
+    schema: Schema,
+    *,
+    test_start=None,
+    valid_start=None,
+    test_fraction: float = 0.2,
+    valid_fraction: float = 0.1,
+) -> TimeSplit:
     """Split ``frame`` (N rows) by time, per segment (see the module docstring).
 
     Args:
@@ -93,8 +102,10 @@ def split_by_time(frame: pd.DataFrame, schema: Schema, *, test_start=None, valid
     if schema.timestamp is None:
         raise ValueError("split_by_time: the schema has no timestamp column")
     if not 0 < test_fraction < 1 or not 0 <= valid_fraction < 1 or test_fraction + valid_fraction >= 1:
-        raise ValueError(f"split_by_time: need 0 < test_fraction < 1, 0 ≤ valid_fraction and a sum < 1; "
-                         f"got test_fraction={test_fraction}, valid_fraction={valid_fraction}")
+        raise ValueError(
+            f"split_by_time: need 0 < test_fraction < 1, 0 ≤ valid_fraction and a sum < 1; "
+            f"got test_fraction={test_fraction}, valid_fraction={valid_fraction}"
+        )
     fixed_test = None if test_start is None else _to_ns(test_start, "test_start")
     fixed_valid = None if valid_start is None else _to_ns(valid_start, "valid_start")
     if fixed_test is not None and fixed_valid is not None and fixed_valid > fixed_test:
@@ -104,8 +115,9 @@ def split_by_time(frame: pd.DataFrame, schema: Schema, *, test_start=None, valid
         groups = {ALL_ROWS: np.arange(len(frame))}
     else:
         if schema.segment not in frame.columns:
-            raise ValueError(f"split_by_time: no segment column {schema.segment!r}; "
-                             f"the available columns are {list(frame.columns)}")
+            raise ValueError(
+                f"split_by_time: no segment column {schema.segment!r}; the available columns are {list(frame.columns)}"
+            )
         codes, names = pd.factorize(frame[schema.segment].astype(str), sort=True)
         groups = {str(name): np.flatnonzero(codes == k) for k, name in enumerate(names)}
     part = np.zeros(len(frame), dtype=np.int8)  # 0 train, 1 valid, 2 test
@@ -125,9 +137,11 @@ def split_by_time(frame: pd.DataFrame, schema: Schema, *, test_start=None, valid
         counts = np.bincount(part[rows], minlength=3)
         if counts[0] == 0 or counts[2] == 0:
             empty = "train" if counts[0] == 0 else "test"
-            raise ValueError(f"split_by_time: segment {name!r} has an empty {empty} part "
-                             f"(train/valid/test rows {counts.tolist()}, test from {pd.Timestamp(test_cut)}); "
-                             "it needs rows on both sides of the cut — check its timestamps or the cuts")
+            raise ValueError(
+                f"split_by_time: segment {name!r} has an empty {empty} part "
+                f"(train/valid/test rows {counts.tolist()}, test from {pd.Timestamp(test_cut)}); "
+                "it needs rows on both sides of the cut — check its timestamps or the cuts"
+            )
         cuts[name] = (pd.Timestamp(valid_cut), pd.Timestamp(test_cut))
     return TimeSplit(frame[part == 0], frame[part == 1], frame[part == 2], cuts)
 
@@ -152,8 +166,9 @@ def leave_last_out(frame: pd.DataFrame, user_col: str, time_col: str, *, min_int
     counts = np.bincount(users)
     ends = np.cumsum(counts)  # one past each user's last sorted position
     from_end = ends[sorted_users] - 1 - np.arange(len(frame))  # 0 = the user's last row
-    part_sorted = np.where(counts[sorted_users] < min_interactions, 0,
-                           np.where(from_end == 0, 2, np.where(from_end == 1, 1, 0)))
+    part_sorted = np.where(
+        counts[sorted_users] < min_interactions, 0, np.where(from_end == 0, 2, np.where(from_end == 1, 1, 0))
+    )
     part = np.empty(len(frame), dtype=np.int64)
     part[order] = part_sorted
     if not (part == 2).any():

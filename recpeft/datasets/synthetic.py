@@ -63,8 +63,10 @@ class ShopSpec:
 
     def __post_init__(self):
         if len(self.markets) != len(self.market_share) or len(self.markets) != len(self.price_sensitivity):
-            raise ValueError(f"{len(self.markets)} markets need as many market_share and price_sensitivity "
-                             f"values, got {len(self.market_share)} and {len(self.price_sensitivity)}")
+            raise ValueError(
+                f"{len(self.markets)} markets need as many market_share and price_sensitivity "
+                f"values, got {len(self.market_share)} and {len(self.price_sensitivity)}"
+            )
         if min(self.num_users, self.num_items, self.num_categories, self.num_brands, self.sessions, self.slate) < 1:
             raise ValueError("every count in ShopSpec must be ≥ 1")
 
@@ -94,8 +96,8 @@ def make_shop(spec: ShopSpec = ShopSpec(), *, with_truth: bool = False) -> pd.Da
     popularity /= popularity.sum()
 
     # tastes
-    users = rng.normal(size=(spec.num_users, k)) / k ** 0.25
-    items = rng.normal(size=(spec.num_items, k)) / k ** 0.25
+    users = rng.normal(size=(spec.num_users, k)) / k**0.25
+    items = rng.normal(size=(spec.num_items, k)) / k**0.25
     twists = rng.normal(size=(num_markets, k, 2)) @ rng.normal(size=(num_markets, 2, k)) * spec.market_twist / k
     twists[0] = 0.0
     category_taste = rng.normal(0, spec.category_taste, (num_markets, spec.num_categories))
@@ -124,27 +126,36 @@ def make_shop(spec: ShopSpec = ShopSpec(), *, with_truth: bool = False) -> pd.Da
     user, market = session_user[session], session_market[session]
     item = rng.choice(spec.num_items, rows, p=popularity)
     position = np.tile(np.arange(spec.slate), spec.sessions)
-    taste = np.einsum("nk,nk->n", users[user], items[item]) \
-        + np.einsum("nk,nkj,nj->n", users[user], twists[market], items[item])
-    logit = (spec.base_logit + 0.3 * np.log(popularity[item] * spec.num_items) + taste
-             + category_taste[market, category[item]] + brand_taste[market, brand[item]]
-             - sensitivity[market] * z_price[item] - spec.position_bias * np.log1p(position))
+    taste = np.einsum("nk,nk->n", users[user], items[item]) + np.einsum(
+        "nk,nkj,nj->n", users[user], twists[market], items[item]
+    )
+    logit = (
+        spec.base_logit
+        + 0.3 * np.log(popularity[item] * spec.num_items)
+        + taste
+        + category_taste[market, category[item]]
+        + brand_taste[market, brand[item]]
+        - sensitivity[market] * z_price[item]
+        - spec.position_bias * np.log1p(position)
+    )
     label = (rng.random(rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int8)
     timestamp = start[session] + (position * 7).astype("timedelta64[s]")
 
-    frame = pd.DataFrame({
-        "session": session.astype(np.int32),
-        "timestamp": timestamp.astype("datetime64[ns]"),
-        "market": pd.Categorical.from_codes(market, categories=list(spec.markets)),
-        "user": user.astype(np.int32),
-        "item": item.astype(np.int32),
-        "category": pd.Categorical.from_codes(category[item], [f"cat{c:02d}" for c in range(spec.num_categories)]),
-        "brand": pd.Categorical.from_codes(brand[item], [f"brand{r:03d}" for r in range(spec.num_brands)]),
-        "price": price[item],
-        "price_bucket": price_bucket[item].astype(np.int8),
-        "position": position.astype(np.int8),
-        "label": label,
-    })
+    frame = pd.DataFrame(
+        {
+            "session": session.astype(np.int32),
+            "timestamp": timestamp.astype("datetime64[ns]"),
+            "market": pd.Categorical.from_codes(market, categories=list(spec.markets)),
+            "user": user.astype(np.int32),
+            "item": item.astype(np.int32),
+            "category": pd.Categorical.from_codes(category[item], [f"cat{c:02d}" for c in range(spec.num_categories)]),
+            "brand": pd.Categorical.from_codes(brand[item], [f"brand{r:03d}" for r in range(spec.num_brands)]),
+            "price": price[item],
+            "price_bucket": price_bucket[item].astype(np.int8),
+            "position": position.astype(np.int8),
+            "label": label,
+        }
+    )
     if with_truth:
         frame["true_logit"] = logit
     return frame.sort_values(["timestamp", "position"], kind="stable").reset_index(drop=True)
@@ -152,8 +163,15 @@ def make_shop(spec: ShopSpec = ShopSpec(), *, with_truth: bool = False) -> pd.Da
 
 #: the embedded copy: data/shop.parquet in a source checkout (made by data/make_shop.py)
 #: the columns of the embedded shop and their roles
-SHOP_SCHEMA = Schema(user="user", item="item", label="label", segment="market", timestamp="timestamp",
-                     categorical=("category", "brand", "price_bucket"), dense=("price", "position"))
+SHOP_SCHEMA = Schema(
+    user="user",
+    item="item",
+    label="label",
+    segment="market",
+    timestamp="timestamp",
+    categorical=("category", "brand", "price_bucket"),
+    dense=("price", "position"),
+)
 EMBEDDED_PATH = Path(__file__).resolve().parents[2] / "data" / "shop.parquet"
 
 

@@ -17,8 +17,9 @@ from recpeft.utils.validation import check_state_keys, check_state_shapes
 from .adapter_holder import AdapterStateError
 
 
-def check_adapter_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, object], *, source: str,
-                          prefix: str = "") -> None:
+def check_adapter_tensors(
+    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, object], *, source: str, prefix: str = ""
+) -> None:
     """Raise AdapterStateError for the first key of ``expected`` (key → tensor or shape) missing from
     ``tensors``, else the first key of ``tensors`` not in ``expected``, else the first key whose
     shape differs; keys are named ``<prefix><key>``."""
@@ -26,8 +27,9 @@ def check_adapter_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping
     check_state_shapes(tensors, expected, where=source, prefix=prefix, error=AdapterStateError)
 
 
-def split_by_prefix(tensors: Mapping[str, torch.Tensor], prefixes: list[str], *, source: str, shown: str = "",
-                    hint: str) -> dict[str, dict[str, torch.Tensor]]:
+def split_by_prefix(
+    tensors: Mapping[str, torch.Tensor], prefixes: list[str], *, source: str, shown: str = "", hint: str
+) -> dict[str, dict[str, torch.Tensor]]:
     """{prefix: {key less the prefix: tensor}} for every prefix (empty where no key has it); each key
     goes to the longest prefix it starts with. A key under none raises AdapterStateError
     ``"<source>: unexpected key <shown><key> (<hint>)"``."""
@@ -37,5 +39,5 @@ def split_by_prefix(tensors: Mapping[str, torch.Tensor], prefixes: list[str], *,
         prefix = next((p for p in longest_first if key.startswith(p)), None)
         if prefix is None:
             raise AdapterStateError(f"{source}: unexpected key {shown}{key} ({hint})")
-        grouped[prefix][key[len(prefix):]] = tensors[key]
+        grouped[prefix][key[len(prefix) :]] = tensors[key]
     return grouped

@@ -34,15 +34,24 @@ class LoraEmbeddingBag(LoraTableLayer):
         if module.mode not in ("sum", "mean"):
             raise ValueError(f"{name}: LoRA needs a linear pooling (sum or mean); mode={module.mode!r} is not")
         if module.max_norm is not None:
-            raise ValueError(f"{name}: nn.EmbeddingBag with max_norm renormalises its table in place; LoRA cannot wrap it")
+            raise ValueError(
+                f"{name}: nn.EmbeddingBag with max_norm renormalises its table in place; LoRA cannot wrap it"
+            )
 
-    def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
-                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input: torch.Tensor, offsets: torch.Tensor | None = None, per_sample_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         bag = self.base_layer
         layout = bag_layout(
-            input, offsets, num_embeddings=self.base_weight.shape[0], mode=bag.mode,
-            per_sample_weights=per_sample_weights, include_last_offset=bag.include_last_offset,
-            padding_idx=bag.padding_idx, weight_dtype=self.base_weight.dtype, table_name=self.module_name,
+            input,
+            offsets,
+            num_embeddings=self.base_weight.shape[0],
+            mode=bag.mode,
+            per_sample_weights=per_sample_weights,
+            include_last_offset=bag.include_last_offset,
+            padding_idx=bag.padding_idx,
+            weight_dtype=self.base_weight.dtype,
+            table_name=self.module_name,
             validate=self.validate_ids,
         )
         if not self.has_adapter_work():

@@ -62,10 +62,14 @@ class LoraLinear(LoraWeightLayer):
             raise TypeError(f"{self.module_name}: input dtype {x.dtype} does not match the layer's {weight.dtype}")
         if routing is not None:
             if x.dim() < 2:
-                raise ValueError(f"{self.module_name}: per-sample routing needs input [B, ..., K], got {tuple(x.shape)}")
+                raise ValueError(
+                    f"{self.module_name}: per-sample routing needs input [B, ..., K], got {tuple(x.shape)}"
+                )
             row_adapter = routing.row_adapter(self.module_name, x.shape[0], math.prod(x.shape[1:-1]), x.device)
-            adapters = [a if a is None else dataclasses.replace(a, lora_A=cast(a.lora_A), lora_B=cast(a.lora_B))
-                        for a in self.routed_adapters(routing)]
+            adapters = [
+                a if a is None else dataclasses.replace(a, lora_A=cast(a.lora_A), lora_B=cast(a.lora_B))
+                for a in self.routed_adapters(routing)
+            ]
             y = dispatch.segmented_lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, adapters, row_adapter)
             return y.view(*x.shape[:-1], y.shape[-1])
         lora_A, lora_B, scale, dropout = self._combined(pending)
@@ -76,7 +80,9 @@ class LoraLinear(LoraWeightLayer):
         p is the dropout in force (0 outside training)."""
         dropouts = {self.lora_dropout[a] if self.training else 0.0 for a in adapters}
         if len(dropouts) > 1:
-            raise ValueError(f"{self.module_name}: active adapters {adapters} must share one lora_dropout to train together")
+            raise ValueError(
+                f"{self.module_name}: active adapters {adapters} must share one lora_dropout to train together"
+            )
         if len(adapters) == 1:
             a = adapters[0]
             return self.lora_A[a], self.lora_B[a], self.scaling[a], dropouts.pop()

@@ -44,8 +44,13 @@ def check_encoded_adapter(state: dict, shape: tuple[int, int], b_shape, *, sourc
     the saved table shape, the indices (1-D int64, in [0, V)) and every tensor's shape."""
     shown, where = f"{name}.", f"{name}.lora_embedding_A"
     dense = A_DENSE in state
-    check_state_keys(state, (A_DENSE, B_WEIGHT) if dense else (A_INDICES, A_ROWS, A_SHAPE, B_WEIGHT), where=source,
-                     prefix=shown, error=AdapterStateError)
+    check_state_keys(
+        state,
+        (A_DENSE, B_WEIGHT) if dense else (A_INDICES, A_ROWS, A_SHAPE, B_WEIGHT),
+        where=source,
+        prefix=shown,
+        error=AdapterStateError,
+    )
     shapes = partial(check_state_shapes, state, where=source, prefix=shown, error=AdapterStateError)
     if dense:
         shapes({A_DENSE: shape, B_WEIGHT: b_shape})
@@ -53,8 +58,9 @@ def check_encoded_adapter(state: dict, shape: tuple[int, int], b_shape, *, sourc
     shapes({A_SHAPE: (2,)})
     saved_shape = tuple(int(v) for v in state[A_SHAPE])
     if saved_shape != tuple(shape):
-        raise AdapterStateError(f"{source}: {where} was saved for a table of shape {saved_shape} but the "
-                                f"model's is {tuple(shape)}")
+        raise AdapterStateError(
+            f"{source}: {where} was saved for a table of shape {saved_shape} but the model's is {tuple(shape)}"
+        )
     indices = state[A_INDICES]
     if indices.dtype != torch.int64 or indices.dim() != 1:
         raise AdapterStateError(f"{source}: {where}.indices must be 1-D int64")
@@ -120,11 +126,15 @@ class LoraTableLayer(LoraWeightLayer):
     def fuses_base_lookup(self) -> bool:
         """True when the active adapters run through the fused Triton op, which pools E itself
         (the caller then passes base_output=None to :meth:`add_adapter_output`)."""
-        return (self.active_routing() is None and bool(self.pending_adapters())
-                and dispatch.uses_triton("lora_embedding_bag", self.base_weight))
+        return (
+            self.active_routing() is None
+            and bool(self.pending_adapters())
+            and dispatch.uses_triton("lora_embedding_bag", self.base_weight)
+        )
 
-    def add_adapter_output(self, layout: BagLayout, base_output: torch.Tensor | None, leading: int,
-                           rows_per_sample: int):
+    def add_adapter_output(
+        self, layout: BagLayout, base_output: torch.Tensor | None, leading: int, rows_per_sample: int
+    ):
         """base_output [nb, D] plus the active adapters' pooled deltas (or the routed ones).
         base_output None (only when :meth:`fuses_base_lookup`): the first adapter's fused op
         pools E too."""
@@ -151,8 +161,9 @@ class LoraTableLayer(LoraWeightLayer):
         return {**encode_rows(rows, a[rows], tuple(a.shape)), B_WEIGHT: self.lora_B[adapter].detach()}
 
     def check_adapter_state(self, adapter, tensors, source):
-        check_encoded_adapter(tensors, tuple(self.lora_A[adapter].shape), self.lora_B[adapter].shape, source=source,
-                              name=self.module_name)
+        check_encoded_adapter(
+            tensors, tuple(self.lora_A[adapter].shape), self.lora_B[adapter].shape, source=source, name=self.module_name
+        )
 
     @torch.no_grad()
     def load_adapter_state(self, adapter, tensors):

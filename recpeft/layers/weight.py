@@ -74,8 +74,9 @@ class LoraWeightLayer(LoraLayer):
         self.refuse_routing_when_merged()
         dropout_on = self.training
         return [
-            AdapterWeights(self.lora_A[n], self.lora_B[n], self.scaling[n],
-                           self.lora_dropout[n] if dropout_on else 0.0) if n in self.lora_A else None
+            AdapterWeights(self.lora_A[n], self.lora_B[n], self.scaling[n], self.lora_dropout[n] if dropout_on else 0.0)
+            if n in self.lora_A
+            else None
             for n in routing.adapter_names
         ]
 

@@ -43,9 +43,21 @@ class BasketRanker(nn.Module):
                        torch.tensor([0]), torch.tensor([0, 1]), torch.zeros(1, 2), torch.zeros(1, 2, 3))
     """
 
-    def __init__(self, num_customers: int, num_markets: int, num_words: int, item_word_ids: torch.Tensor,
-                 item_word_offsets: torch.Tensor, item_dense: torch.Tensor, *, num_context: int, num_cross: int,
-                 dim: int = 64, hidden: int = 128, dropout: float = 0.1):
+    def __init__(
+        self,
+        num_customers: int,
+        num_markets: int,
+        num_words: int,
+        item_word_ids: torch.Tensor,
+        item_word_offsets: torch.Tensor,
+        item_dense: torch.Tensor,
+        *,
+        num_context: int,
+        num_cross: int,
+        dim: int = 64,
+        hidden: int = 128,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         num_items = item_dense.shape[0]
         if item_word_offsets.shape[0] != num_items + 1:
@@ -57,10 +69,12 @@ class BasketRanker(nn.Module):
         self.history = nn.EmbeddingBag(num_items, dim, mode="mean")
         self.items = nn.Embedding(num_items, dim)
         self.words = nn.EmbeddingBag(num_words, dim, mode="mean")
-        self.context_mlp = nn.Sequential(nn.Linear(4 * dim + num_context, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                         nn.Linear(hidden, dim + num_cross))
-        self.item_mlp = nn.Sequential(nn.Linear(2 * dim + item_dense.shape[1], hidden), nn.ReLU(), nn.Dropout(dropout),
-                                      nn.Linear(hidden, dim))
+        self.context_mlp = nn.Sequential(
+            nn.Linear(4 * dim + num_context, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, dim + num_cross)
+        )
+        self.item_mlp = nn.Sequential(
+            nn.Linear(2 * dim + item_dense.shape[1], hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
         for table in (self.customers, self.markets, self.basket, self.history, self.items, self.words):
             nn.init.normal_(table.weight, std=0.05)
         with torch.no_grad():
@@ -76,12 +90,27 @@ class BasketRanker(nn.Module):
         titles = self.words(self.item_word_ids, self.item_word_offsets)
         return self.item_mlp(torch.cat([self.items(self.all_items), titles, self.item_dense], dim=1))
 
-    def forward(self, customer: torch.Tensor, market: torch.Tensor, basket_ids: torch.Tensor,
-                basket_offsets: torch.Tensor, history_ids: torch.Tensor, history_offsets: torch.Tensor,
-                context: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.customers(customer), self.markets(market),
-                       self.basket(basket_ids, basket_offsets[:-1]), self.history(history_ids, history_offsets[:-1]),
-                       context], dim=1)
+    def forward(
+        self,
+        customer: torch.Tensor,
+        market: torch.Tensor,
+        basket_ids: torch.Tensor,
+        basket_offsets: torch.Tensor,
+        history_ids: torch.Tensor,
+        history_offsets: torch.Tensor,
+        context: torch.Tensor,
+        cross: torch.Tensor,
+    ) -> torch.Tensor:
+        x = torch.cat(
+            [
+                self.customers(customer),
+                self.markets(market),
+                self.basket(basket_ids, basket_offsets[:-1]),
+                self.history(history_ids, history_offsets[:-1]),
+                context,
+            ],
+            dim=1,
+        )
         out = self.context_mlp(x)
-        u, w = out[:, : -self.num_cross], out[:, -self.num_cross:]
+        u, w = out[:, : -self.num_cross], out[:, -self.num_cross :]
         return u @ self.item_vectors().T + torch.einsum("bif,bf->bi", cross, w)

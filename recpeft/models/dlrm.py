@@ -42,8 +42,9 @@ def single_id_kjt(ids: dict[str, torch.Tensor]) -> KeyedJaggedTensor:
     if any(s != batch or len(s) != 1 for s in sizes.values()):
         raise ValueError(f"every feature needs ids of shape [B]; got {sizes}")
     values = torch.cat([t.long() for t in ids.values()])
-    return KeyedJaggedTensor.from_lengths_sync(keys=list(ids), values=values,
-                                               lengths=torch.ones(values.numel(), dtype=torch.int32))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=list(ids), values=values, lengths=torch.ones(values.numel(), dtype=torch.int32)
+    )
 
 
 class ClickDLRM(nn.Module):
@@ -87,12 +88,14 @@ class ClickDLRM(nn.Module):
         """Full module names of the tables of every feature but ``frozen_features``, every
         dense-arch layer and every over-arch layer: :func:`click_model_lora_targets` for this
         model's architecture (the same names before and after get_peft_model wraps them)."""
-        return click_model_lora_targets(self.features, len(self.spec["dense_arch"]), len(self.spec["over_arch"]),
-                                        frozen_features)
+        return click_model_lora_targets(
+            self.features, len(self.spec["dense_arch"]), len(self.spec["over_arch"]), frozen_features
+        )
 
 
-def click_model_lora_targets(features, dense_layers: int, over_layers: int,
-                             frozen_features: tuple[str, ...] | list[str] = ()) -> list[str]:
+def click_model_lora_targets(
+    features, dense_layers: int, over_layers: int, frozen_features: tuple[str, ...] | list[str] = ()
+) -> list[str]:
     """LoRA targets of a :func:`build_click_model` model over ``features`` with ``dense_layers``
     dense-arch and ``over_layers`` over-arch hidden layers, before the model is built: the table
     of every feature not in ``frozen_features``, every dense-arch linear and every over-arch
@@ -106,8 +109,9 @@ def click_model_lora_targets(features, dense_layers: int, over_layers: int,
     return tables + dense + over + ["over_arch.model.1"]
 
 
-def _check_spec(cardinalities: dict, num_dense: int, kind: str, embedding_dim: int, dense_arch, over_arch,
-                dropout: float) -> None:
+def _check_spec(
+    cardinalities: dict, num_dense: int, kind: str, embedding_dim: int, dense_arch, over_arch, dropout: float
+) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not cardinalities:
@@ -123,10 +127,19 @@ def _check_spec(cardinalities: dict, num_dense: int, kind: str, embedding_dim: i
     check_fraction("dropout", dropout, below_one=True)
 
 
-def build_click_model(cardinalities: dict[str, int], num_dense: int, *, kind: str = "dlrm", embedding_dim: int = 16,
-                      dense_arch: tuple[int, ...] = (64, 16), over_arch: tuple[int, ...] = (64, 32),
-                      dcn_layers: int = 2, dcn_rank: int = 8, dropout: float = 0.0,
-                      init_std: float = 0.05) -> ClickDLRM:
+def build_click_model(
+    cardinalities: dict[str, int],
+    num_dense: int,
+    *,
+    kind: str = "dlrm",
+    embedding_dim: int = 16,
+    dense_arch: tuple[int, ...] = (64, 16),
+    over_arch: tuple[int, ...] = (64, 32),
+    dcn_layers: int = 2,
+    dcn_rank: int = 8,
+    dropout: float = 0.0,
+    init_std: float = 0.05,
+) -> ClickDLRM:
     """A :class:`ClickDLRM` of torchrec's ``DLRM`` (kind="dlrm") or ``DLRM_DCN`` (kind="dcn").
 
     Args:
@@ -142,15 +155,36 @@ def build_click_model(cardinalities: dict[str, int], num_dense: int, *, kind: st
     """
     dense_arch, over_arch = tuple(dense_arch), tuple(over_arch)
     _check_spec(cardinalities, num_dense, kind, embedding_dim, dense_arch, over_arch, dropout)
-    spec = {"cardinalities": dict(cardinalities), "num_dense": num_dense, "kind": kind,
-            "embedding_dim": embedding_dim, "dense_arch": list(dense_arch), "over_arch": list(over_arch),
-            "dcn_layers": dcn_layers, "dcn_rank": dcn_rank, "dropout": dropout, "init_std": init_std}
-    tables = [EmbeddingBagConfig(name=table_name(f), embedding_dim=embedding_dim, num_embeddings=rows,
-                                 feature_names=[f], pooling=PoolingType.SUM,
-                                 init_fn=lambda w: nn.init.normal_(w, std=init_std))
-              for f, rows in cardinalities.items()]
-    common = dict(embedding_bag_collection=EmbeddingBagCollection(tables), dense_in_features=num_dense,
-                  dense_arch_layer_sizes=list(dense_arch), over_arch_layer_sizes=[*over_arch, 1])
-    dlrm = DLRM(**common) if kind == "dlrm" else DLRM_DCN(**common, dcn_num_layers=dcn_layers,
-                                                           dcn_low_rank_dim=dcn_rank)
+    spec = {
+        "cardinalities": dict(cardinalities),
+        "num_dense": num_dense,
+        "kind": kind,
+        "embedding_dim": embedding_dim,
+        "dense_arch": list(dense_arch),
+        "over_arch": list(over_arch),
+        "dcn_layers": dcn_layers,
+        "dcn_rank": dcn_rank,
+        "dropout": dropout,
+        "init_std": init_std,
+    }
+    tables = [
+        EmbeddingBagConfig(
+            name=table_name(f),
+            embedding_dim=embedding_dim,
+            num_embeddings=rows,
+            feature_names=[f],
+            pooling=PoolingType.SUM,
+            init_fn=lambda w: nn.init.normal_(w, std=init_std),
+        )
+        for f, rows in cardinalities.items()
+    ]
+    common = dict(
+        embedding_bag_collection=EmbeddingBagCollection(tables),
+        dense_in_features=num_dense,
+        dense_arch_layer_sizes=list(dense_arch),
+        over_arch_layer_sizes=[*over_arch, 1],
+    )
+    dlrm = (
+        DLRM(**common) if kind == "dlrm" else DLRM_DCN(**common, dcn_num_layers=dcn_layers, dcn_low_rank_dim=dcn_rank)
+    )
     return ClickDLRM(dlrm, spec, dropout)

@@ -43,9 +43,13 @@ class CausalSelfAttention(nn.Module):
         def split(t):  # [B, L, D] → [B, heads, L, D / heads]
             return t.view(B, L, self.heads, D // self.heads).transpose(1, 2)
 
-        attended = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
-                                                  attn_mask=allowed.unsqueeze(1),
-                                                  dropout_p=self.dropout if self.training else 0.0)
+        attended = F.scaled_dot_product_attention(
+            split(self.q(x)),
+            split(self.k(x)),
+            split(self.v(x)),
+            attn_mask=allowed.unsqueeze(1),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         return self.out(attended.transpose(1, 2).reshape(B, L, D))
 
 
@@ -88,14 +92,31 @@ class SASRec(nn.Module):
         loss = model.loss(seq[:, :-1], seq[:, 1:])     # predict each next item
     """
 
-    def __init__(self, num_items: int, max_len: int, *, dim: int = 64, num_blocks: int = 2, num_heads: int = 1,
-                 dropout: float = 0.2, init_std: float = 0.02):
+    def __init__(
+        self,
+        num_items: int,
+        max_len: int,
+        *,
+        dim: int = 64,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        dropout: float = 0.2,
+        init_std: float = 0.02,
+    ):
         super().__init__()
         if num_items < 2 or max_len < 1:
-            raise ValueError(f"num_items must be ≥ 2 (padding id 0 and at least one item), max_len ≥ 1; "
-                             f"got {num_items}, {max_len}")
-        self.spec = {"num_items": num_items, "max_len": max_len, "dim": dim, "num_blocks": num_blocks,
-                     "num_heads": num_heads, "dropout": dropout, "init_std": init_std}
+            raise ValueError(
+                f"num_items must be ≥ 2 (padding id 0 and at least one item), max_len ≥ 1; got {num_items}, {max_len}"
+            )
+        self.spec = {
+            "num_items": num_items,
+            "max_len": max_len,
+            "dim": dim,
+            "num_blocks": num_blocks,
+            "num_heads": num_heads,
+            "dropout": dropout,
+            "init_std": init_std,
+        }
         self.item_emb = nn.Embedding(num_items, dim, padding_idx=PAD)
         self.pos_emb = nn.Embedding(max_len, dim)
         for table in (self.item_emb, self.pos_emb):
@@ -112,15 +133,16 @@ class SASRec(nn.Module):
         if seq.shape[1] > self.spec["max_len"]:
             raise ValueError(f"seq has length {seq.shape[1]} > max_len={self.spec['max_len']}")
         if seq.numel() and (int(seq.min()) < 0 or int(seq.max()) >= self.spec["num_items"]):
-            raise ValueError(f"seq ids must lie in [0, {self.spec['num_items']}), "
-                             f"got [{int(seq.min())}, {int(seq.max())}]")
+            raise ValueError(
+                f"seq ids must lie in [0, {self.spec['num_items']}), got [{int(seq.min())}, {int(seq.max())}]"
+            )
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         self._check(seq)
         B, L = seq.shape
-        item = seq != PAD                                                      # [B, L]
-        keep = item.unsqueeze(-1).to(self.pos_emb.weight.dtype)               # [B, L, 1]
-        positions = torch.arange(L, device=seq.device).expand(B, L)           # samples first, for routing
+        item = seq != PAD  # [B, L]
+        keep = item.unsqueeze(-1).to(self.pos_emb.weight.dtype)  # [B, L, 1]
+        positions = torch.arange(L, device=seq.device).expand(B, L)  # samples first, for routing
         x = self.emb_drop(self.item_emb(seq) * math.sqrt(self.spec["dim"]) + self.pos_emb(positions)) * keep
         causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
         # a position attends to earlier items and always to itself (so padding rows stay finite)
@@ -152,5 +174,8 @@ class SASRec(nn.Module):
 
     def lora_targets(self) -> list[str]:
         """The attention projections and FFN linears of every block, by full module name."""
-        return [f"blocks.{i}.{name}" for i in range(self.spec["num_blocks"])
-                for name in ("attn.q", "attn.k", "attn.v", "attn.out", "ffn_in", "ffn_out")]
+        return [
+            f"blocks.{i}.{name}"
+            for i in range(self.spec["num_blocks"])
+            for name in ("attn.q", "attn.k", "attn.v", "attn.out", "ffn_in", "ffn_out")
+        ]

@@ -35,8 +35,9 @@ class Tower(nn.Module):
     Input: ids [B] int64 and features {name: [B] int64} for every feature. Output: [B, D].
     """
 
-    def __init__(self, num_ids: int, features: dict[str, int], dim: int, hidden: tuple[int, ...], dropout: float,
-                 init_std: float):
+    def __init__(
+        self, num_ids: int, features: dict[str, int], dim: int, hidden: tuple[int, ...], dropout: float, init_std: float
+    ):
         super().__init__()
         if "id" in features:
             raise ValueError("a feature may not be called 'id' (the table of the tower's own ids)")
@@ -75,14 +76,30 @@ class TwoTower(nn.Module):
         everything = model.score_all(torch.tensor([1, 2]), item_feats={"category": item_category})  # [2, 500]
     """
 
-    def __init__(self, num_users: int, num_items: int, *, user_features: dict[str, int] | None = None,
-                 item_features: dict[str, int] | None = None, dim: int = 32, hidden: tuple[int, ...] = (64,),
-                 dropout: float = 0.0, init_std: float = 0.1):
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        *,
+        user_features: dict[str, int] | None = None,
+        item_features: dict[str, int] | None = None,
+        dim: int = 32,
+        hidden: tuple[int, ...] = (64,),
+        dropout: float = 0.0,
+        init_std: float = 0.1,
+    ):
         super().__init__()
         user_features, item_features = dict(user_features or {}), dict(item_features or {})
-        self.spec = {"num_users": num_users, "num_items": num_items, "user_features": user_features,
-                     "item_features": item_features, "dim": dim, "hidden": list(hidden), "dropout": dropout,
-                     "init_std": init_std}
+        self.spec = {
+            "num_users": num_users,
+            "num_items": num_items,
+            "user_features": user_features,
+            "item_features": item_features,
+            "dim": dim,
+            "hidden": list(hidden),
+            "dropout": dropout,
+            "init_std": init_std,
+        }
         self.user_tower = Tower(num_users, user_features, dim, hidden, dropout, init_std)
         self.item_tower = Tower(num_items, item_features, dim, hidden, dropout, init_std)
 
@@ -90,27 +107,38 @@ class TwoTower(nn.Module):
         """u [B, D]."""
         return self.user_tower(user, user_feats)
 
-    def item_embeddings(self, item: torch.Tensor | None = None,
-                        item_feats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def item_embeddings(
+        self, item: torch.Tensor | None = None, item_feats: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """v for ``item`` [B] or, when ``item`` is None, for every item 0..N-1 ([N, D]; then
         ``item_feats`` gives each feature for every item, [N] each)."""
         if item is None:
             item = torch.arange(self.spec["num_items"], device=self.item_tower.tables["id"].weight.device)
         return self.item_tower(item, item_feats)
 
-    def forward(self, user: torch.Tensor, item: torch.Tensor, user_feats: dict[str, torch.Tensor] | None = None,
-                item_feats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        user: torch.Tensor,
+        item: torch.Tensor,
+        user_feats: dict[str, torch.Tensor] | None = None,
+        item_feats: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """score_b = u_b · v_b, [B]."""
         return (self.user_embeddings(user, user_feats) * self.item_embeddings(item, item_feats)).sum(-1)
 
-    def score_all(self, user: torch.Tensor, user_feats: dict[str, torch.Tensor] | None = None,
-                  item_feats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def score_all(
+        self,
+        user: torch.Tensor,
+        user_feats: dict[str, torch.Tensor] | None = None,
+        item_feats: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Every user against every item: U·Vᵀ, [B, N] (``item_feats`` for all N items)."""
         return self.user_embeddings(user, user_feats) @ self.item_embeddings(None, item_feats).t()
 
     @staticmethod
-    def in_batch_softmax_loss(user_vec: torch.Tensor, item_vec: torch.Tensor, temperature: float = 1.0,
-                              item_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def in_batch_softmax_loss(
+        user_vec: torch.Tensor, item_vec: torch.Tensor, temperature: float = 1.0, item_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Sampled softmax with the batch's items as negatives:
         L = −mean_b log softmax_j(u_b·v_j / τ)[b], u, v [B, D].
 
@@ -119,14 +147,16 @@ class TwoTower(nn.Module):
         popularity (logQ) correction is applied.
         """
         if user_vec.shape != item_vec.shape or user_vec.dim() != 2:
-            raise ValueError(f"user_vec and item_vec must both be [B, D], got {tuple(user_vec.shape)} "
-                             f"and {tuple(item_vec.shape)}")
+            raise ValueError(
+                f"user_vec and item_vec must both be [B, D], got {tuple(user_vec.shape)} and {tuple(item_vec.shape)}"
+            )
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         logits = user_vec @ item_vec.t() / temperature
         if item_ids is not None:
             duplicate = (item_ids.unsqueeze(0) == item_ids.unsqueeze(1)) & ~torch.eye(
-                len(item_ids), dtype=torch.bool, device=logits.device)
+                len(item_ids), dtype=torch.bool, device=logits.device
+            )
             logits = logits.masked_fill(duplicate, float("-inf"))
         return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
@@ -134,5 +164,8 @@ class TwoTower(nn.Module):
         """Both towers' tables and linears, by full module name (the same before and after
         get_peft_model wraps them)."""
         linears = [f"mlp.{3 * i}" for i in range(len(self.spec["hidden"]) + 1)]  # see _mlp
-        return [f"{side}_tower.{name}" for side in ("user", "item")
-                for name in [f"tables.{t}" for t in ["id", *self.spec[f"{side}_features"]]] + linears]
+        return [
+            f"{side}_tower.{name}"
+            for side in ("user", "item")
+            for name in [f"tables.{t}" for t in ["id", *self.spec[f"{side}_features"]]] + linears
+        ]

@@ -15,14 +15,14 @@ import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
 from recpeft.utils.atomic import atomic_write_text
 from recpeft.utils.validation import check_fraction, check_int, read_json_object
 
-TargetSpec = Union[str, list, tuple, None]
+TargetSpec = str | list | tuple | None
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -48,8 +48,19 @@ _HF_DEFAULTS = {
     "target_parameters": None,
 }
 # HF PEFT keys with no effect on the adapter math.
-_HF_IGNORED = {"revision", "auto_mapping", "megatron_core", "lora_bias", "runtime_config", "eva_config",
-               "corda_config", "use_qalora", "qalora_group_size", "trainable_token_indices", "peft_version"}
+_HF_IGNORED = {
+    "revision",
+    "auto_mapping",
+    "megatron_core",
+    "lora_bias",
+    "runtime_config",
+    "eva_config",
+    "corda_config",
+    "use_qalora",
+    "qalora_group_size",
+    "trainable_token_indices",
+    "peft_version",
+}
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -166,17 +177,20 @@ class LoraConfig:
     def to_dict(self) -> dict:
         """JSON-ready dict with HF PEFT's key names. Module classes cannot go to JSON: resolve them
         to module names first (``PeftModel.save_pretrained`` does)."""
-        if self.targets_classes or (isinstance(self.exclude_modules, list)
-                                    and any(isinstance(t, type) for t in self.exclude_modules)):
-            raise ValueError("target_modules/exclude_modules hold module classes; replace them with the "
-                             "module names they matched before writing JSON")
+        if self.targets_classes or (
+            isinstance(self.exclude_modules, list) and any(isinstance(t, type) for t in self.exclude_modules)
+        ):
+            raise ValueError(
+                "target_modules/exclude_modules hold module classes; replace them with the "
+                "module names they matched before writing JSON"
+            )
         data = dataclasses.asdict(self)
         data["bias"] = self.bias.value
         data.update(_HF_DEFAULTS)
         return data
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> "LoraConfig":
+    def from_dict(cls, data: dict, source: str = "config") -> LoraConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         unknown = []
@@ -201,7 +215,7 @@ class LoraConfig:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "LoraConfig":
+    def load(cls, directory: str | Path) -> LoraConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")

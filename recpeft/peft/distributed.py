@@ -68,6 +68,7 @@ from torchrec.distributed.types import (
 from torchrec.optim import RowWiseAdagrad
 
 from recpeft.layers.torchrec import LoraCollectionLayer
+from recpeft.utils.tensor_bytes import tensor_bytes
 
 from .model import PeftModel
 from .serialization import read_adapter_file, weights_file
@@ -94,8 +95,10 @@ def adapter_parameter_sharding(base: ParameterSharding, rank: int, table: str) -
     sharding type and processes, every row block [o, o + n) × D becoming [o, o + n) × r, with the
     ``fused`` kernel (the adapter table trains with torchrec's fused optimizer)."""
     if rank % FUSED_DIM_MULTIPLE:
-        raise ValueError(f"table {table!r}: adapter rank {rank} is not a multiple of {FUSED_DIM_MULTIPLE}, which fbgemm's "
-                         f"fused kernel needs for a sharded table; choose r (or rank_pattern) accordingly")
+        raise ValueError(
+            f"table {table!r}: adapter rank {rank} is not a multiple of {FUSED_DIM_MULTIPLE}, which fbgemm's "
+            f"fused kernel needs for a sharded table; choose r (or rank_pattern) accordingly"
+        )
     if base.sharding_type not in ROW_SHARDINGS:
         raise ValueError(
             f"table {table!r} is planned {base.sharding_type}; its LoRA table needs whole rows per process: "
@@ -104,11 +107,19 @@ def adapter_parameter_sharding(base: ParameterSharding, rank: int, table: str) -
     shards = []
     for shard in base.sharding_spec.shards:
         if shard.shard_offsets[1] != 0:
-            raise ValueError(f"table {table!r}: a shard starts at column {shard.shard_offsets[1]}; LoRA needs whole rows")
-        shards.append(ShardMetadata(shard_offsets=[shard.shard_offsets[0], 0], shard_sizes=[shard.shard_sizes[0], rank],
-                                    placement=shard.placement))
-    return dataclasses.replace(base, compute_kernel=EmbeddingComputeKernel.FUSED.value,
-                               sharding_spec=EnumerableShardingSpec(shards))
+            raise ValueError(
+                f"table {table!r}: a shard starts at column {shard.shard_offsets[1]}; LoRA needs whole rows"
+            )
+        shards.append(
+            ShardMetadata(
+                shard_offsets=[shard.shard_offsets[0], 0],
+                shard_sizes=[shard.shard_sizes[0], rank],
+                placement=shard.placement,
+            )
+        )
+    return dataclasses.replace(
+        base, compute_kernel=EmbeddingComputeKernel.FUSED.value, sharding_spec=EnumerableShardingSpec(shards)
+    )
 
 
 def peft_sharding_plan(model: PeftModel, plan: ShardingPlan) -> ShardingPlan:
@@ -127,24 +138,37 @@ def peft_sharding_plan(model: PeftModel, plan: ShardingPlan) -> ShardingPlan:
         if missing:
             raise ValueError(f"the plan for {path!r} has no entry for table {missing[0]!r}")
         derived[f"{BASE_PREFIX}{path}.base_layer"] = EmbeddingModuleShardingPlan(
-            {table: dataclasses.replace(sharding, compute_kernel=EmbeddingComputeKernel.FUSED.value)
-             for table, sharding in module_plan.items()})
+            {
+                table: dataclasses.replace(sharding, compute_kernel=EmbeddingComputeKernel.FUSED.value)
+                for table, sharding in module_plan.items()
+            }
+        )
         for adapter in layer.lora_A:
             for group, collection in layer.lora_A[adapter].items():
                 derived[f"{BASE_PREFIX}{path}.lora_A.{adapter}.{group}"] = EmbeddingModuleShardingPlan(
-                    {config.name: adapter_parameter_sharding(module_plan[config.name], config.embedding_dim, config.name)
-                     for config in layer.table_configs(collection)})
+                    {
+                        config.name: adapter_parameter_sharding(
+                            module_plan[config.name], config.embedding_dim, config.name
+                        )
+                        for config in layer.table_configs(collection)
+                    }
+                )
     unplanned = sorted(set(collections) - plan.plan.keys())
     if unplanned:
-        raise ValueError(f"the plan has no entry for the adapted collection {unplanned[0]!r}; planned: {sorted(plan.plan)}")
+        raise ValueError(
+            f"the plan has no entry for the adapted collection {unplanned[0]!r}; planned: {sorted(plan.plan)}"
+        )
     return ShardingPlan(derived)
 
 
 def plan_base_tables(model: PeftModel, env: ShardingEnv, device_type: str = "cpu") -> ShardingPlan:
     """torchrec's planner on the base collections, adapted tables restricted to row shardings;
     returned keyed as for the plain model (the input of :func:`peft_sharding_plan`)."""
-    constraints = {table: ParameterConstraints(sharding_types=list(ROW_SHARDINGS))
-                   for layer in _collections(model).values() for table in layer.part_names(layer.base_layer)}
+    constraints = {
+        table: ParameterConstraints(sharding_types=list(ROW_SHARDINGS))
+        for layer in _collections(model).values()
+        for table in layer.part_names(layer.base_layer)
+    }
     topology = Topology(world_size=env.world_size, compute_device=device_type, local_world_size=env.world_size)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     full = planner.collective_plan(model.base_model, get_default_sharders(), env.process_group)
@@ -208,7 +232,9 @@ def freeze_base_tables(collection: nn.Module) -> None:
 
 
 @torch.no_grad()
-def copy_full_state(sharded: DistributedModelParallel, full_state: dict[str, torch.Tensor], release: bool = True) -> None:
+def copy_full_state(
+    sharded: DistributedModelParallel, full_state: dict[str, torch.Tensor], release: bool = True
+) -> None:
     """Write the unsharded ``full_state`` into ``sharded``: each process copies the blocks of
     every sharded tensor it holds, and every other tensor whole.
 
@@ -221,7 +247,7 @@ def copy_full_state(sharded: DistributedModelParallel, full_state: dict[str, tor
         if isinstance(target, ShardedTensor):
             for shard in target.local_shards():
                 (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(source[row:row + rows, col:col + cols])
+                shard.tensor.copy_(source[row : row + rows, col : col + cols])
             if release:
                 source.untyped_storage().resize_(0)
         elif target.data_ptr() != source.data_ptr():
@@ -243,23 +269,17 @@ def dense_parameters(sharded: DistributedModelParallel) -> list[nn.Parameter]:
 # ---- accounting -------------------------------------------------------------------------------
 
 
-def _state_bytes(value) -> int:
-    if isinstance(value, ShardedTensor):
-        return sum(s.tensor.numel() * s.tensor.element_size() for s in value.local_shards())
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    return 0
-
-
-def optimizer_state_bytes(sharded: DistributedModelParallel, dense_optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+def optimizer_state_bytes(
+    sharded: DistributedModelParallel, dense_optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, int]:
     """Bytes of optimizer state over all processes (collective): the fused optimizer's state of
     the base tables and of the adapter tables, and ``dense_optimizer``'s state."""
     totals = {"base_tables": 0, "adapter_tables": 0, "dense": 0}
     for key, state in sharded.fused_optimizer.state_dict()["state"].items():
         kind = "adapter_tables" if ".lora_A." in key else "base_tables"
-        totals[kind] += sum(_state_bytes(v) for v in state.values())
+        totals[kind] += sum(tensor_bytes(v) for v in state.values())
     if dense_optimizer is not None:
-        totals["dense"] = sum(_state_bytes(v) for state in dense_optimizer.state.values() for v in state.values())
+        totals["dense"] = sum(tensor_bytes(v) for state in dense_optimizer.state.values() for v in state.values())
     counts = torch.tensor([totals[k] for k in totals], dtype=torch.int64)
     dist.all_reduce(counts, group=sharded._env.process_group)
     return dict(zip(totals, counts.tolist()))
@@ -268,8 +288,9 @@ def optimizer_state_bytes(sharded: DistributedModelParallel, dense_optimizer: to
 # ---- files ------------------------------------------------------------------------------------
 
 
-def save_adapters(sharded: DistributedModelParallel, save_directory: str | Path,
-                  selected_adapters: list[str] | None = None) -> None:
+def save_adapters(
+    sharded: DistributedModelParallel, save_directory: str | Path, selected_adapters: list[str] | None = None
+) -> None:
     """``PeftModel.save_pretrained`` for a sharded model: every process calls it (the adapter
     tables' rows are gathered from their shards), process 0 of the group writes the same files an
     unsharded model writes."""
@@ -278,7 +299,9 @@ def save_adapters(sharded: DistributedModelParallel, save_directory: str | Path,
     dist.barrier(group)
 
 
-def load_adapter_weights(sharded: DistributedModelParallel, model_id: str | Path, adapter_name: str = "default") -> None:
+def load_adapter_weights(
+    sharded: DistributedModelParallel, model_id: str | Path, adapter_name: str = "default"
+) -> None:
     """Write the adapter saved in ``model_id`` (by a sharded or an unsharded model) into
     ``adapter_name`` of ``sharded``, which must have that adapter with the same targets (create it
     with get_peft_model from the saved config before sharding). Every file key and shape is checked

@@ -127,8 +127,13 @@ class PeftModel(nn.Module):
             for name, parts in groups.items():
                 layer = self._wrap(name, _lora_wrapper)
                 if parts is None:
-                    layer.update_layer(adapter_name, config.rank_for(name), config.scale_for(name),
-                                       config.lora_dropout, config.init_lora_weights)
+                    layer.update_layer(
+                        adapter_name,
+                        config.rank_for(name),
+                        config.scale_for(name),
+                        config.lora_dropout,
+                        config.init_lora_weights,
+                    )
                 else:  # ranks and scales per "<module>.<part>"
                     parts_rs = {p: (config.rank_for(f"{name}.{p}"), config.scale_for(f"{name}.{p}")) for p in parts}
                     layer.update_parts(adapter_name, parts_rs, config.init_lora_weights)
@@ -163,8 +168,11 @@ class PeftModel(nn.Module):
     def _base_parameters(self) -> dict[str, nn.Parameter]:
         """The model's own parameters by the names the unwrapped model gives them (adapter
         tensors and the trainable copies of modules_to_save left out)."""
-        return {_clean_name(n): p for n, p in self.base_model.named_parameters()
-                if ".lora_" not in n and ".modules_to_save." not in n}
+        return {
+            _clean_name(n): p
+            for n, p in self.base_model.named_parameters()
+            if ".lora_" not in n and ".modules_to_save." not in n
+        }
 
     def _select_biases(self, config: LoraConfig, targets: list[str]) -> list[str]:
         """Names of the biases ``config.bias`` trains (never those of a module saved whole)."""
@@ -290,8 +298,12 @@ class PeftModel(nn.Module):
         """trainable, all, and touched (trainable less the embedding-adapter rows still zero)."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
-        untouched = sum(holder.untouched_parameters(adapter) for holder in self.adapter_holders().values()
-                        for adapter in holder.adapter_names() if adapter not in self._inference_only)
+        untouched = sum(
+            holder.untouched_parameters(adapter)
+            for holder in self.adapter_holders().values()
+            for adapter in holder.adapter_names()
+            if adapter not in self._inference_only
+        )
         return {"trainable": trainable, "all": total, "touched": trainable - untouched}
 
     def print_trainable_parameters(self) -> None:
@@ -316,8 +328,9 @@ class PeftModel(nn.Module):
         self._check_known(adapter)
         return serialization.adapter_state_dict(self.adapter_holders(), self._bias_params(adapter), adapter)
 
-    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
-                        is_main_process: bool = True) -> None:
+    def save_pretrained(
+        self, save_directory: str | Path, selected_adapters: list[str] | None = None, is_main_process: bool = True
+    ) -> None:
         """Write each adapter's ``adapter_model.safetensors`` and ``adapter_config.json`` (the
         "default" adapter into ``save_directory``, others into sub-folders named after them);
         each file goes to a temporary name first and is renamed when complete.
@@ -328,8 +341,9 @@ class PeftModel(nn.Module):
             self._check_known(adapter)
             state = self.adapter_state_dict(adapter)
             if is_main_process:
-                serialization.save_adapter(serialization.adapter_directory(save_directory, adapter), state,
-                                           self._config_for_file(adapter))
+                serialization.save_adapter(
+                    serialization.adapter_directory(save_directory, adapter), state, self._config_for_file(adapter)
+                )
 
     def _config_for_file(self, adapter: str) -> LoraConfig:
         """The adapter's config with module classes replaced by the module names they matched
@@ -349,8 +363,9 @@ class PeftModel(nn.Module):
         serialization.load_adapter_state(self.adapter_holders(), self._bias_params(adapter), adapter, tensors, source)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
-                        is_trainable: bool = False) -> PeftModel:
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False
+    ) -> PeftModel:
         """Wrap ``model`` with the adapter saved in ``model_id``. On any mismatch the error names
         the first bad key and ``model`` is left as it was."""
         config = LoraConfig.load(model_id)

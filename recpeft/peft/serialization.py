@@ -50,8 +50,9 @@ def _holder_prefixes(holders: Mapping[str, AdapterHolder], adapter: str) -> dict
     return {f"{KEY_PREFIX}{name}.": holder for name, holder in holders.items() if holder.has_adapter(adapter)}
 
 
-def adapter_state_dict(holders: Mapping[str, AdapterHolder], biases: Mapping[str, torch.Tensor],
-                       adapter: str) -> dict[str, torch.Tensor]:
+def adapter_state_dict(
+    holders: Mapping[str, AdapterHolder], biases: Mapping[str, torch.Tensor], adapter: str
+) -> dict[str, torch.Tensor]:
     """The file tensors of ``adapter``, contiguous and on the CPU: every holder's
     ``export_adapter(adapter)`` under ``base_model.model.<holder name>.``, and every trained bias
     (``biases``: name in the unwrapped model → tensor) under ``base_model.model.<name>``.
@@ -63,15 +64,24 @@ def adapter_state_dict(holders: Mapping[str, AdapterHolder], biases: Mapping[str
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
-def load_adapter_state(holders: Mapping[str, AdapterHolder], biases: Mapping[str, torch.Tensor], adapter: str,
-                       tensors: Mapping[str, torch.Tensor], source: str) -> None:
+def load_adapter_state(
+    holders: Mapping[str, AdapterHolder],
+    biases: Mapping[str, torch.Tensor],
+    adapter: str,
+    tensors: Mapping[str, torch.Tensor],
+    source: str,
+) -> None:
     """Check every key and shape of ``tensors`` (a file's, keyed as :func:`adapter_state_dict`
     keys them) against ``adapter`` of ``holders`` and ``biases``, then copy them in; nothing is
     copied when any check fails (AdapterStateError naming ``source`` and the first bad key)."""
     bias_keys = {KEY_PREFIX + name: bias for name, bias in biases.items()}
     parts = _holder_prefixes(holders, adapter)
-    grouped = split_by_prefix({k: v for k, v in tensors.items() if k not in bias_keys}, list(parts), source=source,
-                              hint="no such adapted module in the model")
+    grouped = split_by_prefix(
+        {k: v for k, v in tensors.items() if k not in bias_keys},
+        list(parts),
+        source=source,
+        hint="no such adapted module in the model",
+    )
     check_adapter_tensors({k: v for k, v in tensors.items() if k in bias_keys}, bias_keys, source=source)
     for prefix, holder in parts.items():
         holder.check_adapter_state(adapter, grouped[prefix], source)

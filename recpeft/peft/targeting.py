@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -61,7 +61,7 @@ def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def part_owners(model: nn.Module) -> dict[str, str]:
-    """"<module>.<part>" → "<module>" for every part of every module adapted part by part."""
+    """ "<module>.<part>" → "<module>" for every part of every module adapted part by part."""
     return {name: owner for name, _, owner in _walk(model) if owner is not None}
 
 
@@ -81,7 +81,9 @@ def _no_match_error(kind: str, entry, adaptable: list[str], all_names: list[str]
     close = difflib.get_close_matches(str(label), all_names, n=5, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     tables = f" Tables (targeted as '<module>.<table>' or by table name): {_listing(parts)}" if parts else ""
-    return ValueError(f"{kind} entry {label!r} matched no module.{hint} Adaptable modules: {_listing(adaptable)}.{tables}")
+    return ValueError(
+        f"{kind} entry {label!r} matched no module.{hint} Adaptable modules: {_listing(adaptable)}.{tables}"
+    )
 
 
 def match_modules(model: nn.Module, spec, kind: str, *, require_each: bool = True) -> list[str]:
@@ -113,15 +115,19 @@ def select_lora_targets(model: nn.Module, config) -> list[str]:
     names parts ("<module>.<part>"), never such a module."""
     owners = part_owners(model)
     targets = _expand_parts(match_modules(model, config.target_modules, "target_modules"), owners)
-    excluded = set(_expand_parts(match_modules(model, config.exclude_modules, "exclude_modules", require_each=False), owners))
+    excluded = set(
+        _expand_parts(match_modules(model, config.exclude_modules, "exclude_modules", require_each=False), owners)
+    )
     modules = dict(iter_modules(model))
     adaptable = [n for n, m in modules.items() if wrapper_for(m) is not None]
     if isinstance(config.target_modules, str):  # a regex selects among the adaptable modules
         matched = targets
         targets = [n for n in matched if n in adaptable]
         if not targets:
-            raise ValueError(f"target_modules regex {config.target_modules!r} matched only modules recpeft cannot "
-                             f"adapt ({_listing(matched)}); adaptable modules: {_listing(adaptable)}")
+            raise ValueError(
+                f"target_modules regex {config.target_modules!r} matched only modules recpeft cannot "
+                f"adapt ({_listing(matched)}); adaptable modules: {_listing(adaptable)}"
+            )
     chosen = []
     for name in targets:
         if name in excluded:
@@ -129,7 +135,11 @@ def select_lora_targets(model: nn.Module, config) -> list[str]:
         wrapper = wrapper_for(modules[name])
         if wrapper is None:
             inside = [n for n in adaptable if n.startswith(name + ".")]
-            where = f"adaptable modules inside it: {_listing(inside)}" if inside else f"adaptable modules: {_listing(adaptable)}"
+            where = (
+                f"adaptable modules inside it: {_listing(inside)}"
+                if inside
+                else f"adaptable modules: {_listing(adaptable)}"
+            )
             raise ValueError(
                 f"target {name!r} is a {type(modules[name]).__name__}, which recpeft cannot adapt "
                 f"(it wraps {', '.join(sorted({t.__name__ for t in LORA_WRAPPERS}))}); {where}"
@@ -137,7 +147,10 @@ def select_lora_targets(model: nn.Module, config) -> list[str]:
         wrapper.check_supported(modules[name], name)
         chosen.append(name)
     if not chosen:
-        raise ValueError(f"target_modules selected nothing once exclude_modules was applied; adaptable modules: {_listing(adaptable)}")
+        raise ValueError(
+            "target_modules selected nothing once exclude_modules was applied; "
+            f"adaptable modules: {_listing(adaptable)}"
+        )
     return chosen
 
 
@@ -158,7 +171,7 @@ def group_lora_targets(model: nn.Module, targets: list[str]) -> dict[str, list[s
         if owner is None:
             groups[name] = None
         else:
-            groups.setdefault(owner, []).append(name[len(owner) + 1:])
+            groups.setdefault(owner, []).append(name[len(owner) + 1 :])
     return groups
 
 
@@ -167,11 +180,17 @@ def select_modules_to_save(model: nn.Module, config, lora_targets: list[str]) ->
     names = match_modules(model, config.modules_to_save, "modules_to_save")
     for name in lora_targets:
         if isinstance(model.get_submodule(name), ModulesToSaveWrapper):
-            raise ValueError(f"target {name!r} is saved whole (modules_to_save) by another adapter; it cannot also be adapted")
+            raise ValueError(
+                f"target {name!r} is saved whole (modules_to_save) by another adapter; it cannot also be adapted"
+            )
     for name in names:
         if isinstance(model.get_submodule(name), LoraLayer):
-            raise ValueError(f"modules_to_save {name!r} is adapted by LoRA in another adapter; it cannot also be saved whole")
+            raise ValueError(
+                f"modules_to_save {name!r} is adapted by LoRA in another adapter; it cannot also be saved whole"
+            )
         overlap = [t for t in lora_targets if t == name or t.startswith(name + ".")]
         if overlap:
-            raise ValueError(f"modules_to_save {name!r} contains LoRA targets {overlap}; a module is either adapted or saved whole")
+            raise ValueError(
+                f"modules_to_save {name!r} contains LoRA targets {overlap}; a module is either adapted or saved whole"
+            )
     return names

@@ -79,8 +79,9 @@ class TrainConfig:
         try:
             self.schedule = Schedule(self.schedule)
         except ValueError:
-            raise ValueError(f"TrainConfig.schedule must be one of {[s.value for s in Schedule]}, "
-                             f"got {self.schedule!r}") from None
+            raise ValueError(
+                f"TrainConfig.schedule must be one of {[s.value for s in Schedule]}, got {self.schedule!r}"
+            ) from None
         for name in ("amp", "progress", "keep_initial"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
@@ -93,7 +94,7 @@ class TrainConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "TrainConfig") -> "TrainConfig":
+    def from_dict(cls, data: dict, source: str = "TrainConfig") -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -104,7 +105,7 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, source: str = "TrainConfig JSON") -> "TrainConfig":
+    def from_json(cls, text: str, source: str = "TrainConfig JSON") -> TrainConfig:
         return cls.from_dict(parse_json_object(text, source), source)
 
 

@@ -15,13 +15,13 @@ so it stands for its dense gradient), every gradient is scaled by min(1, c / (â€
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from recpeft.layers import AdapterHolder
+from recpeft.utils.validation import check_positive_number
 
 from .lora_adamw import LoraAdamW
 
@@ -41,8 +41,9 @@ def sparse_gradient_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(found.values())
 
 
-def split_by_gradient_kind(model: nn.Module, named_parameters: NamedParameters | None = None
-                           ) -> tuple[NamedParameters, NamedParameters]:
+def split_by_gradient_kind(
+    model: nn.Module, named_parameters: NamedParameters | None = None
+) -> tuple[NamedParameters, NamedParameters]:
     """(dense, sparse): ``named_parameters`` (default: the ``requires_grad`` parameters of
     ``model``, by name) split into those with dense gradients and those in
     :func:`sparse_gradient_parameters`, each in the given order."""
@@ -54,8 +55,9 @@ def split_by_gradient_kind(model: nn.Module, named_parameters: NamedParameters |
     return dense, sparse
 
 
-def build_optimizers(model: nn.Module, lr: float, weight_decay: float = 0.0, *,
-                     named_parameters: NamedParameters | None = None) -> list[torch.optim.Optimizer]:
+def build_optimizers(
+    model: nn.Module, lr: float, weight_decay: float = 0.0, *, named_parameters: NamedParameters | None = None
+) -> list[torch.optim.Optimizer]:
     """The optimizers :class:`~recpeft.train.Trainer` steps: ``torch.optim.AdamW(foreach=True)``
     over the dense-gradient parameters (if any), then :class:`~recpeft.train.lora_adamw.LoraAdamW` over the
     sparse-gradient ones (if any), both with ``lr`` and decoupled ``weight_decay``.
@@ -67,10 +69,8 @@ def build_optimizers(model: nn.Module, lr: float, weight_decay: float = 0.0, *,
         named_parameters: the (name, parameter) pairs to optimize; default every parameter of
             ``model`` with ``requires_grad``.
     """
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"build_optimizers: lr must be a positive finite number, got {lr!r}")
-    if not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < math.inf):
-        raise ValueError(f"build_optimizers: weight_decay must be a finite number â‰¥ 0, got {weight_decay!r}")
+    check_positive_number("build_optimizers: lr", lr)
+    check_positive_number("build_optimizers: weight_decay", weight_decay, allow_zero=True)
     dense, sparse = split_by_gradient_kind(model, named_parameters)
     if not dense and not sparse:
         raise ValueError("build_optimizers: the model has no trainable parameters (requires_grad=True)")

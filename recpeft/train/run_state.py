@@ -28,6 +28,7 @@ from torch import nn
 
 from recpeft.utils.atomic import atomic_path
 from recpeft.utils.validation import check_state_keys, check_state_shapes
+
 from .config import TrainConfig
 from .optimizers import NamedParameters
 
@@ -58,6 +59,7 @@ class RunState:
 
 # ---- the model's part ---------------------------------------------------------------------------
 
+
 def trainable_state(model: nn.Module, trainable: NamedParameters) -> dict[str, torch.Tensor]:
     """CPU copies of the ``trainable`` parameters and of every buffer of ``model``, by name (buffers
     as ``buffer:<name>``; on the CPU so that a best-weights snapshot adds nothing to device memory)."""
@@ -67,8 +69,9 @@ def trainable_state(model: nn.Module, trainable: NamedParameters) -> dict[str, t
 
 
 @torch.no_grad()
-def load_trainable_state(model: nn.Module, trainable: NamedParameters, state: dict[str, torch.Tensor],
-                         source: str) -> None:
+def load_trainable_state(
+    model: nn.Module, trainable: NamedParameters, state: dict[str, torch.Tensor], source: str
+) -> None:
     """Copy ``state`` (from :func:`trainable_state`) into ``model`` in place. The names must be
     exactly those of ``trainable`` and the model's buffers, with the same shapes; otherwise a
     ValueError names ``source`` and the mismatch."""
@@ -82,6 +85,7 @@ def load_trainable_state(model: nn.Module, trainable: NamedParameters, state: di
 
 # ---- checkpoint files -----------------------------------------------------------------------------
 
+
 def latest_checkpoint(folder: str | Path | None) -> Path | None:
     """The ``step-<n>.pt`` file with the highest n in ``folder``, or None (no folder, or none there)."""
     if folder is None or not Path(folder).is_dir():
@@ -90,9 +94,16 @@ def latest_checkpoint(folder: str | Path | None) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_checkpoint(folder: str | Path, config: TrainConfig, rows: int, run: RunState, model: nn.Module,
-                    trainable: NamedParameters, best_state: dict | None,
-                    optimizers: list[torch.optim.Optimizer]) -> Path:
+def save_checkpoint(
+    folder: str | Path,
+    config: TrainConfig,
+    rows: int,
+    run: RunState,
+    model: nn.Module,
+    trainable: NamedParameters,
+    best_state: dict | None,
+    optimizers: list[torch.optim.Optimizer],
+) -> Path:
     """Write ``folder/step-<run.global_step>.pt`` atomically (see the module docstring for what it
     holds), then delete the folder's other checkpoints. Returns the written path."""
     folder = Path(folder)
@@ -116,8 +127,14 @@ def save_checkpoint(folder: str | Path, config: TrainConfig, rows: int, run: Run
     return path
 
 
-def load_checkpoint(path: Path, config: TrainConfig, rows: int, model: nn.Module, trainable: NamedParameters,
-                    optimizers: list[torch.optim.Optimizer]) -> tuple[RunState, dict | None]:
+def load_checkpoint(
+    path: Path,
+    config: TrainConfig,
+    rows: int,
+    model: nn.Module,
+    trainable: NamedParameters,
+    optimizers: list[torch.optim.Optimizer],
+) -> tuple[RunState, dict | None]:
     """Restore the run in ``path`` into ``model``, ``optimizers`` and the torch RNGs, after checking
     that it was written with ``config`` (up to :data:`RESUME_FREE_FIELDS`), for ``rows`` training
     rows and the same number of optimizers (ValueError naming ``path`` otherwise). Returns the run
@@ -128,14 +145,17 @@ def load_checkpoint(path: Path, config: TrainConfig, rows: int, model: nn.Module
     saved = payload["config"]
     for key, value in config.to_dict().items():
         if key not in RESUME_FREE_FIELDS and saved.get(key) != value:
-            raise ValueError(f"{path} was written with {key}={saved.get(key)!r} but this run has "
-                             f"{key}={value!r}; use another checkpoint_dir or resume=False")
+            raise ValueError(
+                f"{path} was written with {key}={saved.get(key)!r} but this run has "
+                f"{key}={value!r}; use another checkpoint_dir or resume=False"
+            )
     if payload["train_rows"] != rows:
         raise ValueError(f"{path} was written for {payload['train_rows']} training rows but the source has {rows}")
     load_trainable_state(model, trainable, payload["model"], str(path))
     if len(payload["optimizers"]) != len(optimizers):
-        raise ValueError(f"{path} holds {len(payload['optimizers'])} optimizer states, this model needs "
-                         f"{len(optimizers)}")
+        raise ValueError(
+            f"{path} holds {len(payload['optimizers'])} optimizer states, this model needs {len(optimizers)}"
+        )
     for optimizer, state in zip(optimizers, payload["optimizers"]):
         optimizer.load_state_dict(state)
     torch.set_rng_state(payload["rng"].cpu())

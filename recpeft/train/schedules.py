@@ -59,8 +59,9 @@ class LRSchedule:
     def __post_init__(self):
         check_int("total_steps", self.total_steps)
         if not is_int(self.warmup_steps) or not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"warmup_steps must be an integer in [0, total_steps={self.total_steps}], "
-                             f"got {self.warmup_steps!r}")
+            raise ValueError(
+                f"warmup_steps must be an integer in [0, total_steps={self.total_steps}], got {self.warmup_steps!r}"
+            )
         check_fraction("min_lr_ratio", self.min_lr_ratio)
         object.__setattr__(self, "kind", Schedule(self.kind))
 

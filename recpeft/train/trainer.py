@@ -34,27 +34,44 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from recpeft.datasets.batch import Batch, BatchSource, TensorBatches
+from recpeft.datasets.batch import Batch, BatchSource
 from recpeft.metrics import auc
 from recpeft.utils.validation import check_int
-from .schedules import LRSchedule, warmup_steps_for
+
 from .config import FitReport, TrainConfig
 from .memory import training_state_bytes
-from .optimizers import (build_optimizers, clip_grad_norm, set_lr, sparse_gradient_parameters,
-                               split_by_gradient_kind)
-from .run_state import (CHECKPOINT_FORMAT, RunState, latest_checkpoint, load_checkpoint, load_trainable_state,
-                          save_checkpoint, trainable_state)
+from .optimizers import build_optimizers, clip_grad_norm, set_lr, sparse_gradient_parameters, split_by_gradient_kind
+from .run_state import (
+    CHECKPOINT_FORMAT,
+    RunState,
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
+)
+from .schedules import LRSchedule, warmup_steps_for
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "FitReport", "TrainConfig", "Trainer", "auc_metric", "bce_loss", "build_optimizers",
-    "clip_grad_norm", "epoch_order", "predict", "sparse_gradient_parameters", "training_state_bytes",
+    "CHECKPOINT_FORMAT",
+    "FitReport",
+    "TrainConfig",
+    "Trainer",
+    "auc_metric",
+    "bce_loss",
+    "build_optimizers",
+    "clip_grad_norm",
+    "epoch_order",
+    "predict",
+    "sparse_gradient_parameters",
+    "training_state_bytes",
 ]
 
 
@@ -65,8 +82,8 @@ def epoch_order(rows: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(rows, generator=generator)
 
 
-
 # ---- prediction -------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def predict(model: nn.Module, source, batch_size: int = 8192, **kwargs) -> torch.Tensor:
@@ -94,25 +111,33 @@ def _model_device(model: nn.Module) -> torch.device:
 
 # ---- the default loss and metric ---------------------------------------------------------------
 
+
 def bce_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean binary cross-entropy of the logits ``model(*batch.args, **batch.kwargs)`` [B] (or any
     shape of B elements) against ``batch.labels`` [B] in {0, 1}, computed in float32."""
     logits = model(*batch.args, **batch.kwargs)
     labels = batch.labels
     if logits.numel() != labels.numel():
-        raise ValueError(f"the model returned {tuple(logits.shape)} logits for a batch of {labels.numel()} "
-                         f"labels; pass a loss_fn for models that do not return one logit per row")
+        raise ValueError(
+            f"the model returned {tuple(logits.shape)} logits for a batch of {labels.numel()} "
+            f"labels; pass a loss_fn for models that do not return one logit per row"
+        )
     return nn.functional.binary_cross_entropy_with_logits(logits.reshape(labels.shape).float(), labels.float())
 
 
 def auc_metric(model: nn.Module, source: BatchSource, batch_size: int = 8192) -> float:
     """AUC of :func:`predict`'s scores against the source's labels."""
-    labels = torch.cat([source.batch(torch.arange(b, min(b + batch_size, len(source)))).labels
-                        for b in range(0, len(source), batch_size)])
+    labels = torch.cat(
+        [
+            source.batch(torch.arange(b, min(b + batch_size, len(source)))).labels
+            for b in range(0, len(source), batch_size)
+        ]
+    )
     return auc(predict(model, source, batch_size), labels)
 
 
 # ---- the trainer ------------------------------------------------------------------------------
+
 
 class Trainer:
     """Trains ``model``'s trainable parameters with :class:`TrainConfig` (see the module docstring).
@@ -128,10 +153,16 @@ class Trainer:
         device: where to train; default the model's device (the model is moved there).
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig | None = None, *,
-                 loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
-                 metric_fn: Callable[[nn.Module, BatchSource], float] | None = None,
-                 metric_mode: str = "max", device: torch.device | str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig | None = None,
+        *,
+        loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+        metric_fn: Callable[[nn.Module, BatchSource], float] | None = None,
+        metric_mode: str = "max",
+        device: torch.device | str | None = None,
+    ):
         if metric_mode not in ("max", "min"):
             raise ValueError(f"metric_mode must be 'max' or 'min', got {metric_mode!r}")
         self.config = config if config is not None else TrainConfig()
@@ -154,8 +185,9 @@ class Trainer:
     def _build_optimizers(self) -> None:
         """Fresh optimizers for the trainable parameters (:func:`build_optimizers`)."""
         self._dense_params, _ = split_by_gradient_kind(self.model, self.trainable)
-        self.optimizers = build_optimizers(self.model, self.config.lr, self.config.weight_decay,
-                                           named_parameters=self.trainable)
+        self.optimizers = build_optimizers(
+            self.model, self.config.lr, self.config.weight_decay, named_parameters=self.trainable
+        )
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -166,8 +198,9 @@ class Trainer:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             loss = self.loss_fn(self.model, batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
-                             f"{tuple(getattr(loss, 'shape', ()))}")
+            raise ValueError(
+                f"loss_fn must return a scalar tensor, got {type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}"
+            )
         loss.backward()
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -175,8 +208,10 @@ class Trainer:
         if check_sparse:
             for name, p in self._dense_params:
                 if p.grad is not None and p.grad.is_sparse:
-                    raise TypeError(f"parameter {name} got a sparse gradient but is not an embedding with "
-                                    f"sparse=True or a LoRA table adapter; torch AdamW cannot step it")
+                    raise TypeError(
+                        f"parameter {name} got a sparse gradient but is not an embedding with "
+                        f"sparse=True or a LoRA table adapter; torch AdamW cannot step it"
+                    )
         if self.config.clip_grad_norm is not None:
             clip_grad_norm([p for _, p in self.trainable], self.config.clip_grad_norm)
         for optimizer in self.optimizers:
@@ -198,8 +233,9 @@ class Trainer:
     def _checked_metric(self, valid: BatchSource, when: str) -> float:
         metric = self.evaluate(valid)
         if math.isnan(metric):
-            raise ValueError(f"the validation metric is NaN {when} (for AUC: does the validation source hold "
-                             f"both labels?)")
+            raise ValueError(
+                f"the validation metric is NaN {when} (for AUC: does the validation source hold both labels?)"
+            )
         return metric
 
     def _improves(self, metric: float, best: float | None) -> bool:
@@ -214,8 +250,9 @@ class Trainer:
         return latest_checkpoint(self.config.checkpoint_dir)
 
     def _save_checkpoint(self, run: RunState, best_state: dict | None, rows: int) -> None:
-        save_checkpoint(self.config.checkpoint_dir, self.config, rows, run, self.model, self.trainable, best_state,
-                        self.optimizers)
+        save_checkpoint(
+            self.config.checkpoint_dir, self.config, rows, run, self.model, self.trainable, best_state, self.optimizers
+        )
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -231,16 +268,16 @@ class Trainer:
             raise ValueError("the validation source is empty")
         steps_per_epoch = math.ceil(rows / config.batch_size)
         total_steps = config.epochs * steps_per_epoch
-        schedule = LRSchedule(total_steps, warmup_steps_for(total_steps, config.warmup_fraction),
-                              config.schedule, config.min_lr_ratio)
+        schedule = LRSchedule(
+            total_steps, warmup_steps_for(total_steps, config.warmup_fraction), config.schedule, config.min_lr_ratio
+        )
         self._build_optimizers()
         run, best_state = RunState(), None
         torch.manual_seed(config.seed)
         checkpoint = self.latest_checkpoint() if resume else None
         if checkpoint is not None:
-            run, best_state = load_checkpoint(checkpoint, config, rows, self.model, self.trainable,
-                                               self.optimizers)
-        elif config.keep_initial and valid is not None:   # a fresh run: the starting weights are epoch -1
+            run, best_state = load_checkpoint(checkpoint, config, rows, self.model, self.trainable, self.optimizers)
+        elif config.keep_initial and valid is not None:  # a fresh run: the starting weights are epoch -1
             run.best_metric, run.best_epoch = self._checked_metric(valid, "before training"), -1
             best_state = trainable_state(self.model, self.trainable)
         resumed_from, samples_before = run.global_step, run.samples
@@ -250,14 +287,20 @@ class Trainer:
             memory_at_start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         start, train_seconds = time.perf_counter(), 0.0
-        bar = tqdm(total=config.epochs * rows, initial=min(run.samples, config.epochs * rows), desc=config.desc,
-                   unit="samples", disable=not config.progress, leave=False)
+        bar = tqdm(
+            total=config.epochs * rows,
+            initial=min(run.samples, config.epochs * rows),
+            desc=config.desc,
+            unit="samples",
+            disable=not config.progress,
+            leave=False,
+        )
         with bar:
             while run.epoch < config.epochs and not run.stopped_early:
                 self.model.train()
                 order = epoch_order(rows, config.seed, run.epoch)
                 for step in range(run.step_in_epoch, steps_per_epoch):
-                    index = order[step * config.batch_size:(step + 1) * config.batch_size]
+                    index = order[step * config.batch_size : (step + 1) * config.batch_size]
                     tick = time.perf_counter()
                     batch = train.batch(index).to(self.device)
                     run.last_lr = config.lr * schedule(run.global_step)
@@ -269,13 +312,20 @@ class Trainer:
                     run.loss_rows += len(index)
                     bar.update(len(index))
                     every = config.checkpoint_every_steps
-                    if (config.checkpoint_dir and every and run.global_step % every == 0
-                            and run.step_in_epoch < steps_per_epoch):
+                    if (
+                        config.checkpoint_dir
+                        and every
+                        and run.global_step % every == 0
+                        and run.step_in_epoch < steps_per_epoch
+                    ):
                         self._save_checkpoint(run, best_state, rows)
                 best_state = self._end_epoch(run, valid, best_state)
                 last = run.history[-1]
-                bar.set_postfix(epoch=last["epoch"], loss=f"{last['train_loss']:.4f}",
-                                valid=None if last["valid_metric"] is None else f"{last['valid_metric']:.4f}")
+                bar.set_postfix(
+                    epoch=last["epoch"],
+                    loss=f"{last['train_loss']:.4f}",
+                    valid=None if last["valid_metric"] is None else f"{last['valid_metric']:.4f}",
+                )
                 if config.checkpoint_dir:
                     self._save_checkpoint(run, best_state, rows)
         if best_state is not None:
@@ -283,11 +333,18 @@ class Trainer:
         self.model.eval()
         seconds = time.perf_counter() - start
         return FitReport(
-            epochs_run=len(run.history), steps=run.global_step, samples=run.samples, seconds=seconds,
+            epochs_run=len(run.history),
+            steps=run.global_step,
+            samples=run.samples,
+            seconds=seconds,
             samples_per_second=(run.samples - samples_before) / max(train_seconds, 1e-9),
-            final_loss=run.last_loss, best_metric=run.best_metric, best_epoch=run.best_epoch,
-            stopped_early=run.stopped_early, history=[dict(h) for h in run.history],
-            resumed_from_step=resumed_from, training_state_bytes=training_state_bytes(self.model, self.optimizers),
+            final_loss=run.last_loss,
+            best_metric=run.best_metric,
+            best_epoch=run.best_epoch,
+            stopped_early=run.stopped_early,
+            history=[dict(h) for h in run.history],
+            resumed_from_step=resumed_from,
+            training_state_bytes=training_state_bytes(self.model, self.optimizers),
             peak_memory_bytes=(torch.cuda.max_memory_allocated(self.device) - memory_at_start) if cuda else None,
         )
 
@@ -304,8 +361,13 @@ class Trainer:
                 run.bad_epochs += 1
                 patience = self.config.early_stopping_patience
                 run.stopped_early = patience is not None and run.bad_epochs >= patience
-        run.history.append({"epoch": run.epoch, "train_loss": run.loss_sum / max(run.loss_rows, 1),
-                            "valid_metric": metric, "lr": run.last_lr})
+        run.history.append(
+            {
+                "epoch": run.epoch,
+                "train_loss": run.loss_sum / max(run.loss_rows, 1),
+                "valid_metric": metric,
+                "lr": run.last_lr,
+            }
+        )
         run.epoch, run.step_in_epoch, run.loss_sum, run.loss_rows = run.epoch + 1, 0, 0.0, 0
         return best_state
-

@@ -89,15 +89,22 @@ def measure_peak_memory(build: Callable[[], Built], step: Callable[[Built, int],
     gc.collect()
     built, build_peak, model = resident_growth(collected_build)
     seconds, training, _ = resident_growth(train)
-    return {"peak_bytes": model + training, "model_bytes": model, "training_bytes": training,
-            "build_peak_bytes": build_peak, "step_s_in_probe": round(seconds, 4)}
+    return {
+        "peak_bytes": model + training,
+        "model_bytes": model,
+        "training_bytes": training,
+        "build_peak_bytes": build_peak,
+        "step_s_in_probe": round(seconds, 4),
+    }
 
 
 def describe_peak_memory(steps: int) -> str:
     """One line saying how :func:`measure_peak_memory` run by :func:`run_json_subprocesses` measures."""
-    return (f"fresh process per probe; VmHWM reset via /proc/self/clear_refs; peak = VmHWM over {steps} training "
-            f"steps - VmRSS before building the model; build_peak = VmHWM while building; "
-            f"MALLOC_MMAP_THRESHOLD_={MALLOC_MMAP_THRESHOLD}")
+    return (
+        f"fresh process per probe; VmHWM reset via /proc/self/clear_refs; peak = VmHWM over {steps} training "
+        f"steps - VmRSS before building the model; build_peak = VmHWM while building; "
+        f"MALLOC_MMAP_THRESHOLD_={MALLOC_MMAP_THRESHOLD}"
+    )
 
 
 def run_json_subprocesses(argvs: list[list[str]], timeout: float = 600) -> list[dict]:
@@ -106,8 +113,9 @@ def run_json_subprocesses(argvs: list[list[str]], timeout: float = 600) -> list[
     running them side by side changes no figure, only the wall time. Raises RuntimeError with the
     end of a failed command's stderr (the others are stopped)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MALLOC_MMAP_THRESHOLD)
-    running = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for argv in argvs]
+    running = [
+        subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv in argvs
+    ]
     results = []
     try:
         for argv, process in zip(argvs, running):

@@ -54,8 +54,14 @@ def check_fraction(name: str, value, *, below_one: bool = False) -> float:
     return float(value)
 
 
-def check_state_keys(present: Iterable[str], expected: Iterable[str], *, where: str, prefix: str = "",
-                     error: type[Exception] = ValueError) -> None:
+def check_state_keys(
+    present: Iterable[str],
+    expected: Iterable[str],
+    *,
+    where: str,
+    prefix: str = "",
+    error: type[Exception] = ValueError,
+) -> None:
     """Raise ``error`` naming the first (sorted) key of ``expected`` missing from ``present``,
     else the first key of ``present`` not in ``expected``: ``"<where>: missing key <prefix><key>"``."""
     present, expected = set(present), set(expected)
@@ -67,8 +73,14 @@ def check_state_keys(present: Iterable[str], expected: Iterable[str], *, where: 
         raise error(f"{where}: unexpected key {prefix}{unexpected[0]}")
 
 
-def check_state_shapes(present: Mapping[str, object], expected: Mapping[str, object], *, where: str, prefix: str = "",
-                       error: type[Exception] = ValueError) -> None:
+def check_state_shapes(
+    present: Mapping[str, object],
+    expected: Mapping[str, object],
+    *,
+    where: str,
+    prefix: str = "",
+    error: type[Exception] = ValueError,
+) -> None:
     """Raise ``error`` for the first key of ``expected`` (in its order) whose tensor in ``present``
     has another shape: ``"<where>: <prefix><key> has shape (a, b) but the model expects (c, d)"``.
     Values are tensors or shapes; keys missing from ``present`` are :func:`check_state_keys`' job."""

@@ -11,11 +11,23 @@ import pytest
 import torch
 
 from recpeft.apps import bench
-from recpeft.apps.bench import (BenchSpec, TARGETS, VARIANTS, build_base, draw_batches, memory_probe, model_options,
-                                power_law_ids, prepare_variant, print_bench, run_bench, train_step)
 from recpeft.apps.base_checkpoint import save_base
-from recpeft.datasets import FeatureEncoder
+from recpeft.apps.bench import (
+    TARGETS,
+    VARIANTS,
+    BenchSpec,
+    build_base,
+    draw_batches,
+    memory_probe,
+    model_options,
+    power_law_ids,
+    prepare_variant,
+    print_bench,
+    run_bench,
+    train_step,
+)
 from recpeft.apps.shop_recipe import LORA
+from recpeft.datasets import FeatureEncoder
 from recpeft.datasets.synthetic import SHOP_SCHEMA
 from recpeft.models.dlrm import build_click_model
 from recpeft.train.lora_adamw import LoraAdamW
@@ -30,8 +42,9 @@ def result():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_bench(rows_per_table={"user": BIG_USER_ROWS, "item": 3000}, batch_size=256, steps=1, rounds=2,
-                         progress=False)
+        return run_bench(
+            rows_per_table={"user": BIG_USER_ROWS, "item": 3000}, batch_size=256, steps=1, rounds=2, progress=False
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -44,11 +57,16 @@ def _table_bytes(cardinalities: dict, dim: int) -> int:
 def test_result_is_json_and_consistent(result, capsys):
     assert json.loads(json.dumps(result)) == result
     assert set(result["variants"]) == set(VARIANTS)
-    assert result["model"]["cardinalities"] == {"user": BIG_USER_ROWS, "item": 3000, "category": 25, "brand": 151,
-                                                "price_bucket": 11}
+    assert result["model"]["cardinalities"] == {
+        "user": BIG_USER_ROWS,
+        "item": 3000,
+        "category": 25,
+        "brand": 151,
+        "price_bucket": 11,
+    }
     assert result["model"]["table_bytes"] == _table_bytes(result["model"]["cardinalities"], DIM)
     assert result["start_logits_max_abs_diff"] == 0.0
-    for name, row in result["variants"].items():
+    for row in result["variants"].values():
         assert len(row["step_seconds"]) == 2
         assert all(s > 0 and math.isfinite(s) for s in row["step_seconds"])
         assert row["samples_per_second"] == pytest.approx(256 / statistics.median(row["step_seconds"]), rel=1e-4)
@@ -141,15 +159,18 @@ def test_draw_batches_shapes_ranges_and_seed():
     assert not torch.equal(batches[0].args[0], batches[1].args[0])
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"rows_per_table": {"country": 10}}, ["rows_per_table", "country"]),
-    ({"rows_per_table": {"user": 0}}, ["rows_per_table['user']"]),
-    ({"steps": 0}, ["steps"]),
-    ({"rounds": 1.5}, ["rounds"]),
-    ({"batch_size": -3}, ["batch_size"]),
-    ({"base": "somewhere", "rows_per_table": {"user": 10}}, ["rows_per_table", "base"]),
-    ({"embedding_dim": 0}, ["embedding_dim"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"rows_per_table": {"country": 10}}, ["rows_per_table", "country"]),
+        ({"rows_per_table": {"user": 0}}, ["rows_per_table['user']"]),
+        ({"steps": 0}, ["steps"]),
+        ({"rounds": 1.5}, ["rounds"]),
+        ({"batch_size": -3}, ["batch_size"]),
+        ({"base": "somewhere", "rows_per_table": {"user": 10}}, ["rows_per_table", "base"]),
+        ({"embedding_dim": 0}, ["embedding_dim"]),
+    ],
+)
 def test_bad_arguments_name_themselves(kwargs, words):
     with pytest.raises(ValueError) as info:
         run_bench(progress=False, **kwargs)
@@ -167,14 +188,20 @@ def test_unknown_variant_and_bad_spec():
 
 def _shop_frame(rows: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "user": rng.integers(0, 300, rows), "item": rng.integers(0, 200, rows),
-        "category": rng.choice(list("abcdef"), rows), "brand": rng.choice(list("pqrstuvw"), rows),
-        "price_bucket": rng.integers(0, 10, rows), "price": rng.lognormal(2.0, 1.0, rows),
-        "position": rng.integers(0, 10, rows), "label": rng.integers(0, 2, rows),
-        "market": rng.choice(["UK", "DE"], rows),
-        "timestamp": pd.Timestamp("2026-01-01") + pd.to_timedelta(rng.integers(0, 86400 * 30, rows), unit="s"),
-    })
+    return pd.DataFrame(
+        {
+            "user": rng.integers(0, 300, rows),
+            "item": rng.integers(0, 200, rows),
+            "category": rng.choice(list("abcdef"), rows),
+            "brand": rng.choice(list("pqrstuvw"), rows),
+            "price_bucket": rng.integers(0, 10, rows),
+            "price": rng.lognormal(2.0, 1.0, rows),
+            "position": rng.integers(0, 10, rows),
+            "label": rng.integers(0, 2, rows),
+            "market": rng.choice(["UK", "DE"], rows),
+            "timestamp": pd.Timestamp("2026-01-01") + pd.to_timedelta(rng.integers(0, 86400 * 30, rows), unit="s"),
+        }
+    )
 
 
 def test_base_checkpoint_is_measured_with_its_own_sizes(tmp_path, monkeypatch):

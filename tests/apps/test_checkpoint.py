@@ -20,9 +20,17 @@ SCHEMA = Schema(user="u", item="i", label="y", segment="s", timestamp="t", categ
 @pytest.fixture
 def saved(tmp_path):
     rng = np.random.default_rng(0)
-    frame = pd.DataFrame({"u": rng.integers(0, 30, 200), "i": rng.integers(0, 20, 200), "c": rng.choice(["a", "b"], 200),
-                          "x": rng.normal(size=200), "y": rng.integers(0, 2, 200).astype(float),
-                          "s": rng.choice(["p", "q"], 200), "t": pd.Timestamp("2025-01-01")})
+    frame = pd.DataFrame(
+        {
+            "u": rng.integers(0, 30, 200),
+            "i": rng.integers(0, 20, 200),
+            "c": rng.choice(["a", "b"], 200),
+            "x": rng.normal(size=200),
+            "y": rng.integers(0, 2, 200).astype(float),
+            "s": rng.choice(["p", "q"], 200),
+            "t": pd.Timestamp("2025-01-01"),
+        }
+    )
     encoder = FeatureEncoder().fit(frame, SCHEMA)
     torch.manual_seed(0)
     model = build_click_model(encoder.cardinalities, 1, embedding_dim=8, dense_arch=(8, 8), over_arch=(8,))
@@ -45,12 +53,15 @@ def _edit_weights(path, edit):
     save_file(state, str(path / "model.safetensors"))
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda s: s.pop(next(k for k in s if "t_u" in k)), r"does not match model_config.json: missing key .*t_u"),
-    (lambda s: s.update(extra=torch.zeros(1)), "does not match model_config.json: unexpected key extra"),
-    (lambda s: s.update({k: torch.zeros(3, 8) for k in s if "t_i" in k}), "has shape"),
-    (lambda s: s.update({k: torch.full_like(v, float("nan")) for k, v in s.items() if "t_c" in k}), "non-finite"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop(next(k for k in s if "t_u" in k)), r"does not match model_config.json: missing key .*t_u"),
+        (lambda s: s.update(extra=torch.zeros(1)), "does not match model_config.json: unexpected key extra"),
+        (lambda s: s.update({k: torch.zeros(3, 8) for k in s if "t_i" in k}), "has shape"),
+        (lambda s: s.update({k: torch.full_like(v, float("nan")) for k, v in s.items() if "t_c" in k}), "non-finite"),
+    ],
+)
 def test_broken_weights_are_named(saved, edit, message):
     path = saved[0]
     _edit_weights(path, edit)

@@ -91,8 +91,9 @@ def _brute_force(model, shop, market: str, max_len: int) -> tuple[float, float, 
     input; rank = #{catalogue items j ≠ target with s_j ≥ s_target}."""
     clicks = shop[shop["label"] == 1]
     per_user: dict[int, list[tuple]] = {}
-    for position, (user, when, item, where) in enumerate(zip(clicks["user"], clicks["timestamp"], clicks["item"],
-                                                            clicks["market"])):
+    for position, (user, when, item, where) in enumerate(
+        zip(clicks["user"], clicks["timestamp"], clicks["item"], clicks["market"])
+    ):
         per_user.setdefault(int(user), []).append((when, position, int(item) + 1, str(where)))
     hits, gains, users = 0, 0.0, 0
     for events in per_user.values():

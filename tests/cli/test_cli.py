@@ -49,9 +49,17 @@ def _interaction_log(path, seed=0, rows=6000):
     price = np.exp(rng.normal(2, 0.5, rows))
     taste = np.where(segment == "north", np.sin(category), np.cos(3 * category))
     label = (rng.random(rows) < 1 / (1 + np.exp(-(2 * taste - 1.5)))).astype(int)
-    frame = pd.DataFrame({"uid": user, "sku": item, "cat": [f"c{c}" for c in category], "price": price,
-                          "clicked": label, "country": segment,
-                          "ts": pd.Timestamp("2025-01-01") + pd.to_timedelta(rng.integers(0, 90 * 86400, rows), "s")})
+    frame = pd.DataFrame(
+        {
+            "uid": user,
+            "sku": item,
+            "cat": [f"c{c}" for c in category],
+            "price": price,
+            "clicked": label,
+            "country": segment,
+            "ts": pd.Timestamp("2025-01-01") + pd.to_timedelta(rng.integers(0, 90 * 86400, rows), "s"),
+        }
+    )
     frame.to_csv(path, index=False)
     return frame
 
@@ -59,15 +67,60 @@ def _interaction_log(path, seed=0, rows=6000):
 def test_pretrain_finetune_evaluate_merge_on_a_csv(tmp_path, capsys):
     log = tmp_path / "log.csv"
     _interaction_log(log)
-    roles = ["--user", "uid", "--item", "sku", "--label", "clicked", "--segment-col", "country", "--timestamp", "ts",
-             "--categorical", "cat", "--dense", "price", "--quiet"]
+    roles = [
+        "--user",
+        "uid",
+        "--item",
+        "sku",
+        "--label",
+        "clicked",
+        "--segment-col",
+        "country",
+        "--timestamp",
+        "ts",
+        "--categorical",
+        "cat",
+        "--dense",
+        "price",
+        "--quiet",
+    ]
     base, adapter, merged = tmp_path / "base", tmp_path / "adapters" / "south", tmp_path / "merged"
     assert main(["pretrain", str(log), *roles, "--out", str(base), "--epochs", "2", "--embedding-dim", "16"]) == 0
-    assert main(["finetune", str(log), *roles, "--base", str(base), "--segment", "south", "--out", str(adapter),
-                 "--epochs", "3"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(log),
+                *roles,
+                "--base",
+                str(base),
+                "--segment",
+                "south",
+                "--out",
+                str(adapter),
+                "--epochs",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert "test AUC base" in capsys.readouterr().out
-    assert main(["evaluate", str(log), *roles, "--base", str(base), "--adapter", str(adapter),
-                 "--json", str(tmp_path / "eval.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(log),
+                *roles,
+                "--base",
+                str(base),
+                "--adapter",
+                str(adapter),
+                "--json",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
     scores = json.loads((tmp_path / "eval.json").read_text())["segments"]
     assert {s["segment"] for s in scores} == {"north", "south"}
     assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(merged), "--quiet"]) == 0
@@ -79,8 +132,15 @@ def test_pretrain_finetune_evaluate_merge_on_a_csv(tmp_path, capsys):
     frame = pd.read_csv(log).tail(500)
     from recpeft.datasets import Schema, load_interactions
 
-    schema = Schema(user="uid", item="sku", label="clicked", segment="country", timestamp="ts", categorical=("cat",),
-                    dense=("price",))
+    schema = Schema(
+        user="uid",
+        item="sku",
+        label="clicked",
+        segment="country",
+        timestamp="ts",
+        categorical=("cat",),
+        dense=("price",),
+    )
     rows = ClickBatches(encoder.transform(load_interactions(frame, schema), unseen="oov"))
     torch.testing.assert_close(predict(folded, rows), predict(adapted, rows), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(predict(folded, rows), predict(load_base(base)[0], rows))
@@ -95,11 +155,14 @@ def _movielens_1m(folder, seed=0, users=60, items=40, ratings=2500):
     liking = np.array([1.0 if (gender[u] == "F") == (i % 2 == 0) else -1.0 for u, i in zip(user, item)])
     rating = np.clip(np.round(3 + 1.5 * liking + rng.normal(0, 0.8, ratings)), 1, 5).astype(int)
     stamp = rng.integers(956_703_932, 1_046_454_590, ratings)
-    (folder / "ratings.dat").write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in zip(user, item, rating, stamp)))
+    (folder / "ratings.dat").write_text(
+        "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in zip(user, item, rating, stamp))
+    )
     (folder / "users.dat").write_text("".join(f"{u}::{g}::25::4::{10000 + u}\n" for u, g in gender.items()))
     genres = ["Comedy", "Drama", "Action|Thriller"]
-    (folder / "movies.dat").write_bytes("".join(f"{i}::Film {i} (1995)::{genres[i % 3]}\n"
-                                                for i in range(1, items + 1)).encode("latin-1"))
+    (folder / "movies.dat").write_bytes(
+        "".join(f"{i}::Film {i} (1995)::{genres[i % 3]}\n" for i in range(1, items + 1)).encode("latin-1")
+    )
 
 
 def test_movielens_folder_through_finetune(tmp_path, capsys):
@@ -107,19 +170,43 @@ def test_movielens_folder_through_finetune(tmp_path, capsys):
     _movielens_1m(data)
     base, adapter = tmp_path / "base", tmp_path / "adapters" / "F"
     assert main(["pretrain", str(data), "--out", str(base), "--epochs", "2", "--embedding-dim", "8", "--quiet"]) == 0
-    assert main(["finetune", str(data), "--base", str(base), "--segment", "F", "--segment-by", "gender",
-                 "--out", str(adapter), "--epochs", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(data),
+                "--base",
+                str(base),
+                "--segment",
+                "F",
+                "--segment-by",
+                "gender",
+                "--out",
+                str(adapter),
+                "--epochs",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "F: " in out and (adapter / "adapter_model.safetensors").is_file()
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert any("t_genre" in t for t in config["target_modules"])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["finetune", "--base", "{tmp}/missing", "--segment", "DE", "--out", "{tmp}/a"], "model.safetensors is missing"),
-    (["pretrain", "{tmp}/none.csv", "--out", "{tmp}/b"], "no such file"),
-    (["evaluate", "--base", "{tmp}/missing"], "is not a base checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["finetune", "--base", "{tmp}/missing", "--segment", "DE", "--out", "{tmp}/a"],
+            "model.safetensors is missing",
+        ),
+        (["pretrain", "{tmp}/none.csv", "--out", "{tmp}/b"], "no such file"),
+        (["evaluate", "--base", "{tmp}/missing"], "is not a base checkpoint"),
+    ],
+)
 def test_errors_are_one_line(tmp_path, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     result = subprocess.run([sys.executable, "-m", "recpeft.cli", *argv, "--quiet"], capture_output=True, text=True)
@@ -131,8 +218,11 @@ def test_errors_are_one_line(tmp_path, argv, message):
 def test_demo_output_folder_that_cannot_be_made(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    result = subprocess.run([sys.executable, "-m", "recpeft.cli", "demo", "--quiet", "--out", str(blocker / "out")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "recpeft.cli", "demo", "--quiet", "--out", str(blocker / "out")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and result.stderr.startswith("recpeft demo: error:")
 
 
@@ -151,21 +241,86 @@ def test_new_segment_unseen_ids_and_a_foreign_base(tmp_path, capsys):
     _interaction_log(log)
     _other_log(new, seed=1, segments=("east", "west"))
     _other_log(alien, seed=2, segments=("east", "west"), shift=10_000)
-    roles = ["--user", "uid", "--item", "sku", "--label", "clicked", "--segment-col", "country", "--timestamp", "ts",
-             "--categorical", "cat", "--dense", "price"]
+    roles = [
+        "--user",
+        "uid",
+        "--item",
+        "sku",
+        "--label",
+        "clicked",
+        "--segment-col",
+        "country",
+        "--timestamp",
+        "ts",
+        "--categorical",
+        "cat",
+        "--dense",
+        "price",
+    ]
     base, other = tmp_path / "base", tmp_path / "other"
     for out, seed in ((base, "0"), (other, "1")):
-        assert main(["pretrain", str(log), *roles, "--out", str(out), "--epochs", "1", "--embedding-dim", "8",
-                     "--seed", seed, "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "pretrain",
+                    str(log),
+                    *roles,
+                    "--out",
+                    str(out),
+                    "--epochs",
+                    "1",
+                    "--embedding-dim",
+                    "8",
+                    "--seed",
+                    seed,
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     adapter = tmp_path / "adapters" / "east"
     # no role flags: the base's encoder.json names the columns
-    assert main(["finetune", str(new), "--base", str(base), "--segment", "east", "--out", str(adapter),
-                 "--epochs", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(new),
+                "--base",
+                str(base),
+                "--segment",
+                "east",
+                "--out",
+                str(adapter),
+                "--epochs",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "east: " in capsys.readouterr().out
-    assert main(["finetune", str(alien), "--base", str(base), "--segment", "east", "--out", str(tmp_path / "x"),
-                 "--quiet"]) == 1
+    assert (
+        main(
+            ["finetune", str(alien), "--base", str(base), "--segment", "east", "--out", str(tmp_path / "x"), "--quiet"]
+        )
+        == 1
+    )
     assert "unknown to the base" in capsys.readouterr().err
     assert main(["evaluate", str(new), "--base", str(other), "--adapter", str(adapter), "--quiet"]) == 1
     assert "trained on another base" in capsys.readouterr().err
-    assert main(["merge", "--base", str(other), "--adapter", str(adapter), "--out", str(tmp_path / "m"),
-                 "--ignore-base-mismatch", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(other),
+                "--adapter",
+                str(adapter),
+                "--out",
+                str(tmp_path / "m"),
+                "--ignore-base-mismatch",
+                "--quiet",
+            ]
+        )
+        == 0
+    )

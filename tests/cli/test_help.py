@@ -26,14 +26,16 @@ print("imported:", ",".join(heavy))
 
 @pytest.mark.parametrize("argv", [["--help"], *([name, "--help"] for name in SUBCOMMANDS)], ids=" ".join)
 def test_help_imports_no_heavy_module(argv):
-    result = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *argv], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), *argv], capture_output=True, text=True, check=True
+    )
     assert "usage: recpeft" in result.stdout
     assert result.stdout.strip().endswith("imported:"), result.stdout[-300:]
 
 
 def test_every_subcommand_is_listed_and_demo_describes_itself():
     assert SUBCOMMANDS == ["bench", "demo", "evaluate", "finetune", "merge", "pretrain"]
-    demo = subprocess.run([sys.executable, "-m", "recpeft.cli", "demo", "--help"], capture_output=True, text=True,
-                          check=True).stdout
+    demo = subprocess.run(
+        [sys.executable, "-m", "recpeft.cli", "demo", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "personalise a pretrained click model per market" in demo  # the demo module's docstring

@@ -6,19 +6,28 @@ import pytest
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
-from recpeft.datasets.batch import BatchSource
 from recpeft.datasets import ClickBatches, FeatureEncoder, Schema, load_interactions
+from recpeft.datasets.batch import BatchSource
 
 SCHEMA = Schema(segment="market", timestamp=None, categorical=("brand",), dense=("price", "age"))
 
 
 def encoded_log(seed: int, n: int = 300, schema: Schema = SCHEMA):
     rng = np.random.default_rng(seed)
-    frame = load_interactions(pd.DataFrame({
-        "user": rng.integers(0, 50, n), "item": [f"i{k}" for k in rng.integers(0, 30, n)],
-        "brand": rng.choice(["a", "b", "c", "d"], n), "price": rng.gamma(2.0, 10.0, n),
-        "age": rng.integers(18, 70, n).astype(float), "label": rng.integers(0, 2, n),
-        "market": rng.choice(["UK", "DE", "FR", "ES"], n)}), schema)
+    frame = load_interactions(
+        pd.DataFrame(
+            {
+                "user": rng.integers(0, 50, n),
+                "item": [f"i{k}" for k in rng.integers(0, 30, n)],
+                "brand": rng.choice(["a", "b", "c", "d"], n),
+                "price": rng.gamma(2.0, 10.0, n),
+                "age": rng.integers(18, 70, n).astype(float),
+                "label": rng.integers(0, 2, n),
+                "market": rng.choice(["UK", "DE", "FR", "ES"], n),
+            }
+        ),
+        schema,
+    )
     encoder = FeatureEncoder().fit(frame, schema)
     return frame, encoder, encoder.transform(frame)
 
@@ -46,8 +55,10 @@ def test_batch_contents_equal_the_encoded_rows():
 
 def test_kjt_feeds_a_torchrec_embedding_bag_collection():
     _, encoder, encoded = encoded_log(2)
-    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=n, feature_names=[f])
-              for f, n in encoder.cardinalities.items()]
+    tables = [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=n, feature_names=[f])
+        for f, n in encoder.cardinalities.items()
+    ]
     ebc = EmbeddingBagCollection(tables=tables)
     index = torch.randint(0, len(encoded), (16,))
     pooled = ebc(ClickBatches(encoded).batch(index).args[1]).to_dict()

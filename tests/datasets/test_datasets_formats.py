@@ -8,13 +8,50 @@ import pytest
 
 from recpeft.datasets import FeatureEncoder, load_criteo, load_movielens
 
-GENRES_100K = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-               "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-               "War", "Western"]
-OCCUPATIONS_1M = ["other", "academic/educator", "artist", "clerical/admin", "college/grad student",
-                  "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
-                  "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist", "self-employed",
-                  "technician/engineer", "tradesman/craftsman", "unemployed", "writer"]
+GENRES_100K = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
+OCCUPATIONS_1M = [
+    "other",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
+]
 AGE_NAMES_1M = {1: "Under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
 
 
@@ -27,9 +64,15 @@ def bucket(age: int) -> str:
 
 
 def ratings(rng, n_users, n_items, n=120):
-    return [(int(u), int(i), int(r), int(t)) for u, i, r, t in zip(
-        rng.integers(1, n_users + 1, n), rng.integers(1, n_items + 1, n), rng.integers(1, 6, n),
-        rng.integers(874_724_710, 893_286_638, n))]
+    return [
+        (int(u), int(i), int(r), int(t))
+        for u, i, r, t in zip(
+            rng.integers(1, n_users + 1, n),
+            rng.integers(1, n_items + 1, n),
+            rng.integers(1, 6, n),
+            rng.integers(874_724_710, 893_286_638, n),
+        )
+    ]
 
 
 def write_100k(folder, seed):
@@ -38,16 +81,20 @@ def write_100k(folder, seed):
     folder.mkdir()
     rows = ratings(rng, 12, 15)
     (folder / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows))
-    users = {u: (int(rng.integers(7, 74)), str(rng.choice(["M", "F"])), str(rng.choice(["writer", "technician",
-                                                                                    "student"])))
-             for u in range(1, 13)}
+    users = {
+        u: (int(rng.integers(7, 74)), str(rng.choice(["M", "F"])), str(rng.choice(["writer", "technician", "student"])))
+        for u in range(1, 13)
+    }
     (folder / "u.user").write_text("".join(f"{u}|{a}|{g}|{o}|{10000 + u}\n" for u, (a, g, o) in users.items()))
     genre, lines = {}, []
     for item in range(1, 16):
         flags = (rng.random(19) < 0.2).astype(int)
         genre[item] = GENRES_100K[int(np.flatnonzero(flags)[0])] if flags.any() else "unknown"
-        lines.append(f"{item}|Film {item} ({1990 + item})|01-Jan-{1990 + item}||http://x/{item}|"
-                     + "|".join(map(str, flags)) + "\n")
+        lines.append(
+            f"{item}|Film {item} ({1990 + item})|01-Jan-{1990 + item}||http://x/{item}|"
+            + "|".join(map(str, flags))
+            + "\n"
+        )
     (folder / "u.item").write_bytes("".join(lines).replace("Film 3", "Café 3").encode("latin-1"))
     return rows, users, genre
 
@@ -57,8 +104,10 @@ def write_1m(folder, seed):
     folder.mkdir()
     rows = ratings(rng, 10, 14)
     (folder / "ratings.dat").write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in rows))
-    users = {u: (int(rng.choice(list(AGE_NAMES_1M))), str(rng.choice(["M", "F"])), int(rng.integers(0, 21)))
-             for u in range(1, 11)}
+    users = {
+        u: (int(rng.choice(list(AGE_NAMES_1M))), str(rng.choice(["M", "F"])), int(rng.integers(0, 21)))
+        for u in range(1, 11)
+    }
     (folder / "users.dat").write_text("".join(f"{u}::{g}::{a}::{o}::{20000 + u}\n" for u, (a, g, o) in users.items()))
     genre, lines = {}, []
     for item in range(1, 15):
@@ -74,8 +123,11 @@ def test_ml100k(tmp_path, segment_by):
     rows, users, genre = write_100k(tmp_path / "ml-100k", seed=1)
     frame, schema = load_movielens(tmp_path / "ml-100k", segment_by=segment_by)
     assert schema.sparse_features == ("user", "item", "genre") and schema.segment == "segment"
-    attribute = {"age": lambda u: bucket(users[u][0]), "gender": lambda u: users[u][1],
-                 "occupation": lambda u: users[u][2]}[segment_by]
+    attribute = {
+        "age": lambda u: bucket(users[u][0]),
+        "gender": lambda u: users[u][1],
+        "occupation": lambda u: users[u][2],
+    }[segment_by]
     assert frame["user"].tolist() == [u for u, _, _, _ in rows]
     assert frame["item"].tolist() == [i for _, i, _, _ in rows]
     assert frame["label"].tolist() == [float(r >= 4) for _, _, r, _ in rows]
@@ -103,12 +155,15 @@ def _replace_line(path, number, text):
     path.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
 
 
-@pytest.mark.parametrize("file, line, text, message", [
-    ("u.data", 5, "1\t2\t3", "u.data, line 5: expected 4 fields separated by '\\\\t'"),
-    ("u.data", 7, "999\t2\t3\t880000000", "u.data, line 7: user 999 is not in .*u.user"),
-    ("u.data", 2, "1\t2\t3\tyesterday", "u.data, line 2: field 'timestamp' must be an integer, got 'yesterday'"),
-    ("u.user", 3, "3|old|M|writer|12345", "u.user, line 3: field 'age' must be an integer, got 'old'"),
-])
+@pytest.mark.parametrize(
+    "file, line, text, message",
+    [
+        ("u.data", 5, "1\t2\t3", "u.data, line 5: expected 4 fields separated by '\\\\t'"),
+        ("u.data", 7, "999\t2\t3\t880000000", "u.data, line 7: user 999 is not in .*u.user"),
+        ("u.data", 2, "1\t2\t3\tyesterday", "u.data, line 2: field 'timestamp' must be an integer, got 'yesterday'"),
+        ("u.user", 3, "3|old|M|writer|12345", "u.user, line 3: field 'age' must be an integer, got 'old'"),
+    ],
+)
 def test_ml100k_errors_name_file_and_line(tmp_path, file, line, text, message):
     write_100k(tmp_path / "ml", seed=3)
     _replace_line(tmp_path / "ml" / file, line, text)
@@ -133,8 +188,9 @@ def write_criteo(path, seed, n=50):
     labels = rng.integers(0, 2, n)
     dense = [[None if rng.random() < 0.2 else int(rng.integers(-3, 5000)) for _ in range(13)] for _ in range(n)]
     cats = [["" if rng.random() < 0.15 else f"{int(rng.integers(0, 6)):08x}" for _ in range(26)] for _ in range(n)]
-    text = "".join("\t".join([str(labels[k])] + ["" if v is None else str(v) for v in dense[k]] + cats[k]) + "\n"
-                   for k in range(n))
+    text = "".join(
+        "\t".join([str(labels[k])] + ["" if v is None else str(v) for v in dense[k]] + cats[k]) + "\n" for k in range(n)
+    )
     if str(path).endswith(".gz"):
         with gzip.open(path, "wt") as handle:
             handle.write(text)
@@ -159,11 +215,14 @@ def test_criteo(tmp_path, name, nrows):
     assert encoded.dense.shape == (n, 13) and list(encoded.sparse) == list(schema.sparse_features)
 
 
-@pytest.mark.parametrize("line, edit, message", [
-    (4, lambda f: f[:-1], "line 4: expected 40 tab-separated fields .*found 39"),
-    (2, lambda f: ["2"] + f[1:], "line 2: column 'label' must be 0 or 1, got '2'"),
-    (3, lambda f: f[:5] + ["abc"] + f[6:], "line 3: column 'I5' must be an integer or empty, got 'abc'"),
-])
+@pytest.mark.parametrize(
+    "line, edit, message",
+    [
+        (4, lambda f: f[:-1], "line 4: expected 40 tab-separated fields .*found 39"),
+        (2, lambda f: ["2"] + f[1:], "line 2: column 'label' must be 0 or 1, got '2'"),
+        (3, lambda f: f[:5] + ["abc"] + f[6:], "line 3: column 'I5' must be an integer or empty, got 'abc'"),
+    ],
+)
 def test_criteo_errors_name_line_and_column(tmp_path, line, edit, message):
     path = tmp_path / "bad.tsv"
     write_criteo(path, seed=6, n=6)

@@ -8,11 +8,17 @@ import pandas as pd
 import pytest
 import torch
 
-from recpeft.datasets import (FeatureEncoder, Schema, check_segments, leave_last_out, load_interactions,
-                              split_by_time)
+from recpeft.datasets import FeatureEncoder, Schema, check_segments, leave_last_out, load_interactions, split_by_time
 
-SCHEMA = Schema(user="user", item="item", label="label", segment="market", timestamp="time",
-                categorical=("brand",), dense=("price", "score"))
+SCHEMA = Schema(
+    user="user",
+    item="item",
+    label="label",
+    segment="market",
+    timestamp="time",
+    categorical=("brand",),
+    dense=("price", "score"),
+)
 
 
 def random_log(seed: int, n: int = 400) -> pd.DataFrame:
@@ -20,17 +26,19 @@ def random_log(seed: int, n: int = 400) -> pd.DataFrame:
     days), a heavy-tailed nonnegative price, a signed score and an unused extra column."""
     rng = np.random.default_rng(seed)
     days = rng.integers(0, 30, size=n)
-    return pd.DataFrame({
-        "user": rng.integers(100, 160, size=n),
-        "item": [f"sku{k}" for k in rng.integers(0, 40, size=n)],
-        "brand": rng.choice(["acme", "zeta", "nova"], size=n),
-        "price": rng.lognormal(2.0, 1.5, size=n),
-        "score": rng.normal(size=n),
-        "label": rng.integers(0, 2, size=n),
-        "market": rng.choice(["UK", "DE", "FR"], size=n, p=[0.6, 0.25, 0.15]),
-        "time": (pd.Timestamp("2024-01-01") + pd.to_timedelta(days, unit="D")).strftime("%Y-%m-%d"),
-        "extra": rng.normal(size=n),
-    })
+    return pd.DataFrame(
+        {
+            "user": rng.integers(100, 160, size=n),
+            "item": [f"sku{k}" for k in rng.integers(0, 40, size=n)],
+            "brand": rng.choice(["acme", "zeta", "nova"], size=n),
+            "price": rng.lognormal(2.0, 1.5, size=n),
+            "score": rng.normal(size=n),
+            "label": rng.integers(0, 2, size=n),
+            "market": rng.choice(["UK", "DE", "FR"], size=n, p=[0.6, 0.25, 0.15]),
+            "time": (pd.Timestamp("2024-01-01") + pd.to_timedelta(days, unit="D")).strftime("%Y-%m-%d"),
+            "extra": rng.normal(size=n),
+        }
+    )
 
 
 # -- Schema ---------------------------------------------------------------------------------------
@@ -70,15 +78,23 @@ def test_files_and_frames_load_the_same(tmp_path, suffix):
     assert loaded["market"].tolist() == raw["market"].tolist()
     assert loaded["item"].tolist() == raw["item"].tolist()
     from_frame = load_interactions(raw, SCHEMA)
-    pd.testing.assert_frame_equal(from_frame.astype({"item": object, "brand": object, "market": object}),
-                                  loaded.astype({"item": object, "brand": object, "market": object}))
+    pd.testing.assert_frame_equal(
+        from_frame.astype({"item": object, "brand": object, "market": object}),
+        loaded.astype({"item": object, "brand": object, "market": object}),
+    )
 
 
 def test_epoch_seconds_and_bool_labels():
     rng = np.random.default_rng(2)
     seconds = rng.integers(1_600_000_000, 1_700_000_000, size=20)
-    frame = pd.DataFrame({"user": rng.integers(0, 5, 20), "item": rng.integers(0, 5, 20),
-                          "label": rng.random(20) < 0.5, "timestamp": seconds})
+    frame = pd.DataFrame(
+        {
+            "user": rng.integers(0, 5, 20),
+            "item": rng.integers(0, 5, 20),
+            "label": rng.random(20) < 0.5,
+            "timestamp": seconds,
+        }
+    )
     loaded = load_interactions(frame, Schema(segment=None))
     assert (loaded["timestamp"].to_numpy().astype("int64") == seconds * 10**9).all()
     np.testing.assert_array_equal(loaded["label"].to_numpy(), frame["label"].to_numpy().astype(np.float32))
@@ -90,15 +106,18 @@ def _csv(tmp_path, frame, name="bad.csv"):
     return path
 
 
-@pytest.mark.parametrize("column, value, message", [
-    ("label", 2, "column 'label', row 6: the label must be 0 or 1 (or a boolean), got 2"),
-    ("price", "cheap", "column 'price', row 6: the dense value must be a finite number, got 'cheap'"),
-    ("price", np.inf, "column 'price', row 6: the dense value must be a finite number"),
-    ("price", None, "column 'price', row 6: the dense value is missing"),
-    ("time", "not a date", "column 'time', row 6: cannot read the timestamp 'not a date'"),
-    ("user", None, "column 'user', row 6: missing id"),
-    ("market", None, "column 'market', row 6: missing id"),
-])
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("label", 2, "column 'label', row 6: the label must be 0 or 1 (or a boolean), got 2"),
+        ("price", "cheap", "column 'price', row 6: the dense value must be a finite number, got 'cheap'"),
+        ("price", np.inf, "column 'price', row 6: the dense value must be a finite number"),
+        ("price", None, "column 'price', row 6: the dense value is missing"),
+        ("time", "not a date", "column 'time', row 6: cannot read the timestamp 'not a date'"),
+        ("user", None, "column 'user', row 6: missing id"),
+        ("market", None, "column 'market', row 6: missing id"),
+    ],
+)
 def test_bad_values_name_file_column_and_row(tmp_path, column, value, message):
     frame = random_log(3, n=12)
     frame[column] = frame[column].astype(object)
@@ -114,8 +133,11 @@ def test_bad_values_name_file_column_and_row(tmp_path, column, value, message):
 def test_missing_columns_and_empty_files(tmp_path):
     frame = random_log(4, n=5).drop(columns=["brand", "price"])
     path = _csv(tmp_path, frame)
-    with pytest.raises(ValueError, match=r"bad.csv: missing column\(s\) \['brand', 'price'\]; the available "
-                                         r"columns are \['user', 'item', 'score'"):
+    with pytest.raises(
+        ValueError,
+        match=r"bad.csv: missing column\(s\) \['brand', 'price'\]; the available "
+        r"columns are \['user', 'item', 'score'",
+    ):
         load_interactions(path, SCHEMA)
     frame.to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=r"bad.parquet: missing column\(s\) \['brand', 'price'\]"):
@@ -177,8 +199,9 @@ def test_unseen_values_error_or_oov():
     encoder = FeatureEncoder().fit(frame.iloc[:200], SCHEMA)
     later = frame.iloc[200:].copy()
     later.loc[later.index[3], "item"] = "brand-new"
-    with pytest.raises(ValueError, match=f"later rows: column 'item', index {later.index[3]}: value 'brand-new' "
-                                         "was not seen"):
+    with pytest.raises(
+        ValueError, match=f"later rows: column 'item', index {later.index[3]}: value 'brand-new' was not seen"
+    ):
         encoder.transform(later, name="later rows")
     encoded = encoder.transform(later, unseen="oov")
     vocab = encoder.vocabulary("item")
@@ -192,8 +215,9 @@ def test_unseen_values_error_or_oov():
     users = encoder.transform(later, unseen="oov").sparse["user"]
     user_vocab = encoder.vocabulary("user")
     assert users[0] == encoder.cardinalities["user"] - 1
-    assert users[1:].tolist() == [user_vocab.index(int(u)) if int(u) in user_vocab else len(user_vocab)
-                                  for u in later["user"].iloc[1:]]
+    assert users[1:].tolist() == [
+        user_vocab.index(int(u)) if int(u) in user_vocab else len(user_vocab) for u in later["user"].iloc[1:]
+    ]
     fresh = frame.iloc[200:].copy()
     fresh.loc[fresh.index[2], "market"] = "ES"
     full = FeatureEncoder().fit(frame, SCHEMA)
@@ -221,8 +245,9 @@ def test_encoder_rejects_bad_dense_and_files(tmp_path):
 def test_split_by_time_per_segment_quantiles():
     frame = load_interactions(random_log(10, n=600), SCHEMA)
     parts = split_by_time(frame, SCHEMA, test_fraction=0.2, valid_fraction=0.1)
-    assert sorted(parts.train.index.tolist() + parts.valid.index.tolist() + parts.test.index.tolist()) \
-        == list(range(len(frame)))
+    assert sorted(parts.train.index.tolist() + parts.valid.index.tolist() + parts.test.index.tolist()) == list(
+        range(len(frame))
+    )
     for market, rows in frame.groupby("market"):
         times = rows["time"]
         train, valid, test = (p[p["market"] == market]["time"] for p in (parts.train, parts.valid, parts.test))
@@ -280,8 +305,10 @@ def test_int_ids_beyond_float_precision_stay_exact():
 def test_leave_last_out_matches_brute_force():
     rng = np.random.default_rng(12)
     n = 200
-    frame = pd.DataFrame({"user": rng.integers(0, 30, n), "item": rng.integers(0, 50, n),
-                          "t": rng.integers(0, 20, n)}, index=rng.permutation(n) + 1000)
+    frame = pd.DataFrame(
+        {"user": rng.integers(0, 30, n), "item": rng.integers(0, 50, n), "t": rng.integers(0, 20, n)},
+        index=rng.permutation(n) + 1000,
+    )
     parts = leave_last_out(frame, "user", "t")
     for user, rows in frame.groupby("user"):
         ordered = sorted(rows.index, key=lambda i: (rows.loc[i, "t"], frame.index.get_loc(i)))
@@ -297,8 +324,15 @@ def test_leave_last_out_matches_brute_force():
 
 def test_validation_share_is_of_the_rows_before_the_test_cut():
     times = pd.date_range("2025-01-01", periods=100, freq="h")
-    frame = pd.DataFrame({"user": np.arange(100), "item": np.arange(100), "label": np.arange(100) % 2,
-                          "segment": "a", "timestamp": times})
+    frame = pd.DataFrame(
+        {
+            "user": np.arange(100),
+            "item": np.arange(100),
+            "label": np.arange(100) % 2,
+            "segment": "a",
+            "timestamp": times,
+        }
+    )
     schema = Schema()
     parts = split_by_time(frame, schema, test_start=times[60], valid_fraction=0.25)
     assert (len(parts.train), len(parts.valid), len(parts.test)) == (45, 15, 40)

@@ -11,9 +11,19 @@ import pytest
 import torch
 
 from recpeft import LoraAdamW, LoraConfig, get_peft_model
-from recpeft.datasets.online_retail import (MAX_BASKET, MAX_HISTORY, NUM_CONTEXT, NUM_CROSS, RECENCY_DAYS,
-                                            TREND_DAYS, RetailCatalog, RetailEvents, load_online_retail,
-                                            purchases, title_words)
+from recpeft.datasets.online_retail import (
+    MAX_BASKET,
+    MAX_HISTORY,
+    NUM_CONTEXT,
+    NUM_CROSS,
+    RECENCY_DAYS,
+    TREND_DAYS,
+    RetailCatalog,
+    RetailEvents,
+    load_online_retail,
+    purchases,
+    title_words,
+)
 from recpeft.models.basket_ranker import BasketRanker
 
 WORDS = ["RED", "HEART", "LANTERN", "CUP", "TEA", "SET", "VINTAGE", "BAG", "CANDLE", "BOX"]
@@ -32,9 +42,18 @@ def retail_frame(seed: int, lines: int = 400) -> pd.DataFrame:
     rows = []
     for _ in range(lines):
         invoice, customer, when, country = invoices[rng.integers(len(invoices))]
-        rows.append({"InvoiceNo": invoice, "StockCode": f"S{rng.integers(100)}", "Description": titles[rng.integers(len(titles))],
-                     "Quantity": int(rng.choice([-2, 1, 3, 6, 12])), "InvoiceDate": when,
-                     "UnitPrice": float(rng.choice([0.0, 0.85, 1.25, 2.95, 4.5])), "CustomerID": customer, "Country": country})
+        rows.append(
+            {
+                "InvoiceNo": invoice,
+                "StockCode": f"S{rng.integers(100)}",
+                "Description": titles[rng.integers(len(titles))],
+                "Quantity": int(rng.choice([-2, 1, 3, 6, 12])),
+                "InvoiceDate": when,
+                "UnitPrice": float(rng.choice([0.0, 0.85, 1.25, 2.95, 4.5])),
+                "CustomerID": customer,
+                "Country": country,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -93,8 +112,11 @@ def test_xlsx_reads_like_csv(tmp_path, frame):
     """The original UCI file is .xlsx: it loads to the same table as a CSV export of it."""
     frame.to_excel(tmp_path / "Online Retail.xlsx", index=False)
     frame.to_csv(tmp_path / "retail.csv", index=False)
-    pd.testing.assert_frame_equal(load_online_retail(tmp_path / "Online Retail.xlsx"),
-                                  load_online_retail(tmp_path / "retail.csv"), check_dtype=False)
+    pd.testing.assert_frame_equal(
+        load_online_retail(tmp_path / "Online Retail.xlsx"),
+        load_online_retail(tmp_path / "retail.csv"),
+        check_dtype=False,
+    )
 
 
 def test_xlsx_without_openpyxl_says_what_to_install(tmp_path, monkeypatch):
@@ -112,7 +134,10 @@ def test_purchases_match_a_brute_force_cleaning(frame):
         if line.Quantity > 0 and line.UnitPrice > 0 and not math.isnan(line.CustomerID):
             key = (int(line.CustomerID), line.Description, line.InvoiceDate.normalize())
             expected.setdefault(key, line.InvoiceDate)
-    got = {(c, d, day): t for c, d, day, t in zip(rows["CustomerID"], rows["Description"], rows["Day"], rows["InvoiceDate"])}
+    got = {
+        (c, d, day): t
+        for c, d, day, t in zip(rows["CustomerID"], rows["Description"], rows["Day"], rows["InvoiceDate"])
+    }
     assert got == expected and len(rows) == len(expected)
     # one basket id per (customer, InvoiceDate), numbered in time order
     pairs = rows.groupby("Basket")[["CustomerID", "InvoiceDate"]].nunique()
@@ -127,7 +152,9 @@ def brute_force_features(rows: pd.DataFrame, catalog: RetailCatalog, n: int) -> 
     item_of = {p: i for i, p in enumerate(catalog.products)}
     row = rows.iloc[n]
     day = row["Day"]
-    others = [item_of[d] for m, d in zip(rows.index, rows["Description"]) if rows.at[m, "Basket"] == row["Basket"] and m != n]
+    others = [
+        item_of[d] for m, d in zip(rows.index, rows["Description"]) if rows.at[m, "Basket"] == row["Basket"] and m != n
+    ]
     earlier = rows[(rows["CustomerID"] == row["CustomerID"]) & (rows["Day"] < day)]
     history = {}
     for d, when in zip(earlier["Description"], earlier["Day"]):
@@ -138,8 +165,13 @@ def brute_force_features(rows: pd.DataFrame, catalog: RetailCatalog, n: int) -> 
     for d, country in zip(window["Description"], window["Country"]):
         trend[item_of[d]] += 1
         market_trend[item_of[d]] += country == row["Country"]
-    return {"basket": others, "history": history, "trend": np.log1p(trend), "market_trend": np.log1p(market_trend),
-            "day": day}
+    return {
+        "basket": others,
+        "history": history,
+        "trend": np.log1p(trend),
+        "market_trend": np.log1p(market_trend),
+        "day": day,
+    }
 
 
 def test_events_match_brute_force(frame):
@@ -158,8 +190,10 @@ def test_events_match_brute_force(frame):
         n = int(chosen[p])
         truth = brute_force_features(rows, catalog, n)
         assert int(batch.labels[b]) == catalog.products.index(rows.at[n, "Description"])
-        assert sorted(basket_ids[basket_offsets[b]:basket_offsets[b + 1]].tolist()) == sorted(truth["basket"][:MAX_BASKET])
-        ids = history_ids[history_offsets[b]:history_offsets[b + 1]].tolist()
+        assert sorted(basket_ids[basket_offsets[b] : basket_offsets[b + 1]].tolist()) == sorted(
+            truth["basket"][:MAX_BASKET]
+        )
+        ids = history_ids[history_offsets[b] : history_offsets[b + 1]].tolist()
         assert len(truth["history"]) <= MAX_HISTORY and sorted(ids) == sorted(truth["history"])
         expected = np.zeros((catalog.num_items, NUM_CROSS))
         for i, (count, last) in truth["history"].items():
@@ -168,7 +202,9 @@ def test_events_match_brute_force(frame):
         expected[:, 2] = truth["trend"]
         expected[:, 3] = truth["market_trend"]
         np.testing.assert_allclose(cross[b].double().numpy(), expected, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(context[b].tolist(), [math.log1p(len(truth["basket"])), math.log1p(len(truth["history"]))], rtol=1e-6)
+        np.testing.assert_allclose(
+            context[b].tolist(), [math.log1p(len(truth["basket"])), math.log1p(len(truth["history"]))], rtol=1e-6
+        )
         known = catalog.customers.get(int(rows.at[n, "CustomerID"]), 0)
         assert int(customer[b]) == known and catalog.markets[int(market[b])] == rows.at[n, "Country"]
     mask = some.basket_mask(torch.as_tensor(picks))
@@ -187,9 +223,19 @@ def small_ranker(seed: int, frame: pd.DataFrame):
     rows = purchases(frame)
     catalog = RetailCatalog.build(rows, np.ones(len(rows), dtype=bool))
     torch.manual_seed(seed)
-    model = BasketRanker(len(catalog.customers) + 1, len(catalog.markets), len(catalog.words), catalog.word_ids,
-                         catalog.word_offsets, catalog.item_dense, num_context=NUM_CONTEXT, num_cross=NUM_CROSS,
-                         dim=8, hidden=16, dropout=0.0)
+    model = BasketRanker(
+        len(catalog.customers) + 1,
+        len(catalog.markets),
+        len(catalog.words),
+        catalog.word_ids,
+        catalog.word_offsets,
+        catalog.item_dense,
+        num_context=NUM_CONTEXT,
+        num_cross=NUM_CROSS,
+        dim=8,
+        hidden=16,
+        dropout=0.0,
+    )
     return model, RetailEvents(rows, catalog)
 
 
@@ -201,7 +247,7 @@ def test_ranker_matches_its_formula_in_float64(frame):
     w = {k: v.double() for k, v in model.state_dict().items()}
 
     def pool(table, ids, offsets, b):
-        part = ids[offsets[b]:offsets[b + 1]]
+        part = ids[offsets[b] : offsets[b + 1]]
         return table[part].mean(0) if len(part) else torch.zeros(table.shape[1], dtype=torch.float64)
 
     def mlp(prefix, x):
@@ -209,14 +255,29 @@ def test_ranker_matches_its_formula_in_float64(frame):
         return hidden @ w[f"{prefix}.3.weight"].T + w[f"{prefix}.3.bias"]
 
     dense = model.item_dense.double()
-    titles = torch.stack([pool(w["words.weight"], model.item_word_ids, torch.cat([model.item_word_offsets,
-                          torch.tensor([len(model.item_word_ids)])]), i) for i in range(dense.shape[0])])
+    titles = torch.stack(
+        [
+            pool(
+                w["words.weight"],
+                model.item_word_ids,
+                torch.cat([model.item_word_offsets, torch.tensor([len(model.item_word_ids)])]),
+                i,
+            )
+            for i in range(dense.shape[0])
+        ]
+    )
     v = mlp("item_mlp", torch.cat([w["items.weight"], titles, dense], 1))
     expected = torch.empty(len(index), dense.shape[0], dtype=torch.float64)
     for b in range(len(index)):
-        x = torch.cat([w["customers.weight"][customer[b]], w["markets.weight"][market[b]],
-                       pool(w["basket.weight"], basket_ids, basket_offsets, b),
-                       pool(w["history.weight"], history_ids, history_offsets, b), context[b].double()])
+        x = torch.cat(
+            [
+                w["customers.weight"][customer[b]],
+                w["markets.weight"][market[b]],
+                pool(w["basket.weight"], basket_ids, basket_offsets, b),
+                pool(w["history.weight"], history_ids, history_offsets, b),
+                context[b].double(),
+            ]
+        )
         out = mlp("context_mlp", x)
         u, weights = out[:-NUM_CROSS], out[-NUM_CROSS:]
         expected[b] = v @ u + cross[b].double() @ weights
@@ -231,9 +292,18 @@ def test_ranker_lora_trains_sparsely_and_merges(frame, tmp_path):
     index = torch.randperm(len(events))[:16]
     batch = events.batch(index)
     before = model(*batch.args).detach()
-    targets = ["customers", "markets", "basket", "history", "context_mlp.0", "context_mlp.3", "item_mlp.0", "item_mlp.3"]
+    targets = [
+        "customers",
+        "markets",
+        "basket",
+        "history",
+        "context_mlp.0",
+        "context_mlp.3",
+        "item_mlp.0",
+        "item_mlp.3",
+    ]
     peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=targets))
-    torch.testing.assert_close(peft(*batch.args), before)          # B zero / A zero: no change at start
+    torch.testing.assert_close(peft(*batch.args), before)  # B zero / A zero: no change at start
     optimizer = LoraAdamW([p for p in peft.parameters() if p.requires_grad], lr=0.05)
     for _ in range(3):
         loss = torch.nn.functional.cross_entropy(peft(*batch.args), batch.labels)
@@ -244,11 +314,12 @@ def test_ranker_lora_trains_sparsely_and_merges(frame, tmp_path):
     assert (after - before).abs().max() > 1e-4
     peft.save_pretrained(tmp_path / "adapter")
     from safetensors.torch import load_file
+
     tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     prefix = next(k for k in tensors if ".customers.lora_embedding_A." in k).rsplit(".", 1)[0]
-    if prefix + ".indices" in tensors:              # sparse form: the touched rows only
+    if prefix + ".indices" in tensors:  # sparse form: the touched rows only
         stored = set(tensors[prefix + ".indices"].tolist())
-    else:                                           # dense form, when it is the smaller one
+    else:  # dense form, when it is the smaller one
         stored = set(torch.nonzero(tensors[prefix + ".weight"].abs().sum(1)).flatten().tolist())
     assert stored == set(batch.args[0].tolist())
     merged = peft.merge_and_unload()
@@ -259,11 +330,13 @@ def benchmark_module():
     """benchmarks/quality_online_retail.py, imported from its path (benchmarks/ is no package)."""
     import importlib.util
     from pathlib import Path
+
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "quality_online_retail.py"
     spec = importlib.util.spec_from_file_location("quality_online_retail", path)
     module = importlib.util.module_from_spec(spec)
     import sys
-    sys.modules[spec.name] = module                      # dataclasses look their module up there
+
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -278,7 +351,7 @@ def test_benchmark_loss_and_sampled_auc_match_their_formulas(frame):
     torch.manual_seed(5)
     got = bench.make_loss(weight, draws)(model, batch)
     torch.manual_seed(5)
-    logits = model(*batch.args).detach().double()        # the same draws: the loss draws after the forward
+    logits = model(*batch.args).detach().double()  # the same draws: the loss draws after the forward
     negatives = torch.randint(logits.shape[1], (len(index), draws))
     mask, history = batch.kwargs["basket_mask"], batch.args[-1][:, :, 0] > 0
     ce, gaps, kept = 0.0, 0.0, 0

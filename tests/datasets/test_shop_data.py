@@ -15,11 +15,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_committed_file_is_a_fresh_run_bit_for_bit(tmp_path):
     fresh = tmp_path / "shop.parquet"
-    subprocess.run([sys.executable, str(ROOT / "data" / "make_shop.py"), "--out", str(fresh)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "data" / "make_shop.py"), "--out", str(fresh)], check=True, capture_output=True
+    )
     assert fresh.read_bytes() == EMBEDDED_PATH.read_bytes()
-    check = subprocess.run([sys.executable, str(ROOT / "data" / "make_shop.py"), "--check"], capture_output=True,
-                           text=True)
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "data" / "make_shop.py"), "--check"], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stderr
     pd.testing.assert_frame_equal(load_shop(), make_shop(), check_exact=True)
 
@@ -29,8 +31,11 @@ def test_check_fails_on_a_changed_file(tmp_path):
     changed.loc[5, "label"] = 1 - changed.loc[5, "label"]
     path = tmp_path / "shop.parquet"
     changed.to_parquet(path, index=False)
-    check = subprocess.run([sys.executable, str(ROOT / "data" / "make_shop.py"), "--check", "--out", str(path)],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "data" / "make_shop.py"), "--check", "--out", str(path)],
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 1 and "differs" in check.stderr
 
 
@@ -46,8 +51,9 @@ def test_generator_properties():
     assert (frame.groupby("user")["market"].nunique() == 1).all()
     assert (frame.groupby("brand", observed=True)["category"].nunique() <= 2).all()
     # the true logit orders clicks (its AUC is far above chance) and markets click differently per category
-    from recpeft.metrics import auc
     import torch
+
+    from recpeft.metrics import auc
 
     assert auc(torch.tensor(frame["true_logit"].to_numpy()), torch.tensor(frame["label"].to_numpy())) > 0.75
     rates = frame.pivot_table(index="category", columns="market", values="label", observed=True)

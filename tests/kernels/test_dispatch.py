@@ -43,10 +43,11 @@ def test_every_registered_module_imports_and_defines_its_op(op_name, module_name
     assert callable(op), f"recpeft.kernels.{module_name} defines no function {op_name!r}"
     assert dispatch.triton_op(op_name) is op
     # dispatch passes the reference op's positional arguments, in order: the Triton op takes them
-    expected = [p.name for p in inspect.signature(getattr(reference, op_name)).parameters.values()
-                if p.kind in POSITIONAL]
+    expected = [
+        p.name for p in inspect.signature(getattr(reference, op_name)).parameters.values() if p.kind in POSITIONAL
+    ]
     got = [p.name for p in inspect.signature(op).parameters.values() if p.kind in POSITIONAL]
-    assert got[:len(expected)] == expected
+    assert got[: len(expected)] == expected
     assert callable(getattr(dispatch, op_name)), f"dispatch has no entry point {op_name!r}"
 
 
@@ -58,8 +59,11 @@ def test_ops_without_a_triton_version_are_not_registered():
 
 def test_a_registered_module_that_does_not_exist_is_an_error(monkeypatch):
     monkeypatch.setitem(dispatch.TRITON_MODULES, "lora_linear", "no_such_kernel_file")
-    with pytest.raises(ImportError, match=r"recpeft\.kernels\.no_such_kernel_file, the Triton module registered "
-                                          r"for op 'lora_linear'.*does not import") as caught:
+    with pytest.raises(
+        ImportError,
+        match=r"recpeft\.kernels\.no_such_kernel_file, the Triton module registered "
+        r"for op 'lora_linear'.*does not import",
+    ) as caught:
         dispatch.triton_op("lora_linear")
     assert caught.value.name == "recpeft.kernels.no_such_kernel_file"
     args = _linear_args()
@@ -88,8 +92,11 @@ def test_a_registered_module_that_fails_to_import_is_an_error(monkeypatch):
 
 def test_a_registered_module_without_its_op_is_an_error(monkeypatch):
     monkeypatch.setitem(dispatch.TRITON_MODULES, "lora_linear", "bags")  # imports, has no lora_linear
-    with pytest.raises(ImportError, match=r"recpeft\.kernels\.bags, registered for op 'lora_linear'.*defines no "
-                                          r"function 'lora_linear'"):
+    with pytest.raises(
+        ImportError,
+        match=r"recpeft\.kernels\.bags, registered for op 'lora_linear'.*defines no "
+        r"function 'lora_linear'",
+    ):
         dispatch.triton_op("lora_linear")
 
 

@@ -29,11 +29,20 @@ def test_op_files_take_the_shared_settings_from_launch(name):
     defines none of them itself (nor reads TRITON_INTERPRET)."""
     source = (KERNELS / name).read_text()
     tree = ast.parse(source)
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "launch"
-                for alias in node.names}
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "launch"
+        for alias in node.names
+    }
     assert {"DOT_MIN", "INTERPRETING", "padded_rank"} <= imported
-    assigned = {target.id for node in ast.walk(tree) if isinstance(node, ast.Assign) for target in node.targets
-                if isinstance(target, ast.Name)}
+    assigned = {
+        target.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
     defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
     assert not assigned & {"DOT_MIN", "MIN_DOT", "INTERPRETING"} and "padded_rank" not in defined
     assert "TRITON_INTERPRET" not in source

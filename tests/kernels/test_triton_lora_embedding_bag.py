@@ -25,11 +25,19 @@ from reference_math import leaf64, naive_bag
 fused = sys.modules[dispatch.triton_op("lora_embedding_bag").__module__]
 
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        not INTERPRETING,
-        reason="Triton runs CPU tensors only under TRITON_INTERPRET=1, which conftest sets on machines without CUDA")),
-    pytest.param("cuda", marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="no CUDA GPU on this machine: the CUDA runs of these tests need one")),
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not INTERPRETING,
+            reason="Triton runs CPU tensors only under TRITON_INTERPRET=1 (conftest sets it without CUDA)",
+        ),
+    ),
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="no CUDA GPU on this machine: the CUDA runs of these tests need one"
+        ),
+    ),
 ]
 NAN = float("nan")
 
@@ -95,15 +103,23 @@ def _layout(form, args, num_embeddings, mode, padding_idx, table_dtype):
     if form == "unpooled":
         return unpooled_layout(args[0], padding_idx)
     ids, offsets, psw = args
-    return bag_layout(ids, offsets, num_embeddings=num_embeddings, mode=mode, per_sample_weights=psw,
-                      include_last_offset=form == "include_last_offset", padding_idx=padding_idx,
-                      weight_dtype=table_dtype)
+    return bag_layout(
+        ids,
+        offsets,
+        num_embeddings=num_embeddings,
+        mode=mode,
+        per_sample_weights=psw,
+        include_last_offset=form == "include_last_offset",
+        padding_idx=padding_idx,
+        weight_dtype=table_dtype,
+    )
 
 
 def _on(layout: BagLayout, device) -> BagLayout:
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return BagLayout(move(layout.ids), move(layout.bag_of_id), move(layout.offsets), move(layout.weights),
-                     layout.num_bags)
+    return BagLayout(
+        move(layout.ids), move(layout.bag_of_id), move(layout.offsets), move(layout.weights), layout.num_bags
+    )
 
 
 def _as_float64(layout: BagLayout) -> BagLayout:
@@ -143,16 +159,26 @@ def check_fused_op(table, layout, lora_A, lora_B, scale, *, base_output=None, de
     # launchers, every output poisoned first
     out = torch.full((num_bags, dim), NAN, dtype=out_dtype, device=device)
     pooled = torch.full((num_bags, rank), NAN, dtype=torch.float32, device=device)
-    fused.lora_embedding_bag_forward(table, lora_A, lora_B, layout.ids, layout.offsets, layout.weights, scale,
-                                     base_output, out=out, pooled=pooled)
+    fused.lora_embedding_bag_forward(
+        table, lora_A, lora_B, layout.ids, layout.offsets, layout.weights, scale, base_output, out=out, pooled=pooled
+    )
     torch.testing.assert_close(out.double(), expected.detach(), **_tol(out_dtype))
     expected_pooled = reference.pooled_rank_space(A64.detach(), layout.ids, layout.offsets, _as_float64(layout).weights)
     torch.testing.assert_close(pooled.double(), expected_pooled, **_tol(torch.float32))
 
     values = torch.full((layout.ids.numel(), rank), NAN, dtype=lora_B.dtype, device=device)
     grad_b = torch.full((rank, dim), NAN, dtype=lora_B.dtype, device=device)
-    fused.lora_embedding_bag_backward(dy, pooled, lora_B, layout.bag_of_id, layout.weights, scale,
-                                      deterministic=deterministic, grad_a_values=values, grad_b=grad_b)
+    fused.lora_embedding_bag_backward(
+        dy,
+        pooled,
+        lora_B,
+        layout.bag_of_id,
+        layout.weights,
+        scale,
+        deterministic=deterministic,
+        grad_a_values=values,
+        grad_b=grad_b,
+    )
     # Row by row (summing duplicate ids would add cancellation to the comparison, not the kernel)
     torch.testing.assert_close(values.double(), expected_rows.to(device), **_tol(lora_B.dtype))
     grad_a = torch.sparse_coo_tensor(layout.ids.unsqueeze(0), values, lora_A.shape, check_invariants=True)
@@ -248,8 +274,16 @@ def test_every_input_form_matches_naive_formula(device, id_dtype, name):
     layout = _on(_layout(spec["form"], args, V, spec["mode"], padding_idx, torch.float32), device)
     table, lora_A, lora_B = _parameters(V, D, R, torch.float32, torch.float32, device, g)
     out = check_fused_op(table, layout, lora_A, lora_B, 0.75, g=g)
-    naive = naive_bag(bags, table.cpu().double(), lora_A.cpu().double(), lora_B.cpu().double(), 0.75,
-                      spec["mode"], weights, padding_idx)
+    naive = naive_bag(
+        bags,
+        table.cpu().double(),
+        lora_A.cpu().double(),
+        lora_B.cpu().double(),
+        0.75,
+        spec["mode"],
+        weights,
+        padding_idx,
+    )
     torch.testing.assert_close(out.cpu().double(), naive, **_tol(torch.float32))
 
 
@@ -264,8 +298,14 @@ def test_unpooled_layout_of_nn_embedding(device, padding_idx):
     table, lora_A, lora_B = _parameters(V, D, R, torch.float32, torch.float32, device, g)
     out = check_fused_op(table, layout, lora_A, lora_B, 2.0, g=g)
     flat = ids.reshape(-1).tolist()
-    expected = naive_bag([[i] for i in flat], table.cpu().double(), lora_A.cpu().double(),
-                         lora_B.cpu().double(), 2.0, padding_idx=padding_idx)
+    expected = naive_bag(
+        [[i] for i in flat],
+        table.cpu().double(),
+        lora_A.cpu().double(),
+        lora_B.cpu().double(),
+        2.0,
+        padding_idx=padding_idx,
+    )
     torch.testing.assert_close(out.cpu().double(), expected, **_tol(torch.float32))
     if padding_idx is not None:  # a padding id is an empty bag: zero, not E[padding_idx]
         assert torch.count_nonzero(out.view(4, 6, D)[0, 0]) == 0
@@ -348,15 +388,24 @@ def test_grad_b_deterministic_is_bitwise_repeatable_and_atomic_agrees(device, mo
     _, _, args = _module_inputs("offsets", lengths, V, torch.int64, True, None, g)
     layout = _on(_layout("offsets", args, V, "sum", None, torch.float32), device)
     table, lora_A, lora_B = _parameters(V, D, R, torch.float32, torch.float32, device, g)
-    out, pooled = fused.lora_embedding_bag_forward(table, lora_A, lora_B, layout.ids, layout.offsets,
-                                                   layout.weights, 1.25)
+    out, pooled = fused.lora_embedding_bag_forward(
+        table, lora_A, lora_B, layout.ids, layout.offsets, layout.weights, 1.25
+    )
     dy = torch.randn(num_bags, D, generator=g).to(device)
     grads = {}
     for name, deterministic in (("det1", True), ("det2", True), ("atomic", False)):
         poisoned = torch.full((R, D), NAN, device=device)
         _, grads[name] = fused.lora_embedding_bag_backward(
-            dy, pooled, lora_B, layout.bag_of_id, layout.weights, 1.25,
-            need_grad_a=False, deterministic=deterministic, grad_b=poisoned)
+            dy,
+            pooled,
+            lora_B,
+            layout.bag_of_id,
+            layout.weights,
+            1.25,
+            need_grad_a=False,
+            deterministic=deterministic,
+            grad_b=poisoned,
+        )
     assert torch.equal(grads["det1"], grads["det2"])
     expected = 1.25 * pooled.double().t() @ dy.double()
     for grad in grads.values():
@@ -418,8 +467,10 @@ def test_a_table_that_requires_grad_gets_the_reference_gradient(device):
 def test_float64_runs_the_reference_op():
     layout, table, lora_A, lora_B = _small_case("cpu")
     table, lora_A, lora_B = table.double(), lora_A.double(), lora_B.double()
-    assert torch.equal(fused.lora_embedding_bag(table, _as_float64(layout), lora_A, lora_B, 1.0),
-                       reference.lora_embedding_bag(table, _as_float64(layout), lora_A, lora_B, 1.0))
+    assert torch.equal(
+        fused.lora_embedding_bag(table, _as_float64(layout), lora_A, lora_B, 1.0),
+        reference.lora_embedding_bag(table, _as_float64(layout), lora_A, lora_B, 1.0),
+    )
 
 
 def test_mismatched_shapes_and_dtypes_are_refused():
@@ -479,8 +530,11 @@ def test_layers_go_through_the_triton_op_under_recpeft_backend_triton(device, mo
     emb_pad = _layer(LoraEmbedding, nn.Embedding(V, D, padding_idx=2)).to(device)
     ids = torch.randint(0, V, (3, 5), generator=g)
     ids[1, 1] = 2
-    cases = [(bag, tuple(a.to(device) if a is not None else None for a in bag_args), True),
-             (emb, (ids.to(device),), True), (emb_pad, (ids.to(device),), False)]
+    cases = [
+        (bag, tuple(a.to(device) if a is not None else None for a in bag_args), True),
+        (emb, (ids.to(device),), True),
+        (emb_pad, (ids.to(device),), False),
+    ]
     for layer, args, fuses_base in cases:
         base_calls = []
         hook = layer.base_layer.register_forward_hook(lambda *_, seen=base_calls: seen.append(1))

@@ -27,11 +27,19 @@ OP_MODULE = "recpeft.kernels.lora_linear"
 ops = importlib.import_module(OP_MODULE)
 
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        not INTERPRETING,
-        reason="Triton runs CPU tensors only under TRITON_INTERPRET=1, which conftest sets on machines without CUDA")),
-    pytest.param("cuda", marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU runs use the Triton interpreter")),
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not INTERPRETING,
+            reason="Triton runs CPU tensors only under TRITON_INTERPRET=1 (conftest sets it without CUDA)",
+        ),
+    ),
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU runs use the Triton interpreter"
+        ),
+    ),
 ]
 
 # Checks are componentwise: |got − ref| ≤ TOLERANCE[dtype] · bound, where bound is the same
@@ -62,13 +70,20 @@ SCALE = -1.3  # negative, so a kernel that drops the sign of s fails
 def make_inputs(m, k, n, r, dtype, device, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(device)  # noqa: E731
-    return {"x": rnd(m, k), "weight": rnd(n, k), "bias": rnd(n) if bias else None,
-            "lora_A": rnd(r, k), "lora_B": rnd(n, r), "grad_y": rnd(m, n)}
+    return {
+        "x": rnd(m, k),
+        "weight": rnd(n, k),
+        "bias": rnd(n) if bias else None,
+        "lora_A": rnd(r, k),
+        "lora_B": rnd(n, r),
+        "grad_y": rnd(m, n),
+    }
 
 
 def oracle(inp, scale, keep_scale):
     """Float64 y, dX, dA, dB, db and u of the naive formula, and the same on absolute values
     (the error bound); keep_scale is the dropout multiplier m (None without dropout)."""
+
     def run(absolute):
         f = (lambda t: t.double().abs()) if absolute else (lambda t: t.double())
         x, W, A, B = (leaf64(f(inp[name])) for name in ("x", "weight", "lora_A", "lora_B"))
@@ -78,8 +93,15 @@ def oracle(inp, scale, keep_scale):
         y = naive_lora_linear(x, W, b, A, B, s, mask)
         y.backward(f(inp["grad_y"]))
         u = (x if mask is None else x * mask).detach() @ A.detach().t()
-        return {"y": y.detach(), "x": x.grad, "lora_A": A.grad, "lora_B": B.grad,
-                "bias": b.grad if b is not None else None, "u": u}
+        return {
+            "y": y.detach(),
+            "x": x.grad,
+            "lora_A": A.grad,
+            "lora_B": B.grad,
+            "bias": b.grad if b is not None else None,
+            "u": u,
+        }
+
     return run(False), run(True)
 
 
@@ -91,9 +113,11 @@ def assert_within(name, got, expected, bound, dtype):
     bad = ~(err <= limit)  # NaN (an unwritten, poisoned element) counts as bad
     if bad.any():
         i = bad.nonzero()[0].tolist()
-        raise AssertionError(f"{name} [{dtype}]: {int(bad.sum())} of {err.numel()} elements out of bound; "
-                             f"first at {i}: got {got[tuple(i)].item()}, expected {expected[tuple(i)].item()}, "
-                             f"bound {limit[tuple(i)].item():.3g}")
+        raise AssertionError(
+            f"{name} [{dtype}]: {int(bad.sum())} of {err.numel()} elements out of bound; "
+            f"first at {i}: got {got[tuple(i)].item()}, expected {expected[tuple(i)].item()}, "
+            f"bound {limit[tuple(i)].item():.3g}"
+        )
 
 
 def poisoned(shape, dtype, device):
@@ -107,13 +131,44 @@ def run_launchers(inp, route, fold_fwd, fold_bwd, p, seed, need_bias, configs=No
     n, r = inp["weight"].shape[0], inp["lora_A"].shape[0]
     dtype, device = x.dtype, x.device
     u_out = poisoned((m, r), torch.float32, device) if route is LinearRoute.EPILOGUE else None
-    y, u = ops.lora_linear_forward(x, inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], SCALE, p, seed,
-                                   route, fold_fwd, out=poisoned((m, n), dtype, device), u_out=u_out, configs=configs)
-    out = ops.LoraGrads(x=poisoned((m, k), dtype, device), lora_A=poisoned((r, k), dtype, device),
-                        lora_B=poisoned((n, r), dtype, device),
-                        bias=poisoned((n,), dtype, device) if need_bias else None)
-    grads = ops.lora_linear_backward(inp["grad_y"], x, u, inp["weight"], inp["lora_A"], inp["lora_B"], SCALE, p, seed,
-                                     route, fold_bwd, need_x=True, need_bias=need_bias, out=out, configs=configs)
+    y, u = ops.lora_linear_forward(
+        x,
+        inp["weight"],
+        inp["bias"],
+        inp["lora_A"],
+        inp["lora_B"],
+        SCALE,
+        p,
+        seed,
+        route,
+        fold_fwd,
+        out=poisoned((m, n), dtype, device),
+        u_out=u_out,
+        configs=configs,
+    )
+    out = ops.LoraGrads(
+        x=poisoned((m, k), dtype, device),
+        lora_A=poisoned((r, k), dtype, device),
+        lora_B=poisoned((n, r), dtype, device),
+        bias=poisoned((n,), dtype, device) if need_bias else None,
+    )
+    grads = ops.lora_linear_backward(
+        inp["grad_y"],
+        x,
+        u,
+        inp["weight"],
+        inp["lora_A"],
+        inp["lora_B"],
+        SCALE,
+        p,
+        seed,
+        route,
+        fold_bwd,
+        need_x=True,
+        need_bias=need_bias,
+        out=out,
+        configs=configs,
+    )
     return y, u, grads
 
 
@@ -144,16 +199,18 @@ PATHS = [
     (LinearRoute.EPILOGUE, True, False),
 ]
 
-cases = st.fixed_dictionaries({
-    "m": st.integers(0, 40),  # M=0 and M=1 come up too (and in the leading-shape test)
-    "k": st.integers(1, 48),
-    "n": st.integers(1, 48),
-    "r": st.integers(1, 20),
-    "bias": st.booleans(),
-    "dtype": st.sampled_from(DTYPES),
-    "dropout": st.booleans(),
-    "seed": st.integers(0, 2**20),
-})
+cases = st.fixed_dictionaries(
+    {
+        "m": st.integers(0, 40),  # M=0 and M=1 come up too (and in the leading-shape test)
+        "k": st.integers(1, 48),
+        "n": st.integers(1, 48),
+        "r": st.integers(1, 20),
+        "bias": st.booleans(),
+        "dtype": st.sampled_from(DTYPES),
+        "dropout": st.booleans(),
+        "seed": st.integers(0, 2**20),
+    }
+)
 
 
 def _path_id(path):
@@ -193,9 +250,11 @@ def test_rank_128_with_dropout(device):
 def test_every_gpu_config(device, kernel):
     """Each config the GPU autotuner can pick, forced, on a shape with ragged edges (and, under
     the interpreter, bigger tiles than the tests' usual 16)."""
-    paths = {"forward": [(LinearRoute.EPILOGUE, True, True)], "grad_x": [(LinearRoute.EPILOGUE, True, True),
-                                                                          (LinearRoute.EPILOGUE, False, False)],
-             "skinny_products": [(LinearRoute.MERGE, None, None)]}[kernel]
+    paths = {
+        "forward": [(LinearRoute.EPILOGUE, True, True)],
+        "grad_x": [(LinearRoute.EPILOGUE, True, True), (LinearRoute.EPILOGUE, False, False)],
+        "skinny_products": [(LinearRoute.MERGE, None, None)],
+    }[kernel]
     for i, config in enumerate(ops.KERNEL_CONFIGS[kernel]):
         inp = make_inputs(70, 37, 45, 6, torch.bfloat16, device, seed=i)
         for route, fold_fwd, fold_bwd in paths:
@@ -258,16 +317,18 @@ def test_dropout_refuses_the_merge_route_and_a_folded_shrink():
 # The public op: leading shapes, non-contiguous input, autograd
 # ---------------------------------------------------------------------------------------------
 
-op_cases = st.fixed_dictionaries({
-    "lead": st.sampled_from([(0,), (1,), (9,), (3, 5), (2, 1, 4)]),
-    "k": st.integers(1, 40),
-    "n": st.integers(1, 40),
-    "r": st.integers(1, 12),
-    "dtype": st.sampled_from(DTYPES),
-    "route": st.sampled_from([None, LinearRoute.MERGE, LinearRoute.EPILOGUE]),
-    "transposed": st.booleans(),
-    "seed": st.integers(0, 2**20),
-})
+op_cases = st.fixed_dictionaries(
+    {
+        "lead": st.sampled_from([(0,), (1,), (9,), (3, 5), (2, 1, 4)]),
+        "k": st.integers(1, 40),
+        "n": st.integers(1, 40),
+        "r": st.integers(1, 12),
+        "dtype": st.sampled_from(DTYPES),
+        "route": st.sampled_from([None, LinearRoute.MERGE, LinearRoute.EPILOGUE]),
+        "transposed": st.booleans(),
+        "seed": st.integers(0, 2**20),
+    }
+)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -282,8 +343,9 @@ def test_op_any_leading_shape_and_layout(device, case):
         x = inp["x"].t().contiguous().t().view(*lead, k)
     leaves = {name: inp[name].clone().requires_grad_(True) for name in ("weight", "bias", "lora_A", "lora_B")}
     x = x.detach().requires_grad_(True)
-    y = ops.lora_linear(x, leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"], SCALE,
-                        route=case["route"])
+    y = ops.lora_linear(
+        x, leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"], SCALE, route=case["route"]
+    )
     assert y.shape == (*lead, case["n"])
     y.backward(inp["grad_y"].reshape(*lead, case["n"]))
     ref, bound = oracle(inp, SCALE, None)

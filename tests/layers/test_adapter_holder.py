@@ -49,11 +49,13 @@ def _plain_cases() -> dict[str, Case]:
     return {
         "linear": Case(lambda: nn.Linear(6, 5), _x),
         "embedding": Case(lambda: nn.Embedding(10, 4), lambda: (torch.tensor([[1, 2], [3, 1]]),)),
-        "embedding_bag": Case(lambda: nn.EmbeddingBag(10, 4, mode="sum"),
-                              lambda: (torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2]))),
+        "embedding_bag": Case(
+            lambda: nn.EmbeddingBag(10, 4, mode="sum"), lambda: (torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2]))
+        ),
         "saved_linear": Case(lambda: nn.Linear(6, 5), _x, saved_whole=True),
-        "saved_sparse_embedding": Case(lambda: nn.Embedding(10, 4, sparse=True), lambda: (torch.tensor([1, 2, 1]),),
-                                       saved_whole=True),
+        "saved_sparse_embedding": Case(
+            lambda: nn.Embedding(10, 4, sparse=True), lambda: (torch.tensor([1, 2, 1]),), saved_whole=True
+        ),
     }
 
 
@@ -74,13 +76,19 @@ def _torchrec_cases() -> dict[str, Case]:
 
     return {
         "embedding_bag_collection": Case(
-            lambda: EmbeddingBagCollection([EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10,
-                                                               feature_names=["f"])]),
-            kjt, dense=lambda out: out.values()),
+            lambda: EmbeddingBagCollection(
+                [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"])]
+            ),
+            kjt,
+            dense=lambda out: out.values(),
+        ),
         "embedding_collection": Case(
-            lambda: EmbeddingCollection([EmbeddingConfig(name="t", embedding_dim=4, num_embeddings=10,
-                                                         feature_names=["f"])]),
-            kjt, dense=lambda out: torch.cat([out[k].values() for k in sorted(out)])),
+            lambda: EmbeddingCollection(
+                [EmbeddingConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"])]
+            ),
+            kjt,
+            dense=lambda out: torch.cat([out[k].values() for k in sorted(out)]),
+        ),
     }
 
 

@@ -44,7 +44,11 @@ def _inputs(case, g):
     weighted = case["weighted"] and case["mode"] == "sum"
     weights = [torch.rand(n, generator=g, dtype=torch.float64).tolist() for n in lengths] if weighted else None
     psw = torch.tensor([w for ws in weights for w in ws], dtype=torch.float64) if weighted else None
-    starts = torch.tensor([0] + lengths[:-1], dtype=case["id_dtype"]).cumsum(0) if lengths else torch.zeros(0, dtype=case["id_dtype"])
+    starts = (
+        torch.tensor([0] + lengths[:-1], dtype=case["id_dtype"]).cumsum(0)
+        if lengths
+        else torch.zeros(0, dtype=case["id_dtype"])
+    )
     if case["form"] == "2d":
         shape = (len(lengths), lengths[0])
         args = (flat.view(shape), None, psw.view(shape) if weighted else None)
@@ -60,8 +64,13 @@ def test_embedding_bag_every_input_form_matches_float64(case):
     if case["form"] == "2d" and not (case["lengths"] and case["lengths"][0]):
         case["lengths"] = [2] + case["lengths"][1:]  # torch's own bag refuses [B, 0] input
     g = torch.Generator().manual_seed(case["seed"])
-    base = nn.EmbeddingBag(V, D, mode=case["mode"], padding_idx=case["padding_idx"],
-                           include_last_offset=case["form"] == "include_last_offset")
+    base = nn.EmbeddingBag(
+        V,
+        D,
+        mode=case["mode"],
+        padding_idx=case["padding_idx"],
+        include_last_offset=case["form"] == "include_last_offset",
+    )
     layer = _wrap(base, LoraEmbeddingBag)
     bags, weights, args = _inputs(case, g)
     dy = torch.randn(len(bags), D, generator=g, dtype=torch.float64)

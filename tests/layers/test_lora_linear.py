@@ -57,7 +57,9 @@ def test_reference_op_matches_naive_float64(case):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("route,p", [(LinearRoute.MERGE, 0.0), (LinearRoute.EPILOGUE, 0.0), (LinearRoute.EPILOGUE, 0.5)])
+@pytest.mark.parametrize(
+    "route,p", [(LinearRoute.MERGE, 0.0), (LinearRoute.EPILOGUE, 0.0), (LinearRoute.EPILOGUE, 0.5)]
+)
 def test_trainable_bias_and_weight_gradients(route, p):
     x, W, b = torch.randn(6, 5, dtype=torch.float64), leaf64(torch.randn(4, 5)), leaf64(torch.randn(4))
     A, B = leaf64(torch.randn(3, 5)), leaf64(torch.randn(4, 3))

@@ -39,8 +39,17 @@ class Holder(nn.Module):
 def _collection(kind: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if kind == "ec":
-        return EmbeddingCollection([EmbeddingConfig(name=c.name, embedding_dim=c.embedding_dim, num_embeddings=c.num_embeddings,
-                                                    feature_names=c.feature_names) for c in table_configs()])
+        return EmbeddingCollection(
+            [
+                EmbeddingConfig(
+                    name=c.name,
+                    embedding_dim=c.embedding_dim,
+                    num_embeddings=c.num_embeddings,
+                    feature_names=c.feature_names,
+                )
+                for c in table_configs()
+            ]
+        )
     weighted = kind == "ebc_weighted"  # per-id weights need sum pooling (nn.EmbeddingBag and TBE alike)
     return EmbeddingBagCollection(table_configs(pooling=not weighted), is_weighted=weighted)
 
@@ -90,8 +99,15 @@ def test_output_at_init_equals_the_base_collection_bit_for_bit(kind):
 def _naive_outputs(kind, base, layer, kjt, scales):
     """Per output key, the float64 formula; returns (outputs, {table: (A64, B64)}, the per-id
     weights as a float64 leaf or None)."""
-    leaves = {t: (leaf64(_adapter_table(layer, "default", t)), leaf64(layer.lora_B["default"][t])) for t in layer.tables("default")}
-    configs = {f: c for c in (base.embedding_bag_configs() if kind != "ec" else base.embedding_configs()) for f in c.feature_names}
+    leaves = {
+        t: (leaf64(_adapter_table(layer, "default", t)), leaf64(layer.lora_B["default"][t]))
+        for t in layer.tables("default")
+    }
+    configs = {
+        f: c
+        for c in (base.embedding_bag_configs() if kind != "ec" else base.embedding_configs())
+        for f in c.feature_names
+    }
     per_key = kjt.to_dict()
     weights64 = leaf64(kjt.weights()) if kind == "ebc_weighted" else None
     offsets = dict(zip(kjt.keys(), kjt.offset_per_key()))
@@ -104,12 +120,15 @@ def _naive_outputs(kind, base, layer, kjt, scales):
         jt = per_key[feature]
         bags = [t.tolist() for t in jt.to_dense()]
         if kind == "ec":  # one row per id
-            outputs.append(torch.stack([E[i] + s * A[i] @ B for bag in bags for i in bag]) if jt.values().numel()
-                           else E.new_zeros(0, E.shape[1]))
+            outputs.append(
+                torch.stack([E[i] + s * A[i] @ B for bag in bags for i in bag])
+                if jt.values().numel()
+                else E.new_zeros(0, E.shape[1])
+            )
             continue
         weights = None
         if kind == "ebc_weighted":  # the float64 leaf's entries, bag by bag, so its gradient is checked too
-            flat = weights64[offsets[feature]:offsets[feature] + jt.values().numel()]
+            flat = weights64[offsets[feature] : offsets[feature] + jt.values().numel()]
             weights = list(torch.split(flat, jt.lengths().tolist()))
         mode = "mean" if config.pooling == PoolingType.MEAN else "sum"
         outputs.append(naive_bag(bags, E, A, B, s, mode=mode, weights=weights))
@@ -120,15 +139,23 @@ def _naive_outputs(kind, base, layer, kjt, scales):
 def test_outputs_and_gradients_match_float64_formulas(kind):
     """A and B random (init_lora_weights=False), per-table ranks and alphas; loss Σ out·g."""
     base = _collection(kind)
-    config = LoraConfig(r=3, lora_alpha=6, target_modules=["t_user", "t_item", "t_cat"], rank_pattern={"t_item": 2},
-                        alpha_pattern={"coll.t_cat": 1.5}, init_lora_weights=False)
+    config = LoraConfig(
+        r=3,
+        lora_alpha=6,
+        target_modules=["t_user", "t_item", "t_cat"],
+        rank_pattern={"t_item": 2},
+        alpha_pattern={"coll.t_cat": 1.5},
+        init_lora_weights=False,
+    )
     model = get_peft_model(Holder(copy.deepcopy(base)), config)
     layer = model.base_model.coll
     scales = {"t_user": 2.0, "t_item": 3.0, "t_cat": 0.5}
     assert layer.scaling["default"] == scales and layer.ranks["default"] == {"t_user": 3, "t_item": 2, "t_cat": 3}
     kjt = _kjt(kind, batch=9, seed=11)
     if kind == "ebc_weighted":  # per-id weights from a trainable upstream module need their gradient too
-        kjt = KeyedJaggedTensor.from_lengths_sync(kjt.keys(), kjt.values(), kjt.lengths(), weights=kjt.weights().requires_grad_(True))
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            kjt.keys(), kjt.values(), kjt.lengths(), weights=kjt.weights().requires_grad_(True)
+        )
     out = model(kjt)
     got = [out[k].values() for k in kjt.keys()] if kind == "ec" else list(out.values().split(out.length_per_key(), 1))
     grads = [torch.randn_like(g) for g in got]
@@ -142,7 +169,9 @@ def test_outputs_and_gradients_match_float64_formulas(kind):
         grad_a = _adapter_table(layer, "default", table).grad
         assert grad_a.is_sparse, table  # rows of the batch only, never a dense V×r buffer
         torch.testing.assert_close(grad_a.to_dense().double(), a64.grad, rtol=1e-5, atol=1e-6, msg=table)
-        torch.testing.assert_close(layer.lora_B["default"][table].grad.double(), b64.grad, rtol=1e-5, atol=1e-6, msg=table)
+        torch.testing.assert_close(
+            layer.lora_B["default"][table].grad.double(), b64.grad, rtol=1e-5, atol=1e-6, msg=table
+        )
     assert all(p.grad is None for p in layer.base_layer.parameters())  # the frozen tables get nothing
     if kind == "ebc_weighted":
         torch.testing.assert_close(kjt.weights().grad.double(), weights64.grad, rtol=1e-5, atol=1e-6)
@@ -176,8 +205,11 @@ def test_tables_are_targeted_by_name_suffix_class_and_exclusion():
 
 
 def test_a_pattern_that_matches_no_table_lists_the_tables():
-    with pytest.raises(ValueError, match=r"'t_usr' matched no module.*Did you mean: coll\.t_user.*Tables.*coll\.t_user, "
-                                         r"coll\.t_item, coll\.t_cat, coll\.t_shop"):
+    with pytest.raises(
+        ValueError,
+        match=r"'t_usr' matched no module.*Did you mean: coll\.t_user.*Tables.*coll\.t_user, "
+        r"coll\.t_item, coll\.t_cat, coll\.t_shop",
+    ):
         get_peft_model(Holder(_collection("ebc")), LoraConfig(target_modules=["t_usr"]))
 
 
@@ -206,7 +238,9 @@ def _train(model, make_input, steps=3, lr=0.05):
 @pytest.mark.parametrize("kind", ["ebc", "ebc_weighted", "ec"])
 def test_merge_writes_e_plus_s_a_b_into_the_touched_rows_only(kind):
     base = _collection(kind)
-    model = get_peft_model(Holder(copy.deepcopy(base)), LoraConfig(r=4, lora_alpha=8, target_modules=["t_user", "t_item"]))
+    model = get_peft_model(
+        Holder(copy.deepcopy(base)), LoraConfig(r=4, lora_alpha=8, target_modules=["t_user", "t_item"])
+    )
     _train(model, lambda step: _kjt(kind, batch=4, seed=20 + step))
     layer = model.base_model.coll
     a = {t: _adapter_table(layer, "default", t).detach().clone() for t in layer.tables("default")}
@@ -231,12 +265,16 @@ def test_merge_writes_e_plus_s_a_b_into_the_touched_rows_only(kind):
 
 def test_unmerge_restores_the_tables():
     base = _collection("ebc")
-    model = get_peft_model(Holder(copy.deepcopy(base)), LoraConfig(r=4, target_modules=["coll"], init_lora_weights=False))
+    model = get_peft_model(
+        Holder(copy.deepcopy(base)), LoraConfig(r=4, target_modules=["coll"], init_lora_weights=False)
+    )
     model.merge_adapter()
     assert not torch.equal(_base_table(model.base_model.coll.base_layer, "t_user"), _base_table(base, "t_user"))
     model.unmerge_adapter()
     for table in TABLE_NAMES:
-        torch.testing.assert_close(_base_table(model.base_model.coll.base_layer, table), _base_table(base, table), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            _base_table(model.base_model.coll.base_layer, table), _base_table(base, table), rtol=0, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("kind", ["ebc", "ec"])
@@ -247,8 +285,16 @@ def test_save_writes_touched_rows_per_table_and_load_reproduces_outputs(kind, tm
     model.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / WEIGHTS_NAME))
     prefix = "base_model.model.coll."
-    assert sorted(tensors) == sorted(f"{prefix}{t}.{k}" for t in ["t_user", "t_cat"] for k in (
-        "lora_embedding_A.indices", "lora_embedding_A.rows", "lora_embedding_A.shape", "lora_embedding_B.weight"))
+    assert sorted(tensors) == sorted(
+        f"{prefix}{t}.{k}"
+        for t in ["t_user", "t_cat"]
+        for k in (
+            "lora_embedding_A.indices",
+            "lora_embedding_A.rows",
+            "lora_embedding_A.shape",
+            "lora_embedding_B.weight",
+        )
+    )
     a = _adapter_table(model.base_model.coll, "default", "t_user").detach()
     touched = (a != 0).any(1).nonzero().squeeze(1)
     assert torch.equal(tensors[prefix + "t_user.lora_embedding_A.indices"], touched)
@@ -264,17 +310,32 @@ def test_a_file_that_does_not_fit_names_the_table_and_leaves_the_model(tmp_path)
     model = get_peft_model(Holder(_collection("ebc")), LoraConfig(r=4, target_modules=["t_user", "t_cat"]))
     _train(model, lambda step: _kjt("ebc", batch=3, seed=40 + step))
     model.save_pretrained(tmp_path)
-    other = Holder(EmbeddingBagCollection([EmbeddingBagConfig(name=c.name, embedding_dim=8, feature_names=c.feature_names,
-                                                              num_embeddings=c.num_embeddings + (c.name == "t_cat"))
-                                           for c in table_configs()]))
-    with pytest.raises(AdapterStateError, match=r"coll\.t_cat\.lora_embedding_A was saved for a table of shape \(300, 4\) "
-                                                r"but the model's is \(301, 4\)"):
+    other = Holder(
+        EmbeddingBagCollection(
+            [
+                EmbeddingBagConfig(
+                    name=c.name,
+                    embedding_dim=8,
+                    feature_names=c.feature_names,
+                    num_embeddings=c.num_embeddings + (c.name == "t_cat"),
+                )
+                for c in table_configs()
+            ]
+        )
+    )
+    with pytest.raises(
+        AdapterStateError,
+        match=r"coll\.t_cat\.lora_embedding_A was saved for a table of shape \(300, 4\) "
+        r"but the model's is \(301, 4\)",
+    ):
         PeftModel.from_pretrained(other, tmp_path)
     assert isinstance(other.coll, EmbeddingBagCollection)
 
     target = get_peft_model(Holder(_collection("ebc")), LoraConfig(r=4, target_modules=["t_user"]))
     tensors = load_file(str(tmp_path / WEIGHTS_NAME))
-    with pytest.raises(AdapterStateError, match=r"unexpected key coll\.t_cat\.lora_embedding_A\.indices .*adapts tables \['t_user'\]"):
+    with pytest.raises(
+        AdapterStateError, match=r"unexpected key coll\.t_cat\.lora_embedding_A\.indices .*adapts tables \['t_user'\]"
+    ):
         target.load_adapter_state("default", tensors, "file")
     tensors.pop("base_model.model.coll.t_cat.lora_embedding_B.weight")
     retarget = get_peft_model(Holder(_collection("ebc")), LoraConfig(r=4, target_modules=["t_user", "t_cat"]))
@@ -300,7 +361,7 @@ def test_trainable_and_touched_counts():
 def _bce_steps(model, steps, seed=1, adapter_ids=None):
     optimizer = LoraAdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.0)
     losses = []
-    for step in range(steps):
+    for _ in range(steps):
         dense, sparse, labels = make_batch(batch=16, seed=seed)  # one batch, fitted: its loss must fall
         kwargs = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
         loss = F.binary_cross_entropy_with_logits(model(dense, sparse, **kwargs).squeeze(1), labels)
@@ -339,10 +400,25 @@ def test_dlrm_family_trains_saves_loads_and_merges(kind, tmp_path, capsys):
 
 
 def _two_adapter_dlrm(init=False):
-    model = get_peft_model(make_dlrm("dcn"), LoraConfig(r=4, target_modules=["t_user", "t_item", "over_arch.model.1"],
-                                                        modules_to_save=["inter_arch.crossnet"], init_lora_weights=init), "de")
-    model.add_adapter("fr", LoraConfig(r=2, lora_alpha=6, target_modules=["t_cat", "t_item", "dense_arch.model._mlp.0._linear"],
-                                       init_lora_weights=init))
+    model = get_peft_model(
+        make_dlrm("dcn"),
+        LoraConfig(
+            r=4,
+            target_modules=["t_user", "t_item", "over_arch.model.1"],
+            modules_to_save=["inter_arch.crossnet"],
+            init_lora_weights=init,
+        ),
+        "de",
+    )
+    model.add_adapter(
+        "fr",
+        LoraConfig(
+            r=2,
+            lora_alpha=6,
+            target_modules=["t_cat", "t_item", "dense_arch.model._mlp.0._linear"],
+            init_lora_weights=init,
+        ),
+    )
     return model
 
 
@@ -392,7 +468,9 @@ def test_routed_training_gradients_equal_separate_per_adapter_runs():
 @pytest.mark.parametrize("kind", ["ebc_weighted", "ec"])
 def test_routing_a_collection_equals_each_sample_through_its_own_merged_collection(kind):
     base = _collection(kind)
-    model = get_peft_model(Holder(copy.deepcopy(base)), LoraConfig(r=3, target_modules=["t_user", "t_item"], init_lora_weights=False), "a")
+    model = get_peft_model(
+        Holder(copy.deepcopy(base)), LoraConfig(r=3, target_modules=["t_user", "t_item"], init_lora_weights=False), "a"
+    )
     model.add_adapter("b", LoraConfig(r=2, target_modules=["t_item", "t_shop"], init_lora_weights=False))
     kjt = _kjt(kind, batch=10, seed=13)
     ids = torch.tensor([0, 1, -1, 1, 0, 0, -1, 1, 1, 0])
@@ -405,8 +483,11 @@ def test_routing_a_collection_equals_each_sample_through_its_own_merged_collecti
     if kind == "ec":
         for key in kjt.keys():
             sample_of_id = torch.arange(10).repeat_interleave(kjt[key].lengths())
-            expected = torch.stack([merged[int(ids[j])][key].values()[k] for k, j in enumerate(sample_of_id)]) \
-                if sample_of_id.numel() else routed[key].values()
+            expected = (
+                torch.stack([merged[int(ids[j])][key].values()[k] for k, j in enumerate(sample_of_id)])
+                if sample_of_id.numel()
+                else routed[key].values()
+            )
             torch.testing.assert_close(routed[key].values(), expected, rtol=1e-5, atol=1e-6, msg=key)
     else:
         expected = torch.stack([merged[int(a)].values()[j] for j, a in enumerate(ids)])

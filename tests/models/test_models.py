@@ -5,8 +5,8 @@ merge), SASRec's causality, and learning on toy tasks."""
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -27,8 +27,8 @@ CARDS = {"user": 60, "item": 40, "cat": 7}
 
 @dataclass
 class Case:
-    build: Callable[[], nn.Module]               # a fresh base model, same weights every call
-    batch: Callable[[int], tuple]                # seed → (args, kwargs, target)
+    build: Callable[[], nn.Module]  # a fresh base model, same weights every call
+    batch: Callable[[int], tuple]  # seed → (args, kwargs, target)
     loss: Callable[[nn.Module, tuple], torch.Tensor]
 
 
@@ -36,6 +36,7 @@ def _seeded(factory):
     def build():
         torch.manual_seed(7)
         return factory()
+
     return build
 
 
@@ -48,8 +49,10 @@ def _dlrm_batch(seed, size=24):
 def _two_tower_batch(seed, size=24):
     g = torch.Generator().manual_seed(seed)
     args = (torch.randint(0, 50, (size,), generator=g), torch.randint(0, 40, (size,), generator=g))
-    kwargs = {"user_feats": {"age": torch.randint(0, 5, (size,), generator=g)},
-              "item_feats": {"cat": torch.randint(0, 6, (size,), generator=g)}}
+    kwargs = {
+        "user_feats": {"age": torch.randint(0, 5, (size,), generator=g)},
+        "item_feats": {"cat": torch.randint(0, 6, (size,), generator=g)},
+    }
     return args, kwargs, (torch.rand(size, generator=g) < 0.4).float()
 
 
@@ -71,14 +74,30 @@ def _next_item(model, batch):
 
 
 CASES = {
-    "dlrm": Case(_seeded(lambda: build_click_model(CARDS, 3, kind="dlrm", embedding_dim=8, dense_arch=(16, 8),
-                                                   over_arch=(16, 8))), _dlrm_batch, _bce),
-    "dcn": Case(_seeded(lambda: build_click_model(CARDS, 3, kind="dcn", embedding_dim=8, dense_arch=(16, 8),
-                                                  over_arch=(16, 8), dcn_rank=4)), _dlrm_batch, _bce),
-    "two_tower": Case(_seeded(lambda: TwoTower(50, 40, user_features={"age": 5}, item_features={"cat": 6}, dim=8,
-                                               hidden=(16,))), _two_tower_batch, _bce),
-    "sasrec": Case(_seeded(lambda: SASRec(30, 8, dim=16, num_blocks=2, num_heads=2, dropout=0.0)), _sasrec_batch,
-                   _next_item),
+    "dlrm": Case(
+        _seeded(
+            lambda: build_click_model(CARDS, 3, kind="dlrm", embedding_dim=8, dense_arch=(16, 8), over_arch=(16, 8))
+        ),
+        _dlrm_batch,
+        _bce,
+    ),
+    "dcn": Case(
+        _seeded(
+            lambda: build_click_model(
+                CARDS, 3, kind="dcn", embedding_dim=8, dense_arch=(16, 8), over_arch=(16, 8), dcn_rank=4
+            )
+        ),
+        _dlrm_batch,
+        _bce,
+    ),
+    "two_tower": Case(
+        _seeded(lambda: TwoTower(50, 40, user_features={"age": 5}, item_features={"cat": 6}, dim=8, hidden=(16,))),
+        _two_tower_batch,
+        _bce,
+    ),
+    "sasrec": Case(
+        _seeded(lambda: SASRec(30, 8, dim=16, num_blocks=2, num_heads=2, dropout=0.0)), _sasrec_batch, _next_item
+    ),
 }
 
 
@@ -196,10 +215,16 @@ def test_click_dlrm_equals_torchrec_and_rebuilds_from_its_spec(kind):
     out = _outputs(model, (args, {}, None))
     assert out.shape == (24,)
     # torchrec's own model, built independently, with the same weights: the same logits
-    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=n, feature_names=[f])
-              for f, n in CARDS.items()]
-    common = dict(embedding_bag_collection=EmbeddingBagCollection(tables), dense_in_features=3,
-                  dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 8, 1])
+    tables = [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=n, feature_names=[f])
+        for f, n in CARDS.items()
+    ]
+    common = dict(
+        embedding_bag_collection=EmbeddingBagCollection(tables),
+        dense_in_features=3,
+        dense_arch_layer_sizes=[16, 8],
+        over_arch_layer_sizes=[16, 8, 1],
+    )
     reference = DLRM(**common) if kind == "dlrm" else DLRM_DCN(**common, dcn_num_layers=2, dcn_low_rank_dim=4)
     reference.load_state_dict(model.state_dict())
     torch.testing.assert_close(out, reference(*args).squeeze(1).detach(), rtol=0, atol=0)
@@ -247,8 +272,12 @@ def test_two_tower_against_a_float64_formula():
         scores = model.score_all(user, kwargs["user_feats"], {"cat": all_cats})
         assert scores.shape == (24, 40)
         for b, i in [(0, 0), (5, 17), (23, 39)]:
-            one = model(user[b:b + 1], torch.tensor([i]), {"age": kwargs["user_feats"]["age"][b:b + 1]},
-                        {"cat": all_cats[i:i + 1]})
+            one = model(
+                user[b : b + 1],
+                torch.tensor([i]),
+                {"age": kwargs["user_feats"]["age"][b : b + 1]},
+                {"cat": all_cats[i : i + 1]},
+            )
             torch.testing.assert_close(scores[b, i], one[0])
     with pytest.raises(ValueError, match="cat"):
         model.item_embeddings()  # the item tower needs every item's category
@@ -286,7 +315,9 @@ def _sasrec_reference(model, seq):
                 seen = [s for s in range(t + 1) if seq[b, s] != 0 or s == t]
                 for head in range(H):
                     w = torch.softmax(torch.stack([q[b, t, head] @ k[b, s, head] for s in seen]) / math.sqrt(D // H), 0)
-                    out[b, t, head * (D // H):(head + 1) * (D // H)] = sum(wi * v[b, s, head] for wi, s in zip(w, seen))
+                    out[b, t, head * (D // H) : (head + 1) * (D // H)] = sum(
+                        wi * v[b, s, head] for wi, s in zip(w, seen)
+                    )
         x = x + blk.attn.out(out)
         h = F.layer_norm(x, (D,), blk.ffn_norm.weight, blk.ffn_norm.bias)
         x = (x + blk.ffn_out(torch.relu(blk.ffn_in(h)))) * keep

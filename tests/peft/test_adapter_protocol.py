@@ -93,8 +93,12 @@ def test_save_and_load_go_through_every_holder(tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / WEIGHTS_NAME).is_file()
     keys = set(model.adapter_state_dict())
-    assert {"base_model.model.item.lora_embedding_B.weight", "base_model.model.mlp.0.lora_A.weight",
-            "base_model.model.mlp.0.bias", "base_model.model.mlp.2.modules_to_save.weight"} <= keys
+    assert {
+        "base_model.model.item.lora_embedding_B.weight",
+        "base_model.model.mlp.0.lora_A.weight",
+        "base_model.model.mlp.0.bias",
+        "base_model.model.mlp.2.modules_to_save.weight",
+    } <= keys
     loaded = PeftModel.from_pretrained(make_model(), tmp_path)
     assert sorted(loaded.adapter_holders()) == ["item", "mlp.0", "mlp.2"]
     assert torch.equal(loaded(*make_batch(seed=4)), model(*make_batch(seed=4)))

@@ -9,21 +9,52 @@ from recpeft import LoraBias, LoraConfig
 
 
 def test_json_round_trip_with_hf_key_names(tmp_path):
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=["a", "b.c"], exclude_modules="x.*",
-                        rank_pattern={"b": 4}, alpha_pattern={"a": 3}, use_rslora=True, init_lora_weights="gaussian",
-                        bias="lora_only", modules_to_save=["head"])
+    config = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.1,
+        target_modules=["a", "b.c"],
+        exclude_modules="x.*",
+        rank_pattern={"b": 4},
+        alpha_pattern={"a": 3},
+        use_rslora=True,
+        init_lora_weights="gaussian",
+        bias="lora_only",
+        modules_to_save=["head"],
+    )
     path = config.save(tmp_path)
     data = json.loads(path.read_text())
-    for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
-                "alpha_pattern", "use_rslora", "init_lora_weights", "bias", "modules_to_save", "peft_type"):
+    for key in (
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "exclude_modules",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",
+        "init_lora_weights",
+        "bias",
+        "modules_to_save",
+        "peft_type",
+    ):
         assert key in data
     assert data["bias"] == "lora_only"
     assert LoraConfig.load(tmp_path) == config
 
 
 def test_reads_an_hf_peft_config_and_ignores_harmless_keys():
-    hf = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q", "v"], "task_type": "FEATURE_EXTRACTION",
-          "fan_in_fan_out": False, "revision": None, "use_dora": False, "layers_to_transform": None}
+    hf = {
+        "peft_type": "LORA",
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": ["q", "v"],
+        "task_type": "FEATURE_EXTRACTION",
+        "fan_in_fan_out": False,
+        "revision": None,
+        "use_dora": False,
+        "layers_to_transform": None,
+    }
     config = LoraConfig.from_dict(hf)
     assert config.r == 8 and config.target_modules == ["q", "v"] and config.bias is LoraBias.NONE
 
@@ -54,7 +85,9 @@ def test_module_classes_must_be_resolved_before_json():
 
 
 def test_patterns_match_the_end_of_the_name():
-    config = LoraConfig(r=8, lora_alpha=8, target_modules=["fc"], rank_pattern={r"tower\.fc": 2}, alpha_pattern={"fc": 4})
+    config = LoraConfig(
+        r=8, lora_alpha=8, target_modules=["fc"], rank_pattern={r"tower\.fc": 2}, alpha_pattern={"fc": 4}
+    )
     assert config.rank_for("user.tower.fc") == 2
     assert config.rank_for("user.tower.fc2") == 8
     assert config.scale_for("user.tower.fc") == 2.0

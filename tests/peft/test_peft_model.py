@@ -56,7 +56,9 @@ def test_target_forms_suffix_regex_and_classes():
 
 
 def test_pattern_that_matches_nothing_names_the_candidates():
-    with pytest.raises(ValueError, match=r"'mlp\.1x' matched no module.*Did you mean: mlp\.1.*Adaptable modules: history"):
+    with pytest.raises(
+        ValueError, match=r"'mlp\.1x' matched no module.*Did you mean: mlp\.1.*Adaptable modules: history"
+    ):
         get_peft_model(make_model(), LoraConfig(target_modules=["mlp.1x"]))
     with pytest.raises(ValueError, match="regex entry 'tower.*' matched no module"):
         get_peft_model(make_model(), LoraConfig(target_modules="tower.*"))
@@ -72,8 +74,14 @@ def test_unsupported_match_lists_what_is_adaptable_inside():
 
 
 def test_rank_and_alpha_patterns_and_rslora():
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_TARGETS, rank_pattern={r"mlp\.\d": 2},
-                        alpha_pattern={"item": 3}, use_rslora=True)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=ALL_TARGETS,
+        rank_pattern={r"mlp\.\d": 2},
+        alpha_pattern={"item": 3},
+        use_rslora=True,
+    )
     model = get_peft_model(make_model(), config)
     layers = model.lora_layers()
     assert layers["mlp.0"].lora_A["default"].shape == (2, 24)
@@ -171,7 +179,9 @@ def test_trained_biases_survive_other_adapters_wrapping_their_modules():
 
 
 def test_bias_all_leaves_a_module_saved_whole_frozen():
-    model = get_peft_model(make_model(), LoraConfig(r=2, target_modules=["mlp.0"], modules_to_save=["mlp.2"], bias="all"))
+    model = get_peft_model(
+        make_model(), LoraConfig(r=2, target_modules=["mlp.0"], modules_to_save=["mlp.2"], bias="all")
+    )
     wrapper = model.base_model.mlp[2]
     assert not wrapper.original_module.bias.requires_grad
     assert wrapper.modules_to_save["default"].bias.requires_grad

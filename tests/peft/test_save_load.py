@@ -90,12 +90,19 @@ def _rewrite(path, edit):
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda t: t.update({"base_model.model.mlp.0.lora_A.weight": torch.zeros(4, 7)}),
-         r"mlp\.0\.lora_A\.weight has shape \(4, 7\) but the model expects \(4, 24\)"),
+        (
+            lambda t: t.update({"base_model.model.mlp.0.lora_A.weight": torch.zeros(4, 7)}),
+            r"mlp\.0\.lora_A\.weight has shape \(4, 7\) but the model expects \(4, 24\)",
+        ),
         (lambda t: t.pop("base_model.model.mlp.2.lora_B.weight"), r"missing key mlp\.2\.lora_B\.weight"),
-        (lambda t: t.update({"base_model.model.tower.lora_A.weight": torch.zeros(1)}), "unexpected key base_model.model.tower"),
-        (lambda t: t.update({"base_model.model.item.lora_embedding_A.shape": torch.tensor([61, 4])}),
-         r"saved for a table of shape \(61, 4\) but the model's is \(60, 4\)"),
+        (
+            lambda t: t.update({"base_model.model.tower.lora_A.weight": torch.zeros(1)}),
+            "unexpected key base_model.model.tower",
+        ),
+        (
+            lambda t: t.update({"base_model.model.item.lora_embedding_A.shape": torch.tensor([61, 4])}),
+            r"saved for a table of shape \(61, 4\) but the model's is \(60, 4\)",
+        ),
     ],
 )
 def test_mismatched_file_names_the_first_bad_key_and_leaves_the_model(tmp_path, edit, message):
@@ -111,7 +118,9 @@ def test_wrong_base_model_shape_is_named(tmp_path):
     _trained(tmp_path)
     other = make_model()
     other.mlp[0] = nn.Linear(24, 20)
-    with pytest.raises(AdapterStateError, match=r"mlp\.0\.lora_B\.weight has shape \(16, 4\) but the model expects \(20, 4\)"):
+    with pytest.raises(
+        AdapterStateError, match=r"mlp\.0\.lora_B\.weight has shape \(16, 4\) but the model expects \(20, 4\)"
+    ):
         PeftModel.from_pretrained(other, tmp_path)
     assert isinstance(other.mlp[0], nn.Linear)
 
@@ -128,8 +137,10 @@ def test_corrupted_file_is_refused(tmp_path):
 
 def test_non_finite_weights_are_refused(tmp_path):
     _trained(tmp_path)
-    _rewrite(tmp_path / WEIGHTS_NAME,
-             lambda t: t["base_model.model.mlp.0.lora_B.weight"].view(-1).__setitem__(3, float("nan")))
+    _rewrite(
+        tmp_path / WEIGHTS_NAME,
+        lambda t: t["base_model.model.mlp.0.lora_B.weight"].view(-1).__setitem__(3, float("nan")),
+    )
     target = make_model()
     with pytest.raises(ValueError, match="'base_model.model.mlp.0.lora_B.weight' holds non-finite values"):
         PeftModel.from_pretrained(target, tmp_path)
@@ -176,12 +187,22 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_classes_anywhere_in_the_config_are_saved_as_names(tmp_path):
-    config = LoraConfig(r=2, target_modules=[nn.Linear, nn.Embedding], exclude_modules=[nn.EmbeddingBag],
-                        modules_to_save=[nn.Sequential], init_lora_weights=False)
+    config = LoraConfig(
+        r=2,
+        target_modules=[nn.Linear, nn.Embedding],
+        exclude_modules=[nn.EmbeddingBag],
+        modules_to_save=[nn.Sequential],
+        init_lora_weights=False,
+    )
     with pytest.raises(ValueError, match="contains LoRA targets"):  # mlp holds LoRA targets
         get_peft_model(make_model(), config)
-    config = LoraConfig(r=2, target_modules=[nn.Embedding], exclude_modules=[nn.EmbeddingBag],
-                        modules_to_save=[nn.Sequential], init_lora_weights=False)
+    config = LoraConfig(
+        r=2,
+        target_modules=[nn.Embedding],
+        exclude_modules=[nn.EmbeddingBag],
+        modules_to_save=[nn.Sequential],
+        init_lora_weights=False,
+    )
     model = get_peft_model(make_model(), config)
     model.save_pretrained(tmp_path)
     data = json.loads((tmp_path / CONFIG_NAME).read_text())

@@ -40,17 +40,25 @@ PLAN_KINDS = ("table_wise", "row_wise")
 
 
 def lora_config() -> LoraConfig:
-    return LoraConfig(r=4, lora_alpha=8, target_modules=["t_user", "t_item", "t_cat", "over_arch.model.1"],
-                      rank_pattern={"t_cat": 8})
+    return LoraConfig(
+        r=4, lora_alpha=8, target_modules=["t_user", "t_item", "t_cat", "over_arch.model.1"], rank_pattern={"t_cat": 8}
+    )
 
 
 def make_plan(kind: str) -> ShardingPlan:
     """The plan of the plain DLRM: every table table-wise (alternating processes) or row-wise."""
     ebc = make_dlrm("dlrm").sparse_arch.embedding_bag_collection
-    per_table = {name: table_wise(rank=i % WORLD) if kind == "table_wise" else row_wise()
-                 for i, (name, _, _, _) in enumerate(TABLES)}
-    return ShardingPlan({EBC_PATH: construct_module_sharding_plan(ebc, per_table, local_size=WORLD, world_size=WORLD,
-                                                                  device_type="cpu")})
+    per_table = {
+        name: table_wise(rank=i % WORLD) if kind == "table_wise" else row_wise()
+        for i, (name, _, _, _) in enumerate(TABLES)
+    }
+    return ShardingPlan(
+        {
+            EBC_PATH: construct_module_sharding_plan(
+                ebc, per_table, local_size=WORLD, world_size=WORLD, device_type="cpu"
+            )
+        }
+    )
 
 
 def eval_batch():
@@ -79,7 +87,9 @@ def test_adapter_tables_mirror_the_plan_of_their_base_tables(kind):
         assert sharding.sharding_type == base[table].sharding_type == kind and sharding.ranks == base[table].ranks
         rank = 8 if table == "t_cat" else 4
         mirrored = [(s.shard_offsets, s.shard_sizes, str(s.placement)) for s in sharding.sharding_spec.shards]
-        assert mirrored == [(b.shard_offsets, [b.shard_sizes[0], rank], str(b.placement)) for b in base[table].sharding_spec.shards]
+        assert mirrored == [
+            (b.shard_offsets, [b.shard_sizes[0], rank], str(b.placement)) for b in base[table].sharding_spec.shards
+        ]
     if kind == "row_wise":  # [0, 200) and [200, 400) of t_user on processes 0 and 1
         assert [s.shard_offsets[0] for s in adapter["t_user"].sharding_spec.shards] == [0, 200]
 
@@ -92,7 +102,13 @@ def test_plans_the_adapter_cannot_follow_are_refused():
     model = get_peft_model(make_dlrm("dlrm"), lora_config())
     ebc = make_dlrm("dlrm").sparse_arch.embedding_bag_collection
     per_table = {name: row_wise() for name, _, _, _ in TABLES} | {"t_item": column_wise(ranks=[0, 1])}
-    plan = ShardingPlan({EBC_PATH: construct_module_sharding_plan(ebc, per_table, local_size=WORLD, world_size=WORLD, device_type="cpu")})
+    plan = ShardingPlan(
+        {
+            EBC_PATH: construct_module_sharding_plan(
+                ebc, per_table, local_size=WORLD, world_size=WORLD, device_type="cpu"
+            )
+        }
+    )
     with pytest.raises(ValueError, match="'t_item' is planned column_wise; its LoRA table needs whole rows"):
         peft_sharding_plan(model, plan)
     odd = get_peft_model(make_dlrm("dlrm"), LoraConfig(r=6, target_modules=["t_user"]))
@@ -153,13 +169,22 @@ def _local(batch, rank):
 def worker(rank: int, port: int, out_dir: str, reference_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from recpeft.peft.distributed import (dense_parameters, load_adapter_weights, optimizer_state_bytes, peft_module,
-                                     save_adapters, shard_peft_model)
+    from recpeft.peft.distributed import (
+        dense_parameters,
+        load_adapter_weights,
+        optimizer_state_bytes,
+        peft_module,
+        save_adapters,
+        shard_peft_model,
+    )
 
     results = {}
     for kind in PLAN_KINDS:
-        sharded = shard_peft_model(get_peft_model(make_dlrm("dlrm"), lora_config()), plan=make_plan(kind),
-                                   embedding_optimizer=(RowWiseAdagrad, {"lr": EMB_LR, "eps": EMB_EPS}))
+        sharded = shard_peft_model(
+            get_peft_model(make_dlrm("dlrm"), lora_config()),
+            plan=make_plan(kind),
+            embedding_optimizer=(RowWiseAdagrad, {"lr": EMB_LR, "eps": EMB_EPS}),
+        )
         optimizer = torch.optim.Adam(dense_parameters(sharded), lr=DENSE_LR)
         losses = []
         for step in range(STEPS):
@@ -188,8 +213,14 @@ def worker(rank: int, port: int, out_dir: str, reference_dir: str) -> None:
         load_adapter_weights(fresh, reference_dir)
         with torch.no_grad():
             loaded_outputs = _gather_rows(fresh(x, kjt))
-        results[kind] = dict(losses=losses, outputs=outputs, merged_outputs=merged_outputs, routed_outputs=routed_outputs,
-                             loaded_outputs=loaded_outputs, state=state)
+        results[kind] = dict(
+            losses=losses,
+            outputs=outputs,
+            merged_outputs=merged_outputs,
+            routed_outputs=routed_outputs,
+            loaded_outputs=loaded_outputs,
+            state=state,
+        )
     results["planner"] = _planner_run(rank)
     results["ec"] = _embedding_collection_run(rank, out_dir)
     if rank == 0:
@@ -208,8 +239,10 @@ def _planner_run(rank: int) -> dict:
     x, kjt, _ = _local(eval_batch(), rank)
     with torch.no_grad():
         outputs = _gather_rows(sharded(x, kjt))
-    plan = {path: {t: (p.sharding_type, p.compute_kernel, p.ranks) for t, p in module_plan.items()}
-            for path, module_plan in sharded.plan.plan.items()}
+    plan = {
+        path: {t: (p.sharding_type, p.compute_kernel, p.ranks) for t, p in module_plan.items()}
+        for path, module_plan in sharded.plan.plan.items()
+    }
     return dict(outputs=outputs, plan=plan)
 
 
@@ -219,8 +252,12 @@ class ItemSequence(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.coll = EmbeddingCollection([EmbeddingConfig(name="t_seq", embedding_dim=8, num_embeddings=100, feature_names=["seq"]),
-                                         EmbeddingConfig(name="t_ctx", embedding_dim=8, num_embeddings=60, feature_names=["ctx"])])
+        self.coll = EmbeddingCollection(
+            [
+                EmbeddingConfig(name="t_seq", embedding_dim=8, num_embeddings=100, feature_names=["seq"]),
+                EmbeddingConfig(name="t_ctx", embedding_dim=8, num_embeddings=60, feature_names=["ctx"]),
+            ]
+        )
 
     def forward(self, kjt):
         out = self.coll(kjt)
@@ -229,7 +266,9 @@ class ItemSequence(nn.Module):
 
 def ec_input(rank: int):
     g = torch.Generator().manual_seed(rank)
-    return KeyedJaggedTensor.from_lengths_sync(["seq", "ctx"], torch.randint(0, 60, (12,), generator=g), torch.tensor([2, 1, 3, 0, 4, 2]))
+    return KeyedJaggedTensor.from_lengths_sync(
+        ["seq", "ctx"], torch.randint(0, 60, (12,), generator=g), torch.tensor([2, 1, 3, 0, 4, 2])
+    )
 
 
 def ec_model():
@@ -240,9 +279,17 @@ def _embedding_collection_run(rank: int, out_dir: str) -> dict:
     from recpeft.peft.distributed import save_adapters, shard_peft_model
 
     model = ec_model()
-    plan = ShardingPlan({"coll": construct_module_sharding_plan(
-        model.base_model.coll.base_layer, {"t_seq": row_wise(), "t_ctx": table_wise(rank=1)},
-        local_size=WORLD, world_size=WORLD, device_type="cpu")})
+    plan = ShardingPlan(
+        {
+            "coll": construct_module_sharding_plan(
+                model.base_model.coll.base_layer,
+                {"t_seq": row_wise(), "t_ctx": table_wise(rank=1)},
+                local_size=WORLD,
+                world_size=WORLD,
+                device_type="cpu",
+            )
+        }
+    )
     sharded = shard_peft_model(model, plan=plan, sharders=[EmbeddingCollectionSharder()])
     with torch.no_grad():
         outputs = [t.tolist() for t in _gather_list(sharded(ec_input(rank)))]

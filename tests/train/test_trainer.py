@@ -12,10 +12,19 @@ from torch import nn
 from recpeft import LoraConfig, get_peft_model
 from recpeft.datasets.batch import TensorBatches
 from recpeft.metrics import auc
+from recpeft.train import (
+    FitReport,
+    TrainConfig,
+    Trainer,
+    build_optimizers,
+    clip_grad_norm,
+    epoch_order,
+    predict,
+    sparse_gradient_parameters,
+    training_state_bytes,
+)
 from recpeft.train.lora_adamw import LoraAdamW
 from recpeft.train.schedules import LRSchedule, Schedule, warmup_steps_for
-from recpeft.train import (FitReport, Trainer, TrainConfig, build_optimizers, clip_grad_norm, epoch_order, predict,
-                           sparse_gradient_parameters, training_state_bytes)
 
 USERS, ITEMS, DIM = 40, 30, 6
 
@@ -66,6 +75,7 @@ def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # ---- schedules --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", list(Schedule))
 def test_schedule_matches_closed_form(kind):
     total, fraction, floor = 40, 0.1, 0.2
@@ -87,8 +97,9 @@ def test_schedule_matches_closed_form(kind):
 
 def test_trainer_applies_schedule_each_step():
     data = click_data(100, seed=3)
-    config = quiet(epochs=2, lr=0.01, warmup_fraction=0.25, schedule="cosine", min_lr_ratio=0.1,
-                   early_stopping_patience=None)
+    config = quiet(
+        epochs=2, lr=0.01, warmup_fraction=0.25, schedule="cosine", min_lr_ratio=0.1, early_stopping_patience=None
+    )
     model = dense_model()
     seen = []
 
@@ -109,14 +120,14 @@ def test_trainer_applies_schedule_each_step():
 
 # ---- clipping -------------------------------------------------------------------------------
 
+
 def _grads_with_sparse(seed: int):
     g = torch.Generator().manual_seed(seed)
     dense = nn.Parameter(torch.randn(5, 4, generator=g))
     table = nn.Parameter(torch.randn(12, 3, generator=g))
     dense.grad = torch.randn(5, 4, generator=g) * 3
     rows = torch.tensor([[1, 7, 1, 3]])  # row 1 twice: uncoalesced duplicates must be summed
-    table.grad = torch.sparse_coo_tensor(rows, torch.randn(4, 3, generator=g) * 3, (12, 3),
-                                         check_invariants=True)
+    table.grad = torch.sparse_coo_tensor(rows, torch.randn(4, 3, generator=g) * 3, (12, 3), check_invariants=True)
     return dense, table
 
 
@@ -124,11 +135,11 @@ def _grads_with_sparse(seed: int):
 def test_clip_grad_norm_with_sparse_gradients(max_norm):
     dense, table = _grads_with_sparse(seed=5)
     before = [dense.grad.double().clone(), table.grad.to_dense().double()]
-    expected_norm = math.sqrt(sum(float((g ** 2).sum()) for g in before))
+    expected_norm = math.sqrt(sum(float((g**2).sum()) for g in before))
     norm = clip_grad_norm([dense, table], max_norm)
     assert norm == pytest.approx(expected_norm, rel=1e-6)
     after = [dense.grad.double(), table.grad.to_dense().double()]
-    after_norm = math.sqrt(sum(float((g ** 2).sum()) for g in after))
+    after_norm = math.sqrt(sum(float((g**2).sum()) for g in after))
     scale = min(1.0, max_norm / (expected_norm + 1e-6))
     assert after_norm <= max_norm + 1e-5
     for b, a in zip(before, after):
@@ -137,6 +148,7 @@ def test_clip_grad_norm_with_sparse_gradients(max_norm):
 
 
 # ---- sparse parameters and optimizers -----------------------------------------------------
+
 
 def test_sparse_parameters_go_to_lora_adamw():
     model = lora_model()
@@ -160,6 +172,7 @@ def test_sparse_parameters_go_to_lora_adamw():
 
 
 # ---- training ---------------------------------------------------------------------------
+
 
 def test_loss_decreases_and_auc_beats_chance():
     torch.set_num_threads(1)
@@ -213,8 +226,12 @@ def test_early_stopping_restores_best_epoch():
 def test_min_mode_early_stopping():
     data, valid = click_data(64, seed=5), click_data(20, seed=6)
     values = iter([3.0, 2.0, 2.5, 1.0])
-    report = Trainer(dense_model(), quiet(epochs=4, early_stopping_patience=None),
-                     metric_fn=lambda m, s: next(values), metric_mode="min").fit(data, valid)
+    report = Trainer(
+        dense_model(),
+        quiet(epochs=4, early_stopping_patience=None),
+        metric_fn=lambda m, s: next(values),
+        metric_mode="min",
+    ).fit(data, valid)
     assert report.best_metric == 1.0 and report.best_epoch == 3 and not report.stopped_early
 
 
@@ -239,8 +256,14 @@ def _stopping_loss(after: int):
 def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, make, stop_after):
     torch.set_num_threads(1)
     train, valid = click_data(100, seed=8), click_data(60, seed=9)  # 4 steps of 32 rows per epoch
-    settings = dict(epochs=4, checkpoint_every_steps=3, early_stopping_patience=1, clip_grad_norm=0.5,
-                    weight_decay=0.01, warmup_fraction=0.2)
+    settings = dict(
+        epochs=4,
+        checkpoint_every_steps=3,
+        early_stopping_patience=1,
+        clip_grad_norm=0.5,
+        weight_decay=0.01,
+        warmup_fraction=0.2,
+    )
     whole = make()
     expected = Trainer(whole, quiet(checkpoint_dir=str(tmp_path / "whole"), **settings)).fit(train, valid)
 
@@ -256,8 +279,13 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, make, stop_after):
     final, reference = params_of(resumed_model), params_of(whole)
     assert all(torch.equal(final[n], reference[n]) for n in reference)
     assert resumed.history == expected.history
-    assert (resumed.steps, resumed.best_epoch, resumed.best_metric, resumed.final_loss, resumed.stopped_early) == \
-        (expected.steps, expected.best_epoch, expected.best_metric, expected.final_loss, expected.stopped_early)
+    assert (resumed.steps, resumed.best_epoch, resumed.best_metric, resumed.final_loss, resumed.stopped_early) == (
+        expected.steps,
+        expected.best_epoch,
+        expected.best_metric,
+        expected.final_loss,
+        expected.stopped_early,
+    )
     assert torch.equal(predict(resumed_model, valid), predict(whole, valid))
     finished = make()
     again = Trainer(finished, config).fit(train, valid)  # resuming a finished run trains nothing
@@ -275,6 +303,7 @@ def test_resume_refuses_changed_config(tmp_path):
 
 
 # ---- memory accounting, prediction, legacy call --------------------------------------------
+
 
 def test_training_state_bytes_counts_params_grads_and_adam_state():
     model = nn.Sequential(nn.Embedding(20, 4, sparse=True), nn.Flatten(), nn.Linear(8, 3))
@@ -305,24 +334,42 @@ def test_predict_batches_a_source_in_row_order_and_refuses_a_bare_tuple():
 
 # ---- configuration and errors ----------------------------------------------------------------
 
+
 def test_config_json_round_trip():
-    config = TrainConfig(epochs=5, lr=1e-3, schedule="constant", clip_grad_norm=None, checkpoint_dir="x",
-                         early_stopping_patience=None, desc="lora FR")
+    config = TrainConfig(
+        epochs=5,
+        lr=1e-3,
+        schedule="constant",
+        clip_grad_norm=None,
+        checkpoint_dir="x",
+        early_stopping_patience=None,
+        desc="lora FR",
+    )
     again = TrainConfig.from_json(config.to_json())
     assert again == config and again.schedule is Schedule.CONSTANT
     with pytest.raises(ValueError, match="unknown TrainConfig keys"):
         TrainConfig.from_dict({"epochz": 1})
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"epochs": 0}, "epochs"), ({"batch_size": 2.5}, "batch_size"), ({"lr": -1.0}, "lr"),
-    ({"lr": float("nan")}, "lr"), ({"weight_decay": -0.1}, "weight_decay"),
-    ({"warmup_fraction": 1.5}, "warmup_fraction"), ({"schedule": "linear"}, "schedule"),
-    ({"min_lr_ratio": -0.1}, "min_lr_ratio"), ({"clip_grad_norm": 0.0}, "clip_grad_norm"),
-    ({"early_stopping_patience": 0}, "early_stopping_patience"),
-    ({"checkpoint_every_steps": 0}, "checkpoint_every_steps"), ({"amp": "yes"}, "amp"), ({"seed": -1}, "seed"),
-    ({"keep_initial": 1}, "keep_initial"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"lr": -1.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"warmup_fraction": 1.5}, "warmup_fraction"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"min_lr_ratio": -0.1}, "min_lr_ratio"),
+        ({"clip_grad_norm": 0.0}, "clip_grad_norm"),
+        ({"early_stopping_patience": 0}, "early_stopping_patience"),
+        ({"checkpoint_every_steps": 0}, "checkpoint_every_steps"),
+        ({"amp": "yes"}, "amp"),
+        ({"seed": -1}, "seed"),
+        ({"keep_initial": 1}, "keep_initial"),
+    ],
+)
 def test_bad_config_names_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
         TrainConfig(**kwargs)
@@ -333,8 +380,9 @@ def test_errors():
     frozen = dense_model().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         Trainer(frozen, quiet())
-    empty = TensorBatches(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 3),
-                          labels=torch.zeros(0))
+    empty = TensorBatches(
+        torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 3), labels=torch.zeros(0)
+    )
     with pytest.raises(ValueError, match="training source is empty"):
         Trainer(dense_model(), quiet()).fit(empty)
     with pytest.raises(ValueError, match="validation source is empty"):
@@ -352,13 +400,15 @@ def test_errors():
 
 # ---- keep_initial ---------------------------------------------------------------------------
 
+
 def test_keep_initial_restores_starting_weights_when_no_epoch_beats_them():
     data, valid = click_data(100, seed=5), click_data(50, seed=6)
-    sequence = iter([0.80, 0.60, 0.70, 0.75])          # the start (epoch -1) is the best
+    sequence = iter([0.80, 0.60, 0.70, 0.75])  # the start (epoch -1) is the best
     model = dense_model(seed=int(torch.randint(1000, ()).item()))
     start = params_of(model)
-    report = Trainer(model, quiet(epochs=4, early_stopping_patience=2, keep_initial=True),
-                     metric_fn=lambda m, s: next(sequence)).fit(data, valid)
+    report = Trainer(
+        model, quiet(epochs=4, early_stopping_patience=2, keep_initial=True), metric_fn=lambda m, s: next(sequence)
+    ).fit(data, valid)
     assert report.best_epoch == -1 and report.best_metric == 0.80 and report.stopped_early
     assert report.epochs_run == 2 and [h["valid_metric"] for h in report.history] == [0.60, 0.70]
     assert all(torch.equal(p, start[n]) for n, p in params_of(model).items())
@@ -366,8 +416,9 @@ def test_keep_initial_restores_starting_weights_when_no_epoch_beats_them():
     sequence = iter([0.60, 0.70, 0.65, 0.62])
     plain = dense_model(seed=3)
     start = params_of(plain)
-    report = Trainer(plain, quiet(epochs=4, early_stopping_patience=2),
-                     metric_fn=lambda m, s: next(sequence)).fit(data, valid)
+    report = Trainer(plain, quiet(epochs=4, early_stopping_patience=2), metric_fn=lambda m, s: next(sequence)).fit(
+        data, valid
+    )
     assert report.best_epoch == 1 and any(not torch.equal(p, start[n]) for n, p in params_of(plain).items())
 
 
@@ -377,14 +428,15 @@ def test_keep_initial_yields_to_a_better_epoch_and_resumes_bit_for_bit(tmp_path)
     settings = dict(epochs=3, checkpoint_every_steps=3, early_stopping_patience=2, keep_initial=True)
     calls = []
 
-    def metric_fn(model, source):                      # the real AUC, each call recorded
+    def metric_fn(model, source):  # the real AUC, each call recorded
         calls.append(auc(predict(model, source), source.labels))
         return calls[-1]
 
     whole = lora_model()
-    expected = Trainer(whole, quiet(checkpoint_dir=str(tmp_path / "whole"), **settings),
-                       metric_fn=metric_fn).fit(train, valid)
-    assert len(calls) == 1 + expected.epochs_run   # the start, then every epoch
+    expected = Trainer(whole, quiet(checkpoint_dir=str(tmp_path / "whole"), **settings), metric_fn=metric_fn).fit(
+        train, valid
+    )
+    assert len(calls) == 1 + expected.epochs_run  # the start, then every epoch
     assert expected.best_metric == max(calls)
     assert expected.best_epoch == calls.index(max(calls)) - 1
     config = quiet(checkpoint_dir=str(tmp_path / "cut"), **settings)
@@ -393,8 +445,11 @@ def test_keep_initial_yields_to_a_better_epoch_and_resumes_bit_for_bit(tmp_path)
     calls.clear()
     resumed_model = lora_model()
     resumed = Trainer(resumed_model, config, metric_fn=metric_fn).fit(train, valid)
-    assert len(calls) == expected.epochs_run - 1       # the start is not evaluated again
-    assert (resumed.best_epoch, resumed.best_metric, resumed.history) == \
-        (expected.best_epoch, expected.best_metric, expected.history)
+    assert len(calls) == expected.epochs_run - 1  # the start is not evaluated again
+    assert (resumed.best_epoch, resumed.best_metric, resumed.history) == (
+        expected.best_epoch,
+        expected.best_metric,
+        expected.history,
+    )
     reference = params_of(whole)
     assert all(torch.equal(p, reference[n]) for n, p in params_of(resumed_model).items())

@@ -7,13 +7,18 @@ import textwrap
 
 import pytest
 
-from recpeft.utils.memory_probe import (MALLOC_MMAP_THRESHOLD, can_measure_memory, describe_peak_memory,
-                                        resident_kib, run_json_subprocesses)
+from recpeft.utils.memory_probe import (
+    MALLOC_MMAP_THRESHOLD,
+    can_measure_memory,
+    describe_peak_memory,
+    resident_kib,
+    run_json_subprocesses,
+)
 
-MIB = 2 ** 20
+MIB = 2**20
 needs_proc = pytest.mark.skipif(not can_measure_memory(), reason="needs Linux /proc/self/clear_refs")
 
-PROBE = textwrap.dedent('''
+PROBE = textwrap.dedent("""
     import json
     from recpeft.utils.memory_probe import measure_peak_memory, resident_growth
 
@@ -28,7 +33,7 @@ PROBE = textwrap.dedent('''
     figures = measure_peak_memory(lambda: touched(32), lambda built, i: len(touched(64)), steps=2)
     print(json.dumps({"kept": [kept_peak, kept_retained], "freed": [freed_peak, freed_retained], "size": size,
                       **figures}))
-''')
+""")
 
 
 @needs_proc
@@ -48,8 +53,11 @@ def test_marks_follow_touched_memory_in_a_fresh_process():
 
 
 def test_run_json_subprocesses_reads_the_last_line_and_names_failures():
-    ok = [sys.executable, "-c", "import json, os; print('noise'); "
-                                "print(json.dumps({'threshold': os.environ['MALLOC_MMAP_THRESHOLD_']}))"]
+    ok = [
+        sys.executable,
+        "-c",
+        "import json, os; print('noise'); print(json.dumps({'threshold': os.environ['MALLOC_MMAP_THRESHOLD_']}))",
+    ]
     assert run_json_subprocesses([ok, ok]) == [{"threshold": MALLOC_MMAP_THRESHOLD}] * 2
     failing = [sys.executable, "-c", "import sys; sys.exit('probe broke')"]
     with pytest.raises(RuntimeError, match=r"(?s)failed \(exit 1\).*probe broke"):

@@ -19,8 +19,9 @@ def test_dense_views_and_non_tensors():
 
 
 def test_sparse_counts_indices_and_values_not_the_dense_shape():
-    grad = torch.sparse_coo_tensor(torch.tensor([[1, 7, 7]]), torch.ones(3, 8), (1_000_000, 8),
-                                   check_invariants=True)  # uncoalesced
+    grad = torch.sparse_coo_tensor(
+        torch.tensor([[1, 7, 7]]), torch.ones(3, 8), (1_000_000, 8), check_invariants=True
+    )  # uncoalesced
     assert tensor_bytes(grad) == 1 * 3 * 8 + 3 * 8 * 4
     assert storage_bytes([grad]) == 3 * 8 + 3 * 8 * 4
 
@@ -35,7 +36,7 @@ def test_storage_bytes_counts_each_storage_once_and_whole():
 
 
 def test_sharded_tensor_counts_its_local_shards():
-    code = textwrap.dedent('''
+    code = textwrap.dedent("""
         import tempfile, torch, torch.distributed as dist
         from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
         from recpeft.utils.tensor_bytes import storage_bytes, tensor_bytes
@@ -46,7 +47,7 @@ def test_sharded_tensor_counts_its_local_shards():
                                          Shard(b, ShardMetadata([4, 0], [6, 3], "rank:0/cpu"))], 10, 3)
             print(tensor_bytes(st), storage_bytes([st, a]), storage_bytes([st, torch.zeros(2)]))
             dist.destroy_process_group()
-    ''')
+    """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     shards = 4 * 3 * 4 + 6 * 3 * 4

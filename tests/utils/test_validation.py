@@ -7,8 +7,17 @@ import math
 import pytest
 import torch
 
-from recpeft.utils.validation import (check_fraction, check_int, check_positive_number, check_state_keys,
-                                      check_state_shapes, first_non_finite, is_int, parse_json_object, read_json_object)
+from recpeft.utils.validation import (
+    check_fraction,
+    check_int,
+    check_positive_number,
+    check_state_keys,
+    check_state_shapes,
+    first_non_finite,
+    is_int,
+    parse_json_object,
+    read_json_object,
+)
 
 
 def test_bools_are_not_ints():
@@ -69,8 +78,9 @@ def test_state_shapes_name_the_first_mismatch_in_the_expected_order():
     expected = {"b": torch.zeros(2, 3), "a": (4,), "gone": (1,)}
     check_state_shapes({"b": torch.ones(2, 3), "a": torch.ones(4), "extra": torch.ones(9)}, expected, where="ckpt")
     with pytest.raises(KeyError, match=r"ckpt: m\.b has shape \(3, 2\) but the model expects \(2, 3\)"):
-        check_state_shapes({"a": torch.ones(5), "b": torch.ones(3, 2)}, expected, where="ckpt", prefix="m.",
-                           error=KeyError)
+        check_state_shapes(
+            {"a": torch.ones(5), "b": torch.ones(3, 2)}, expected, where="ckpt", prefix="m.", error=KeyError
+        )
 
 
 def test_first_non_finite_names_the_tensor():

@@ -127,8 +127,9 @@ class LoraCollectionLayer(LoraLayer):
     def make_adapter_collection(self, configs: list) -> nn.Module:
         raise NotImplementedError
 
-    def adapter_deltas(self, adapter: str, features: KeyedJaggedTensor,
-                       keep: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def adapter_deltas(
+        self, adapter: str, features: KeyedJaggedTensor, keep: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """{base output key: s_t·(lookup of A_t)·B_t} for ``adapter`` on ``features``; with
         ``keep`` [B] (routing) only the kept samples' ids are looked up (:func:`keep_samples`) and
         the other samples get zero."""
@@ -144,8 +145,9 @@ class LoraCollectionLayer(LoraLayer):
     def check_supported(cls, module: nn.Module, name: str) -> None:
         dotted = [c.name for c in cls.table_configs(module) if "." in c.name]
         if dotted:
-            raise ValueError(f"{name}: table name {dotted[0]!r} holds a '.', so it cannot be addressed as "
-                             f"'<module>.<table>'")
+            raise ValueError(
+                f"{name}: table name {dotted[0]!r} holds a '.', so it cannot be addressed as '<module>.<table>'"
+            )
 
     def tables(self, adapter: str) -> list[str]:
         return list(self.lora_B[adapter].keys())
@@ -179,8 +181,11 @@ class LoraCollectionLayer(LoraLayer):
             base = configs[table]
             init_a = nn.init.zeros_ if init is not False else partial(nn.init.normal_, std=1.0 / r)
             adapter_config = type(base)(
-                name=base.name, num_embeddings=base.num_embeddings, embedding_dim=r,
-                feature_names=list(base.feature_names), init_fn=init_a,
+                name=base.name,
+                num_embeddings=base.num_embeddings,
+                embedding_dim=r,
+                feature_names=list(base.feature_names),
+                init_fn=init_a,
                 **({"pooling": base.pooling} if hasattr(base, "pooling") else {}),
             )
             grouped.setdefault(self.group_for(r), []).append(adapter_config)
@@ -273,8 +278,11 @@ class LoraCollectionLayer(LoraLayer):
             if features.variable_stride_per_key():
                 raise ValueError(f"{self.module_name}: per-sample routing needs one stride (batch) for every key")
             sample_adapter = routing.row_adapter(self.module_name, features.stride(), 1, features.values().device)
-            runs = [(name, sample_adapter == index) for index, name in enumerate(routing.adapter_names)
-                    if self.has_adapter(name)]
+            runs = [
+                (name, sample_adapter == index)
+                for index, name in enumerate(routing.adapter_names)
+                if self.has_adapter(name)
+            ]
         else:
             runs = [(name, None) for name in self.pending_adapters()]
         deltas: dict[str, torch.Tensor] = {}
@@ -312,12 +320,22 @@ class LoraCollectionLayer(LoraLayer):
         """Every key under a table the adapter adapts, then each table's tensors in either on-disk
         form (:func:`~recpeft.layers.table.check_encoded_adapter`)."""
         tables = self.tables(adapter)
-        per_table = split_by_prefix(tensors, [f"{t}." for t in tables], source=source, shown=f"{self.module_name}.",
-                                    hint=f"adapter {adapter!r} adapts tables {sorted(tables)}")
+        per_table = split_by_prefix(
+            tensors,
+            [f"{t}." for t in tables],
+            source=source,
+            shown=f"{self.module_name}.",
+            hint=f"adapter {adapter!r} adapts tables {sorted(tables)}",
+        )
         for table in tables:
             weight = self.adapter_table(adapter, table)
-            check_encoded_adapter(per_table[f"{table}."], (weight.size(0), weight.size(1)),
-                                  self.lora_B[adapter][table].shape, source=source, name=self._qualified(table))
+            check_encoded_adapter(
+                per_table[f"{table}."],
+                (weight.size(0), weight.size(1)),
+                self.lora_B[adapter][table].shape,
+                source=source,
+                name=self._qualified(table),
+            )
 
     @torch.no_grad()
     def load_adapter_state(self, adapter, tensors):

@@ -64,8 +64,14 @@ class LoraEmbeddingCollection(LoraCollectionLayer):
         base = self.base_forward(features)
         deltas = self.feature_deltas(features)
         return {
-            key: JaggedTensor(values=jt.values() + deltas[key], lengths=jt.lengths(), offsets=jt.offsets(),
-                              weights=jt.weights_or_none()) if key in deltas else jt
+            key: JaggedTensor(
+                values=jt.values() + deltas[key],
+                lengths=jt.lengths(),
+                offsets=jt.offsets(),
+                weights=jt.weights_or_none(),
+            )
+            if key in deltas
+            else jt
             for key, jt in base.items()
         }
 
@@ -80,6 +86,8 @@ class LoraEmbeddingCollection(LoraCollectionLayer):
             delta = (looked_up[f.group][f.adapter_key].values() @ lora_B[f.table]).mul_(scaling[f.table])
             if keep is not None:  # rows of the kept ids, in order, back to their positions among all ids
                 kept_ids = keep.repeat_interleave(features[f.feature].lengths().to(torch.int64))
-                delta = delta.new_zeros(kept_ids.numel(), delta.shape[1]).index_copy(0, kept_ids.nonzero().squeeze(1), delta)
+                delta = delta.new_zeros(kept_ids.numel(), delta.shape[1]).index_copy(
+                    0, kept_ids.nonzero().squeeze(1), delta
+                )
             deltas[f.base_key] = delta
         return deltas

@@ -34,7 +34,9 @@ def row_blocks(weight: torch.Tensor, table_name: str) -> list[tuple[int, torch.T
             blocks.append((int(row0), shard.tensor))
         return blocks
     if type(weight).__name__ == "DTensor":
-        raise TypeError(f"{table_name}: tables stored as DTensor are not supported; use torchrec's default ShardedTensor state")
+        raise TypeError(
+            f"{table_name}: tables stored as DTensor are not supported; use torchrec's default ShardedTensor state"
+        )
     return [(0, weight)]
 
 
