@@ -47,9 +47,8 @@ from recpeft.utils.validation import check_int
 
 from .config import FitReport, TrainConfig
 from .memory import training_state_bytes
-from .optimizers import build_optimizers, clip_grad_norm, set_lr, sparse_gradient_parameters, split_by_gradient_kind
+from .optimizers import build_optimizers, clip_grad_norm, set_lr, split_by_gradient_kind
 from .run_state import (
-    CHECKPOINT_FORMAT,
     RunState,
     latest_checkpoint,
     load_checkpoint,
@@ -58,21 +57,6 @@ from .run_state import (
     trainable_state,
 )
 from .schedules import LRSchedule, warmup_steps_for
-
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "FitReport",
-    "TrainConfig",
-    "Trainer",
-    "auc_metric",
-    "bce_loss",
-    "build_optimizers",
-    "clip_grad_norm",
-    "epoch_order",
-    "predict",
-    "sparse_gradient_parameters",
-    "training_state_bytes",
-]
 
 
 def epoch_order(rows: int, seed: int, epoch: int) -> torch.Tensor:
