@@ -1,4 +1,8 @@
-"""Data in: interaction tables as pandas DataFrames, checked, encoded, split and batched.
+"""Data in: interaction tables as pandas DataFrames, checked, encoded, split and batched into the
+``Batch`` / ``BatchSource`` form the Trainer consumes; the embedded shop's generator and schema.
+May import: ``recpeft.peft``, ``recpeft.layers``, ``recpeft.kernels``, ``recpeft.utils`` (it needs
+none of them but utils today); not its siblings ``models`` and ``metrics``, nor anything above.
+
 
 schema = Schema(segment="market", timestamp="day", categorical=("category",), dense=("price",))
 frame = load_interactions("log.parquet", schema)            # or load_movielens / load_criteo

@@ -10,6 +10,8 @@ parameters, sparse and untouched parameters, merge, delete, export / check / loa
     │   │   └── LoraTableLayer          table.py → LoraEmbedding, LoraEmbeddingBag
     │   └── LoraCollectionLayer         torchrec/collection.py — per-table A_t, B_t, s_t, r_t
     └── ModulesToSaveWrapper            modules_to_save.py — a trained copy per adapter
+
+May import: ``recpeft.kernels`` (the ops) and ``recpeft.utils``; nothing else of recpeft.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 
 ``ClickDLRM``, ``build_click_model`` and ``single_id_kjt`` are imported on first use, so that
 ``import recpeft.models`` does not import torchrec and fbgemm (seconds) for the other models.
+Each model names its own LoRA targets (``lora_targets()``), so no caller spells out its module
+paths. May import: ``recpeft.peft``, ``recpeft.layers``, ``recpeft.kernels``, ``recpeft.utils``;
+not its siblings ``datasets`` and ``metrics``, nor anything above.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 :class:`LoraEmbeddingBagCollection` wraps ``EmbeddingBagCollection`` (KJT → KeyedTensor),
 :class:`LoraEmbeddingCollection` wraps ``EmbeddingCollection`` (KJT → Dict[str, JaggedTensor]).
 Their tables are addressed as ``"<module>.<table>"``; see :mod:`.collection` for the math.
+Part of ``recpeft.layers``: may import its siblings there, ``recpeft.kernels`` and ``recpeft.utils``.
 """
 
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
