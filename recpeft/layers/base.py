@@ -17,7 +17,15 @@ from torch import nn
 
 from .adapter_holder import AdapterHolder, AdapterStateError
 
-__all__ = ["AdapterStateError", "LoraLayer"]
+__all__ = ["AdapterStateError", "LoraLayer", "merge_product"]
+
+
+def merge_product(left: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Δ = scale·(left @ right), the delta merging adds to a frozen weight of ``dtype``: computed in
+    ``dtype`` promoted to at least float32 (a float64 weight gets a float64 product; a 16-bit one a
+    float32 product rounded once at the end) and returned in ``dtype``."""
+    compute = torch.promote_types(dtype, torch.float32)
+    return ((left.to(compute) @ right.to(compute)) * scale).to(dtype)
 
 
 class LoraLayer(AdapterHolder):

@@ -11,6 +11,7 @@ from torch import nn
 from recpeft.kernels import dispatch
 
 from .adapter_state import check_adapter_tensors
+from .base import merge_product
 from .weight import LoraWeightLayer
 
 
@@ -91,8 +92,8 @@ class LoraLinear(LoraWeightLayer):
         return lora_A, lora_B, 1.0, dropouts.pop()
 
     def merge_delta(self, adapter, sign):
-        delta = self.lora_B[adapter].float() @ self.lora_A[adapter].float() * (sign * self.scaling[adapter])
-        self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
+        weight, scale = self.base_layer.weight, sign * self.scaling[adapter]
+        weight.add_(merge_product(self.lora_B[adapter], self.lora_A[adapter], scale, weight.dtype))
 
     def export_adapter(self, adapter):
         """``lora_A.weight`` A [r, K] and ``lora_B.weight`` B [N, r], HF PEFT's keys."""

@@ -17,6 +17,7 @@ from recpeft.kernels import BagLayout, dispatch
 from recpeft.utils.validation import check_state_keys, check_state_shapes
 
 from .adapter_holder import AdapterStateError
+from .base import merge_product
 from .weight import LoraWeightLayer
 
 A_DENSE = "lora_embedding_A.weight"
@@ -118,8 +119,8 @@ class LoraTableLayer(LoraWeightLayer):
         if padding is not None:  # a padding id gets no delta, merged or not
             rows = rows[rows != padding]
         a, b = self.lora_A[adapter], self.lora_B[adapter]
-        delta = (a[rows].float() @ b.float()) * (sign * self.scaling[adapter])
-        self.base_weight.index_add_(0, rows, delta.to(self.base_weight.dtype))
+        delta = merge_product(a[rows], b, sign * self.scaling[adapter], self.base_weight.dtype)
+        self.base_weight.index_add_(0, rows, delta)
 
     # ---- forward ---------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from recpeft import LoraConfig, get_peft_model
 
+from reference_math import TINY_FORWARD_ROUNDINGS, abs_inputs, abs_twin, assert_bound_can_fail, assert_within_bound
 from toy_models import ALL_TARGETS, make_batch, make_model, train_steps
 
 ADAPTERS = {
@@ -16,6 +17,23 @@ ADAPTERS = {
     "fr": LoraConfig(r=2, lora_alpha=6, target_modules=["item", "mlp.0"], init_lora_weights=False),
     "es": LoraConfig(r=3, target_modules=["history", "dense"], modules_to_save=["mlp.2"], init_lora_weights=False),
 }
+
+
+FORWARD_ROUNDINGS = TINY_FORWARD_ROUNDINGS  # derived in reference_math
+# Gradients of Σ y²: 2·y (the forward) times ∂y/∂θ (the transposed chain, dot lengths 1, 16, 24
+# ≤ the forward's), summed over the 24 rows of the batch (+ r).
+BACKWARD_ROUNDINGS = 2 * FORWARD_ROUNDINGS + 1 + 24 + 4
+
+
+def _bound(model, batch, ids=None, backward=False):
+    """The absolute-value twin's output (or its parameters' gradients of Σ y²)."""
+    twin = abs_twin(model)
+    kwargs = {} if ids is None else {"adapter_ids": ids}
+    out = twin(*abs_inputs(*batch), **kwargs)
+    if not backward:
+        return out.detach()
+    out.pow(2).sum().backward()
+    return {name: p.grad for name, p in twin.named_parameters()}
 
 
 def _multi_adapter_model():
@@ -46,14 +64,23 @@ def test_mixed_batch_equals_each_sample_through_its_own_merged_model(grouped):
     routed = model(*batch, adapter_ids=ids)
     merged = _merged_outputs(model, batch)
     expected = torch.stack([merged[int(a)][i] for i, a in enumerate(ids)])
-    torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
+    bound = _bound(model, batch, ids)
+    assert_within_bound(routed, expected, bound, FORWARD_ROUNDINGS, name="routed")
+    assert_bound_can_fail(expected, bound, FORWARD_ROUNDINGS)
+    wrong = torch.stack([merged[(int(a) + 2) % 4 - 1][i] for i, a in enumerate(ids)])  # each row's neighbour adapter
+    with pytest.raises(AssertionError, match="out of bound"):
+        assert_within_bound(routed, wrong, bound, FORWARD_ROUNDINGS)
 
 
 def test_routing_every_sample_to_one_adapter_equals_that_adapter():
     model = _multi_adapter_model()
     batch = make_batch(batch=12)
     model.set_adapter("fr")
-    torch.testing.assert_close(model(*batch, adapter_ids=torch.full((12,), 1)), model(*batch), rtol=1e-6, atol=1e-6)
+    ids = torch.full((12,), 1)
+    routed, bound = model(*batch, adapter_ids=ids), _bound(model, batch, ids)
+    assert_within_bound(routed, model(*batch), bound, FORWARD_ROUNDINGS, name="routed")
+    with pytest.raises(AssertionError, match="out of bound"):
+        assert_within_bound(model(*batch, adapter_ids=torch.full((12,), 0)), model(*batch), bound, FORWARD_ROUNDINGS)
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["random order", "grouped by adapter"])
@@ -72,6 +99,7 @@ def test_routed_training_gradients_equal_separate_per_adapter_runs(grouped):
         separate(*(t[rows] for t in batch)).pow(2).sum().backward()
 
     grads = dict(separate.named_parameters())
+    bounds = _bound(_multi_adapter_model(), batch, ids, backward=True)
     compared = 0
     for name, param in mixed.named_parameters():
         if param.grad is None:
@@ -79,7 +107,8 @@ def test_routed_training_gradients_equal_separate_per_adapter_runs(grouped):
             continue
         dense = param.grad.to_dense() if param.grad.is_sparse else param.grad
         other = grads[name].grad.to_dense() if grads[name].grad.is_sparse else grads[name].grad
-        torch.testing.assert_close(dense, other, rtol=1e-5, atol=1e-6)
+        assert_within_bound(dense, other, bounds[name], BACKWARD_ROUNDINGS, name=name)
+        assert_bound_can_fail(other, bounds[name], BACKWARD_ROUNDINGS, name=name)  # a zeroed gradient fails
         compared += 1
     assert compared >= 10
 

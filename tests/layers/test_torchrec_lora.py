@@ -19,7 +19,15 @@ from recpeft.layers.base import AdapterStateError
 from recpeft.layers.torchrec import LoraEmbeddingBagCollection, LoraEmbeddingCollection
 from recpeft.peft import CONFIG_NAME, WEIGHTS_NAME
 
-from reference_math import leaf64, naive_bag
+from reference_math import (
+    abs_twin,
+    assert_bound_can_fail,
+    assert_normwise_close,
+    assert_within_bound,
+    dense_grad,
+    leaf64,
+    naive_bag,
+)
 from torchrec_models import make_batch, make_dlrm, make_kjt, slice_batch, table_configs
 
 TABLE_NAMES = ["t_user", "t_item", "t_cat", "t_shop"]
@@ -70,8 +78,40 @@ def _base_table(collection: nn.Module, table: str) -> torch.Tensor:
     return tables[table].weight
 
 
-def _assert_same_output(got, expected, exact: bool = True, tol: float = 1e-5):
-    check = torch.equal if exact else (lambda a, b: torch.allclose(a, b, rtol=tol, atol=tol))
+# Roundings along the longest chain of a collection (reference_math.assert_within_bound): a bag of
+# ≤ 3 ids (sum, /n), its pooled A·B (r ≤ 4), ·s, + the pooled table, merged rows E + s·A·B (r + 2).
+COLLECTION_ROUNDINGS = 4 + 4 + 4 + 2 + 6
+# The DLRM family: dense arch 4 + 16 (+ LoRA r + 3) and bags 14 give x0 ≤ 30; each of the two
+# low-rank cross layers x0·(W·V·xl + b) + xl multiplies (40 + 4 + 3 roundings) so counts add:
+# x1 ≤ 107, x2 ≤ 184; the over arch (40 + 16 inputs, LoRA) ≤ 254.
+DLRM_ROUNDINGS = 256
+# Gradients of Σ y²: 2·y·∂y/∂θ summed over the batch (≤ 32 rows).
+DLRM_GRAD_ROUNDINGS = 2 * DLRM_ROUNDINGS + 1 + 32
+
+
+def _kjt_abs(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """The same ids with |weights|, for an absolute-value twin."""
+    weights = kjt.weights_or_none()
+    return KeyedJaggedTensor.from_lengths_sync(
+        kjt.keys(), kjt.values(), kjt.lengths(), weights=None if weights is None else weights.detach().abs()
+    )
+
+
+def _twin(model):
+    """The absolute-value twin (reference_math.abs_twin), in float32: torchrec's collections run
+    in their configured dtype."""
+    return abs_twin(model, dtype=None)
+
+
+def _values(out):
+    return torch.cat([out[k].values() for k in out]) if isinstance(out, dict) else out.values()
+
+
+def _assert_same_output(got, expected, exact: bool = True, bound=None, n: int = COLLECTION_ROUNDINGS):
+    """Bit for bit, or within γ_n·bound (bound: the absolute-value twin's output)."""
+    if not exact:
+        return assert_within_bound(_values(got), _values(expected), _values(bound), n, name="output")
+    check = torch.equal
     if isinstance(expected, dict):  # EmbeddingCollection: Dict[str, JaggedTensor]
         assert list(got) == list(expected)
         for key in expected:
@@ -161,20 +201,35 @@ def test_outputs_and_gradients_match_float64_formulas(kind):
     grads = [torch.randn_like(g) for g in got]
     sum((g * w).sum() for g, w in zip(got, grads)).backward()
 
+    twin, kjt_abs = _twin(model), _kjt_abs(kjt)  # the bound: the same on absolute values
+    if kind == "ebc_weighted":
+        kjt_abs.weights().requires_grad_(True)
+    out_abs = twin(kjt_abs)
+    bound = (
+        [out_abs[k].values() for k in kjt.keys()]
+        if kind == "ec"
+        else list(out_abs.values().split(out_abs.length_per_key(), 1))
+    )
+    sum((b * w.abs()).sum() for b, w in zip(bound, grads)).backward()
+    twin_layer = twin.base_model.coll
+    # forward: COLLECTION_ROUNDINGS; gradients: + the sum over ≤ 2·9 bags and the D = 8 outputs
+    n = COLLECTION_ROUNDINGS + 18 + 8
     expected, leaves, weights64 = _naive_outputs(kind, base, layer, kjt, scales)
-    for key, g, e in zip(kjt.keys(), got, expected):
-        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-6, msg=key)
+    for key, g, e, b in zip(kjt.keys(), got, expected, bound):
+        assert_within_bound(g, e, b.detach(), n, computed=1, name=key)
     sum((e * w.double()).sum() for e, w in zip(expected, grads)).backward()
     for table, (a64, b64) in leaves.items():
         grad_a = _adapter_table(layer, "default", table).grad
         assert grad_a.is_sparse, table  # rows of the batch only, never a dense V×r buffer
-        torch.testing.assert_close(grad_a.to_dense().double(), a64.grad, rtol=1e-5, atol=1e-6, msg=table)
-        torch.testing.assert_close(
-            layer.lora_B["default"][table].grad.double(), b64.grad, rtol=1e-5, atol=1e-6, msg=table
+        assert_within_bound(
+            grad_a, a64.grad, _adapter_table(twin_layer, "default", table).grad, n, computed=1, name=table
         )
+        bound_b = twin_layer.lora_B["default"][table].grad
+        assert_within_bound(layer.lora_B["default"][table].grad, b64.grad, bound_b, n, computed=1, name=table)
+        assert_bound_can_fail(b64.grad, bound_b, n, computed=1, name=table)
     assert all(p.grad is None for p in layer.base_layer.parameters())  # the frozen tables get nothing
     if kind == "ebc_weighted":
-        torch.testing.assert_close(kjt.weights().grad.double(), weights64.grad, rtol=1e-5, atol=1e-6)
+        assert_within_bound(kjt.weights().grad, weights64.grad, kjt_abs.weights().grad, n, computed=1, name="weights")
 
 
 def test_gradient_of_an_adapter_table_touches_only_the_batch_rows():
@@ -247,10 +302,11 @@ def test_merge_writes_e_plus_s_a_b_into_the_touched_rows_only(kind):
     b = {t: layer.lora_B["default"][t].detach().clone() for t in layer.tables("default")}
     kjt = _kjt(kind, batch=10, seed=5)
     adapted = model(kjt)
+    bound = _twin(model)(_kjt_abs(kjt))
 
     merged = model.merge_and_unload()
     assert type(merged.coll) is type(base)
-    _assert_same_output(merged(kjt), adapted, exact=False)
+    _assert_same_output(merged(kjt), adapted, exact=False, bound=bound)
     for table in TABLE_NAMES:
         before, after = _base_table(base, table), _base_table(merged.coll, table)
         if table not in a:
@@ -259,7 +315,9 @@ def test_merge_writes_e_plus_s_a_b_into_the_touched_rows_only(kind):
         touched = (a[table] != 0).any(1)
         assert 0 < touched.sum() < touched.numel()
         expected = before.double() + 2.0 * a[table].double() @ b[table].double()
-        torch.testing.assert_close(after[touched].double(), expected[touched], rtol=1e-6, atol=1e-6)
+        bound = before.double().abs() + 2.0 * a[table].double().abs() @ b[table].double().abs()
+        # E + s·A·B: r = 4 products and sums, ·s, + E
+        assert_within_bound(after[touched], expected[touched], bound[touched], 4 + 2, computed=1, name=table)
         assert torch.equal(after[~touched], before[~touched]), table  # untouched rows are not even rewritten
 
 
@@ -268,13 +326,16 @@ def test_unmerge_restores_the_tables():
     model = get_peft_model(
         Holder(copy.deepcopy(base)), LoraConfig(r=4, target_modules=["coll"], init_lora_weights=False)
     )
+    twin = _twin(model)
+    twin.merge_adapter()  # |E| + s·|A|·|B|: what the merged tables' roundings are relative to
     model.merge_adapter()
     assert not torch.equal(_base_table(model.base_model.coll.base_layer, "t_user"), _base_table(base, "t_user"))
     model.unmerge_adapter()
     for table in TABLE_NAMES:
-        torch.testing.assert_close(
-            _base_table(model.base_model.coll.base_layer, table), _base_table(base, table), rtol=0, atol=1e-6
-        )
+        # (E + s·A·B) − s·A·B: r + 2 roundings each way
+        bound = _base_table(twin.base_model.coll.base_layer, table)
+        got = _base_table(model.base_model.coll.base_layer, table)
+        assert_within_bound(got, _base_table(base, table), bound, 2 * (4 + 2), computed=1, name=table)
 
 
 @pytest.mark.parametrize("kind", ["ebc", "ec"])
@@ -394,9 +455,11 @@ def test_dlrm_family_trains_saves_loads_and_merges(kind, tmp_path, capsys):
 
     loaded = PeftModel.from_pretrained(make_dlrm(kind), tmp_path)
     assert torch.equal(loaded(dense, sparse), after)
+    bound = _twin(loaded)(dense.abs(), sparse).detach()
     merged = loaded.merge_and_unload()
     assert type(merged.sparse_arch.embedding_bag_collection) is EmbeddingBagCollection
-    torch.testing.assert_close(merged(dense, sparse), after, rtol=1e-5, atol=1e-5)
+    assert_within_bound(merged(dense, sparse), after, bound, DLRM_ROUNDINGS, name="merged")
+    assert_bound_can_fail(after, bound, DLRM_ROUNDINGS)
 
 
 def _two_adapter_dlrm(init=False):
@@ -435,7 +498,11 @@ def test_routing_a_mixed_batch_equals_each_sample_through_its_own_merged_model()
         single.set_adapter(name)
         merged[index] = single.merge_and_unload()(dense, sparse)
     expected = torch.stack([merged[int(a)][i] for i, a in enumerate(ids)])
-    torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
+    bound = _twin(model)(dense.abs(), sparse, adapter_ids=ids).detach()
+    assert_within_bound(routed, expected, bound, DLRM_ROUNDINGS, name="routed")
+    wrong = torch.stack([merged[(int(a) + 2) % 3 - 1][i] for i, a in enumerate(ids)])  # each row's neighbour
+    with pytest.raises(AssertionError, match="out of bound"):
+        assert_within_bound(routed, wrong, bound, DLRM_ROUNDINGS)
 
 
 def test_routed_training_gradients_equal_separate_per_adapter_runs():
@@ -450,6 +517,9 @@ def test_routed_training_gradients_equal_separate_per_adapter_runs():
         separate.set_adapter(name)
         separate(sub_dense, sub_sparse).pow(2).sum().backward()
     grads = dict(separate.named_parameters())
+    twin = _twin(_two_adapter_dlrm())
+    twin(dense.abs(), sparse, adapter_ids=ids).pow(2).sum().backward()
+    bounds = dict(twin.named_parameters())
     compared = 0
     for name, param in mixed.named_parameters():
         if ".lora_" not in name:
@@ -458,9 +528,10 @@ def test_routed_training_gradients_equal_separate_per_adapter_runs():
         mine = param.grad
         assert (mine is None) == (other is None), name
         if mine is not None:
-            dense_mine = mine.to_dense() if mine.is_sparse else mine
-            dense_other = other.to_dense() if other.is_sparse else other
-            torch.testing.assert_close(dense_mine, dense_other, rtol=1e-5, atol=1e-6, msg=name)
+            assert_within_bound(mine, other, bounds[name].grad, DLRM_GRAD_ROUNDINGS, name=name)
+            assert_normwise_close(mine, other, name=name)  # the cross layers make the bound vacuous
+            with pytest.raises(AssertionError, match="exceeds"):
+                assert_normwise_close(torch.zeros_like(dense_grad(other)), other)  # a zeroed gradient fails
             compared += 1
     assert compared == 12  # per adapter: A and B of two tables and of one linear layer
 
@@ -475,6 +546,7 @@ def test_routing_a_collection_equals_each_sample_through_its_own_merged_collecti
     kjt = _kjt(kind, batch=10, seed=13)
     ids = torch.tensor([0, 1, -1, 1, 0, 0, -1, 1, 1, 0])
     routed = model(kjt, adapter_ids=ids)
+    bound = _twin(model)(_kjt_abs(kjt), adapter_ids=ids)
     merged = {-1: base(kjt)}
     for index, name in enumerate(model.adapter_names):
         single = copy.deepcopy(model)
@@ -488,7 +560,10 @@ def test_routing_a_collection_equals_each_sample_through_its_own_merged_collecti
                 if sample_of_id.numel()
                 else routed[key].values()
             )
-            torch.testing.assert_close(routed[key].values(), expected, rtol=1e-5, atol=1e-6, msg=key)
+            assert_within_bound(routed[key].values(), expected, bound[key].values(), COLLECTION_ROUNDINGS, name=key)
     else:
         expected = torch.stack([merged[int(a)].values()[j] for j, a in enumerate(ids)])
-        torch.testing.assert_close(routed.values(), expected, rtol=1e-5, atol=1e-6)
+        assert_within_bound(routed.values(), expected, bound.values(), COLLECTION_ROUNDINGS, name="routed")
+        with pytest.raises(AssertionError, match="out of bound"):  # each row through the other adapter
+            wrong = torch.stack([merged[1 - int(a) if a >= 0 else 0].values()[j] for j, a in enumerate(ids)])
+            assert_within_bound(routed.values(), wrong, bound.values(), COLLECTION_ROUNDINGS)

@@ -9,7 +9,24 @@ from torch import nn
 from recpeft import LoraConfig, LoraEmbeddingBag, LoraLinear, get_peft_model
 from recpeft.layers import LoraEmbedding, ModulesToSaveWrapper
 
+from reference_math import (
+    TINY_FORWARD_ROUNDINGS,
+    abs_inputs,
+    abs_twin,
+    assert_bound_can_fail,
+    assert_normwise_close,
+    assert_within_bound,
+)
 from toy_models import ALL_TARGETS, make_batch, make_model, train_steps
+
+# merged, then unmerged: W comes back within 2·(r + 2) roundings of |W| + s·|B|·|A|
+N = TINY_FORWARD_ROUNDINGS + 2 * (4 + 2)
+
+
+def _bound(model, batch):
+    """The absolute-value twin's output: the bound of reference_math.assert_within_bound; taken
+    on the unmerged adapted model, its terms cover the base's and the merged weights' too."""
+    return abs_twin(model)(*abs_inputs(*batch)).detach()
 
 
 def _checksums(model):
@@ -118,18 +135,21 @@ def test_merge_unmerge_and_merge_and_unload():
     batch = make_batch()
     model = get_peft_model(make_model(), LoraConfig(r=4, target_modules=ALL_TARGETS, init_lora_weights=False))
     weights = {n: p.clone() for n, p in model.base_model.named_parameters() if "base_layer" in n}
-    out = model(*batch)
+    out, bound, twin = model(*batch), _bound(model, batch), abs_twin(model)
     model.merge_adapter()
-    torch.testing.assert_close(model(*batch), out, rtol=1e-5, atol=1e-5)
+    assert_within_bound(model(*batch), out, bound, N, name="merged")
+    assert_bound_can_fail(out, bound, N)
     with model.disable_adapter():  # unmerges meanwhile
-        torch.testing.assert_close(model(*batch), make_model()(*batch), rtol=1e-5, atol=1e-6)
+        assert_within_bound(model(*batch), make_model()(*batch), bound, N, name="disabled")
     model.unmerge_adapter()
+    twin.merge_adapter()  # |W| + s·|B|·|A|
+    twin_weights = dict(twin.base_model.named_parameters())
     for name, p in model.base_model.named_parameters():
-        if name in weights:
-            torch.testing.assert_close(p, weights[name], rtol=0, atol=1e-6)
+        if name in weights:  # (W + s·B·A) − s·B·A: r + 2 roundings each way
+            assert_within_bound(p, weights[name], twin_weights[name], 2 * (4 + 2), computed=1, name=name)
     plain = model.merge_and_unload()
     assert not any(isinstance(m, (LoraLinear, LoraEmbedding)) for m in plain.modules())
-    torch.testing.assert_close(plain(*batch), out, rtol=1e-5, atol=1e-5)
+    assert_within_bound(plain(*batch), out, bound, N, name="merged and unloaded")
 
 
 def test_print_trainable_parameters_reports_allocated_and_touched(capsys):
@@ -195,10 +215,12 @@ def test_set_adapter_after_merging_unmerges_the_adapter_that_leaves():
     model.add_adapter("b", config)
     model.set_adapter("b")
     only_b = model(*batch)
+    model.set_adapter(["a", "b"])
+    bound = _bound(model, batch)  # terms of both adapters: "a" leaves its weights within rounding
     model.set_adapter("a")
     model.merge_adapter()
     model.set_adapter("b")
-    torch.testing.assert_close(model(*batch), only_b, rtol=1e-5, atol=1e-5)
+    assert_within_bound(model(*batch), only_b, bound, N, name="only b")
 
 
 def test_disable_adapter_blocks_nest():
@@ -230,4 +252,14 @@ def test_autocast_runs_the_adapter_in_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(*batch)
     assert low.dtype == torch.bfloat16
-    torch.testing.assert_close(low.float(), full, rtol=0.05, atol=0.05)
+    # bf16 (u = 2^-8) along the chain: each of the ≤ 8 matrix products (base, A, B of three layers,
+    # and the bag's) rounds its two operands and its output, 24 roundings; float32 ones are 2^16×
+    # smaller. That componentwise bound holds ...
+    bound = _bound(model, batch)
+    assert_within_bound(low, full, bound, 24 + 1, torch.bfloat16, computed=1, name="autocast")
+    # ... but at 0.09·Σ|terms| it would pass a zeroed output, so a normwise floor discriminates:
+    # measured ≤ 1.3e-2 (≈ 3.3 u) of max|full| over seeds; 2^-3 leaves 10×, a zeroed output or a
+    # missing adapter (relative O(1)) fails.
+    assert_normwise_close(low, full, rel=2.0**-3, name="autocast")
+    with pytest.raises(AssertionError, match="exceeds"):
+        assert_normwise_close(torch.zeros_like(full), full, rel=2.0**-3)

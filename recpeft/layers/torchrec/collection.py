@@ -51,7 +51,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recpeft.layers.adapter_holder import sparse_embedding_weights
 from recpeft.layers.adapter_state import split_by_prefix
-from recpeft.layers.base import LoraLayer
+from recpeft.layers.base import LoraLayer, merge_product
 from recpeft.layers.table import A_DENSE, A_INDICES, A_ROWS, B_WEIGHT, check_encoded_adapter, encode_rows
 
 from . import table_rows
@@ -298,9 +298,9 @@ class LoraCollectionLayer(LoraLayer):
         for table in self.tables(adapter):
             name = self._qualified(table)
             indices, rows = table_rows.local_touched_rows(self.adapter_table(adapter, table), name)
-            b = self.lora_B[adapter][table]
-            delta = (rows.to(b.device).float() @ b.float()) * (sign * self.scaling[adapter][table])
-            table_rows.add_to_rows(self.base_table(table), indices, delta, name)
+            b, base = self.lora_B[adapter][table], self.base_table(table)
+            delta = merge_product(rows.to(b.device), b, sign * self.scaling[adapter][table], base.dtype)
+            table_rows.add_to_rows(base, indices, delta, name)
 
     # ---- on disk --------------------------------------------------------------------------------
 
