@@ -7,7 +7,8 @@ Click metrics (B impressions, logits s_b, labels y_b ∈ [0, 1]):
 - ``auc``: P(score of a random positive > score of a random negative), ties count one half.
 - ``per_segment`` / ``segment_auc`` / ``segment_log_loss``: a metric per segment value;
   ``segment_counts`` the impressions per segment; ``weighted_auc`` their impression-weighted mean
-  Σ_g n_g·AUC_g / Σ_g n_g over the segments whose AUC is defined.
+  Σ_g n_g·AUC_g / Σ_g n_g over the segments whose AUC is defined; ``undefined_auc_reason``
+  says why an AUC is NaN (no rows, or one label only).
 
 Ranking over the full item set (B users, N items, scores [B, N], one target item t_b per row):
 
@@ -145,6 +146,23 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     ranks = torch.empty_like(scores)
     ranks[order] = average[inverse]
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def undefined_auc_reason(labels) -> str | None:
+    """Why ``auc`` over rows with these labels is NaN, or None when it is defined.
+
+    AUC compares positives with negatives, so it needs both: the reason is "there are no rows" or
+    "the rows hold only one label (all N are 0)" / "... (all N are 1)", with the same > 0.5 rule as
+    ``auc``. ``auc`` itself keeps returning NaN; callers print the reason beside it, e.g.
+    ``f"AUC undefined: {reason}"``.
+    """
+    labels = _finite("labels", labels).flatten()
+    if labels.numel() == 0:
+        return "there are no rows"
+    positives = int((labels > 0.5).sum())
+    if 0 < positives < labels.numel():
+        return None
+    return f"the rows hold only one label (all {labels.numel():,} are {1 if positives else 0})"
 
 
 def _segment_keys(segments, rows: int) -> tuple[list[Hashable], torch.Tensor]:

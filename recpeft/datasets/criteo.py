@@ -38,13 +38,18 @@ COLUMNS = ("label",) + DENSE + CATEGORICAL
 def _lines(path: Path, nrows: int | None, progress: bool) -> list[str]:
     """The first ``nrows`` lines (all when None), without line endings, each checked to hold 40 fields."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as handle:
-        lines = [
-            line.rstrip("\r\n")
-            for line in tqdm(
-                islice(handle, nrows), total=nrows, disable=not progress, desc=f"reading {path.name}", unit=" lines"
-            )
-        ]
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as handle:
+            lines = [
+                line.rstrip("\r\n")
+                for line in tqdm(
+                    islice(handle, nrows), total=nrows, disable=not progress, desc=f"reading {path.name}", unit=" lines"
+                )
+            ]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason}); is it binary?") from None
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile, a truncated .gz
+        raise ValueError(f"{path}: cannot read the file: {exc}") from None
     if not lines:
         raise ValueError(f"{path}: the file is empty")
     fields = pd.Series(lines, dtype=object).str.count("\t").to_numpy() + 1

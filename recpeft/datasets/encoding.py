@@ -3,8 +3,12 @@
 Fitted on the pretraining data, saved beside the base checkpoint and loaded again for every
 fine-tuning run, so a fine-tuned model looks up exactly the rows the base model learned.
 
-Sparse feature f with fitted values v_0 < v_1 < ... < v_{n_f - 1} (sorted; ints stay ints, anything
-else is compared as its string): value v_k → id k. Id n_f is reserved for unseen values
+Sparse feature f with fitted values v_0 < v_1 < ... < v_{n_f - 1}: value v_k → id k. Values are
+keyed by their canonical text (``interactions.canonical_ids``), so a table read from CSV, Parquet or
+a DataFrame maps to the same ids: a feature whose values are all integers (ints, integral floats,
+decimal text such as ``"126"``) is an int vocabulary, sorted numerically; any other feature is a
+string vocabulary (ints as their decimal text, strings verbatim), sorted as strings. ``"0126"``
+is not ``126``: against an int vocabulary it is an unseen value. Id n_f is reserved for unseen values
 ("out of vocabulary"), so the feature's table needs ``cardinalities[f] = n_f + 1`` rows.
 
 Dense column c with values x: z = (g(x) − μ_c) / σ_c, where g = log1p when the column is
@@ -38,7 +42,7 @@ import torch
 from recpeft.utils.atomic import atomic_write_text
 from recpeft.utils.validation import parse_json_object
 
-from .interactions import RowLocator, parse_timestamps, shown
+from .interactions import DECIMAL_ID, RowLocator, canonical_ids, canonical_text, parse_timestamps, shown
 from .schema import Schema
 
 HEAVY_TAIL_SKEW = 2.0  # skewness above which a nonnegative column is log1p-transformed ("auto")
@@ -104,26 +108,37 @@ class EncodedInteractions:
 
 
 def _canonical(values: pd.Series) -> tuple[str, pd.Series]:
-    """("int", int64 values) for integer (or integral float) columns, else ("str", strings)."""
-    if pd.api.types.is_integer_dtype(values) and not pd.api.types.is_bool_dtype(values):
-        return "int", values.astype("int64")
-    if pd.api.types.is_float_dtype(values):
-        numbers = values.to_numpy(dtype="float64")
-        if np.isfinite(numbers).all() and (numbers == np.round(numbers)).all():
-            return "int", values.astype("int64")
-    return "str", values.astype(str)
+    """("int", int64 values) for a column of integers (ints, integral floats, decimal text without
+    leading zeros), else ("str", canonical strings): see ``interactions.canonical_ids``."""
+    ids = canonical_ids(values)
+    if pd.api.types.is_integer_dtype(ids):
+        return "int", ids.astype("int64")
+    return "str", ids
+
+
+def _decimal_or_none(text):
+    if isinstance(text, str) and DECIMAL_ID.fullmatch(text):
+        number = int(text)
+        if -(2**63) <= number < 2**63:
+            return number
+    return None
 
 
 def _as_kind(values: pd.Series, kind: str) -> pd.Series:
-    """Values in the fitted key type; values that cannot be one (a string for an int vocabulary)
-    become None, i.e. unseen."""
+    """Values as keys of the fitted type, through their canonical text: a value that cannot be one
+    (``"0126"`` or ``"sku1"`` for an int vocabulary) becomes None, i.e. unseen."""
     if kind == "str":
-        return values.astype(str)
+        return canonical_text(values)
     if pd.api.types.is_integer_dtype(values) and not pd.api.types.is_bool_dtype(values):
         return values.astype("int64")  # exact, also beyond 2**53 (hashed ids)
-    numbers = pd.to_numeric(values, errors="coerce").astype("float64")
-    integral = np.isfinite(numbers) & (numbers == np.round(numbers))
-    return pd.Series(np.where(integral, numbers, np.nan), index=values.index).astype("Int64")
+    codes, uniques = pd.factorize(canonical_text(values), use_na_sentinel=True)
+    numbers = pd.array([_decimal_or_none(t) for t in uniques] + [None], dtype="Int64")
+    return pd.Series(numbers[codes], index=values.index)
+
+
+def _segment_text(values: pd.Series) -> pd.Series:
+    """Segment names as the loader makes them: canonical text, surrounding spaces stripped."""
+    return canonical_text(values).str.strip()
 
 
 class FeatureEncoder:
@@ -169,7 +184,7 @@ class FeatureEncoder:
                 "std": std if std > 1e-12 else 1.0,
             }
         if schema.segment is not None:
-            self._segments = sorted(frame[schema.segment].astype(str).unique().tolist())
+            self._segments = sorted(_segment_text(frame[schema.segment]).unique().tolist())
         return self
 
     @staticmethod
@@ -244,12 +259,8 @@ class FeatureEncoder:
         if schema.segment and schema.segment in frame.columns:
             segments = torch.from_numpy(self._encode_segments(frame[schema.segment], unseen, where))
         if schema.timestamp and schema.timestamp in frame.columns:
-            parsed, bad = parse_timestamps(frame[schema.timestamp])
-            if bad is not None:
-                raise ValueError(
-                    f"{where.at(schema.timestamp, bad)}: cannot read the timestamp "
-                    f"{shown(frame[schema.timestamp].iloc[bad])}"
-                )
+            column = schema.timestamp
+            parsed = parse_timestamps(frame[column], lambda pos: where.at(column, pos))
             timestamps = torch.from_numpy(np.array(parsed.to_numpy().astype("int64")))
         rows = (
             frame.index.to_numpy(dtype="int64")
@@ -296,7 +307,7 @@ class FeatureEncoder:
         return (x - stats["mean"]) / stats["std"]
 
     def _encode_segments(self, values: pd.Series, unseen: str, where: RowLocator) -> np.ndarray:
-        codes = pd.Index(self._segments).get_indexer(values.astype(str))
+        codes = pd.Index(self._segments).get_indexer(_segment_text(values))
         lost = codes < 0
         if lost.any() and unseen == "error":
             pos = int(np.flatnonzero(lost)[0])

@@ -4,3 +4,5 @@ that the command line can list them without importing pandas or torch."""
 FORMATS = ("auto", "shop", "interactions", "movielens", "criteo")
 #: MovieLens user attributes that can name segments (``--segment-by``)
 MOVIELENS_SEGMENT_ATTRIBUTES = ("gender", "age", "occupation")
+#: epoch units of a numeric time column (``--time-unit``; detected by magnitude when not given)
+TIME_UNITS = ("s", "ms", "us", "ns")

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from .batch import Batch
+from .interactions import canonical_text, parse_timestamps
 
 REQUIRED_COLUMNS = ("Description", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID", "Country")
 OPTIONAL_COLUMNS = ("InvoiceNo", "StockCode")
@@ -84,8 +85,12 @@ def _numeric(frame: pd.DataFrame, column: str, source: str, integer: bool, nulla
     return values
 
 
-def load_online_retail(path: str | Path) -> pd.DataFrame:
+def load_online_retail(path: str | Path, *, date_format: str | None = None) -> pd.DataFrame:
     """Read the Online Retail table from ``.xlsx``, ``.csv`` or ``.parquet``.
+
+    ``InvoiceDate`` text is read as ``parse_timestamps`` reads it: numeric dates such as
+    ``12/1/2010 8:26`` need a value that fixes the day/month order (the UCI export has days above
+    12, so it is read month first) or ``date_format`` (e.g. ``"%m/%d/%Y %H:%M"``).
 
     Returns a DataFrame with the UCI columns ``Description`` (str), ``Quantity`` (int64),
     ``InvoiceDate`` (datetime64), ``UnitPrice`` (float64), ``CustomerID`` (float64, NaN for
@@ -113,13 +118,9 @@ def load_online_retail(path: str | Path) -> pd.DataFrame:
             "CustomerID": _numeric(frame, "CustomerID", source, integer=True, nullable=True).astype("float64"),
         }
     )
-    dates = pd.to_datetime(frame["InvoiceDate"], errors="coerce")
-    bad = dates.isna()
-    if bad.any():
-        row = _first_bad(bad)
-        raise ValueError(
-            f"{path}: column 'InvoiceDate', row {row}: expected a date and time, got {frame['InvoiceDate'].iloc[row]!r}"
-        )
+    dates = parse_timestamps(
+        frame["InvoiceDate"], lambda row: f"{path}: column 'InvoiceDate', row {row}", date_format=date_format
+    )
     out.insert(2, "InvoiceDate", dates)
     country = frame["Country"]
     bad = country.isna() | (country.astype(str).str.strip() == "")
@@ -129,7 +130,7 @@ def load_online_retail(path: str | Path) -> pd.DataFrame:
     out["Country"] = country.astype(str).str.strip()
     for column in OPTIONAL_COLUMNS:
         if column in frame.columns:
-            out[column] = frame[column].astype(str)
+            out[column] = canonical_text(frame[column]).fillna("nan")
     return out
 
 

@@ -3,7 +3,8 @@
 ``load_source(path, fmt, roles)`` returns ``(frame, schema)``:
 
 - ``shop``: the embedded synthetic shop (``path`` ignored; see data/README.md).
-- ``interactions``: a CSV / Parquet interaction log; ``roles`` name its columns.
+- ``interactions``: a CSV / Parquet interaction log; ``roles`` name its columns and say how to read
+  its times (``date_format``, ``time_unit``).
 - ``movielens``: an ML-100K or ML-1M folder; segments from a user attribute (``segment_by``).
 - ``criteo``: Criteo's TSV click log. It has no timestamp column, but its lines are in time
   order, so the line number becomes the time (``_line``) and the time split keeps its order.
@@ -38,6 +39,11 @@ class Roles:
     dense: tuple[str, ...] = ()
     segment_by: str = "gender"  # movielens: gender | age | occupation
     criteo_segment: str | None = None  # criteo: a C column naming segments
+    #: interactions: strftime pattern of the timestamp strings (e.g. "%d/%m/%Y"); None: ISO 8601
+    #: and other unambiguous forms only (see ``interactions.parse_timestamps``)
+    date_format: str | None = None
+    #: interactions: unit of epoch-number timestamps, "s" | "ms" | "us" | "ns"; None: by magnitude
+    time_unit: str | None = None
 
     def schema(self) -> Schema:
         return Schema(
@@ -87,4 +93,4 @@ def load_source(path: str | Path | None, fmt: str = "auto", roles: Roles | None 
         frame["_line"] = pd.to_datetime(pd.RangeIndex(len(frame)), unit="s")
         return frame, Schema(**{**schema.to_dict(), "timestamp": "_line"})
     schema = roles.schema()
-    return load_interactions(path, schema), schema
+    return load_interactions(path, schema, date_format=roles.date_format, time_unit=roles.time_unit), schema

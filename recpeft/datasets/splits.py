@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .interactions import parse_timestamps, shown
+from .interactions import canonical_text, day_month_order, epoch_to_ns, parse_timestamps, shown
 from .schema import Schema
 
 ALL_ROWS = "(all rows)"  # the one group's name when the schema has no segment column
@@ -47,10 +47,17 @@ class TimeSplit:
 
 
 def _to_ns(value, name: str = "cut") -> int:
-    """A cut as int64 ns since the epoch: numbers are epoch seconds, anything else goes through
-    ``pd.Timestamp`` (timezone-aware values are converted to UTC)."""
+    """A cut as int64 ns since the epoch: numbers are epoch times, their unit by magnitude (as
+    ``parse_timestamps`` reads a column); a day/month string such as ``02/01/2026`` is refused
+    unless its day is above 12; anything else goes through ``pd.Timestamp`` (timezone-aware values
+    are converted to UTC)."""
+    where = lambda pos: f"split_by_time: {name}"  # noqa: E731
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
-        return int(round(float(value) * 1e9))
+        if float(value).is_integer() and abs(value) < 1e11:
+            return int(round(float(value) * 1e9))  # epoch seconds, exactly as before
+        return int(epoch_to_ns(np.array([value]), where, None)[0])
+    if isinstance(value, str):
+        day_month_order(pd.Series([value.strip()]), where, "; or write the cut as YYYY-MM-DD")
     try:
         stamp = pd.Timestamp(value)
     except (ValueError, TypeError) as exc:
@@ -63,12 +70,9 @@ def _to_ns(value, name: str = "cut") -> int:
 def _times_ns(frame: pd.DataFrame, column: str, caller: str) -> np.ndarray:
     if column not in frame.columns:
         raise ValueError(f"{caller}: no column {column!r}; the available columns are {list(frame.columns)}")
-    parsed, bad = parse_timestamps(frame[column])
-    if bad is not None:
-        raise ValueError(
-            f"{caller}: column {column!r}, index {shown(frame.index[bad])}: cannot read the timestamp "
-            f"{shown(frame[column].iloc[bad])}"
-        )
+    parsed = parse_timestamps(
+        frame[column], lambda pos: f"{caller}: column {column!r}, index {shown(frame.index[pos])}"
+    )
     return parsed.to_numpy().astype("int64")
 
 
@@ -118,7 +122,7 @@ def split_by_time(
             raise ValueError(
                 f"split_by_time: no segment column {schema.segment!r}; the available columns are {list(frame.columns)}"
             )
-        codes, names = pd.factorize(frame[schema.segment].astype(str), sort=True)
+        codes, names = pd.factorize(canonical_text(frame[schema.segment]).str.strip(), sort=True)
         groups = {str(name): np.flatnonzero(codes == k) for k, name in enumerate(names)}
     part = np.zeros(len(frame), dtype=np.int8)  # 0 train, 1 valid, 2 test
     cuts = {}
