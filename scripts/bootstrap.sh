@@ -130,7 +130,7 @@ fi
 
 # --- the rest of the stack, then the project itself ---------------------------
 pipi -c "$CONSTRAINTS" "numpy" "pandas>=2.0" "pyarrow>=14" "safetensors>=0.4" \
-    "tqdm>=4.60" "matplotlib>=3.7" "openpyxl>=3.1" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" \
+    "tqdm>=4.60" "matplotlib>=3.7" "regex>=2022.1" "openpyxl>=3.1" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" \
     "ruff==$RUFF_PIN" "import-linter==$IMPORT_LINTER_PIN"
 # Default (finder-based) editable mode: it maps recpeft.kernels -> kernels/.
 # editable_mode=compat would NOT (it only adds the repo root to sys.path).
@@ -144,7 +144,7 @@ pipi -c "$CONSTRAINTS" -e . --no-deps
 did+=("installed deps + recpeft (editable)")
 
 # --- verify --------------------------------------------------------------------
-check='import torch, triton, numpy, pandas, pyarrow, safetensors, tqdm, matplotlib, openpyxl, pytest, importlinter, recpeft.kernels'
+check='import torch, triton, numpy, pandas, pyarrow, safetensors, tqdm, matplotlib, regex, openpyxl, pytest, importlinter, recpeft.kernels'
 if [[ $HAVE_TORCHREC == 1 ]]; then
     check+='; import fbgemm_gpu, torchrec; from torchrec.modules.embedding_modules import EmbeddingBagCollection'
 fi

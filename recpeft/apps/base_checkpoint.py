@@ -5,9 +5,11 @@ turns a user's raw rows into its inputs.
     <dir>/model_config.json   {"format": 1, "model": build_click_model arguments, "metrics": {...}}
     <dir>/encoder.json        FeatureEncoder: schema, vocabularies, dense statistics, segments
 
-Each file is written to a temporary name and renamed. Loading checks everything before it
-returns: a missing file, a malformed config, a missing, unexpected or misshapen tensor or a
-non-finite value raises an error naming the file and the key.
+The three files are written as one set (a crash leaves the old checkpoint or the new one).
+Loading checks everything before it returns: a missing file, a malformed config, a config that
+does not fit the weight file's header (checked before any table is allocated), a missing,
+unexpected, misshapen or corrupt tensor (sha256 recorded at save) or a non-finite value raises
+an error naming the file and the key or field.
 
 Example::
 
@@ -21,12 +23,12 @@ import hashlib
 import json
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import torch
 
 from recpeft.datasets import FeatureEncoder
-from recpeft.models.dlrm import ClickDLRM, build_click_model
-from recpeft.utils.atomic import atomic_path, atomic_write_text
+from recpeft.models.dlrm import ClickDLRM, build_click_model, table_name
+from recpeft.utils.atomic import atomic_files, recover_folder
+from recpeft.utils.integrity import header_shapes, read_safetensors, write_safetensors
 from recpeft.utils.validation import check_state_keys, check_state_shapes, first_non_finite, read_json_object
 
 FORMAT = 1
@@ -36,20 +38,23 @@ BASE_FINGERPRINT = "recpeft_base.json"
 
 
 def save_base(directory: str | Path, model: ClickDLRM, encoder: FeatureEncoder, *, metrics: dict | None = None) -> Path:
-    """Write ``model`` (a ClickDLRM, not wrapped in a PeftModel) and ``encoder`` to ``directory``."""
+    """Write ``model`` (a ClickDLRM, not wrapped in a PeftModel) and ``encoder`` to ``directory``
+    as one set (:func:`recpeft.utils.atomic.atomic_files`: a crash leaves the old checkpoint or
+    the new one, never new weights beside an old encoder); the weights file records the sha256 of
+    its tensors (:mod:`recpeft.utils.integrity`)."""
     if not isinstance(model, ClickDLRM):
         raise TypeError(f"save_base takes a ClickDLRM (merge or unload adapters first), got {type(model).__name__}")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     bad = first_non_finite(state)
     if bad is not None:
         raise ValueError(f"save_base: tensor {bad!r} holds non-finite values; not saving a broken model")
-    with atomic_path(directory / WEIGHTS) as tmp:
-        save_file(state, str(tmp))
-    encoder.save(directory / ENCODER)
     config = {"format": FORMAT, "model": model.spec, "metrics": metrics or {}}
-    atomic_write_text(directory / CONFIG, json.dumps(config, indent=2) + "\n")
+    config_text = json.dumps(config, indent=2) + "\n"
+    with atomic_files(directory) as tmp:
+        write_safetensors(state, tmp / WEIGHTS)
+        encoder.save(tmp / ENCODER)
+        (tmp / CONFIG).write_text(config_text)
     return directory
 
 
@@ -63,26 +68,49 @@ def _read_config(path: Path) -> dict:
 def read_base_config(directory: str | Path) -> dict:
     """The checkpoint's ``model_config.json`` (checked): {"format", "model": build_click_model
     arguments, "metrics": what ``save_base`` was given}, without loading any weights."""
+    recover_folder(directory)
     return _read_config(Path(directory) / CONFIG)
 
 
+def _check_config_fits_weights(directory: Path, spec: dict) -> None:
+    """Refuse a config whose model does not match the weight file's header, before any tensor is
+    allocated: the model is built on the meta device and its shapes compared with the header's."""
+    shapes = header_shapes(directory / WEIGHTS)
+    try:
+        with torch.device("meta"):
+            skeleton = build_click_model(**spec).state_dict()
+    except TypeError as exc:
+        raise ValueError(f"{directory / CONFIG}: the model settings do not fit build_click_model: {exc}") from None
+    mismatch = f"{directory / WEIGHTS} does not match {CONFIG}"
+    cardinalities = spec.get("cardinalities") or {}
+    for feature, rows in cardinalities.items():
+        suffix = f".{table_name(feature)}.weight"
+        key = next((k for k in skeleton if k.endswith(suffix)), None)
+        if key in shapes and shapes[key][:1] != [rows]:
+            raise ValueError(
+                f"{mismatch}: field model.cardinalities.{feature} = {rows} "
+                f"but tensor {key} has shape {tuple(shapes[key])}"
+            )
+    check_state_keys(shapes, skeleton, where=mismatch)
+    check_state_shapes(shapes, skeleton, where=mismatch)
+
+
 def load_base(directory: str | Path) -> tuple[ClickDLRM, FeatureEncoder]:
-    """The model (eval mode) and encoder saved by :func:`save_base`."""
+    """The model (eval mode) and encoder saved by :func:`save_base`. A save of ``directory`` that
+    was killed half-way is finished first (:func:`recpeft.utils.atomic.recover_folder`); the config
+    is checked against the weight file's header before the model is built, and the tensors against
+    their recorded sha256."""
     directory = Path(directory)
+    recover_folder(directory)
     for name in (WEIGHTS, CONFIG, ENCODER):
         if not (directory / name).is_file():
             raise FileNotFoundError(
                 f"{directory} is not a base checkpoint: {name} is missing (make one with `recpeft pretrain`)"
             )
     config = _read_config(directory / CONFIG)
-    try:
-        model = build_click_model(**config["model"])
-    except TypeError as exc:
-        raise ValueError(f"{directory / CONFIG}: the model settings do not fit build_click_model: {exc}") from None
-    try:
-        state = load_file(str(directory / WEIGHTS))
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{directory / WEIGHTS} cannot be read: {exc}") from None
+    _check_config_fits_weights(directory, config["model"])
+    model = build_click_model(**config["model"])
+    state = read_safetensors(directory / WEIGHTS)
     expected = model.state_dict()
     mismatch = f"{directory / WEIGHTS} does not match {CONFIG}"
     check_state_keys(state, expected, where=mismatch)
@@ -107,6 +135,7 @@ def checkpoint_bytes(directory: str | Path) -> int:
 
 def base_fingerprint(directory: str | Path) -> str:
     """sha256 over the checkpoint's weights and encoder files: the identity of a base."""
+    recover_folder(directory)
     digest = hashlib.sha256()
     for name in (WEIGHTS, ENCODER):
         with open(Path(directory) / name, "rb") as handle:
@@ -115,12 +144,12 @@ def base_fingerprint(directory: str | Path) -> str:
     return digest.hexdigest()
 
 
-def write_base_fingerprint(adapter_dir: str | Path, base_dir: str | Path) -> None:
-    """Record in ``adapter_dir`` which base checkpoint the adapter was trained on."""
-    atomic_write_text(
-        Path(adapter_dir) / BASE_FINGERPRINT,
-        json.dumps({"base": str(base_dir), "sha256": base_fingerprint(base_dir)}, indent=2) + "\n",
-    )
+def base_fingerprint_files(base_dir: str | Path) -> dict[str, str]:
+    """The record of which base checkpoint an adapter was trained on, as ``{file name: text}`` for
+    :meth:`recpeft.PeftModel.save_pretrained`'s ``extra_files``: it is saved in the same atomic
+    set as the adapter, so a crash never pairs a new adapter with an old record."""
+    record = {"base": str(base_dir), "sha256": base_fingerprint(base_dir)}
+    return {BASE_FINGERPRINT: json.dumps(record, indent=2) + "\n"}
 
 
 def check_base_fingerprint(adapter_dir: str | Path, base_dir: str | Path, ignore: bool = False) -> None:

@@ -3,6 +3,12 @@
 Per module with full name ``n``: rank r(n) and alpha α(n) come from ``rank_pattern`` /
 ``alpha_pattern`` (first regex that matches the end of ``n``) or the defaults ``r`` and
 ``lora_alpha``; the scale is s = α/r, or α/√r with ``use_rslora``.
+
+A saved adapter also records ``adapted_modules`` — every module it wraps with its resolved r and α —
+and a config that has it is matched by those names literally: a file's regexes are never run
+against a model on load. User regexes run under a time budget (``recpeft.utils.validation
+.guarded_pattern``), so one that backtracks exponentially is an error, not a hang. Every field is
+checked for its JSON type: ``"false"`` is not a boolean, ``"8"`` not a number.
 """
 
 from __future__ import annotations
@@ -10,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -20,7 +26,14 @@ from typing import Any
 from torch import nn
 
 from recpeft.utils.atomic import atomic_write_text
-from recpeft.utils.validation import check_fraction, check_int, read_json_object
+from recpeft.utils.validation import (
+    check_bool,
+    check_fraction,
+    check_int,
+    compile_pattern,
+    guarded_pattern,
+    read_json_object,
+)
 
 TargetSpec = str | list | tuple | None
 
@@ -63,21 +76,47 @@ _HF_IGNORED = {
 }
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """Value of the first pattern that matches the end of ``name`` (HF PEFT's rule:
-    ``(.*\\.)?(pattern)$``), else ``default``."""
+# HF PEFT's rule for rank_pattern / alpha_pattern keys: the pattern matches the end of the name.
+_SUFFIX_TEMPLATE = r"(?:.*\.)?(?:{})"
+
+
+def _check_alpha(name: str, value) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ValueError(f"{name} must be positive and finite (a number), got {value!r}")
+    return value
+
+
+def _check_optional_str(name: str, value) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string or null, got {value!r}")
+
+
+def _check_pattern_dict(name: str, patterns, check_value) -> dict:
+    if patterns is None:
+        return {}
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{name} must be an object {{regex: value}}, got {patterns!r}")
     for pattern, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name):
-            return value
-    return default
+        compile_pattern(f"{name} key", pattern)
+        check_value(f"{name}[{pattern!r}]", value)
+    return patterns
 
 
-def _check_patterns(kind: str, patterns: dict) -> None:
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"{kind} key {pattern!r} is not a valid regex: {exc}") from None
+def _check_adapted_modules(modules) -> None:
+    if modules is None:
+        return
+    if not isinstance(modules, dict) or not modules:
+        raise ValueError(
+            f"adapted_modules must be a non-empty object {{module name: {{r, lora_alpha}}}}, got {modules!r}"
+        )
+    for name, entry in modules.items():
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise ValueError(f"adapted_modules keys must be module names, got {name!r}")
+        if not isinstance(entry, dict) or set(entry) != {"r", "lora_alpha"}:
+            raise ValueError(f'adapted_modules[{name!r}] must be {{"r": int, "lora_alpha": number}}, got {entry!r}')
+        check_int(f"adapted_modules[{name!r}].r", entry["r"])
+        _check_alpha(f"adapted_modules[{name!r}].lora_alpha", entry["lora_alpha"])
 
 
 @dataclass
@@ -100,6 +139,11 @@ class LoraConfig:
             linear; False — both random (the adapter starts non-zero: for tests).
         bias: "none", "all" or "lora_only" (LoraBias): which biases train too.
         modules_to_save: modules (names or suffixes) trained in full and saved beside the adapter.
+        adapted_modules: {full module name: {"r": r, "lora_alpha": α}}, the modules an adapter wraps
+            as resolved when it was saved (``save_pretrained`` writes it). When set it wins over
+            ``target_modules``, ``exclude_modules``, ``rank_pattern`` and ``alpha_pattern``: the
+            names are matched literally and the patterns are never run.
+        config_file: the file this config was read from (not saved; errors name it).
 
     Example::
 
@@ -121,14 +165,19 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
     peft_type: str = "LORA"
+    adapted_modules: dict | None = None
+    config_file: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         check_int("r", self.r)
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+        _check_alpha("lora_alpha", self.lora_alpha)
         check_fraction("lora_dropout", self.lora_dropout, below_one=True)
-        if self.init_lora_weights not in _INIT_CHOICES:
+        check_bool("use_rslora", self.use_rslora)
+        check_bool("inference_mode", self.inference_mode)
+        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES}, got {self.init_lora_weights!r}")
+        for name in ("task_type", "base_model_name_or_path", "config_file"):
+            _check_optional_str(name, getattr(self, name))
         try:
             self.bias = LoraBias(self.bias)
         except ValueError:
@@ -142,31 +191,65 @@ class LoraConfig:
             if isinstance(spec, tuple):
                 setattr(self, name, spec := list(spec))
             if isinstance(spec, str):
-                _check_patterns(name, {spec: None})
+                compile_pattern(name, spec)
             elif isinstance(spec, list):
                 for item in spec:
                     if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module))):
                         raise TypeError(f"{name} entries must be names or nn.Module classes, got {item!r}")
             elif spec is not None:
                 raise TypeError(f"{name} must be a list, a regex string or None, got {type(spec).__name__}")
-        _check_patterns("rank_pattern", self.rank_pattern)
-        _check_patterns("alpha_pattern", self.alpha_pattern)
-        for pattern, rank in self.rank_pattern.items():
-            check_int(f"rank_pattern[{pattern!r}]", rank)
+        self.rank_pattern = _check_pattern_dict("rank_pattern", self.rank_pattern, check_int)
+        self.alpha_pattern = _check_pattern_dict("alpha_pattern", self.alpha_pattern, _check_alpha)
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
+        if self.modules_to_save is not None:
+            if not isinstance(self.modules_to_save, list):
+                raise ValueError(f"modules_to_save must be a list of names or null, got {self.modules_to_save!r}")
+            for item in self.modules_to_save:
+                if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module))):
+                    raise ValueError(f"modules_to_save entries must be names or nn.Module classes, got {item!r}")
+        _check_adapted_modules(self.adapted_modules)
 
     # ---- per-module values ------------------------------------------------------------------
 
+    def module_settings(self, names: Iterable[str]) -> dict[str, tuple[int, float]]:
+        """Module name → (r, α) for each of ``names``: its ``adapted_modules`` entry, else the first
+        ``rank_pattern`` / ``alpha_pattern`` key matching the end of the name, else ``r`` /
+        ``lora_alpha``. Each pattern gets one time budget for all the names (ValueError past it)."""
+        names = list(names)
+        saved = self.adapted_modules or {}
+        if all(name in saved for name in names):
+            return {name: (saved[name]["r"], saved[name]["lora_alpha"]) for name in names}
+
+        def tests(kind: str, patterns: dict) -> list:
+            return [
+                (guarded_pattern(kind, p, template=_SUFFIX_TEMPLATE, source=self.config_file), v)
+                for p, v in patterns.items()
+            ]
+
+        rank_tests, alpha_tests = tests("rank_pattern", self.rank_pattern), tests("alpha_pattern", self.alpha_pattern)
+        first = lambda checks, name, default: next((v for match, v in checks if match(name)), default)
+        return {
+            name: (saved[name]["r"], saved[name]["lora_alpha"])
+            if name in saved
+            else (first(rank_tests, name, self.r), first(alpha_tests, name, self.lora_alpha))
+            for name in names
+        }
+
+    def scale(self, r: int, alpha: float) -> float:
+        """s = α/r, or α/√r with ``use_rslora``."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
     def rank_for(self, module_name: str) -> int:
-        return _pattern_value(self.rank_pattern, module_name, self.r)
+        return self.module_settings([module_name])[module_name][0]
 
     def alpha_for(self, module_name: str) -> float:
-        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+        return self.module_settings([module_name])[module_name][1]
 
     def scale_for(self, module_name: str) -> float:
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return self.scale(*self.module_settings([module_name])[module_name])
 
     @property
     def targets_classes(self) -> bool:
@@ -186,12 +269,15 @@ class LoraConfig:
             )
         data = dataclasses.asdict(self)
         data["bias"] = self.bias.value
+        del data["config_file"]
+        if self.adapted_modules is None:
+            del data["adapted_modules"]
         data.update(_HF_DEFAULTS)
         return data
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> LoraConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"config_file"}
         kwargs = {}
         unknown = []
         for key, value in data.items():
@@ -204,7 +290,10 @@ class LoraConfig:
                 unknown.append(key)
         if unknown:
             warnings.warn(f"{source}: ignoring unknown keys {sorted(unknown)}", stacklevel=2)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs, config_file=source)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{source}: {exc}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -13,7 +13,7 @@ PEFT's layout) are written and read by :mod:`recpeft.peft.serialization`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +22,8 @@ from torch import nn
 
 from recpeft.layers import AdapterHolder, LoraLayer, ModulesToSaveWrapper, wrapper_for
 from recpeft.layers.routing import check_adapter_ids, routed
+from recpeft.utils.atomic import recover_folder
+from recpeft.utils.validation import check_adapter_name
 
 from . import serialization
 from .config import LoraBias, LoraConfig
@@ -38,6 +40,17 @@ def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         model.print_trainable_parameters()
     """
     return PeftModel(model, config, adapter_name)
+
+
+def _check_not_adapted(model: nn.Module) -> None:
+    """Refuse a model that already holds adapters: wrapping it again would re-initialise them."""
+    held = [n or "<model>" for n, m in model.named_modules() if isinstance(m, (AdapterHolder, PeftModel))]
+    if held:
+        raise ValueError(
+            f"the model already holds adapters (in {', '.join(held[:3])}{', …' if len(held) > 3 else ''}): "
+            "wrapping it again would re-initialise them; add another adapter with "
+            "peft_model.add_adapter(name, config), or unwrap it first with peft_model.unload()"
+        )
 
 
 def _lora_wrapper(module: nn.Module, name: str) -> LoraLayer:
@@ -64,6 +77,8 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
         super().__init__()
+        check_adapter_name(adapter_name)
+        _check_not_adapted(model)
         self.base_model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self._targets: dict[str, list[str]] = {}
@@ -116,26 +131,21 @@ class PeftModel(nn.Module):
         """Add adapter ``adapter_name`` per ``config`` (not activated: see set_adapter)."""
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
-        if not adapter_name or "." in adapter_name or "/" in adapter_name:
-            raise ValueError(f"adapter name {adapter_name!r} must be non-empty without '.' or '/'")
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {list(self.adapter_names)}")
         targets = select_lora_targets(self.base_model, config)
         groups = group_lora_targets(self.base_model, targets)  # module → its targeted parts (tables)
         saved = select_modules_to_save(self.base_model, config, list(groups))
+        settings = config.module_settings(targets)  # (r, α) per target, each pattern run once per name
+        rank_scale = lambda name: (settings[name][0], config.scale(*settings[name]))
         try:
             for name, parts in groups.items():
                 layer = self._wrap(name, _lora_wrapper)
                 if parts is None:
-                    layer.update_layer(
-                        adapter_name,
-                        config.rank_for(name),
-                        config.scale_for(name),
-                        config.lora_dropout,
-                        config.init_lora_weights,
-                    )
+                    layer.update_layer(adapter_name, *rank_scale(name), config.lora_dropout, config.init_lora_weights)
                 else:  # ranks and scales per "<module>.<part>"
-                    parts_rs = {p: (config.rank_for(f"{name}.{p}"), config.scale_for(f"{name}.{p}")) for p in parts}
+                    parts_rs = {p: rank_scale(f"{name}.{p}") for p in parts}
                     layer.update_parts(adapter_name, parts_rs, config.init_lora_weights)
             for name in saved:
                 self._wrap(name, ModulesToSaveWrapper).update(adapter_name)
@@ -329,11 +339,17 @@ class PeftModel(nn.Module):
         return serialization.adapter_state_dict(self.adapter_holders(), self._bias_params(adapter), adapter)
 
     def save_pretrained(
-        self, save_directory: str | Path, selected_adapters: list[str] | None = None, is_main_process: bool = True
+        self,
+        save_directory: str | Path,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        extra_files: Mapping[str, str] | None = None,
     ) -> None:
         """Write each adapter's ``adapter_model.safetensors`` and ``adapter_config.json`` (the
         "default" adapter into ``save_directory``, others into sub-folders named after them);
-        each file goes to a temporary name first and is renamed when complete.
+        each adapter's folder is written as one set: a crash leaves its old version or its new one
+        (:func:`recpeft.utils.atomic.atomic_files`), never a mix. ``extra_files`` (file name →
+        text, e.g. the record of the base it was trained on) join every adapter folder's set.
 
         A model sharded by DistributedModelParallel: call on every process (gathering the
         adapter's shards is collective) with ``is_main_process`` true on one of them, which writes."""
@@ -342,13 +358,19 @@ class PeftModel(nn.Module):
             state = self.adapter_state_dict(adapter)
             if is_main_process:
                 serialization.save_adapter(
-                    serialization.adapter_directory(save_directory, adapter), state, self._config_for_file(adapter)
+                    serialization.adapter_directory(save_directory, adapter),
+                    state,
+                    self._config_for_file(adapter),
+                    extra_files,
                 )
 
     def _config_for_file(self, adapter: str) -> LoraConfig:
         """The adapter's config with module classes replaced by the module names they matched
-        (JSON holds names only)."""
+        (JSON holds names only), and ``adapted_modules``: every wrapped module with its r and α,
+        which loading matches literally instead of running the config's patterns."""
         config = self.peft_config[adapter]
+        resolved = {name: {"r": r, "lora_alpha": alpha} for name, (r, alpha) in self._settings(adapter).items()}
+        config = dataclasses.replace(config, adapted_modules=resolved)
         has_class = lambda spec: isinstance(spec, list) and any(isinstance(t, type) for t in spec)  # noqa: E731
         if has_class(config.target_modules) or has_class(config.exclude_modules):
             config = dataclasses.replace(config, target_modules=list(self._targets[adapter]), exclude_modules=None)
@@ -356,6 +378,10 @@ class PeftModel(nn.Module):
             saved = [n for n in self.adapter_holders() if n in self._saved[adapter]]  # in model order
             config = dataclasses.replace(config, modules_to_save=saved)
         return config
+
+    def _settings(self, adapter: str) -> dict[str, tuple[int, float]]:
+        """Target name → (r, α) of ``adapter``, as the config resolves them."""
+        return self.peft_config[adapter].module_settings(self._targets[adapter])
 
     def load_adapter_state(self, adapter: str, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Check every key and shape of ``tensors`` against ``adapter``, then copy them in;
@@ -367,10 +393,14 @@ class PeftModel(nn.Module):
         cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False
     ) -> PeftModel:
         """Wrap ``model`` with the adapter saved in ``model_id``. On any mismatch the error names
-        the first bad key and ``model`` is left as it was."""
+        the first bad key and ``model`` is left as it was. A save of ``model_id`` that was killed
+        half-way is finished first (:func:`recpeft.utils.atomic.recover_folder`)."""
+        check_adapter_name(adapter_name)
+        recover_folder(model_id)
         config = LoraConfig.load(model_id)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         tensors = read_adapter_file(model_id)
+        serialization.check_ranks_fit_file(config, tensors, model_id)
         peft = cls(model, config, adapter_name)
         try:
             peft.load_adapter_state(adapter_name, tensors, str(weights_file(model_id)))
@@ -382,8 +412,11 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         """Add the adapter saved in ``model_id`` under ``adapter_name`` (not activated). On any
         mismatch nothing of it remains in the model."""
+        check_adapter_name(adapter_name)
+        recover_folder(model_id)
         config = dataclasses.replace(LoraConfig.load(model_id), inference_mode=not is_trainable)
         tensors = read_adapter_file(model_id)
+        serialization.check_ranks_fit_file(config, tensors, model_id)
         self.add_adapter(adapter_name, config)
         try:
             self.load_adapter_state(adapter_name, tensors, str(weights_file(model_id)))

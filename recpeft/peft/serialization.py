@@ -18,12 +18,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from recpeft.layers import AdapterHolder
 from recpeft.layers.adapter_state import check_adapter_tensors, split_by_prefix
-from recpeft.utils.atomic import atomic_path, atomic_write_text
+from recpeft.utils.atomic import atomic_files, recover_folder
+from recpeft.utils.integrity import read_safetensors, write_safetensors
 from recpeft.utils.validation import first_non_finite
 
 from .config import CONFIG_NAME, LoraConfig
@@ -95,27 +94,62 @@ def load_adapter_state(
 # ---- the files ---------------------------------------------------------------------------------
 
 
-def save_adapter(directory: str | Path, state: Mapping[str, torch.Tensor], config: LoraConfig) -> None:
-    """Write ``state`` as ``directory/adapter_model.safetensors`` and ``config`` as
-    ``directory/adapter_config.json``; each file goes to a temporary name first and is renamed
-    when complete, and the config is serialised before anything is written."""
+def save_adapter(
+    directory: str | Path,
+    state: Mapping[str, torch.Tensor],
+    config: LoraConfig,
+    extra_files: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``state`` as ``directory/adapter_model.safetensors`` (with the sha256 of its tensors in
+    the header, :mod:`recpeft.utils.integrity`), ``config`` as ``directory/adapter_config.json``
+    and each of ``extra_files`` (flat file name → text) as one set
+    (:func:`recpeft.utils.atomic.atomic_files`): a crash at any point leaves the old adapter or the
+    new one. The config is serialised before anything is written."""
     config_text = config.to_json() + "\n"
-    with atomic_path(weights_file(directory)) as tmp:
-        save_file(dict(state), str(tmp), metadata={"format": "pt", "library": "recpeft"})
-    atomic_write_text(Path(directory) / CONFIG_NAME, config_text)
+    extra = dict(extra_files or {})
+    for name in extra:
+        if name in (WEIGHTS_NAME, CONFIG_NAME) or Path(name).name != name or name.startswith("."):
+            raise ValueError(f"save_adapter: extra file {name!r} must be a plain file name other than the adapter's")
+    with atomic_files(directory) as tmp:
+        write_safetensors(state, tmp / WEIGHTS_NAME, {"format": "pt", "library": "recpeft"})
+        (tmp / CONFIG_NAME).write_text(config_text)
+        for name, text in extra.items():
+            (tmp / name).write_text(text)
 
 
 def read_adapter_file(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of ``directory/adapter_model.safetensors``; raises naming the file on a missing
-    or unreadable file and naming the tensor on non-finite values."""
+    """Tensors of ``directory/adapter_model.safetensors`` (an interrupted save of the folder is
+    finished first, :func:`recpeft.utils.atomic.recover_folder`); raises naming the file on a
+    missing, unreadable or corrupt file (tensor data not matching its recorded sha256) and naming
+    the tensor on non-finite values."""
+    recover_folder(directory)
     path = weights_file(directory)
     if not path.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
+    tensors = read_safetensors(path)
     bad = first_non_finite(tensors)
     if bad is not None:
         raise ValueError(f"{path}: tensor {bad!r} holds non-finite values (NaN or inf)")
     return tensors
+
+
+def check_ranks_fit_file(config: LoraConfig, tensors: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse a config whose ranks its weights file cannot hold, before any adapter is allocated.
+
+    Every adapter keeps a dense B with r as one of its dimensions (Linear: B [N, r]; tables and
+    table collections: B [r, D]) in the file, so a rank the file uses is at most the largest
+    dimension of its tensors. Without this check an edited ``adapter_config.json`` with r = 10^9
+    would allocate r·K parameters per module before the shape check could refuse it. Checked: the
+    ``adapted_modules`` entries when the file has them, else ``r`` and every ``rank_pattern`` value."""
+    largest = max((max(t.shape, default=1) for t in tensors.values()), default=0)
+    if config.adapted_modules:
+        ranks = {f"adapted_modules[{name!r}].r": entry["r"] for name, entry in config.adapted_modules.items()}
+    else:
+        ranks = {"r": config.r, **{f"rank_pattern[{key!r}]": r for key, r in config.rank_pattern.items()}}
+    for field_name, r in ranks.items():
+        if r > largest:
+            raise ValueError(
+                f"{Path(source) / CONFIG_NAME}: {field_name} = {r} is larger than every dimension of the "
+                f"tensors in {WEIGHTS_NAME} (largest {largest}): the config does not match its weights"
+            )
+

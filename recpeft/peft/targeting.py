@@ -3,7 +3,10 @@ matched against a model's module names, with errors that name what the user coul
 
 Rules (HF PEFT's): a list entry that is a string matches a module whose full name equals it or
 ends with ``"." + entry``; a class matches instances; a plain string is a regex that must match
-the whole name. Modules already wrapped by recpeft match as the module they wrap.
+the whole name. Modules already wrapped by recpeft match as the module they wrap. A regex runs
+under a time budget (``guarded_pattern``): one that backtracks exponentially is a one-line error
+naming it, not a hang. A config with ``adapted_modules`` (a saved adapter's resolved list) selects
+exactly those names, literally: no pattern of it is run.
 
 Modules whose wrapper adapts them part by part (torchrec collections: one part per table) are
 followed by their parts, named ``"<module>.<part>"``, which match like module names (and, for
@@ -14,12 +17,12 @@ Their insides (the collection's own ``nn.EmbeddingBag`` modules) are not targets
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Iterator
 
 from torch import nn
 
 from recpeft.layers import LORA_WRAPPERS, LoraLayer, ModulesToSaveWrapper, wrapper_for
+from recpeft.utils.validation import guarded_pattern
 
 _LIST_LIMIT = 12
 
@@ -86,8 +89,11 @@ def _no_match_error(kind: str, entry, adaptable: list[str], all_names: list[str]
     )
 
 
-def match_modules(model: nn.Module, spec, kind: str, *, require_each: bool = True) -> list[str]:
-    """Names of the modules ``spec`` selects; each list entry (or the regex) must match something."""
+def match_modules(
+    model: nn.Module, spec, kind: str, *, require_each: bool = True, source: str | None = None
+) -> list[str]:
+    """Names of the modules ``spec`` selects; each list entry (or the regex) must match something.
+    A regex runs under a time budget; its error names ``kind`` and ``source`` (a file)."""
     if spec is None:
         return []
     modules = list(iter_modules(model))
@@ -95,7 +101,8 @@ def match_modules(model: nn.Module, spec, kind: str, *, require_each: bool = Tru
     adaptable = [n for n, m in modules if wrapper_for(m) is not None]
     parts = list(part_owners(model))
     if isinstance(spec, str):
-        matched = [n for n in all_names if re.fullmatch(spec, n)]
+        matches = guarded_pattern(kind, spec, source=source)
+        matched = [n for n in all_names if matches(n)]
         if not matched and require_each:
             raise _no_match_error(f"{kind} regex", spec, adaptable, all_names, parts)
         return matched
@@ -114,12 +121,17 @@ def select_lora_targets(model: nn.Module, config) -> list[str]:
     among adaptable modules. A module adapted part by part stands for all its parts: the result
     names parts ("<module>.<part>"), never such a module."""
     owners = part_owners(model)
-    targets = _expand_parts(match_modules(model, config.target_modules, "target_modules"), owners)
-    excluded = set(
-        _expand_parts(match_modules(model, config.exclude_modules, "exclude_modules", require_each=False), owners)
-    )
     modules = dict(iter_modules(model))
     adaptable = [n for n, m in modules.items() if wrapper_for(m) is not None]
+    if config.adapted_modules is not None:  # a saved adapter's own list: literal names, no pattern runs
+        return _check_targets(_literal_targets(config, owners, modules, adaptable), (), modules, adaptable)
+    source = config.config_file
+    targets = _expand_parts(match_modules(model, config.target_modules, "target_modules", source=source), owners)
+    excluded = set(
+        _expand_parts(
+            match_modules(model, config.exclude_modules, "exclude_modules", require_each=False, source=source), owners
+        )
+    )
     if isinstance(config.target_modules, str):  # a regex selects among the adaptable modules
         matched = targets
         targets = [n for n in matched if n in adaptable]
@@ -128,6 +140,24 @@ def select_lora_targets(model: nn.Module, config) -> list[str]:
                 f"target_modules regex {config.target_modules!r} matched only modules recpeft cannot "
                 f"adapt ({_listing(matched)}); adaptable modules: {_listing(adaptable)}"
             )
+    return _check_targets(targets, excluded, modules, adaptable)
+
+
+def _literal_targets(config, owners: dict[str, str], modules: dict[str, nn.Module], adaptable: list[str]) -> list[str]:
+    """``config.adapted_modules``' names, each of which must be a module (or table part) of
+    ``model``, in the model's order."""
+    where = f"{config.config_file}: " if config.config_file else ""
+    names = _expand_parts(list(config.adapted_modules), owners)
+    for name in names:
+        if name not in modules:
+            error = _no_match_error("adapted_modules", name, adaptable, list(modules), list(owners))
+            raise ValueError(f"{where}{error}")
+    wanted = set(names)
+    return [n for n in modules if n in wanted]
+
+
+def _check_targets(targets: list[str], excluded, modules: dict[str, nn.Module], adaptable: list[str]) -> list[str]:
+    """``targets`` less ``excluded``; each must be a module recpeft can wrap, and one must remain."""
     chosen = []
     for name in targets:
         if name in excluded:

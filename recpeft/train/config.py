@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 
-from recpeft.utils.validation import check_fraction, check_int, check_positive_number, parse_json_object
+from recpeft.utils.validation import check_bool, check_fraction, check_int, check_positive_number, parse_json_object
 
 from .schedules import Schedule
 
@@ -83,9 +84,14 @@ class TrainConfig:
                 f"TrainConfig.schedule must be one of {[s.value for s in Schedule]}, got {self.schedule!r}"
             ) from None
         for name in ("amp", "progress", "keep_initial"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
+            check_bool(f"TrainConfig.{name}", getattr(self, name))
+        if not isinstance(self.desc, str):
+            raise ValueError(f"TrainConfig.desc must be a string, got {self.desc!r}")
         if self.checkpoint_dir is not None:
+            if not isinstance(self.checkpoint_dir, (str, os.PathLike)) or not str(self.checkpoint_dir):
+                raise ValueError(
+                    f"TrainConfig.checkpoint_dir must be a folder path or None, got {self.checkpoint_dir!r}"
+                )
             self.checkpoint_dir = str(self.checkpoint_dir)
 
     def to_dict(self) -> dict:
@@ -99,7 +105,10 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown TrainConfig keys {unknown}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{source}: {exc}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

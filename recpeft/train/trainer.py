@@ -51,8 +51,8 @@ from .optimizers import build_optimizers, clip_grad_norm, set_lr, split_by_gradi
 from .run_state import (
     RunState,
     latest_checkpoint,
-    load_checkpoint,
     load_trainable_state,
+    resume_from,
     save_checkpoint,
     trainable_state,
 )
@@ -258,9 +258,13 @@ class Trainer:
         self._build_optimizers()
         run, best_state = RunState(), None
         torch.manual_seed(config.seed)
-        checkpoint = self.latest_checkpoint() if resume else None
-        if checkpoint is not None:
-            run, best_state = load_checkpoint(checkpoint, config, rows, self.model, self.trainable, self.optimizers)
+        resumed = (
+            resume_from(config.checkpoint_dir, config, rows, self.model, self.trainable, self.optimizers)
+            if resume
+            else None
+        )
+        if resumed is not None:
+            _, run, best_state = resumed
         elif config.keep_initial and valid is not None:  # a fresh run: the starting weights are epoch -1
             run.best_metric, run.best_epoch = self._checked_metric(valid, "before training"), -1
             best_state = trainable_state(self.model, self.trainable)

@@ -4,6 +4,9 @@ file or key at fault. Torch is imported only by the tensor checks, inside them.
     check_int("TrainConfig.epochs", epochs, minimum=1)     # "TrainConfig.epochs must be a positive integer, got 0"
     check_positive_number("lr", lr)                        # finite and > 0
     check_fraction("lora_dropout", p, below_one=True)      # in [0, 1)
+    check_bool("use_rslora", flag)                         # a real bool: "no" and 1 are refused
+    check_adapter_name("fr")                               # no NUL, no path separator, not "." or ".."
+    match = guarded_pattern("rank_pattern", "tower_fc")    # fullmatch with a time budget: no hang
     check_state_keys(tensors, expected, where=path)        # first missing, then first unexpected key
     check_state_shapes(tensors, expected, where=path)      # first key whose shape differs
     first_non_finite(tensors)                              # name of the first tensor holding NaN/inf
@@ -14,8 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+
+import regex
 
 
 def is_int(value) -> bool:
@@ -43,6 +50,14 @@ def check_positive_number(name: str, value, *, allow_zero: bool = False) -> floa
         wanted = "a finite number ≥ 0" if allow_zero else "a positive finite number"
         raise ValueError(f"{name} must be {wanted}, got {value!r}")
     return float(value)
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is ``True`` or ``False`` (a JSON boolean), else ValueError naming ``name``:
+    the strings ``"no"``/``"false"`` and the numbers 0/1 are refused rather than read as truthy."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false (a boolean), got {value!r}")
+    return value
 
 
 def check_fraction(name: str, value, *, below_one: bool = False) -> float:
@@ -121,3 +136,64 @@ def read_json_object(path: str | Path) -> dict:
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not UTF-8 text: {exc}") from None
     return parse_json_object(text, str(path))
+
+
+def check_adapter_name(name) -> str:
+    """``name`` if it can name an adapter: a non-empty string that is also a safe folder name and
+    module-dict key — no NUL byte, no ``.`` (so neither ``.`` nor ``..``), no ``/`` or ``\\``
+    (nor the platform's ``os.sep`` / ``os.altsep``); else ValueError naming it."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+    bad = [c for c in ("\0", ".", "/", "\\", os.sep, os.altsep) if c and c in name]
+    if bad:
+        raise ValueError(
+            f"adapter name {name!r} must not contain {bad[0]!r} (it names a folder and a module key: "
+            "no NUL, '.', '/' or backslash)"
+        )
+    return name
+
+
+# Time one user regex may spend matching over all the names it is tested against (one selection
+# of modules). A name is under ~100 characters and a sane pattern takes microseconds on it, so this
+# is a margin of 10^4 and more; a pattern that backtracks exponentially (``(?:\w|\w\w)*\.quer``
+# on a 43-character name takes minutes) is refused after it instead of hanging the process. The
+# ``regex`` module counts the time its matching runs: on a busy machine the wall time is longer.
+PATTERN_SECONDS = 0.25
+
+
+def compile_pattern(field: str, pattern) -> regex.Pattern:
+    """``pattern`` compiled (the ``regex`` module, ``re``-compatible syntax), else ValueError naming
+    ``field`` and the pattern."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"{field} pattern must be a string, got {pattern!r}")
+    try:
+        return regex.compile(pattern)
+    except (regex.error, OverflowError, RecursionError) as exc:
+        raise ValueError(f"{field}: {pattern!r} is not a valid regex: {exc}") from None
+
+
+def guarded_pattern(
+    field: str, pattern: str, *, template: str = "{}", seconds: float = PATTERN_SECONDS, source: str | None = None
+) -> Callable[[str], bool]:
+    """A test ``name → bool`` that ``template.format(pattern)`` matches all of ``name``; all calls
+    of one such test together may spend ``seconds`` of wall time, past which it raises a one-line
+    ValueError naming the pattern, ``field`` and ``source`` (a file) when given."""
+    compile_pattern(field, pattern)
+    compiled = compile_pattern(field, template.format(pattern))
+    spent = 0.0
+
+    def matches(name: str) -> bool:
+        nonlocal spent
+        start = time.perf_counter()
+        try:
+            hit = compiled.fullmatch(name, timeout=max(seconds - spent, 1e-3)) is not None
+        except TimeoutError:
+            where = f"{source}: " if source else ""
+            raise ValueError(
+                f"{where}{field} regex {pattern!r} took over {seconds:g} s to match module names "
+                f"(it was at {name!r}): it backtracks exponentially; use a simpler pattern or a list of names"
+            ) from None
+        spent += time.perf_counter() - start
+        return hit
+
+    return matches

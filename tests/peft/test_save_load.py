@@ -179,7 +179,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
             handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("recpeft.peft.serialization.save_file", crash)
+    monkeypatch.setattr("recpeft.utils.integrity.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == previous
