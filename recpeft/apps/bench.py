@@ -88,7 +88,7 @@ from recpeft.utils.memory_probe import (
 from recpeft.utils.tensor_bytes import tensor_bytes
 from recpeft.utils.validation import check_int, parse_json_object
 
-from .base_checkpoint import ENCODER, load_base, read_base_config
+from .base_checkpoint import CONFIG, ENCODER, WEIGHTS, load_base, read_base_config
 from .shop_recipe import BASE_OPTIONS, LORA
 from .workflow import Method, make_trainable
 
@@ -170,6 +170,11 @@ def model_options(rows_per_table: dict | None, embedding_dim: int) -> dict:
 def _checkpoint_lora_config(base: str | Path) -> LoraConfig:
     """The demo's rank and alpha on ``recpeft finetune``'s default targets for that checkpoint
     (read from its config and encoder; the weights are loaded once, by ``build_base``)."""
+    for name in (WEIGHTS, CONFIG, ENCODER):
+        if not (Path(base) / name).is_file():
+            raise FileNotFoundError(
+                f"{base} is not a base checkpoint: {name} is missing (make one with `recpeft pretrain`)"
+            )
     spec = read_base_config(base)["model"]
     schema = FeatureEncoder.load(Path(base) / ENCODER).schema
     targets = click_model_lora_targets(

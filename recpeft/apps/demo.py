@@ -3,7 +3,8 @@ synthetic shop (data/README.md), LoRA against dense fine-tuning, with a report.
 
 1. Split every market by time (test from 2026-03-12; the latest 25% of each market's rows before
    that are its validation rows) and pretrain a torchrec DLRM on every market's rows; the base is saved under
-   ``<out>/base`` and reused by the next run unless ``fresh``.
+   ``<out>/base`` and reused by the next run unless ``fresh`` (the command refuses an ``--out`` that
+   holds anything, a previous run too, unless ``--overwrite``).
 2. For each market but the base's own (the largest), train on the market's rows before the cut
    (a) a LoRA adapter (r=4 on the category, brand and price tables and on every MLP layer) and
    (b) dense fine-tuning of every parameter with AdamW; each method tries the same learning rates

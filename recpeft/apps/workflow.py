@@ -164,14 +164,29 @@ def finetune(
     return model.eval(), report
 
 
+def auc_undefined(labels: torch.Tensor, part: str = "test") -> str | None:
+    """Why AUC is undefined on rows with these 0/1 ``labels`` (no rows, or only one label), or None."""
+    if labels.numel() == 0:
+        return f"there are no {part} rows"
+    positives = int((labels > 0.5).sum())
+    if positives in (0, labels.numel()):
+        return f"the {part} rows hold only one label ({int(positives > 0)})"
+    return None
+
+
 @torch.no_grad()
-def click_metrics(model: nn.Module, source: ClickBatches, batch_size: int = 8192) -> dict:
-    """AUC, LogLoss, rows and click rate of ``model``'s logits on ``source``."""
+def click_metrics(model: nn.Module, source: ClickBatches, batch_size: int = 8192, *, part: str = "test") -> dict:
+    """AUC, LogLoss, rows and click rate of ``model``'s logits on ``source`` (``part``'s rows).
+    Where AUC is undefined (no rows, or one label only) it is NaN and ``auc_undefined`` says why."""
     logits = predict(model, source, batch_size)
     labels = source.encoded.labels
-    return {
-        "auc": auc(logits, labels),
-        "log_loss": log_loss(logits, labels),
+    reason = auc_undefined(labels, part)
+    metrics = {
+        "auc": auc(logits, labels) if reason is None else float("nan"),
+        "log_loss": log_loss(logits, labels) if len(source) else float("nan"),
         "rows": len(source),
         "click_rate": float(labels.float().mean()) if len(source) else float("nan"),
     }
+    if reason is not None:
+        metrics["auc_undefined"] = reason
+    return metrics

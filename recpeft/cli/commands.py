@@ -10,14 +10,20 @@ demo                                            the main job on the embedded sho
 
 from __future__ import annotations
 
+import errno
+import math
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from recpeft.apps.base_checkpoint import (
+    base_fingerprint_files,
     check_base_fingerprint,
     checkpoint_bytes,
     load_base,
     save_base,
-    write_base_fingerprint,
 )
 from recpeft.apps.demo_report import save_report
 from recpeft.apps.workflow import Method, click_metrics, finetune, prepare, pretrain
@@ -25,9 +31,13 @@ from recpeft.datasets.sources import Roles, load_source
 from recpeft.peft.config import LoraConfig
 from recpeft.peft.model import PeftModel
 from recpeft.train.trainer import TrainConfig
+from recpeft.utils.outputs import prepare_output
+from recpeft.utils.validation import check_int
 
 #: above this share of ids unknown to the base, finetune/evaluate stop unless --allow-unseen
 UNSEEN_LIMIT = 0.5
+#: what a failed write says: a full disk or quota, a file-size limit, a read-only or forbidden place
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _roles(args, schema=None) -> Roles:
@@ -49,13 +59,21 @@ def _roles(args, schema=None) -> Roles:
         role: (tuple(c for c in flag.split(",") if c) if flag is not None else tuple(known.get(role, ())))
         for role, flag in (("categorical", args.categorical), ("dense", args.dense))
     }
-    return Roles(**single, **multi, segment_by=args.segment_by, criteo_segment=args.criteo_segment)
+    return Roles(
+        **single,
+        **multi,
+        segment_by=args.segment_by,
+        criteo_segment=args.criteo_segment,
+        date_format=args.date_format,
+        time_unit=args.time_unit,
+    )
 
 
 def _data(args, encoder=None, segment: str | None = None):
     """Read, (keep ``segment``'s rows only), split by time and encode; with a base's encoder,
     refuse data whose ids the base mostly never saw (unless --allow-unseen)."""
-    frame, schema = load_source(args.data, args.format, _roles(args, encoder.schema if encoder else None))
+    with _reading("data", args.data or "embedded shop"):
+        frame, schema = load_source(args.data, args.format, _roles(args, encoder.schema if encoder else None))
     name = str(args.data) if args.data else "embedded shop"
     if segment is not None:
         present = sorted(frame[schema.segment].astype(str).unique()) if schema.segment else []
@@ -66,15 +84,16 @@ def _data(args, encoder=None, segment: str | None = None):
         f"data: {len(frame):,} rows from {name}; features {list(schema.sparse_features)} + dense {list(schema.dense)}; "
         f"segments by {schema.segment!r}"
     )
-    data = prepare(
-        frame,
-        schema,
-        encoder=encoder,
-        test_start=args.test_start,
-        test_fraction=args.test_fraction,
-        valid_fraction=args.valid_fraction,
-        name=name,
-    )
+    with _reading("data", name):
+        data = prepare(
+            frame,
+            schema,
+            encoder=encoder,
+            test_start=args.test_start,
+            test_fraction=args.test_fraction,
+            valid_fraction=args.valid_fraction,
+            name=name,
+        )
     if encoder is not None:
         _check_unseen(data, name, args.allow_unseen)
     return data
@@ -97,6 +116,83 @@ def _check_unseen(data, name: str, allow: bool) -> None:
             )
 
 
+def _data_path(args):
+    """What the command reads as data: the path given, or the embedded shop's file."""
+    if getattr(args, "data", None):
+        return args.data
+    from recpeft.datasets.synthetic import EMBEDDED_PATH
+
+    return EMBEDDED_PATH
+
+
+def _reason(exc: BaseException) -> str:
+    """The operating system's words for a failed write (a safetensors error wraps them in Rust's
+    Debug text: ``IoError(Os { code: 28, ..., message: "No space left on device" })``)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    text = " ".join(str(exc).split())
+    found = re.search(r'message: "([^"]*)"', text) or re.search(r"I/O error: (.*?) \(os error \d+\)", text)
+    return found.group(1) if found else text
+
+
+@contextmanager
+def _writing(what: str, path):
+    """Name ``what`` and ``path`` in any failure to write them (a full disk, a file-size limit);
+    a folder the failed write created and left empty is removed."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        if isinstance(exc, OSError) and exc.filename and exc.errno not in WRITE_ERRNOS:
+            raise  # it names its file: a read, not this write
+        if not existed and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise OSError(f"cannot write {what} to {path}: {_reason(exc)}") from exc
+
+
+@contextmanager
+def _reading(what: str, path):
+    """Name ``what`` and ``path`` in an error raised while reading them whose message names
+    neither (a library's own words, a check that knows the value but not the file)."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, IndexError, OSError, RuntimeError, SafetensorError, EOFError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else exc
+        text = " ".join(str(message).split())
+        if str(path) in text:
+            raise
+        if not isinstance(exc, (ValueError, OSError)):
+            text = f"{type(exc).__name__}: {text}"
+        raise ValueError(f"{what} {path}: {text}") from exc
+
+
+def _load_base(path):
+    with _reading("base checkpoint", path):
+        return load_base(path)
+
+
+def _load_adapter(base, path):
+    with _reading("adapter", path):
+        return PeftModel.from_pretrained(base, path)
+
+
+def _auc(metrics) -> str:
+    """An AUC (or a metrics dict's) as text: 4 decimals, or "undefined" where it is NaN."""
+    value = metrics["auc"] if isinstance(metrics, dict) else metrics
+    return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "undefined"
+
+
+def _auc_note(*metrics: dict) -> None:
+    """Say once why AUC is undefined, where it is."""
+    for reason in dict.fromkeys(m["auc_undefined"] for m in metrics if "auc_undefined" in m):
+        print(f"AUC undefined: {reason}")
+
+
+def _finite_or_none(value):
+    return value if isinstance(value, float) and math.isfinite(value) else None
+
+
 def _train_config(args, desc: str, **defaults) -> TrainConfig:
     values = {
         k: getattr(args, k)
@@ -107,6 +203,8 @@ def _train_config(args, desc: str, **defaults) -> TrainConfig:
 
 
 def cmd_pretrain(args) -> None:
+    check_int("--embedding-dim", args.embedding_dim)
+    out = prepare_output(args.out, reads=[_data_path(args)], overwrite=args.overwrite)
     data = _data(args)
     options = {
         "kind": args.kind,
@@ -121,10 +219,13 @@ def cmd_pretrain(args) -> None:
         train_config=_train_config(args, "pretrain", epochs=6, batch_size=1024, lr=1e-3, early_stopping_patience=1),
     )
     test = click_metrics(model, data.segment_rows("test"))
-    save_base(args.out, model, data.encoder, metrics={"valid_auc": report.best_metric, "test_auc": test["auc"]})
+    metrics = {"valid_auc": _finite_or_none(report.best_metric), "test_auc": _finite_or_none(test["auc"])}
+    with _writing("the base checkpoint", out):
+        save_base(out, model, data.encoder, metrics=metrics)
+    _auc_note(test)
     print(
         f"pretrained {report.epochs_run} epochs ({report.samples_per_second:,.0f} samples/s): validation AUC "
-        f"{report.best_metric:.4f}, test AUC {test['auc']:.4f}, LogLoss {test['log_loss']:.4f}; saved {args.out}"
+        f"{_auc(report.best_metric)}, test AUC {_auc(test)}, LogLoss {test['log_loss']:.4f}; saved {out}"
     )
 
 
@@ -141,7 +242,8 @@ def _lora_config(args, model, schema) -> LoraConfig:
 
 
 def cmd_finetune(args) -> None:
-    base, encoder = load_base(args.base)
+    out = prepare_output(args.out, reads=[args.base, _data_path(args)], overwrite=args.overwrite)
+    base, encoder = _load_base(args.base)
     data = _data(args, encoder, segment=args.segment)
     method = Method(args.method)
     config = _train_config(
@@ -151,62 +253,78 @@ def cmd_finetune(args) -> None:
     model, report = finetune(base, data, args.segment, method, train_config=config, lora_config=lora)
     test = data.segment_rows("test", args.segment)
     before, after = click_metrics(base, test), click_metrics(model, test)
-    out = Path(args.out)
     if method is Method.LORA:
-        model.save_pretrained(out)
-        write_base_fingerprint(out, args.base)
+        with _writing("the adapter", out):
+            model.save_pretrained(out, extra_files=base_fingerprint_files(args.base))
         size = (out / "adapter_model.safetensors").stat().st_size
         what = f"adapter {size / 1024:.1f} KB ({100 * size / checkpoint_bytes(args.base):.2f}% of the base)"
     else:
-        save_base(out, model, encoder, metrics={"segment": args.segment, "test_auc": after["auc"]})
+        with _writing("the fine-tuned copy", out):
+            save_base(out, model, encoder, metrics={"segment": args.segment, "test_auc": _finite_or_none(after["auc"])})
         what = "fine-tuned copy of the base"
+    _auc_note(before, after)
     print(
         f"{args.segment}: {report.epochs_run} epochs, {report.samples_per_second:,.0f} samples/s; test AUC "
-        f"base {before['auc']:.4f} → {after['auc']:.4f} (LogLoss {before['log_loss']:.4f} → "
+        f"base {_auc(before)} → {_auc(after)} (LogLoss {before['log_loss']:.4f} → "
         f"{after['log_loss']:.4f}) on {after['rows']:,} rows; saved the {what} to {out}"
     )
 
 
 def cmd_evaluate(args) -> None:
-    base, encoder = load_base(args.base)
+    if args.json:
+        reads = [args.base, args.adapter, _data_path(args)]
+        prepare_output(args.json, reads=reads, overwrite=args.overwrite, kind="file", flag="--json")
+    base, encoder = _load_base(args.base)
     data = _data(args, encoder, segment=args.segment)
     model = base
     if args.adapter:
         check_base_fingerprint(args.adapter, args.base, args.ignore_base_mismatch)
-        model = PeftModel.from_pretrained(base, args.adapter)
+        model = _load_adapter(base, args.adapter)
     segments = [args.segment] if args.segment else data.segments
     rows = []
     print(f"{'segment':<16}{'rows':>9}{'click rate':>11}{'AUC':>8}{'LogLoss':>9}")
     for segment in segments:
-        metrics = click_metrics(model, data.segment_rows(args.part, segment))
+        metrics = click_metrics(model, data.segment_rows(args.part, segment), part=args.part)
         rows.append({"segment": segment, **metrics})
         print(
-            f"{segment:<16}{metrics['rows']:>9,}{metrics['click_rate']:>11.3f}{metrics['auc']:>8.4f}"
+            f"{segment:<16}{metrics['rows']:>9,}{metrics['click_rate']:>11.3f}{_auc(metrics):>8}"
             f"{metrics['log_loss']:>9.4f}"
         )
+    for row in rows:
+        if "auc_undefined" in row:
+            print(f"{row['segment']}: AUC undefined: {row['auc_undefined']}")
     if args.json:
-        save_report(args.json, {"base": str(args.base), "adapter": args.adapter, "part": args.part, "segments": rows})
+        report = {"base": str(args.base), "adapter": args.adapter, "part": args.part, "segments": rows}
+        with _writing("the JSON report", args.json):
+            save_report(args.json, report)
 
 
 def cmd_merge(args) -> None:
-    base, encoder = load_base(args.base)
+    out = prepare_output(args.out, reads=[args.base, args.adapter], overwrite=args.overwrite)
+    base, encoder = _load_base(args.base)
     check_base_fingerprint(args.adapter, args.base, args.ignore_base_mismatch)
-    merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
-    save_base(args.out, merged, encoder, metrics={"merged_adapter": str(args.adapter)})
+    merged = _load_adapter(base, args.adapter).merge_and_unload()
+    with _writing("the merged base checkpoint", out):
+        save_base(out, merged, encoder, metrics={"merged_adapter": str(args.adapter)})
     print(f"merged {args.adapter} into {args.base}; saved {args.out} (a base checkpoint: use it with --base)")
 
 
 def cmd_bench(args) -> None:
     from recpeft.apps.bench import print_bench, run_bench
 
+    if args.json:
+        prepare_output(args.json, reads=[args.base], overwrite=args.overwrite, kind="file", flag="--json")
     result = run_bench(base=args.base, progress=not args.quiet)
     print_bench(result)
     if args.json:
-        save_report(args.json, result)
+        with _writing("the JSON report", args.json):
+            save_report(args.json, result)
         print(f"wrote {args.json}")
 
 
 def cmd_demo(args) -> None:
     from recpeft.apps.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, progress=not args.quiet, fresh=args.fresh, markets=args.markets)
+    out = prepare_output(args.out, reads=[_data_path(args)], overwrite=args.overwrite)
+    with _writing("the demo's outputs", out):
+        run_demo(out, seed=args.seed, progress=not args.quiet, fresh=args.fresh, markets=args.markets)

@@ -9,7 +9,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from recpeft.datasets.formats import FORMATS, MOVIELENS_SEGMENT_ATTRIBUTES
+from recpeft.datasets.formats import FORMATS, MOVIELENS_SEGMENT_ATTRIBUTES, TIME_UNITS
 
 EXAMPLES = """examples:
   recpeft demo                                            # the main job on the embedded shop
@@ -42,7 +42,19 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--item", default=None, help="item id column ('' for none; default: the base's, else 'item')")
     data.add_argument("--label", default=None, help="0/1 label column")
     data.add_argument("--segment-col", default=None, help="column naming each row's segment (market, ...)")
-    data.add_argument("--timestamp", default=None, help="time column (datetimes or epoch seconds)")
+    data.add_argument("--timestamp", default=None, help="time column (datetimes or epoch numbers)")
+    data.add_argument(
+        "--date-format",
+        default=None,
+        help="strftime pattern of a text time column, e.g. '%%d/%%m/%%Y %%H:%%M' (needed when the data "
+        "cannot prove day/month order)",
+    )
+    data.add_argument(
+        "--time-unit",
+        choices=TIME_UNITS,
+        default=None,
+        help="unit of an epoch-number time column (default: detected from the magnitude)",
+    )
     data.add_argument("--categorical", default=None, help="comma-separated extra id/string feature columns")
     data.add_argument("--dense", default=None, help="comma-separated numeric feature columns")
     data.add_argument(
@@ -80,6 +92,15 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=int, default=None)
 
 
+def _overwrite_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace {what}; without it an existing output is refused. An output inside (or holding) "
+        "what the command reads is refused either way",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recpeft",
@@ -110,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for the base, adapters, report.json and report.png")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--fresh", action="store_true", help="pretrain the base again even if --out holds one")
+    _overwrite_argument(demo, "a previous run in --out (its saved base is reused unless --fresh)")
     demo.add_argument(
         "--markets", nargs="+", default=None, help="markets to personalise (default: all but the largest)"
     )
@@ -124,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(pre)
     _train_arguments(pre)
     pre.add_argument("--out", required=True, help="folder for the base checkpoint")
+    _overwrite_argument(pre, "an existing --out folder")
     pre.add_argument("--kind", choices=("dlrm", "dcn"), default="dlrm")
     pre.add_argument("--embedding-dim", type=int, default=64)
     pre.add_argument("--dropout", type=float, default=0.0)
@@ -142,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--segment", required=True, help="the segment to fine-tune on")
     fine.add_argument("--out", required=True, help="folder for the adapter (or, with --method dense, the copy)")
     fine.add_argument("--method", choices=("lora", "dense"), default="lora")
+    _overwrite_argument(fine, "an existing --out folder")
     fine.add_argument("--r", type=int, default=4, help="LoRA rank")
     fine.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
     fine.add_argument("--lora-dropout", type=float, default=0.0)
@@ -162,12 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--segment", default=None, help="only this segment")
     ev.add_argument("--part", choices=("train", "valid", "test"), default="test", help="which rows to score")
     ev.add_argument("--json", default=None, help="also write the table as JSON here")
+    _overwrite_argument(ev, "an existing --json file")
     ev.set_defaults(run="cmd_evaluate")
 
     merge = add("merge", help="fold an adapter into the base weights; writes a new base checkpoint")
     merge.add_argument("--base", required=True)
     merge.add_argument("--adapter", required=True)
-    merge.add_argument("--out", required=True)
+    merge.add_argument("--out", required=True, help="folder for the merged base checkpoint")
+    _overwrite_argument(merge, "an existing --out folder")
     merge.add_argument(
         "--ignore-base-mismatch", action="store_true", help="merge even if the adapter was trained on another base"
     )
@@ -186,8 +212,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure this base checkpoint (default: the demo's architecture with production-size tables)",
     )
     bench.add_argument("--json", default=None, help="write the figures as JSON here")
+    _overwrite_argument(bench, "an existing --json file")
     bench.set_defaults(run="cmd_bench")
     return parser
+
+
+#: errors whose message is the whole story (they name the file, column or field); any other type
+#: is named in front of its message
+PLAIN_ERRORS = (ValueError, KeyError, OSError)
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc`` as one line: its message with the lines joined, a KeyError's key unquoted, the type
+    named where the message alone would not say what failed (``MemoryError``, a library's own
+    error), and a hint at ``--debug`` for errors no recpeft check raised."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    message = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else exc
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    if isinstance(exc, MemoryError):
+        return f"out of memory{': ' + text if text else ''}"
+    if isinstance(exc, PLAIN_ERRORS) and text:
+        return text
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{text} (run again with --debug for the traceback)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,12 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         from . import commands
 
         getattr(commands, args.run)(args)
-    except (ValueError, TypeError, KeyError, IndexError, OSError, RuntimeError, ArithmeticError) as exc:
+    except (Exception, KeyboardInterrupt) as exc:
         if args.debug:
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"recpeft {args.command}: error: {message}", file=sys.stderr)
-        return 1
+        print(f"recpeft {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 1
     return 0
 
 
