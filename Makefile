@@ -8,8 +8,10 @@ PY := $(VENV)/bin/python
 bootstrap:
 	RECPEFT_VENV=$(VENV) bash scripts/bootstrap.sh
 
+# runs/demo is the make target's own scratch folder: a rerun replaces its report (reusing the
+# saved base), so `make demo` works twice in a row.
 demo: bootstrap
-	$(VENV)/bin/recpeft demo
+	$(VENV)/bin/recpeft demo --overwrite
 
 # The lint habit first (import layering, ruff's rules, ruff's format), then the suite; any
 # failing step fails the recipe, so `make test` exits non-zero (make reports 2).
