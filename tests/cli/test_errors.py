@@ -9,46 +9,17 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from recpeft.cli import main
 
-ROLES = ["--user", "uid", "--item", "sku", "--label", "clicked", "--segment-col", "country", "--timestamp", "ts"]
-ROLES += ["--categorical", "cat", "--dense", "price", "--quiet"]
-
-
-def write_log(path, seed=0, rows=1500, one_label_after=None):
-    """A small click log; with ``one_label_after`` ('south' rows from then on are all 0)."""
-    rng = np.random.default_rng(seed)
-    item = rng.integers(0, 60, rows)
-    frame = pd.DataFrame(
-        {
-            "uid": rng.integers(0, 80, rows),
-            "sku": item,
-            "cat": [f"c{c}" for c in item % 5],
-            "price": np.exp(rng.normal(2, 0.5, rows)),
-            "clicked": (rng.random(rows) < 0.3).astype(int),
-            "country": rng.choice(["north", "south"], rows),
-            "ts": pd.Timestamp("2025-01-01") + pd.to_timedelta(rng.integers(0, 90 * 86400, rows), "s"),
-        }
-    )
-    if one_label_after is not None:
-        frame.loc[(frame["country"] == "south") & (frame["ts"] >= pd.Timestamp(one_label_after)), "clicked"] = 0
-    frame.to_csv(path, index=False)
-    return frame
+from click_logs import ROLES, pretrained, write_log
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    root = tmp_path_factory.mktemp("errors")
-    log, base, adapter = root / "log.csv", root / "base", root / "adapter"
-    write_log(log)
-    assert main(["pretrain", str(log), *ROLES, "--out", str(base), "--epochs", "1", "--embedding-dim", "8"]) == 0
-    finetune = ["finetune", str(log), *ROLES, "--base", str(base), "--segment", "south", "--epochs", "1"]
-    assert main([*finetune, "--out", str(adapter)]) == 0
-    return {"root": root, "log": log, "base": base, "adapter": adapter, "finetune": finetune}
+    return pretrained(tmp_path_factory.mktemp("errors"))
 
 
 def one_line(argv, capsys, *fragments):
