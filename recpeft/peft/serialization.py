@@ -152,4 +152,3 @@ def check_ranks_fit_file(config: LoraConfig, tensors: Mapping[str, torch.Tensor]
                 f"{Path(source) / CONFIG_NAME}: {field_name} = {r} is larger than every dimension of the "
                 f"tensors in {WEIGHTS_NAME} (largest {largest}): the config does not match its weights"
             )
-
