@@ -33,9 +33,18 @@ class Routing:
 
 
 _CURRENT: ContextVar[Routing | None] = ContextVar("recpeft_routing", default=None)
+#: how many :func:`routed` blocks are open in this process, in any thread or task: 0 means no
+#: routing anywhere, which a compiled forward can read as a plain global (torch.compile cannot
+#: trace ``ContextVar.get``, and guards on this value instead)
+_OPEN_ROUTINGS = 0
 
 
 def current_routing() -> Routing | None:
+    """The routing of the current forward (the innermost :func:`routed` of this thread or task),
+    or None. Under torch.compile with no routing open anywhere this is None without a graph
+    break; with one open, the ContextVar is read (a graph break: routed calls run eagerly)."""
+    if _OPEN_ROUTINGS == 0:
+        return None
     return _CURRENT.get()
 
 
@@ -60,8 +69,12 @@ def check_adapter_ids(adapter_ids, adapter_names: tuple[str, ...]) -> torch.Tens
 
 @contextmanager
 def routed(sample_adapter: torch.Tensor, adapter_names: tuple[str, ...]):
+    """Route the forward calls inside the block: sample i through adapter ``sample_adapter[i]``."""
+    global _OPEN_ROUTINGS
     token = _CURRENT.set(Routing(sample_adapter, adapter_names))
+    _OPEN_ROUTINGS += 1  # under the GIL; the count only decides whether to read the ContextVar
     try:
         yield
     finally:
+        _OPEN_ROUTINGS -= 1
         _CURRENT.reset(token)
