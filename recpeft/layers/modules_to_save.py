@@ -17,9 +17,6 @@ from torch import nn
 from .adapter_holder import AdapterHolder, sparse_embedding_weights
 from .adapter_state import check_adapter_tensors
 
-#: file keys of a trained copy: ``<module>.modules_to_save.<its state_dict key>``
-KEY_INFIX = "modules_to_save."
-
 
 class ModulesToSaveWrapper(AdapterHolder):
     """The frozen ``original_module`` and one trainable copy per adapter in ``modules_to_save``.
@@ -105,12 +102,13 @@ class ModulesToSaveWrapper(AdapterHolder):
     # ---- on disk ---------------------------------------------------------------------------------
 
     def export_adapter(self, adapter: str) -> dict[str, torch.Tensor]:
-        """The copy's state_dict, keyed ``modules_to_save.<key>``."""
-        return {KEY_INFIX + k: v.detach() for k, v in self.modules_to_save[adapter].state_dict().items()}
+        """The copy's state_dict under its own keys (``weight``, ``bias``): HF PEFT's file layout,
+        where a saved module's tensors stand under the module's name as in the base model."""
+        return {k: v.detach() for k, v in self.modules_to_save[adapter].state_dict().items()}
 
     def check_adapter_state(self, adapter: str, tensors: dict, source: str) -> None:
-        expected = {KEY_INFIX + k: v for k, v in self.modules_to_save[adapter].state_dict().items()}
+        expected = dict(self.modules_to_save[adapter].state_dict())
         check_adapter_tensors(tensors, expected, source=source, prefix=f"{self.module_name}.")
 
     def load_adapter_state(self, adapter: str, tensors: dict) -> None:
-        self.modules_to_save[adapter].load_state_dict({k.removeprefix(KEY_INFIX): v for k, v in tensors.items()})
+        self.modules_to_save[adapter].load_state_dict(dict(tensors))

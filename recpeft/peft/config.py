@@ -129,7 +129,8 @@ class LoraConfig:
         lora_dropout: dropout p on the adapter's input (linear layers; embeddings have none).
         target_modules: modules to adapt: a list of exact names or dotted suffixes
             (``"fc1"`` matches ``"tower.fc1"``), a regex string matched against the full name,
-            or module classes (``[nn.Linear]``). Required.
+            module classes (``[nn.Linear]``), or ``"all-linear"`` (every ``nn.Linear`` but the
+            output head ``get_output_embeddings()``, HF PEFT's meaning). Required.
         exclude_modules: same forms; matching modules are never adapted.
         rank_pattern: {regex: r} per module, matched against the end of the full name.
         alpha_pattern: {regex: α} likewise.
@@ -309,3 +310,8 @@ class LoraConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
         return cls.from_dict(read_json_object(path), source=str(path))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> LoraConfig:
+        """HF PEFT's name for :meth:`load`: the config saved in ``directory``."""
+        return cls.load(directory)

@@ -104,6 +104,10 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model itself, LoRA layers included (HF PEFT's name)."""
+        return self.base_model
+
     @property
     def adapter_names(self) -> tuple[str, ...]:
         """Adapters in the order they were added: routing id i means ``adapter_names[i]``."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from recpeft.layers import AdapterHolder
+from recpeft.layers import AdapterHolder, LoraLayer
 from recpeft.layers.adapter_state import check_adapter_tensors, split_by_prefix
 from recpeft.utils.atomic import atomic_files, recover_folder
 from recpeft.utils.integrity import read_safetensors, write_safetensors
@@ -49,17 +49,32 @@ def _holder_prefixes(holders: Mapping[str, AdapterHolder], adapter: str) -> dict
     return {f"{KEY_PREFIX}{name}.": holder for name, holder in holders.items() if holder.has_adapter(adapter)}
 
 
+def _bias_keys(
+    holders: Mapping[str, AdapterHolder], biases: Mapping[str, torch.Tensor], adapter: str
+) -> dict[str, torch.Tensor]:
+    """File key → trained bias, in HF PEFT's layout: the bias of a module ``adapter`` wraps with
+    LoRA stands in its base layer (``base_model.model.<module>.base_layer.bias``), any other under
+    its name in the unwrapped model (``base_model.model.<module>.bias``)."""
+    keys = {}
+    for name, bias in biases.items():
+        module, leaf = name.rsplit(".", 1)
+        holder = holders.get(module)
+        wrapped = isinstance(holder, LoraLayer) and holder.has_adapter(adapter)
+        keys[f"{KEY_PREFIX}{module}.base_layer.{leaf}" if wrapped else KEY_PREFIX + name] = bias
+    return keys
+
+
 def adapter_state_dict(
     holders: Mapping[str, AdapterHolder], biases: Mapping[str, torch.Tensor], adapter: str
 ) -> dict[str, torch.Tensor]:
     """The file tensors of ``adapter``, contiguous and on the CPU: every holder's
     ``export_adapter(adapter)`` under ``base_model.model.<holder name>.``, and every trained bias
-    (``biases``: name in the unwrapped model → tensor) under ``base_model.model.<name>``.
+    (``biases``: name in the unwrapped model → tensor) under its HF PEFT key (:func:`_bias_keys`).
     Collective where a holder's adapter is sharded."""
     state = {}
     for prefix, holder in _holder_prefixes(holders, adapter).items():
         state.update({prefix + key: value for key, value in holder.export_adapter(adapter).items()})
-    state.update({KEY_PREFIX + name: bias.detach() for name, bias in biases.items()})
+    state.update({key: bias.detach() for key, bias in _bias_keys(holders, biases, adapter).items()})
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
@@ -73,7 +88,7 @@ def load_adapter_state(
     """Check every key and shape of ``tensors`` (a file's, keyed as :func:`adapter_state_dict`
     keys them) against ``adapter`` of ``holders`` and ``biases``, then copy them in; nothing is
     copied when any check fails (AdapterStateError naming ``source`` and the first bad key)."""
-    bias_keys = {KEY_PREFIX + name: bias for name, bias in biases.items()}
+    bias_keys = _bias_keys(holders, biases, adapter)
     parts = _holder_prefixes(holders, adapter)
     grouped = split_by_prefix(
         {k: v for k, v in tensors.items() if k not in bias_keys},

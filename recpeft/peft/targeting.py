@@ -25,6 +25,8 @@ from recpeft.layers import LORA_WRAPPERS, LoraLayer, ModulesToSaveWrapper, wrapp
 from recpeft.utils.validation import guarded_pattern
 
 _LIST_LIMIT = 12
+#: the ``target_modules`` value that selects every Linear layer but the output head (HF PEFT's)
+ALL_LINEAR = "all-linear"
 
 
 def part_names(module: nn.Module) -> list[str] | None:
@@ -89,14 +91,27 @@ def _no_match_error(kind: str, entry, adaptable: list[str], all_names: list[str]
     )
 
 
+def _all_linear(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[str]:
+    """HF PEFT's ``"all-linear"``: every ``nn.Linear`` but the output layer, which is the module
+    ``model.get_output_embeddings()`` returns (a language-model head) when the model has one."""
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    return [n for n, m in modules if isinstance(m, nn.Linear) and m is not head]
+
+
 def match_modules(
     model: nn.Module, spec, kind: str, *, require_each: bool = True, source: str | None = None
 ) -> list[str]:
     """Names of the modules ``spec`` selects; each list entry (or the regex) must match something.
-    A regex runs under a time budget; its error names ``kind`` and ``source`` (a file)."""
+    A regex runs under a time budget; its error names ``kind`` and ``source`` (a file).
+    ``"all-linear"`` selects every Linear layer but the output head (:func:`_all_linear`)."""
     if spec is None:
         return []
     modules = list(iter_modules(model))
+    if spec == ALL_LINEAR:
+        matched = _all_linear(model, modules)
+        if not matched and require_each:
+            raise ValueError(f"{kind} {ALL_LINEAR!r} matched no module: the model has no nn.Linear layer")
+        return matched
     all_names = [n for n, _ in modules]
     adaptable = [n for n, m in modules if wrapper_for(m) is not None]
     parts = list(part_owners(model))

@@ -101,8 +101,8 @@ def test_save_and_load_go_through_every_holder(tmp_path):
     assert {
         "base_model.model.item.lora_embedding_B.weight",
         "base_model.model.mlp.0.lora_A.weight",
-        "base_model.model.mlp.0.bias",
-        "base_model.model.mlp.2.modules_to_save.weight",
+        "base_model.model.mlp.0.base_layer.bias",
+        "base_model.model.mlp.2.weight",
     } <= keys
     loaded = PeftModel.from_pretrained(make_model(), tmp_path)
     assert sorted(loaded.adapter_holders()) == ["item", "mlp.0", "mlp.2"]

@@ -179,7 +179,7 @@ def test_modules_to_save_and_bias_train_and_are_saved():
     train_steps(model, steps=2)
     assert torch.equal(model.base_model.mlp[2].original_module.weight, original)
     keys = set(model.adapter_state_dict())
-    assert {"base_model.model.mlp.0.bias", "base_model.model.mlp.2.modules_to_save.weight"} <= keys
+    assert {"base_model.model.mlp.0.base_layer.bias", "base_model.model.mlp.2.weight"} <= keys
 
 
 def test_bias_all_trains_every_bias():
@@ -205,7 +205,15 @@ def test_bias_all_leaves_a_module_saved_whole_frozen():
     wrapper = model.base_model.mlp[2]
     assert not wrapper.original_module.bias.requires_grad
     assert wrapper.modules_to_save["default"].bias.requires_grad
-    assert "base_model.model.mlp.2.bias" not in model.adapter_state_dict()
+    with torch.no_grad():
+        wrapper.modules_to_save["default"].bias.fill_(3.0)
+    # HF PEFT's layout: the copy's tensors under the module's own name, once (not the original's)
+    state = model.adapter_state_dict()
+    assert [k for k in state if k.startswith("base_model.model.mlp.2.")] == [
+        "base_model.model.mlp.2.weight",
+        "base_model.model.mlp.2.bias",
+    ]
+    assert torch.equal(state["base_model.model.mlp.2.bias"], torch.full((1,), 3.0))
 
 
 def test_set_adapter_after_merging_unmerges_the_adapter_that_leaves():

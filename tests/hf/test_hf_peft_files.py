@@ -1,0 +1,56 @@
+"""Adapter files move both ways between recpeft and HF PEFT with identical outputs: plain LoRA,
+``bias="lora_only"`` (the bias of a wrapped module in its ``base_layer``) and ``modules_to_save``
+(the saved copy under the module's own name) — HF PEFT's key layout, on MiniLM's real weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recpeft import LoraConfig, PeftModel, get_peft_model
+
+CASES = {
+    "plain": {},
+    "bias lora_only": {"bias": "lora_only"},
+    "modules_to_save": {"modules_to_save": ["pooler.dense"]},
+}
+TARGETS = ["query", "value"]
+NO_PEFT = "peft (HF PEFT) is not installed: pip install peft"
+
+
+def _perturb_trainable(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g) * 0.05)
+
+
+def _pooled(model, tokens):
+    with torch.no_grad():
+        return model(**tokens).pooler_output
+
+
+@pytest.mark.parametrize("extra", CASES.values(), ids=CASES.keys())
+def test_a_recpeft_adapter_loads_into_hf_peft_with_the_same_outputs(fresh_minilm, tokens, tmp_path, extra):
+    hf_peft = pytest.importorskip("peft", reason=NO_PEFT)
+    ours = get_peft_model(fresh_minilm(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **extra))
+    _perturb_trainable(ours, seed=3)
+    expected = _pooled(ours, tokens)
+    assert not torch.allclose(expected, _pooled(fresh_minilm(), tokens), atol=1e-3)  # the adapter matters
+    ours.save_pretrained(tmp_path)
+    theirs = hf_peft.PeftModel.from_pretrained(fresh_minilm(), tmp_path)
+    assert torch.equal(_pooled(theirs, tokens), expected)  # the same weights through the same ops
+
+
+@pytest.mark.parametrize("extra", CASES.values(), ids=CASES.keys())
+def test_an_hf_peft_adapter_loads_into_recpeft_with_the_same_outputs(fresh_minilm, tokens, tmp_path, extra):
+    hf_peft = pytest.importorskip("peft", reason=NO_PEFT)
+    theirs = hf_peft.get_peft_model(
+        fresh_minilm(), hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **extra)
+    )
+    _perturb_trainable(theirs, seed=4)
+    expected = _pooled(theirs, tokens)
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(fresh_minilm(), tmp_path)
+    assert torch.equal(_pooled(ours, tokens), expected)
