@@ -32,7 +32,14 @@ class AdapterHolder(nn.Module):
     ``disabled`` (the frozen module alone runs, as in ``PeftModel.disable_adapter``).
 
     Subclasses define the methods that raise NotImplementedError here.
+
+    ``HF_PEFT_LAYOUT``: whether the holder's file tensors are keyed as HF PEFT keys the same layer
+    (Linear LoRA, a module saved whole); an adapter with any other holder is saved as recpeft's
+    own format (``peft_type`` ``"RECPEFT_LORA"``), which HF PEFT refuses instead of loading it
+    half-way.
     """
+
+    HF_PEFT_LAYOUT = False
 
     def __init__(self, module_name: str):
         super().__init__()

@@ -30,6 +30,8 @@ class LoraLinear(LoraWeightLayer):
         y = layer(torch.randn(16, 64))          # [16, 32]
     """
 
+    HF_PEFT_LAYOUT = True  # lora_A.weight [r, K], lora_B.weight [N, r]: HF PEFT's keys and shapes
+
     def adapter_shapes(self, r):
         out_features, in_features = self.base_weight.shape
         return (r, in_features), (out_features, r)

@@ -32,6 +32,8 @@ class ModulesToSaveWrapper(AdapterHolder):
         y = head(torch.randn(8, 16))             # the copy runs: [8, 1]
     """
 
+    HF_PEFT_LAYOUT = True  # the copy's state_dict under the module's own name, as HF PEFT saves it
+
     def __init__(self, original_module: nn.Module, module_name: str):
         super().__init__(module_name)
         self.original_module = original_module

@@ -38,6 +38,11 @@ from recpeft.utils.validation import (
 TargetSpec = str | list | tuple | None
 
 CONFIG_NAME = "adapter_config.json"
+#: ``peft_type`` of a file HF PEFT can load ("LORA": Linear adapters, modules saved whole) and of
+#: one holding recpeft's own layers (embedding tables, torchrec collections), which HF PEFT has no
+#: layer for and refuses by this value rather than running the model un-adapted
+HF_LORA, RECPEFT_LORA = "LORA", "RECPEFT_LORA"
+PEFT_TYPES = (HF_LORA, RECPEFT_LORA)
 
 
 class LoraBias(str, Enum):
@@ -183,8 +188,8 @@ class LoraConfig:
             self.bias = LoraBias(self.bias)
         except ValueError:
             raise ValueError(f"bias must be one of {[b.value for b in LoraBias]}, got {self.bias!r}") from None
-        if self.peft_type != "LORA":
-            raise ValueError(f"peft_type must be 'LORA', got {self.peft_type!r}")
+        if self.peft_type not in PEFT_TYPES:
+            raise ValueError(f"peft_type must be one of {list(PEFT_TYPES)}, got {self.peft_type!r}")
         if self.target_modules is None:
             raise ValueError("target_modules is required: module names, a regex, or module classes")
         for name in ("target_modules", "exclude_modules"):

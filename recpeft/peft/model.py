@@ -26,7 +26,7 @@ from recpeft.utils.atomic import recover_folder
 from recpeft.utils.validation import check_adapter_name
 
 from . import serialization
-from .config import LoraBias, LoraConfig
+from .config import HF_LORA, RECPEFT_LORA, LoraBias, LoraConfig
 from .serialization import read_adapter_file, weights_file
 from .targeting import group_lora_targets, select_lora_targets, select_modules_to_save
 
@@ -370,11 +370,15 @@ class PeftModel(nn.Module):
 
     def _config_for_file(self, adapter: str) -> LoraConfig:
         """The adapter's config with module classes replaced by the module names they matched
-        (JSON holds names only), and ``adapted_modules``: every wrapped module with its r and α,
-        which loading matches literally instead of running the config's patterns."""
+        (JSON holds names only), ``adapted_modules``: every wrapped module with its r and α,
+        which loading matches literally instead of running the config's patterns, and
+        ``peft_type``: "LORA" when every holder keys its tensors as HF PEFT does, else
+        "RECPEFT_LORA" (recpeft's own format, which HF PEFT refuses)."""
         config = self.peft_config[adapter]
         resolved = {name: {"r": r, "lora_alpha": alpha} for name, (r, alpha) in self._settings(adapter).items()}
-        config = dataclasses.replace(config, adapted_modules=resolved)
+        holders = [h for h in self.adapter_holders().values() if h.has_adapter(adapter)]
+        peft_type = HF_LORA if all(h.HF_PEFT_LAYOUT for h in holders) else RECPEFT_LORA
+        config = dataclasses.replace(config, adapted_modules=resolved, peft_type=peft_type)
         has_class = lambda spec: isinstance(spec, list) and any(isinstance(t, type) for t in spec)  # noqa: E731
         if has_class(config.target_modules) or has_class(config.exclude_modules):
             config = dataclasses.replace(config, target_modules=list(self._targets[adapter]), exclude_modules=None)

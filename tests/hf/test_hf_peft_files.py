@@ -4,10 +4,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from recpeft import LoraConfig, PeftModel, get_peft_model
+
+from toy_models import ALL_TARGETS, make_model
 
 CASES = {
     "plain": {},
@@ -54,3 +58,20 @@ def test_an_hf_peft_adapter_loads_into_recpeft_with_the_same_outputs(fresh_minil
     theirs.save_pretrained(tmp_path)
     ours = PeftModel.from_pretrained(fresh_minilm(), tmp_path)
     assert torch.equal(_pooled(ours, tokens), expected)
+
+
+def test_embedding_adapters_are_marked_as_recpeft_files_that_hf_peft_refuses(tmp_path):
+    """HF PEFT has no embedding-bag layer (and keys embeddings otherwise): a file with recpeft's
+    own layers says so in peft_type, so HF PEFT refuses it instead of running un-adapted."""
+    hf_peft = pytest.importorskip("peft", reason=NO_PEFT)
+    linear_only, with_tables = tmp_path / "linear", tmp_path / "tables"
+    get_peft_model(make_model(), LoraConfig(r=2, target_modules=["mlp.0", "mlp.2"])).save_pretrained(linear_only)
+    get_peft_model(make_model(), LoraConfig(r=2, target_modules=ALL_TARGETS)).save_pretrained(with_tables)
+    assert json.loads((linear_only / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert json.loads((with_tables / "adapter_config.json").read_text())["peft_type"] == "RECPEFT_LORA"
+    loaded = hf_peft.PeftModel.from_pretrained(make_model(), linear_only)  # HF PEFT takes the Linear one
+    assert any(n.endswith("mlp.0") and hasattr(m, "lora_A") for n, m in loaded.named_modules())
+    with pytest.raises((KeyError, ValueError), match="RECPEFT_LORA"):
+        hf_peft.PeftModel.from_pretrained(make_model(), with_tables)
+    ours = PeftModel.from_pretrained(make_model(), with_tables)  # and recpeft reads its own format
+    assert sorted(ours.adapter_holders()) == sorted(ALL_TARGETS)
