@@ -58,8 +58,6 @@ _INIT_CHOICES = (True, False, "gaussian")
 _HF_DEFAULTS = {
     "fan_in_fan_out": False,
     "use_dora": False,
-    "layers_to_transform": None,
-    "layers_pattern": None,
     "megatron_config": None,
     "loftq_config": {},
     "layer_replication": None,
@@ -108,6 +106,28 @@ def _check_pattern_dict(name: str, patterns, check_value) -> dict:
     return patterns
 
 
+def _check_layer_indices(value) -> list[int] | None:
+    """``layers_to_transform`` as a list of layer indices ≥ 0 (one int is a list of one)."""
+    if value is None:
+        return None
+    indices = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(indices, list) or not indices:
+        raise ValueError(f"layers_to_transform must be a layer index or a non-empty list of them, got {value!r}")
+    for index in indices:
+        check_int("layers_to_transform entry", index, minimum=0)
+    return list(indices)
+
+
+def _check_layer_names(value) -> list[str] | None:
+    """``layers_pattern`` as a list of module names (one string is a list of one)."""
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"layers_pattern must be a module name or a non-empty list of them, got {value!r}")
+    return list(names)
+
+
 def _check_adapted_modules(modules) -> None:
     if modules is None:
         return
@@ -149,6 +169,10 @@ class LoraConfig:
             as resolved when it was saved (``save_pretrained`` writes it). When set it wins over
             ``target_modules``, ``exclude_modules``, ``rank_pattern`` and ``alpha_pattern``: the
             names are matched literally and the patterns are never run.
+        layers_to_transform: keep only the targets inside these layer indices (HF PEFT's):
+            a target whose name holds ``.<layers>.<i>.`` is kept when i is listed; None: all.
+        layers_pattern: the name(s) of the layer list for ``layers_to_transform`` (e.g.
+            ``"layer"`` in ``encoder.layer.3.attention``); None: any module name before the index.
         config_file: the file this config was read from (not saved; errors name it).
 
     Example::
@@ -171,6 +195,8 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
     peft_type: str = "LORA"
+    layers_to_transform: int | list | None = None
+    layers_pattern: str | list | None = None
     adapted_modules: dict | None = None
     config_file: str | None = field(default=None, repr=False, compare=False)
 
@@ -180,6 +206,8 @@ class LoraConfig:
         check_fraction("lora_dropout", self.lora_dropout, below_one=True)
         check_bool("use_rslora", self.use_rslora)
         check_bool("inference_mode", self.inference_mode)
+        self.layers_to_transform = _check_layer_indices(self.layers_to_transform)
+        self.layers_pattern = _check_layer_names(self.layers_pattern)
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES}, got {self.init_lora_weights!r}")
         for name in ("task_type", "base_model_name_or_path", "config_file"):

@@ -147,6 +147,8 @@ def select_lora_targets(model: nn.Module, config) -> list[str]:
             match_modules(model, config.exclude_modules, "exclude_modules", require_each=False, source=source), owners
         )
     )
+    if config.layers_to_transform is not None:
+        targets = _in_layers(targets, config.layers_to_transform, config.layers_pattern)
     if isinstance(config.target_modules, str):  # a regex selects among the adaptable modules
         matched = targets
         targets = [n for n in matched if n in adaptable]
@@ -197,6 +199,31 @@ def _check_targets(targets: list[str], excluded, modules: dict[str, nn.Module], 
             f"adaptable modules: {_listing(adaptable)}"
         )
     return chosen
+
+
+def layer_index(name: str, layer_names: list[str] | None) -> int | None:
+    """The index i of the layer holding module ``name``: the last ``<layers>.<i>.`` in it (as HF
+    PEFT's greedy match finds), where ``<layers>`` is one of ``layer_names`` (None: any module
+    name), or None when there is none."""
+    parts = name.split(".")
+    for position in range(len(parts) - 2, 0, -1):
+        if parts[position].isdigit() and (layer_names is None or parts[position - 1] in layer_names):
+            return int(parts[position])
+    return None
+
+
+def _in_layers(targets: list[str], indices: list[int], layer_names: list[str] | None) -> list[str]:
+    """The targets inside the layers ``indices`` (HF PEFT's ``layers_to_transform``); raises when
+    none is left, naming the layer indices the targets do have."""
+    kept = [n for n in targets if layer_index(n, layer_names) in indices]
+    if not kept:
+        found = sorted({i for i in (layer_index(n, layer_names) for n in targets) if i is not None})
+        where = f" under {layer_names}" if layer_names else ""
+        raise ValueError(
+            f"layers_to_transform {indices} kept none of the {len(targets)} targets; their layer indices{where} "
+            f"are {found or 'none (no .<layers>.<i>. in their names)'}"
+        )
+    return kept
 
 
 def _expand_parts(names: list[str], owners: dict[str, str]) -> list[str]:

@@ -85,3 +85,24 @@ def test_all_linear_adapts_every_linear_but_the_output_head(fresh_minilm, minilm
     adapted = get_peft_model(with_head, LoraConfig(r=2, target_modules="all-linear"))
     assert head not in adapted.adapter_holders()
     assert "cls.predictions.transform.dense" in adapted.adapter_holders()
+
+
+@pytest.mark.parametrize("pattern", [None, "layer"])
+def test_layers_to_transform_keeps_the_targets_of_the_listed_layers(fresh_minilm, tokens, tmp_path, pattern):
+    config = LoraConfig(r=2, target_modules=["query", "value"], layers_to_transform=[0, 5], layers_pattern=pattern)
+    model = get_peft_model(fresh_minilm(), config)
+    expected = [f"encoder.layer.{i}.attention.self.{m}" for i in (0, 5) for m in ("query", "value")]
+    assert sorted(model.adapter_holders()) == sorted(expected)
+    _perturb(model, seed=5)
+    model.save_pretrained(tmp_path)
+    saved = LoraConfig.from_pretrained(tmp_path)
+    assert saved.layers_to_transform == [0, 5] and saved.layers_pattern == ([pattern] if pattern else None)
+    assert torch.equal(_embed(PeftModel.from_pretrained(fresh_minilm(), tmp_path), tokens), _embed(model, tokens))
+    hf_peft = pytest.importorskip("peft", reason="peft (HF PEFT) is not installed")
+    theirs = hf_peft.PeftModel.from_pretrained(fresh_minilm(), tmp_path)  # and into HF PEFT, same outputs
+    assert torch.equal(_embed(theirs, tokens), _embed(model, tokens))
+
+
+def test_layers_to_transform_that_keeps_nothing_names_the_layers(fresh_minilm):
+    with pytest.raises(ValueError, match=r"layers_to_transform \[9\] kept none .* are \[0, 1, 2, 3, 4, 5\]"):
+        get_peft_model(fresh_minilm(), LoraConfig(r=2, target_modules=["query"], layers_to_transform=9))
