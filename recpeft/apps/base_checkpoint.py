@@ -4,8 +4,12 @@ turns a user's raw rows into its inputs.
     <dir>/model.safetensors   every tensor of the model's state_dict
     <dir>/model_config.json   {"format": 1, "model": build_click_model arguments, "metrics": {...}}
     <dir>/encoder.json        FeatureEncoder: schema, vocabularies, dense statistics, segments
+    <dir>/data_source.json    how the pretraining data was read and split (format, segmenting,
+                              test start or fraction, validation fraction), so that later
+                              commands read the same segments and hold out the same test rows;
+                              absent in bases saved before it existed, or without a record
 
-The three files are written as one set (a crash leaves the old checkpoint or the new one).
+The files are written as one set (a crash leaves the old checkpoint or the new one).
 Loading checks everything before it returns: a missing file, a malformed config, a config that
 does not fit the weight file's header (checked before any table is allocated), a missing,
 unexpected, misshapen or corrupt tensor (sha256 recorded at save) or a non-finite value raises
@@ -33,15 +37,34 @@ from recpeft.utils.validation import check_state_keys, check_state_shapes, first
 
 FORMAT = 1
 WEIGHTS, CONFIG, ENCODER = "model.safetensors", "model_config.json", "encoder.json"
+DATA_SOURCE = "data_source.json"
+#: the fields of data_source.json and the types each may hold
+DATA_SOURCE_FIELDS = {
+    "format": (str,),
+    "segment_col": (str, type(None)),  # interactions: the segment column
+    "segment_by": (str,),  # movielens: the user attribute naming segments
+    "criteo_segment": (str, type(None)),  # criteo: the C column naming segments
+    "test_start": (str, int, float),  # the test cut as given, or absent ...
+    "test_fraction": (float,),  # ... and each segment's latest share instead
+    "valid_fraction": (float,),
+}
 #: written beside an adapter trained by ``recpeft finetune``: which base it belongs to
 BASE_FINGERPRINT = "recpeft_base.json"
 
 
-def save_base(directory: str | Path, model: ClickDLRM, encoder: FeatureEncoder, *, metrics: dict | None = None) -> Path:
-    """Write ``model`` (a ClickDLRM, not wrapped in a PeftModel) and ``encoder`` to ``directory``
-    as one set (:func:`recpeft.utils.atomic.atomic_files`: a crash leaves the old checkpoint or
-    the new one, never new weights beside an old encoder); the weights file records the sha256 of
-    its tensors (:mod:`recpeft.utils.integrity`)."""
+def save_base(
+    directory: str | Path,
+    model: ClickDLRM,
+    encoder: FeatureEncoder,
+    *,
+    metrics: dict | None = None,
+    data_source: dict | None = None,
+) -> Path:
+    """Write ``model`` (a ClickDLRM, not wrapped in a PeftModel), ``encoder`` and the
+    ``data_source`` record (:data:`DATA_SOURCE_FIELDS`; None: no record) to ``directory`` as one
+    set (:func:`recpeft.utils.atomic.atomic_files`: a crash leaves the old checkpoint or the new
+    one, never new weights beside an old encoder); the weights file records the sha256 of its
+    tensors (:mod:`recpeft.utils.integrity`)."""
     if not isinstance(model, ClickDLRM):
         raise TypeError(f"save_base takes a ClickDLRM (merge or unload adapters first), got {type(model).__name__}")
     directory = Path(directory)
@@ -51,11 +74,33 @@ def save_base(directory: str | Path, model: ClickDLRM, encoder: FeatureEncoder, 
         raise ValueError(f"save_base: tensor {bad!r} holds non-finite values; not saving a broken model")
     config = {"format": FORMAT, "model": model.spec, "metrics": metrics or {}}
     config_text = json.dumps(config, indent=2) + "\n"
+    if data_source is not None:
+        _checked_source(data_source, "save_base")
     with atomic_files(directory) as tmp:
         write_safetensors(state, tmp / WEIGHTS)
         encoder.save(tmp / ENCODER)
         (tmp / CONFIG).write_text(config_text)
+        if data_source is not None:
+            (tmp / DATA_SOURCE).write_text(json.dumps(data_source, indent=2) + "\n")
     return directory
+
+
+def _checked_source(record: dict, where: str) -> dict:
+    """``record`` if each field is one of :data:`DATA_SOURCE_FIELDS` with a value of its type."""
+    for field, value in record.items():
+        types = DATA_SOURCE_FIELDS.get(field)
+        if types is None:
+            raise ValueError(f"{where}: unknown data source field {field!r}; the fields are {list(DATA_SOURCE_FIELDS)}")
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ValueError(f"{where}: field {field!r} = {value!r} is not a {' or '.join(t.__name__ for t in types)}")
+    return record
+
+
+def read_data_source(directory: str | Path) -> dict | None:
+    """The checkpoint's ``data_source.json`` record (checked), or None for a base without one."""
+    recover_folder(directory)
+    path = Path(directory) / DATA_SOURCE
+    return _checked_source(read_json_object(path), str(path)) if path.is_file() else None
 
 
 def _read_config(path: Path) -> dict:

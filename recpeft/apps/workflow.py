@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from recpeft.datasets import ClickBatches, EncodedInteractions, FeatureEncoder, Schema, TimeSplit, split_by_time
+from recpeft.datasets.splits import ALL_ROWS
 from recpeft.metrics import auc, log_loss
 from recpeft.models.dlrm import ClickDLRM, build_click_model
 from recpeft.peft.config import LoraConfig
@@ -58,7 +59,10 @@ class EncodedSplit:
 
     @property
     def segments(self) -> list[str]:
-        """The segments of this data (sorted), whether or not the encoder's base saw them."""
+        """The segments of this data (sorted), whether or not the encoder's base saw them; data
+        without a segment column is one segment, ``ALL_ROWS``."""
+        if self.schema.segment is None:
+            return [ALL_ROWS]
         frames = (self.split.train, self.split.valid, self.split.test)
         return sorted({str(v) for f in frames for v in f[self.schema.segment].unique()})
 
@@ -68,8 +72,10 @@ class EncodedSplit:
         if part not in ("train", "valid", "test"):
             raise ValueError(f"part must be train, valid or test, got {part!r}")
         rows = getattr(self, part)
-        if segment is None:
+        if segment is None or (self.schema.segment is None and segment == ALL_ROWS):
             return ClickBatches(rows)
+        if self.schema.segment is None:
+            raise ValueError(f"segment {segment!r}: the data has no segment column")
         mask = getattr(self.split, part)[self.schema.segment].astype(str).to_numpy() == segment
         return ClickBatches(rows.select(torch.from_numpy(mask)))
 

@@ -19,25 +19,45 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from recpeft.apps.base_checkpoint import (
+    DATA_SOURCE,
     base_fingerprint_files,
     check_base_fingerprint,
     checkpoint_bytes,
     load_base,
+    read_data_source,
     save_base,
 )
 from recpeft.apps.demo_report import save_report
 from recpeft.apps.workflow import Method, click_metrics, finetune, prepare, pretrain
-from recpeft.datasets.sources import Roles, load_source
+from recpeft.datasets.sources import Roles, load_source, resolve_format
+from recpeft.datasets.splits import cut_ns
 from recpeft.peft.config import LoraConfig
 from recpeft.peft.model import PeftModel
 from recpeft.train.trainer import TrainConfig
 from recpeft.utils.outputs import prepare_output
 from recpeft.utils.validation import check_int
 
+from .defaults import FINETUNE, FINETUNE_LR, PRETRAIN, SOURCES
+
 #: above this share of ids unknown to the base, finetune/evaluate stop unless --allow-unseen
 UNSEEN_LIMIT = 0.5
 #: what a failed write says: a full disk or quota, a file-size limit, a read-only or forbidden place
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+#: the two ways to give the test cut: a base records one, and a flag for either must agree with it
+SPLIT_FIELDS = ("test_start", "test_fraction")
+#: what a flag that differs from the base's value would do, said when it is refused
+CONFLICT_REASONS = {
+    "format": "the data would not be read as the base's was",
+    "segment_col": "the segments, and each segment's test rows, would not be the base's",
+    "segment_by": "the segments, and each segment's test rows, would not be the base's",
+    "criteo_segment": "the segments, and each segment's test rows, would not be the base's",
+    "test_start": "the base would be scored on rows it trained on",
+    "test_fraction": "the base would be scored on rows it trained on",
+    "valid_fraction": "the rows held out for early stopping would not be the base's",
+}
+#: a --test-start of 9 or more digits (any time from 1973 on) is epoch seconds (or ms, µs, ns by
+#: magnitude); shorter numbers stay dates (20250301)
+EPOCH_CUT = re.compile(r"\d{9,}(\.\d*)?")
 
 
 def _roles(args, schema=None) -> Roles:
@@ -69,27 +89,124 @@ def _roles(args, schema=None) -> Roles:
     )
 
 
-def _data(args, encoder=None, segment: str | None = None):
-    """Read, (keep ``segment``'s rows only), split by time and encode; with a base's encoder,
-    refuse data whose ids the base mostly never saw (unless --allow-unseen)."""
+def _cut(value):
+    """A --test-start as ``split_by_time`` takes it: epoch numbers (:data:`EPOCH_CUT`) as numbers,
+    anything else as the time text it is."""
+    if isinstance(value, str) and EPOCH_CUT.fullmatch(value.strip()):
+        return float(value) if "." in value else int(value)
+    return value
+
+
+def _shown(value) -> str:
+    return "none" if value is None else str(value)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _same(field: str, given, recorded) -> bool:
+    if field == "test_start":
+        return cut_ns(_cut(given), _flag(field)) == cut_ns(_cut(recorded), "the base's test_start")
+    return given == recorded
+
+
+def _given_sources(args) -> dict:
+    """The data-source settings the user gave (a format as the path resolves it; '' for no
+    segment column as None)."""
+    given = {f: getattr(args, f) for f in SOURCES if getattr(args, f) is not None}
+    if args.format is not None:
+        given["format"] = resolve_format(args.data, args.format)
+    if args.segment_col is not None:
+        given["segment_col"] = args.segment_col or None
+    return given
+
+
+def _recorded_field(field: str, record: dict) -> str | None:
+    """The recorded field a flag for ``field`` must agree with: ``field`` itself, or for a test cut
+    the other way of giving it (a base records a start or a fraction); None where there is none."""
+    if field in record:
+        return field
+    return next((f for f in SPLIT_FIELDS if f in record), None) if field in SPLIT_FIELDS else None
+
+
+def _refuse_conflicts(given: dict, record: dict, where: Path) -> None:
+    """Refuse a setting given with another value than the base's record: one line naming the flag,
+    both values, the record and what the difference would do."""
+    for field, value in given.items():
+        recorded = _recorded_field(field, record)
+        if recorded is None or (recorded == field and _same(field, value, record[field])):
+            continue
+        theirs = _shown(record[recorded]) if recorded == field else f"{_flag(recorded)} {_shown(record[recorded])}"
+        raise ValueError(
+            f"{_flag(field)} {_shown(value)} differs from the base's {theirs} ({where}); "
+            f"{CONFLICT_REASONS[field]}. Leave {_flag(field)} out to use the base's"
+        )
+
+
+def _settle_sources(args, base=None) -> None:
+    """Fill in, on ``args``, the data-source flags the user left out: the value ``base`` records
+    in its data_source.json, else the default; a flag given with another value than the base's
+    is refused (:func:`_refuse_conflicts`). A base without a record takes the defaults, as
+    before records existed; a base pretrained on the embedded shop reads a given path by its kind."""
+    record = {}
+    if base is not None:
+        with _reading("base checkpoint", base):
+            record = read_data_source(base) or {}
+    _refuse_conflicts(_given_sources(args), record, Path(str(base)) / DATA_SOURCE)
+    if args.format is None:
+        recorded = record.get("format", "auto")
+        args.format = "auto" if recorded == "shop" and args.data else recorded
+    for field, default in SOURCES.items():
+        if getattr(args, field) is None:
+            setattr(args, field, record.get(field, default))
+
+
+def _source_record(args, schema) -> dict:
+    """The data_source.json record of the data ``args`` (settled) read with ``schema``: the
+    format, the segmenting that format uses, the test cut (start or fraction), the validation share."""
+    fmt = resolve_format(args.data, args.format)
+    segmenting = {"interactions": "segment_col", "movielens": "segment_by", "criteo": "criteo_segment"}.get(fmt)
+    values = {"segment_col": schema.segment, "segment_by": args.segment_by, "criteo_segment": args.criteo_segment}
+    record = {"format": fmt, **({segmenting: values[segmenting]} if segmenting else {})}
+    split = {"test_start": args.test_start} if args.test_start is not None else {"test_fraction": args.test_fraction}
+    return {**record, **split, "valid_fraction": args.valid_fraction}
+
+
+def _segmenting(args, schema) -> str:
+    """How the data names its segments, in the words of the flag that chose it."""
+    fmt = resolve_format(args.data, args.format)
+    if fmt == "movielens":
+        return f"--segment-by {args.segment_by}"
+    if fmt == "criteo":
+        return f"--criteo-segment {args.criteo_segment}" if args.criteo_segment else "no --criteo-segment"
+    return f"column {schema.segment!r}"
+
+
+def _data(args, base=None, encoder=None, segment: str | None = None):
+    """Read, (keep ``segment``'s rows only), split by time and encode, as ``base`` records
+    (:func:`_settle_sources`); with a base's encoder, refuse data whose ids the base mostly never
+    saw (unless --allow-unseen)."""
+    _settle_sources(args, base)
     with _reading("data", args.data or "embedded shop"):
         frame, schema = load_source(args.data, args.format, _roles(args, encoder.schema if encoder else None))
     name = str(args.data) if args.data else "embedded shop"
+    segmenting = _segmenting(args, schema)
     if segment is not None:
         present = sorted(frame[schema.segment].astype(str).unique()) if schema.segment else []
         if segment not in present:
-            raise ValueError(f"segment {segment!r} is not in {name}; its segments ({schema.segment!r}) are {present}")
+            raise ValueError(f"segment {segment!r} is not in {name}; its segments ({segmenting}) are {present}")
         frame = frame[frame[schema.segment].astype(str) == segment]
     print(
         f"data: {len(frame):,} rows from {name}; features {list(schema.sparse_features)} + dense {list(schema.dense)}; "
-        f"segments by {schema.segment!r}"
+        f"segments by {segmenting}"
     )
     with _reading("data", name):
         data = prepare(
             frame,
             schema,
             encoder=encoder,
-            test_start=args.test_start,
+            test_start=_cut(args.test_start),
             test_fraction=args.test_fraction,
             valid_fraction=args.valid_fraction,
             name=name,
@@ -216,12 +333,12 @@ def cmd_pretrain(args) -> None:
     model, report = pretrain(
         data,
         model_options=options,
-        train_config=_train_config(args, "pretrain", epochs=6, batch_size=1024, lr=1e-3, early_stopping_patience=1),
+        train_config=_train_config(args, "pretrain", **PRETRAIN, early_stopping_patience=1),
     )
     test = click_metrics(model, data.segment_rows("test"))
     metrics = {"valid_auc": _finite_or_none(report.best_metric), "test_auc": _finite_or_none(test["auc"])}
     with _writing("the base checkpoint", out):
-        save_base(out, model, data.encoder, metrics=metrics)
+        save_base(out, model, data.encoder, metrics=metrics, data_source=_source_record(args, data.schema))
     _auc_note(test)
     print(
         f"pretrained {report.epochs_run} epochs ({report.samples_per_second:,.0f} samples/s): validation AUC "
@@ -244,11 +361,9 @@ def _lora_config(args, model, schema) -> LoraConfig:
 def cmd_finetune(args) -> None:
     out = prepare_output(args.out, reads=[args.base, _data_path(args)], overwrite=args.overwrite)
     base, encoder = _load_base(args.base)
-    data = _data(args, encoder, segment=args.segment)
+    data = _data(args, args.base, encoder, segment=args.segment)
     method = Method(args.method)
-    config = _train_config(
-        args, f"{method.value} {args.segment}", epochs=10, batch_size=512, lr=3e-3 if method is Method.LORA else 1e-3
-    )
+    config = _train_config(args, f"{method.value} {args.segment}", **FINETUNE, lr=FINETUNE_LR[method.value])
     lora = _lora_config(args, base, data.schema) if method is Method.LORA else None
     model, report = finetune(base, data, args.segment, method, train_config=config, lora_config=lora)
     test = data.segment_rows("test", args.segment)
@@ -260,7 +375,8 @@ def cmd_finetune(args) -> None:
         what = f"adapter {size / 1024:.1f} KB ({100 * size / checkpoint_bytes(args.base):.2f}% of the base)"
     else:
         with _writing("the fine-tuned copy", out):
-            save_base(out, model, encoder, metrics={"segment": args.segment, "test_auc": _finite_or_none(after["auc"])})
+            metrics = {"segment": args.segment, "test_auc": _finite_or_none(after["auc"])}
+            save_base(out, model, encoder, metrics=metrics, data_source=_source_record(args, data.schema))
         what = "fine-tuned copy of the base"
     _auc_note(before, after)
     print(
@@ -275,7 +391,7 @@ def cmd_evaluate(args) -> None:
         reads = [args.base, args.adapter, _data_path(args)]
         prepare_output(args.json, reads=reads, overwrite=args.overwrite, kind="file", flag="--json")
     base, encoder = _load_base(args.base)
-    data = _data(args, encoder, segment=args.segment)
+    data = _data(args, args.base, encoder, segment=args.segment)
     model = base
     if args.adapter:
         check_base_fingerprint(args.adapter, args.base, args.ignore_base_mismatch)
@@ -304,8 +420,10 @@ def cmd_merge(args) -> None:
     base, encoder = _load_base(args.base)
     check_base_fingerprint(args.adapter, args.base, args.ignore_base_mismatch)
     merged = _load_adapter(base, args.adapter).merge_and_unload()
+    with _reading("base checkpoint", args.base):
+        source = read_data_source(args.base)
     with _writing("the merged base checkpoint", out):
-        save_base(out, merged, encoder, metrics={"merged_adapter": str(args.adapter)})
+        save_base(out, merged, encoder, metrics={"merged_adapter": str(args.adapter)}, data_source=source)
     print(f"merged {args.adapter} into {args.base}; saved {args.out} (a base checkpoint: use it with --base)")
 
 

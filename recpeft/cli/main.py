@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.metadata
 import importlib.util
 import sys
 from pathlib import Path
 
 from recpeft.datasets.formats import FORMATS, MOVIELENS_SEGMENT_ATTRIBUTES, TIME_UNITS
+
+from .defaults import FINETUNE, FINETUNE_LR, PRETRAIN, SOURCES
 
 EXAMPLES = """examples:
   recpeft demo                                            # the main job on the embedded shop
@@ -29,7 +32,21 @@ def _module_docstring(module: str) -> str | None:
     return ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) if spec and spec.origin else None
 
 
-def _data_arguments(parser: argparse.ArgumentParser) -> None:
+def _version() -> str:
+    """The installed package's version (read from its metadata: no import of recpeft's modules)."""
+    try:
+        return importlib.metadata.version("recpeft")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _data_arguments(parser: argparse.ArgumentParser, *, reads_base: bool) -> None:
+    """The data flags. Where the command reads a base (``reads_base``), the format, segmenting and
+    split flags default to what the base recorded (its data_source.json), and a different value is
+    refused; their parser defaults are None so that a flag left out can be told apart."""
+    prefix = "the base's, else " if reads_base else ""
+    default = lambda value: f"default: {prefix}{value}"  # noqa: E731
+    per_segment = default("each segment's latest --test-fraction")
     data = parser.add_argument_group("data", "what to read and how to split it by time")
     data.add_argument(
         "data",
@@ -37,17 +54,23 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="interaction log (CSV/Parquet), MovieLens folder, or Criteo TSV; omit it to use the embedded shop",
     )
-    data.add_argument("--format", choices=FORMATS, default="auto", help="data format (default: from the path)")
+    data.add_argument("--format", choices=FORMATS, default=None, help=f"data format ({default('from the path')})")
     data.add_argument("--user", default=None, help="user id column ('' for none; default: the base's, else 'user')")
     data.add_argument("--item", default=None, help="item id column ('' for none; default: the base's, else 'item')")
-    data.add_argument("--label", default=None, help="0/1 label column")
-    data.add_argument("--segment-col", default=None, help="column naming each row's segment (market, ...)")
-    data.add_argument("--timestamp", default=None, help="time column (datetimes or epoch numbers)")
+    data.add_argument("--label", default=None, help=f"0/1 label column ({default(repr('label'))})")
+    data.add_argument(
+        "--segment-col",
+        default=None,
+        help=f"column naming each row's segment (market, ...; '' for none; {default(repr('segment'))})",
+    )
+    data.add_argument(
+        "--timestamp", default=None, help=f"time column (datetimes or epoch numbers; {default(repr('timestamp'))})"
+    )
     data.add_argument(
         "--date-format",
         default=None,
         help="strftime pattern of a text time column, e.g. '%%d/%%m/%%Y %%H:%%M' (needed when the data "
-        "cannot prove day/month order)",
+        "cannot prove day/month order; default: ISO 8601 and other unambiguous forms)",
     )
     data.add_argument(
         "--time-unit",
@@ -55,21 +78,34 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="unit of an epoch-number time column (default: detected from the magnitude)",
     )
-    data.add_argument("--categorical", default=None, help="comma-separated extra id/string feature columns")
-    data.add_argument("--dense", default=None, help="comma-separated numeric feature columns")
+    data.add_argument(
+        "--categorical", default=None, help=f"comma-separated extra id/string feature columns ({default('none')})"
+    )
+    data.add_argument("--dense", default=None, help=f"comma-separated numeric feature columns ({default('none')})")
     data.add_argument(
         "--segment-by",
-        default="gender",
+        default=None,
         choices=MOVIELENS_SEGMENT_ATTRIBUTES,
-        help="MovieLens: the user attribute that names segments",
+        help=f"MovieLens: the user attribute that names segments ({default(SOURCES['segment_by'])})",
     )
-    data.add_argument("--criteo-segment", default=None, help="Criteo: a C column (C1..C26) naming segments")
+    data.add_argument(
+        "--criteo-segment",
+        default=None,
+        help=f"Criteo: a C column (C1..C26) naming segments ({default('none')})",
+    )
     data.add_argument(
         "--test-start",
         default=None,
-        help="rows from this time on are test rows (default: each segment's latest --test-fraction)",
+        help="rows from this time on are test rows: a date or time (2025-03-01, 2025-03-01T12:00) or "
+        f"epoch seconds (1740787200) ({per_segment})",
     )
-    data.add_argument("--test-fraction", type=float, default=0.2)
+    data.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help="each segment's latest share of rows for test, without --test-start "
+        f"({default(SOURCES['test_fraction'])})",
+    )
     data.add_argument(
         "--allow-unseen",
         action="store_true",
@@ -78,18 +114,36 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--valid-fraction",
         type=float,
-        default=0.15,
-        help="each segment's latest rows before the test cut, for early stopping",
+        default=None,
+        help="each segment's latest share of rows before the test cut, for early stopping "
+        f"({default(SOURCES['valid_fraction'])})",
     )
 
 
-def _train_arguments(parser: argparse.ArgumentParser) -> None:
+def _train_arguments(parser: argparse.ArgumentParser, defaults: dict, lr: str) -> None:
+    """The training flags; ``defaults`` (from :mod:`.defaults`) and ``lr`` say their defaults."""
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=None, help="maximum epochs (early stopping may end sooner)")
-    train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--lr", type=float, default=None, help="peak learning rate (warmup, then cosine)")
-    train.add_argument("--weight-decay", type=float, default=None)
-    train.add_argument("--seed", type=int, default=None)
+    train.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"maximum epochs (early stopping may end sooner; default: {defaults['epochs']})",
+    )
+    train.add_argument(
+        "--batch-size", type=int, default=None, help=f"rows per step (default: {defaults['batch_size']})"
+    )
+    train.add_argument(
+        "--lr", type=float, default=None, help=f"peak learning rate (warmup, then cosine; default: {lr})"
+    )
+    train.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help=f"AdamW's decoupled weight decay (default: {defaults['weight_decay']})",
+    )
+    train.add_argument(
+        "--seed", type=int, default=None, help=f"seeds initialisation and row order (default: {defaults['seed']})"
+    )
 
 
 def _overwrite_argument(parser: argparse.ArgumentParser, what: str) -> None:
@@ -109,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Parameter-efficient fine-tuning (LoRA) of recommendation models: pretrain one base click "
         "model on every segment, then a small adapter per segment (market, category, cohort).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -128,8 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=_module_docstring("recpeft.apps.demo"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--out", default="runs/demo", help="folder for the base, adapters, report.json and report.png")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--out",
+        default="runs/demo",
+        help="folder for the base, adapters, report.json and report.png (default: runs/demo)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seeds every model and row order (default: 0)")
     demo.add_argument("--fresh", action="store_true", help="pretrain the base again even if --out holds one")
     _overwrite_argument(demo, "a previous run in --out (its saved base is reused unless --fresh)")
     demo.add_argument(
@@ -143,13 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a base click model on every segment's rows before the time cut "
         "(early-stopped on the latest of them) and save it with its encoder.",
     )
-    _data_arguments(pre)
-    _train_arguments(pre)
+    _data_arguments(pre, reads_base=False)
+    _train_arguments(pre, PRETRAIN, lr=str(PRETRAIN["lr"]))
     pre.add_argument("--out", required=True, help="folder for the base checkpoint")
     _overwrite_argument(pre, "an existing --out folder")
-    pre.add_argument("--kind", choices=("dlrm", "dcn"), default="dlrm")
-    pre.add_argument("--embedding-dim", type=int, default=64)
-    pre.add_argument("--dropout", type=float, default=0.0)
+    pre.add_argument(
+        "--kind", choices=("dlrm", "dcn"), default="dlrm", help="DLRM or DLRM with a DCN interaction (default: dlrm)"
+    )
+    pre.add_argument("--embedding-dim", type=int, default=64, help="width of every embedding table (default: 64)")
+    pre.add_argument("--dropout", type=float, default=0.0, help="dropout in the MLPs (default: 0.0)")
     pre.set_defaults(run="cmd_pretrain")
 
     fine = add(
@@ -159,16 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
         "base vs fine-tuned AUC on the segment's rows after it. The data is encoded "
         "with the base's vocabularies (unseen ids use the out-of-vocabulary row).",
     )
-    _data_arguments(fine)
-    _train_arguments(fine)
+    _data_arguments(fine, reads_base=True)
+    _train_arguments(fine, FINETUNE, lr=" with LoRA, ".join(map(str, FINETUNE_LR.values())) + " dense")
     fine.add_argument("--base", required=True, help="base checkpoint folder (from `recpeft pretrain`)")
     fine.add_argument("--segment", required=True, help="the segment to fine-tune on")
     fine.add_argument("--out", required=True, help="folder for the adapter (or, with --method dense, the copy)")
-    fine.add_argument("--method", choices=("lora", "dense"), default="lora")
+    fine.add_argument(
+        "--method",
+        choices=("lora", "dense"),
+        default="lora",
+        help="a LoRA adapter, or dense fine-tuning of a copy of the whole base (default: lora)",
+    )
     _overwrite_argument(fine, "an existing --out folder")
-    fine.add_argument("--r", type=int, default=4, help="LoRA rank")
+    fine.add_argument("--r", type=int, default=4, help="LoRA rank (default: 4)")
     fine.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
-    fine.add_argument("--lora-dropout", type=float, default=0.0)
+    fine.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default: 0.0)")
     fine.add_argument(
         "--targets",
         default="",
@@ -177,21 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
     fine.set_defaults(run="cmd_finetune")
 
     ev = add("evaluate", help="AUC and LogLoss per segment of a base (with an adapter)")
-    _data_arguments(ev)
-    ev.add_argument("--base", required=True)
+    _data_arguments(ev, reads_base=True)
+    ev.add_argument("--base", required=True, help="base checkpoint folder (from `recpeft pretrain` or `merge`)")
     ev.add_argument(
         "--ignore-base-mismatch", action="store_true", help="apply --adapter even if it was trained on another base"
     )
-    ev.add_argument("--adapter", default=None, help="adapter folder to apply to the base")
-    ev.add_argument("--segment", default=None, help="only this segment")
-    ev.add_argument("--part", choices=("train", "valid", "test"), default="test", help="which rows to score")
+    ev.add_argument(
+        "--adapter", default=None, help="adapter folder to apply to the base (default: none, the base alone)"
+    )
+    ev.add_argument("--segment", default=None, help="only this segment (default: every segment)")
+    ev.add_argument(
+        "--part", choices=("train", "valid", "test"), default="test", help="which rows to score (default: test)"
+    )
     ev.add_argument("--json", default=None, help="also write the table as JSON here")
     _overwrite_argument(ev, "an existing --json file")
     ev.set_defaults(run="cmd_evaluate")
 
     merge = add("merge", help="fold an adapter into the base weights; writes a new base checkpoint")
-    merge.add_argument("--base", required=True)
-    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--base", required=True, help="base checkpoint folder the adapter was trained on")
+    merge.add_argument("--adapter", required=True, help="adapter folder (from `recpeft finetune`)")
     merge.add_argument("--out", required=True, help="folder for the merged base checkpoint")
     _overwrite_argument(merge, "an existing --out folder")
     merge.add_argument(

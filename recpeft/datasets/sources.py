@@ -71,12 +71,25 @@ def detect_format(path: Path) -> str:
     return "interactions"
 
 
+def resolve_format(path: str | Path | None, fmt: str = "auto") -> str:
+    """The format ``load_source`` reads ``path`` in: ``fmt`` itself, or for ``auto`` the one the
+    path shows (``shop`` when there is no path)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; choose one of {FORMATS}")
+    if fmt != "auto":
+        return fmt
+    if path is None:
+        return "shop"
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    return detect_format(Path(path))
+
+
 def load_source(path: str | Path | None, fmt: str = "auto", roles: Roles | None = None) -> tuple[pd.DataFrame, Schema]:
     """``(frame, schema)`` of the data at ``path`` in format ``fmt`` (see the module docstring)."""
     roles = roles or Roles()
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; choose one of {FORMATS}")
-    if fmt == "shop" or (path is None and fmt == "auto"):
+    fmt = resolve_format(path, fmt)
+    if fmt == "shop":
         from .synthetic import SHOP_SCHEMA, load_shop
 
         return load_shop(), SHOP_SCHEMA
@@ -85,7 +98,6 @@ def load_source(path: str | Path | None, fmt: str = "auto", roles: Roles | None 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "movielens":
         return load_movielens(path, segment_by=roles.segment_by)
     if fmt == "criteo":

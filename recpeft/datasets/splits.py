@@ -46,7 +46,7 @@ class TimeSplit:
     cuts: dict[str, tuple[pd.Timestamp, pd.Timestamp]] = field(default_factory=dict)
 
 
-def _to_ns(value, name: str = "cut") -> int:
+def cut_ns(value, name: str = "cut") -> int:
     """A cut as int64 ns since the epoch: numbers are epoch times, their unit by magnitude (as
     ``parse_timestamps`` reads a column); a day/month string such as ``02/01/2026`` is refused
     unless its day is above 12; anything else goes through ``pd.Timestamp`` (timezone-aware values
@@ -110,8 +110,8 @@ def split_by_time(
             f"split_by_time: need 0 < test_fraction < 1, 0 ≤ valid_fraction and a sum < 1; "
             f"got test_fraction={test_fraction}, valid_fraction={valid_fraction}"
         )
-    fixed_test = None if test_start is None else _to_ns(test_start, "test_start")
-    fixed_valid = None if valid_start is None else _to_ns(valid_start, "valid_start")
+    fixed_test = None if test_start is None else cut_ns(test_start, "test_start")
+    fixed_valid = None if valid_start is None else cut_ns(valid_start, "valid_start")
     if fixed_test is not None and fixed_valid is not None and fixed_valid > fixed_test:
         raise ValueError(f"split_by_time: valid_start {valid_start!r} is after test_start {test_start!r}")
     times = _times_ns(frame, schema.timestamp, "split_by_time")

@@ -143,11 +143,13 @@ def test_bench_with_a_missing_base_names_it(tmp_path, capsys):
     one_line(["bench", "--base", str(tmp_path / "nothing"), "--quiet"], capsys, "is not a base checkpoint")
 
 
-def test_auc_of_one_label_is_said_in_words_and_recorded(made, capsys, tmp_path):
-    log = tmp_path / "one_label.csv"
+def test_auc_of_one_label_is_said_in_words_and_recorded(capsys, tmp_path):
+    log, base = tmp_path / "one_label.csv", tmp_path / "base"
     write_log(log, one_label_after="2025-03-10")
+    pretrain = ["pretrain", str(log), *ROLES, "--out", str(base), "--epochs", "1", "--embedding-dim", "8"]
+    assert main([*pretrain, "--test-start", "2025-03-10"]) == 0  # the cut evaluate and finetune must repeat
     report = tmp_path / "eval.json"
-    argv = ["evaluate", str(log), *ROLES, "--base", str(made["base"]), "--test-start", "2025-03-10"]
+    argv = ["evaluate", str(log), *ROLES, "--base", str(base), "--test-start", "2025-03-10"]
     assert main([*argv, "--json", str(report)]) == 0
     out = capsys.readouterr().out
     assert "south: AUC undefined: the test rows hold only one label" in out and "nan" not in out
@@ -157,12 +159,12 @@ def test_auc_of_one_label_is_said_in_words_and_recorded(made, capsys, tmp_path):
     assert rows["south"]["auc"] is None and rows["south"]["auc_undefined"].startswith("the test rows hold only one")
     assert 0 <= rows["north"]["auc"] <= 1 and "auc_undefined" not in rows["north"]
     # finetune says it too, for the base and the fine-tuned model
-    fine = ["finetune", str(log), *ROLES, "--base", str(made["base"]), "--segment", "south", "--epochs", "1"]
+    fine = ["finetune", str(log), *ROLES, "--base", str(base), "--segment", "south", "--epochs", "1"]
     assert main([*fine, "--test-start", "2025-03-10", "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "AUC undefined: the test rows hold only one label" in out and "base undefined → undefined" in out
 
 
-def test_a_time_cut_with_no_rows_after_it_names_the_data(made, capsys):
-    argv = ["evaluate", str(made["log"]), *ROLES, "--base", str(made["base"]), "--test-start", "2031-01-01"]
+def test_a_time_cut_with_no_rows_after_it_names_the_data(made, capsys, tmp_path):
+    argv = ["pretrain", str(made["log"]), *ROLES, "--out", str(tmp_path / "b"), "--test-start", "2031-01-01"]
     one_line(argv, capsys, f"data {made['log']}: ", "empty test part")

@@ -39,3 +39,33 @@ def test_every_subcommand_is_listed_and_demo_describes_itself():
         [sys.executable, "-m", "recpeft.cli", "demo", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "personalise a pretrained click model per market" in demo  # the demo module's docstring
+
+
+def _options():
+    """(subcommand, action) for every option and argument of every subcommand but --help."""
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        yield from ((name, a) for a in sub._actions if a.dest != "help")
+
+
+def test_every_option_has_help_that_shows_its_default():
+    for name, action in _options():
+        assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+        if action.default not in (None, False):
+            assert str(action.default) in action.help, f"{name} {action.option_strings}: {action.help!r}"
+
+
+def test_the_training_defaults_in_the_help_are_the_ones_that_run():
+    from recpeft.cli.defaults import FINETUNE, FINETUNE_LR, PRETRAIN
+
+    helps = {(name, a.dest): a.help for name, a in _options()}
+    for name, defaults in (("pretrain", PRETRAIN), ("finetune", FINETUNE)):
+        for field, value in defaults.items():
+            assert f"default: {value}" in helps[name, field], (name, field)
+    assert all(str(lr) in helps["finetune", "lr"] for lr in FINETUNE_LR.values())
+    assert "default: the base's, else 0.2" in helps["finetune", "test_fraction"]
+
+
+def test_version():
+    result = subprocess.run([sys.executable, "-m", "recpeft.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("recpeft 0."), result
