@@ -73,10 +73,14 @@ class LoraLayer(AdapterHolder):
         """Add ``sign`` · (the adapter's delta) to the frozen weights in place."""
         raise NotImplementedError
 
+    def check_merge(self, adapters: list[str]) -> None:
+        """Raise ValueError when ``adapters`` cannot be merged as asked (default: they can)."""
+
     @torch.no_grad()
     def merge(self, adapters: list[str]) -> None:
         """W ← W + Δ_a for each of ``adapters`` held here and not merged yet (Δ_a = s·B·A for a
         linear layer, s·A·B on the touched rows of a table)."""
+        self.check_merge([a for a in adapters if self.has_adapter(a) and a not in self.merged_adapters])
         for adapter in adapters:
             if self.has_adapter(adapter) and adapter not in self.merged_adapters:
                 self.merge_delta(adapter, +1.0)
@@ -84,8 +88,10 @@ class LoraLayer(AdapterHolder):
 
     @torch.no_grad()
     def unmerge(self, adapters: list[str] | None = None) -> None:
-        """W ← W − Δ_a for each of ``adapters`` (default: every merged one) that is merged."""
-        for adapter in list(self.merged_adapters if adapters is None else adapters):
-            if adapter in self.merged_adapters:
+        """W ← W − Δ_a for each of ``adapters`` (default: every merged one) that is merged, the
+        last merged first (which a merge that is not a plain sum, DoRA's, needs)."""
+        leaving = set(self.merged_adapters if adapters is None else adapters)
+        for adapter in reversed(list(self.merged_adapters)):
+            if adapter in leaving:
                 self.merge_delta(adapter, -1.0)
                 self.merged_adapters.remove(adapter)

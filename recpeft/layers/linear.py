@@ -10,6 +10,7 @@ from torch import nn
 
 from recpeft.kernels import dispatch
 
+from . import dora
 from .adapter_state import check_adapter_tensors
 from .base import merge_product
 from .weight import LoraWeightLayer
@@ -31,6 +32,36 @@ class LoraLinear(LoraWeightLayer):
     """
 
     HF_PEFT_LAYOUT = True  # lora_A.weight [r, K], lora_B.weight [N, r]: HF PEFT's keys and shapes
+    #: file key of a DoRA adapter's magnitude m [N] (HF PEFT's)
+    MAGNITUDE_KEY = "lora_magnitude_vector"
+
+    def __init__(self, base_layer: nn.Module, module_name: str):
+        super().__init__(base_layer, module_name)
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (:mod:`.dora`)
+        self._merged_dora_scale: dict[str, torch.Tensor] = {}  # g of each merged DoRA adapter
+
+    # ---- DoRA ------------------------------------------------------------------------------
+
+    def enable_dora(self, adapter: str) -> None:
+        """Make ``adapter`` a DoRA adapter: its magnitude m starts at ‖W + s·B·A‖ per row, so the
+        layer's output does not change (:mod:`recpeft.layers.dora`)."""
+        norms = dora.row_norms(self.base_weight, self.lora_A[adapter], self.lora_B[adapter], self.scaling[adapter])
+        self.lora_magnitude_vector[adapter] = nn.Parameter(norms.clone())
+
+    def is_dora(self, adapter: str) -> bool:
+        return adapter in self.lora_magnitude_vector
+
+    def adapter_parameters(self, adapter):
+        """[A, B], and m for a DoRA adapter."""
+        return super().adapter_parameters(adapter) + (
+            [self.lora_magnitude_vector[adapter]] if self.is_dora(adapter) else []
+        )
+
+    def drop_adapter(self, adapter):
+        super().drop_adapter(adapter)
+        if adapter in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter]
+        self._merged_dora_scale.pop(adapter, None)
 
     def adapter_shapes(self, r):
         out_features, in_features = self.base_weight.shape
@@ -64,6 +95,12 @@ class LoraLinear(LoraWeightLayer):
         if x.dtype != weight.dtype:
             raise TypeError(f"{self.module_name}: input dtype {x.dtype} does not match the layer's {weight.dtype}")
         if routing is not None:
+            dora_routed = [n for n in routing.adapter_names if self.has_adapter(n) and self.is_dora(n)]
+            if dora_routed:
+                raise ValueError(
+                    f"{self.module_name}: per-sample routing does not support DoRA adapters ({dora_routed}); "
+                    "run them one at a time or merge one"
+                )
             if x.dim() < 2:
                 raise ValueError(
                     f"{self.module_name}: per-sample routing needs input [B, ..., K], got {tuple(x.shape)}"
@@ -75,8 +112,25 @@ class LoraLinear(LoraWeightLayer):
             ]
             y = dispatch.segmented_lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, adapters, row_adapter)
             return y.view(*x.shape[:-1], y.shape[-1])
+        if any(self.is_dora(a) for a in pending):
+            return self._dora_forward(x, weight, bias, pending, cast)
         lora_A, lora_B, scale, dropout = self._combined(pending)
         return dispatch.lora_linear(x, weight, bias, cast(lora_A), cast(lora_B), scale, dropout)
+
+    def _dora_forward(self, x, weight, bias, adapters, cast):
+        """x·Wᵀ + b plus each active adapter's term: DoRA's (:func:`recpeft.layers.dora.dora_delta`)
+        or plain LoRA's s·(d(x)·Aᵀ)·Bᵀ, in PyTorch ops (no fused kernel for DoRA yet)."""
+        y = nn.functional.linear(x, weight, bias)
+        for a in adapters:
+            p = self.lora_dropout[a] if self.training else 0.0
+            dropped = nn.functional.dropout(x, p, training=True) if p > 0 else x
+            lora_A, lora_B, scale = cast(self.lora_A[a]), cast(self.lora_B[a]), self.scaling[a]
+            if self.is_dora(a):
+                magnitude = cast(self.lora_magnitude_vector[a])
+                y = y + dora.dora_delta(dropped, weight, lora_A, lora_B, scale, magnitude)
+            else:
+                y = y + nn.functional.linear(nn.functional.linear(dropped, lora_A), lora_B) * scale
+        return y
 
     def _combined(self, adapters: list[str]):
         """One (A, B, s, p) for the active adapters: Σ_a s_a·B_a·A_a = [B_1 s_1 | B_2 s_2]·[A_1; A_2];
@@ -94,18 +148,48 @@ class LoraLinear(LoraWeightLayer):
         return lora_A, lora_B, 1.0, dropouts.pop()
 
     def merge_delta(self, adapter, sign):
-        weight, scale = self.base_layer.weight, sign * self.scaling[adapter]
-        weight.add_(merge_product(self.lora_B[adapter], self.lora_A[adapter], scale, weight.dtype))
+        """W ± s·B·A; for DoRA W ← g⊙(W + s·B·A) and back W ← W/g − s·B·A, g kept from the merge."""
+        weight, scale = self.base_layer.weight, self.scaling[adapter]
+        if self.is_dora(adapter) and sign > 0:
+            g = dora.magnitude_scale(self.lora_magnitude_vector[adapter], weight, *self._ab(adapter), scale)
+            self._merged_dora_scale[adapter] = g.detach().clone()
+            weight.add_(merge_product(self.lora_B[adapter], self.lora_A[adapter], scale, weight.dtype))
+            weight.mul_(g.detach().unsqueeze(1))
+            return
+        if self.is_dora(adapter):
+            weight.div_(self._merged_dora_scale.pop(adapter).unsqueeze(1))
+        weight.add_(merge_product(self.lora_B[adapter], self.lora_A[adapter], sign * scale, weight.dtype))
+
+    def _ab(self, adapter):
+        return self.lora_A[adapter], self.lora_B[adapter]
+
+    def check_merge(self, adapters: list[str]) -> None:
+        """A DoRA adapter merges alone: g⊙(W + s·B·A) equals the unmerged layer only for the W it
+        was trained on, not for W with other deltas in it (nor they for a W scaled by g)."""
+        merging = [*self.merged_adapters, *adapters]
+        dora_ones = [a for a in merging if self.is_dora(a)]
+        if dora_ones and len(merging) > 1:
+            raise ValueError(
+                f"{self.module_name}: DoRA adapter {dora_ones[0]!r} merges alone, not with {merging}; "
+                "activate it alone to merge it"
+            )
+
+    def _state(self, adapter) -> dict[str, torch.Tensor]:
+        """HF PEFT's keys: ``lora_A.weight`` A [r, K], ``lora_B.weight`` B [N, r], and for DoRA
+        ``lora_magnitude_vector`` m [N]."""
+        state = {"lora_A.weight": self.lora_A[adapter], "lora_B.weight": self.lora_B[adapter]}
+        if self.is_dora(adapter):
+            state[self.MAGNITUDE_KEY] = self.lora_magnitude_vector[adapter]
+        return state
 
     def export_adapter(self, adapter):
-        """``lora_A.weight`` A [r, K] and ``lora_B.weight`` B [N, r], HF PEFT's keys."""
-        return {"lora_A.weight": self.lora_A[adapter].detach(), "lora_B.weight": self.lora_B[adapter].detach()}
+        return {key: value.detach() for key, value in self._state(adapter).items()}
 
     def check_adapter_state(self, adapter, tensors, source):
-        expected = {"lora_A.weight": self.lora_A[adapter].shape, "lora_B.weight": self.lora_B[adapter].shape}
+        expected = {key: value.shape for key, value in self._state(adapter).items()}
         check_adapter_tensors(tensors, expected, source=source, prefix=f"{self.module_name}.")
 
     @torch.no_grad()
     def load_adapter_state(self, adapter, tensors):
-        self.lora_A[adapter].copy_(tensors["lora_A.weight"])
-        self.lora_B[adapter].copy_(tensors["lora_B.weight"])
+        for key, value in self._state(adapter).items():
+            value.copy_(tensors[key])

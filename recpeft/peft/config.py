@@ -57,7 +57,6 @@ _INIT_CHOICES = (True, False, "gaussian")
 # HF PEFT keys recpeft reads but whose only supported value is the default given here.
 _HF_DEFAULTS = {
     "fan_in_fan_out": False,
-    "use_dora": False,
     "megatron_config": None,
     "loftq_config": {},
     "layer_replication": None,
@@ -160,6 +159,8 @@ class LoraConfig:
         rank_pattern: {regex: r} per module, matched against the end of the full name.
         alpha_pattern: {regex: α} likewise.
         use_rslora: s = α/√r (rank-stabilised LoRA) instead of α/r.
+        use_dora: weight-decomposed LoRA on ``nn.Linear`` targets (:mod:`recpeft.layers.dora`):
+            a trained magnitude per output row; other target types are refused.
         init_lora_weights: True — linear: A Kaiming-uniform, B zero; embedding: A zero, B normal
             (so untouched rows of A stay zero and are not saved); "gaussian" — A ~ N(0, 1/r) for
             linear; False — both random (the adapter starts non-zero: for tests).
@@ -188,6 +189,7 @@ class LoraConfig:
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: Any = True
     bias: LoraBias = LoraBias.NONE
     modules_to_save: list | None = None
@@ -205,6 +207,7 @@ class LoraConfig:
         _check_alpha("lora_alpha", self.lora_alpha)
         check_fraction("lora_dropout", self.lora_dropout, below_one=True)
         check_bool("use_rslora", self.use_rslora)
+        check_bool("use_dora", self.use_dora)
         check_bool("inference_mode", self.inference_mode)
         self.layers_to_transform = _check_layer_indices(self.layers_to_transform)
         self.layers_pattern = _check_layer_names(self.layers_pattern)

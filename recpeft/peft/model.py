@@ -31,6 +31,14 @@ from .serialization import read_adapter_file, weights_file
 from .targeting import group_lora_targets, select_lora_targets, select_modules_to_save
 
 
+def _enable_dora(layer: LoraLayer, name: str, adapter: str) -> None:
+    """DoRA for ``adapter`` on ``layer``, or ValueError naming the module whose type has none."""
+    if not hasattr(layer, "enable_dora"):
+        kind = type(layer.base_layer).__name__
+        raise ValueError(f"use_dora: {name} is an {kind}; recpeft has DoRA for nn.Linear targets only")
+    layer.enable_dora(adapter)
+
+
 def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> PeftModel:
     """Freeze ``model`` and wrap the modules ``config`` targets with LoRA adapter ``adapter_name``.
 
@@ -148,6 +156,8 @@ class PeftModel(nn.Module):
                 layer = self._wrap(name, _lora_wrapper)
                 if parts is None:
                     layer.update_layer(adapter_name, *rank_scale(name), config.lora_dropout, config.init_lora_weights)
+                    if config.use_dora:
+                        _enable_dora(layer, name, adapter_name)
                 else:  # ranks and scales per "<module>.<part>"
                     parts_rs = {p: rank_scale(f"{name}.{p}") for p in parts}
                     layer.update_parts(adapter_name, parts_rs, config.init_lora_weights)

@@ -150,8 +150,8 @@ def test_non_finite_weights_are_refused(tmp_path):
 
 def test_bad_config_is_refused(tmp_path):
     _trained(tmp_path)
-    (tmp_path / CONFIG_NAME).write_text('{"r": 4, "target_modules": ["mlp.0"], "use_dora": true}')
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+    (tmp_path / CONFIG_NAME).write_text('{"r": 4, "target_modules": ["mlp.0"], "fan_in_fan_out": true}')
+    with pytest.raises(ValueError, match="fan_in_fan_out=True is not supported"):
         PeftModel.from_pretrained(make_model(), tmp_path)
     (tmp_path / CONFIG_NAME).write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
