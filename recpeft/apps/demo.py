@@ -29,6 +29,7 @@ from recpeft.datasets.synthetic import SHOP_SCHEMA, load_shop
 from recpeft.metrics import weighted_auc
 from recpeft.peft.model import PeftModel
 from recpeft.train.trainer import TrainConfig, predict
+from recpeft.utils.devices import AUTO, describe_device, resolve_device
 
 from .base_checkpoint import checkpoint_bytes, load_base, read_base_config, save_base
 from .demo_report import print_table, save_plot, save_report
@@ -57,7 +58,7 @@ def _base_recipe(seed: int) -> dict:
     return json.loads(json.dumps(recipe))
 
 
-def _base(data: EncodedSplit, out: Path, seed: int, progress: bool, fresh: bool):
+def _base(data: EncodedSplit, out: Path, seed: int, progress: bool, fresh: bool, device):
     """The cached base under ``out/base`` if it fits the data, else a newly pretrained one."""
     cached = out / "base"
     if not fresh and cached.is_dir():
@@ -68,7 +69,7 @@ def _base(data: EncodedSplit, out: Path, seed: int, progress: bool, fresh: bool)
             return model, {"reused": True}
         print(f"base: {cached} was made from other data or settings; pretraining again")
     config = replace(PRETRAIN, seed=seed, progress=progress)
-    model, report = pretrain(data, model_options=BASE_OPTIONS, train_config=config)
+    model, report = pretrain(data, model_options=BASE_OPTIONS, train_config=config, device=device)
     metrics = click_metrics(model, data.segment_rows("valid"))
     save_base(cached, model, data.encoder, metrics={"valid_auc": metrics["auc"], "made_with": _base_recipe(seed)})
     print(
@@ -85,14 +86,14 @@ def _base(data: EncodedSplit, out: Path, seed: int, progress: bool, fresh: bool)
     }
 
 
-def _finetune_best_lr(base, data: EncodedSplit, market: str, method: Method, seed: int, progress: bool):
+def _finetune_best_lr(base, data: EncodedSplit, market: str, method: Method, seed: int, progress: bool, device):
     """Fine-tune with every learning rate of ``LEARNING_RATES[method]``; keep the run with the best
     validation AUC. The report's time and throughput are that run's own; ``sweep_seconds`` counts
     every learning rate tried."""
     best, sweep_seconds = None, 0.0
     for lr in LEARNING_RATES[method]:
         config = replace(FINETUNE, lr=lr, seed=seed, progress=progress)
-        model, report = finetune(base, data, market, method, train_config=config, lora_config=LORA)
+        model, report = finetune(base, data, market, method, train_config=config, lora_config=LORA, device=device)
         sweep_seconds += report.seconds
         if best is None or report.best_metric > best[1].best_metric:
             best = (model, report, lr)
@@ -147,9 +148,12 @@ def run_demo(
     progress: bool = True,
     fresh: bool = False,
     markets: list[str] | None = None,
+    device: str | torch.device | None = AUTO,
 ) -> dict:
-    """Run the main job; write the base, the adapters, ``report.json`` and ``report.png`` to ``out_dir``."""
+    """Run the main job on ``device`` (:func:`recpeft.utils.devices.resolve_device`); write the
+    base, the adapters, ``report.json`` and ``report.png`` to ``out_dir``."""
     started = time.perf_counter()
+    device = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)  # fail at once, not after pretraining, when it cannot be made
     torch.manual_seed(seed)
@@ -165,7 +169,7 @@ def run_demo(
         f"markets {data.segments}; test from {TEST_START}; personalising {markets}"
     )
 
-    base, base_info = _base(data, out, seed, progress, fresh)
+    base, base_info = _base(data, out, seed, progress, fresh, device)
     base_bytes = checkpoint_bytes(out / "base")
     rows = []
     for market in markets:
@@ -178,7 +182,7 @@ def run_demo(
         }
         row.update({f"base_{k}": v for k, v in click_metrics(base, test).items() if k in ("auc", "log_loss")})
         for method in (Method.LORA, Method.DENSE):
-            model, report, lr, sweep_seconds = _finetune_best_lr(base, data, market, method, seed, progress)
+            model, report, lr, sweep_seconds = _finetune_best_lr(base, data, market, method, seed, progress, device)
             row.update(_run_row(model, report, test, method))
             row[f"{method.value}_lr"], row[f"{method.value}_sweep_seconds"] = lr, sweep_seconds
             if method is Method.LORA:
@@ -208,6 +212,7 @@ def run_demo(
         "targets": TARGETS,
         "checks": checks,
         "seed": seed,
+        "device": describe_device(device),
         "seconds": time.perf_counter() - started,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

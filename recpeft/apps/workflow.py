@@ -36,6 +36,7 @@ from recpeft.models.dlrm import ClickDLRM, build_click_model
 from recpeft.peft.config import LoraConfig
 from recpeft.peft.model import get_peft_model
 from recpeft.train.trainer import FitReport, TrainConfig, Trainer, predict
+from recpeft.utils.devices import AUTO
 
 
 class Method(str, enum.Enum):
@@ -119,14 +120,19 @@ def prepare(
 
 
 def pretrain(
-    data: EncodedSplit, *, model_options: dict | None = None, train_config: TrainConfig | None = None
+    data: EncodedSplit,
+    *,
+    model_options: dict | None = None,
+    train_config: TrainConfig | None = None,
+    device: str | torch.device | None = AUTO,
 ) -> tuple[ClickDLRM, FitReport]:
-    """A base click model over the encoder's features, trained on every segment's training rows."""
+    """A base click model over the encoder's features, trained on every segment's training rows
+    on ``device`` (where the model stays: :func:`recpeft.utils.devices.resolve_device`)."""
     torch.manual_seed((train_config or TrainConfig()).seed)
     train = data.segment_rows("train")
     model = build_click_model(data.encoder.cardinalities, train.num_dense, **(model_options or {}))
     valid = data.segment_rows("valid") if len(data.valid) else None
-    report = Trainer(model, train_config).fit(train, valid, resume=False)
+    report = Trainer(model, train_config, device=device).fit(train, valid, resume=False)
     return model.eval(), report
 
 
@@ -156,8 +162,10 @@ def finetune(
     *,
     train_config: TrainConfig,
     lora_config: LoraConfig | None = None,
+    device: str | torch.device | None = AUTO,
 ) -> tuple[nn.Module, FitReport]:
-    """Fine-tune a copy of ``base`` on ``segment``'s training rows, early-stopped on its validation rows."""
+    """Fine-tune a copy of ``base`` on ``segment``'s training rows on ``device``, early-stopped
+    on its validation rows."""
     if segment not in data.segments:
         raise ValueError(f"unknown segment {segment!r}; the data's segments are {data.segments}")
     train, valid = data.segment_rows("train", segment), data.segment_rows("valid", segment)
@@ -166,7 +174,7 @@ def finetune(
     torch.manual_seed(train_config.seed)  # the adapters' initialisation follows the seed, as training does
     model = trainable_copy(base, method, lora_config)
     config = replace(train_config, desc=f"{Method(method).value} {segment}")
-    report = Trainer(model, config).fit(train, valid if len(valid) else None, resume=False)
+    report = Trainer(model, config, device=device).fit(train, valid if len(valid) else None, resume=False)
     return model.eval(), report
 
 

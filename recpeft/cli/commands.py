@@ -34,6 +34,7 @@ from recpeft.datasets.splits import cut_ns
 from recpeft.peft.config import LoraConfig
 from recpeft.peft.model import PeftModel
 from recpeft.train.trainer import TrainConfig
+from recpeft.utils.devices import describe_device
 from recpeft.utils.outputs import prepare_output
 from recpeft.utils.validation import check_int
 
@@ -334,14 +335,20 @@ def cmd_pretrain(args) -> None:
         data,
         model_options=options,
         train_config=_train_config(args, "pretrain", **PRETRAIN, early_stopping_patience=1),
+        device=args.device,
     )
     test = click_metrics(model, data.segment_rows("test"))
-    metrics = {"valid_auc": _finite_or_none(report.best_metric), "test_auc": _finite_or_none(test["auc"])}
+    metrics = {
+        "valid_auc": _finite_or_none(report.best_metric),
+        "test_auc": _finite_or_none(test["auc"]),
+        "device": report.device,
+    }
     with _writing("the base checkpoint", out):
         save_base(out, model, data.encoder, metrics=metrics, data_source=_source_record(args, data.schema))
     _auc_note(test)
     print(
-        f"pretrained {report.epochs_run} epochs ({report.samples_per_second:,.0f} samples/s): validation AUC "
+        f"pretrained {report.epochs_run} epochs on {report.device} ({report.samples_per_second:,.0f} samples/s): "
+        "validation AUC "
         f"{_auc(report.best_metric)}, test AUC {_auc(test)}, LogLoss {test['log_loss']:.4f}; saved {out}"
     )
 
@@ -365,7 +372,9 @@ def cmd_finetune(args) -> None:
     method = Method(args.method)
     config = _train_config(args, f"{method.value} {args.segment}", **FINETUNE, lr=FINETUNE_LR[method.value])
     lora = _lora_config(args, base, data.schema) if method is Method.LORA else None
-    model, report = finetune(base, data, args.segment, method, train_config=config, lora_config=lora)
+    model, report = finetune(
+        base, data, args.segment, method, train_config=config, lora_config=lora, device=args.device
+    )
     test = data.segment_rows("test", args.segment)
     before, after = click_metrics(base, test), click_metrics(model, test)
     if method is Method.LORA:
@@ -380,7 +389,8 @@ def cmd_finetune(args) -> None:
         what = "fine-tuned copy of the base"
     _auc_note(before, after)
     print(
-        f"{args.segment}: {report.epochs_run} epochs, {report.samples_per_second:,.0f} samples/s; test AUC "
+        f"{args.segment}: {report.epochs_run} epochs on {report.device}, {report.samples_per_second:,.0f} "
+        "samples/s; test AUC "
         f"base {_auc(before)} → {_auc(after)} (LogLoss {before['log_loss']:.4f} → "
         f"{after['log_loss']:.4f}) on {after['rows']:,} rows; saved the {what} to {out}"
     )
@@ -396,6 +406,7 @@ def cmd_evaluate(args) -> None:
     if args.adapter:
         check_base_fingerprint(args.adapter, args.base, args.ignore_base_mismatch)
         model = _load_adapter(base, args.adapter)
+    model = model.to(args.device).eval()
     segments = [args.segment] if args.segment else data.segments
     rows = []
     print(f"{'segment':<16}{'rows':>9}{'click rate':>11}{'AUC':>8}{'LogLoss':>9}")
@@ -410,7 +421,13 @@ def cmd_evaluate(args) -> None:
         if "auc_undefined" in row:
             print(f"{row['segment']}: AUC undefined: {row['auc_undefined']}")
     if args.json:
-        report = {"base": str(args.base), "adapter": args.adapter, "part": args.part, "segments": rows}
+        report = {
+            "base": str(args.base),
+            "adapter": args.adapter,
+            "part": args.part,
+            "device": describe_device(args.device),
+            "segments": rows,
+        }
         with _writing("the JSON report", args.json):
             save_report(args.json, report)
 
@@ -445,4 +462,6 @@ def cmd_demo(args) -> None:
 
     out = prepare_output(args.out, reads=[_data_path(args)], overwrite=args.overwrite)
     with _writing("the demo's outputs", out):
-        run_demo(out, seed=args.seed, progress=not args.quiet, fresh=args.fresh, markets=args.markets)
+        run_demo(
+            out, seed=args.seed, progress=not args.quiet, fresh=args.fresh, markets=args.markets, device=args.device
+        )

@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads for torch (default 1: these small models run fastest on one, and "
         "several fight over a busy machine)",
     )
+    common.add_argument(
+        "--device",
+        default="auto",
+        help="where models train and score: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or "
+        "cuda:N (default: auto)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = lambda name, **kw: sub.add_parser(name, parents=[common], **kw)  # noqa: E731
 
@@ -316,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+        from recpeft.utils.devices import resolve_device
+
+        args.device = resolve_device(args.device, "--device")  # a wrong one stops here, before any work
         from . import commands
 
         getattr(commands, args.run)(args)

@@ -19,12 +19,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from recpeft.utils.devices import to_device
 from recpeft.utils.validation import first_non_finite
 
 
 def _move(value: Any, device: torch.device | str) -> Any:
-    """Tensors and objects with ``.to`` (KeyedJaggedTensor) go to ``device``; the rest stay."""
-    return value.to(device) if hasattr(value, "to") else value
+    """Tensors and objects with ``.to`` (KeyedJaggedTensor) go to ``device`` (pinned, without
+    blocking, from the CPU to CUDA: :func:`recpeft.utils.devices.to_device`); the rest stay."""
+    return to_device(value, torch.device(device))
 
 
 @dataclass

@@ -132,7 +132,7 @@ class FitReport:
     kept the starting weights (``best_metric`` is then their metric). Memory: see
     :func:`~recpeft.train.memory.training_state_bytes`;
     ``peak_memory_bytes`` is CUDA's ``max_memory_allocated`` during the call minus the allocation
-    at its start (None on CPU).
+    at its start (None on CPU). ``device``: where it trained (``"cpu"``, ``"cuda:0 (NVIDIA H200)"``).
     """
 
     epochs_run: int
@@ -148,3 +148,4 @@ class FitReport:
     resumed_from_step: int = 0
     training_state_bytes: int = 0
     peak_memory_bytes: int | None = None
+    device: str = "cpu"

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from recpeft.datasets.batch import Batch, BatchSource
 from recpeft.metrics import auc
+from recpeft.utils.devices import AUTO, describe_device, resolve_device
 from recpeft.utils.validation import check_int
 
 from .config import FitReport, TrainConfig
@@ -134,7 +135,9 @@ class Trainer:
         metric_fn: ``metric_fn(model, source) -> float``, the validation metric; default AUC.
             Called in eval mode under ``torch.no_grad()``.
         metric_mode: ``"max"`` (higher is better) or ``"min"``.
-        device: where to train; default the model's device (the model is moved there).
+        device: where to train: "auto" (default: CUDA when present, else the CPU), "cpu",
+            "cuda" or "cuda:N" (:func:`recpeft.utils.devices.resolve_device`); the model is
+            moved there, and batches follow it (pinned, without blocking, on CUDA).
     """
 
     def __init__(
@@ -145,14 +148,14 @@ class Trainer:
         loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
         metric_fn: Callable[[nn.Module, BatchSource], float] | None = None,
         metric_mode: str = "max",
-        device: torch.device | str | None = None,
+        device: torch.device | str | None = AUTO,
     ):
         if metric_mode not in ("max", "min"):
             raise ValueError(f"metric_mode must be 'max' or 'min', got {metric_mode!r}")
         self.config = config if config is not None else TrainConfig()
         if not isinstance(self.config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(self.config).__name__}")
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.trainable:
@@ -334,6 +337,7 @@ class Trainer:
             resumed_from_step=resumed_from,
             training_state_bytes=training_state_bytes(self.model, self.optimizers),
             peak_memory_bytes=(torch.cuda.max_memory_allocated(self.device) - memory_at_start) if cuda else None,
+            device=describe_device(self.device),
         )
 
     def _end_epoch(self, run: RunState, valid: BatchSource | None, best_state: dict | None) -> dict | None:
