@@ -15,6 +15,7 @@ from .utils.lazy import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AdapterBank": ".apps.adapter_bank",
     "LoraAdamW": ".train.lora_adamw",
     "LoraBias": ".peft.config",
     "LoraConfig": ".peft.config",

@@ -1,0 +1,142 @@
+"""AdapterBank: one base click model serving many segments' adapters at once.
+
+Load a base checkpoint, then adapter folders (one per segment: market, cohort, ...), each checked
+against the base before it serves — its record of the base it was trained on (``recpeft_base.json``,
+written by ``recpeft finetune``), its config, its tensors' keys, shapes and sha256 — so that a bad
+folder is refused with a reason while every other adapter keeps serving. Scoring a table of rows
+runs each row through its own segment's adapter in one routed pass per chunk (rows of segments
+without an adapter, and of segments the base never saw, get the base alone); a chunk whose rows all
+use one adapter runs that adapter alone, unrouted (the layers' single-adapter path, which merges
+on the fly where that is faster). Adapters can be added and removed while serving; the others are
+not reloaded.
+
+Example::
+
+    bank = AdapterBank("runs/base")
+    refused = bank.add_folders({"DE": "adapters/DE", "FR": "adapters/FR"})   # {name: reason}
+    scores = bank.score(frame)            # click probabilities, one per row, by frame's segment column
+    bank.remove("FR")
+    bank.memory_bytes()                   # {"DE": 21_504}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from recpeft.datasets import ClickBatches
+from recpeft.peft.model import PeftModel
+from recpeft.utils.devices import AUTO, resolve_device
+from recpeft.utils.tensor_bytes import tensor_bytes
+
+from .base_checkpoint import check_base_fingerprint, load_base
+
+
+class AdapterRefused(ValueError):
+    """An adapter folder that does not fit the bank's base; the message names it and why."""
+
+
+class AdapterBank:
+    """A base checkpoint (``base_dir``) on ``device`` and the adapters added to it, by name.
+
+    Names are the segments they serve (the values of the base's segment column)."""
+
+    def __init__(self, base_dir: str | Path, *, device: str | torch.device | None = AUTO, chunk_rows: int = 8192):
+        self.base_dir = Path(base_dir)
+        self.device = resolve_device(device)
+        self.chunk_rows = chunk_rows
+        base, self.encoder = load_base(self.base_dir)
+        self._base = base.to(self.device).eval()
+        self._peft: PeftModel | None = None
+        self.folders: dict[str, Path] = {}
+
+    # ---- adapters ------------------------------------------------------------------------------
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The adapters serving, in the order they were added."""
+        return tuple(self.folders)
+
+    def add(self, name: str, folder: str | Path) -> None:
+        """Serve the adapter in ``folder`` for segment ``name``; AdapterRefused (naming the folder
+        and the reason) when it does not fit the base, leaving the bank as it was."""
+        folder = Path(folder)
+        if name in self.folders:
+            raise AdapterRefused(f"adapter {name!r} is already serving (from {self.folders[name]}); remove it first")
+        try:
+            check_base_fingerprint(folder, self.base_dir)
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self._base, folder, adapter_name=name)
+            else:
+                self._peft.load_adapter(folder, adapter_name=name)
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise AdapterRefused(f"adapter {name!r} ({folder}) refused: {exc}") from exc
+        self._peft.to(self.device).eval()
+        self.folders[name] = folder
+
+    def add_folders(self, folders: Mapping[str, str | Path]) -> dict[str, str]:
+        """Add every ``name: folder``; the refused ones are left out and returned as {name: reason}."""
+        refused = {}
+        for name, folder in folders.items():
+            try:
+                self.add(name, folder)
+            except AdapterRefused as exc:
+                refused[name] = str(exc)
+        return refused
+
+    def remove(self, name: str) -> None:
+        """Stop serving ``name``; the other adapters stay loaded as they are."""
+        if name not in self.folders:
+            raise KeyError(f"no adapter {name!r} is serving; serving: {list(self.names)}")
+        self._peft.delete_adapter(name)
+        del self.folders[name]
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of each adapter's parameters (A, B, and what else it trains) on the device."""
+        holders = self._peft.adapter_holders().values() if self._peft is not None else []
+        return {
+            name: sum(tensor_bytes(p) for h in holders if h.has_adapter(name) for p in h.adapter_parameters(name))
+            for name in self.names
+        }
+
+    # ---- scoring -------------------------------------------------------------------------------
+
+    def score(self, frame: pd.DataFrame, *, name: str = "DataFrame") -> torch.Tensor:
+        """Click probabilities float32 [N] for the rows of ``frame`` (the base's feature columns and
+        its segment column; a label column is not needed), each row through the adapter named by
+        its segment, or the base where none is. Ids the base never saw use its out-of-vocabulary
+        rows."""
+        schema = self.encoder.schema
+        if schema.segment is None or schema.segment not in frame.columns:
+            raise ValueError(f"{name}: no segment column {schema.segment!r}: it names each row's adapter")
+        if not (schema.label and schema.label in frame.columns):
+            frame = frame.assign(**{schema.label or "_label": 0.0})  # labels are not used when scoring
+        encoded = self.encoder.transform(frame, unseen="oov", name=name)
+        served = {segment: i for i, segment in enumerate(self._adapter_order()) if segment in encoded.segment_names}
+        rows = ClickBatches(encoded, route=served)
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(rows), self.chunk_rows):
+                batch = rows.batch(torch.arange(start, min(start + self.chunk_rows, len(rows)))).to(self.device)
+                out.append(torch.sigmoid(self._forward(batch.args, batch.kwargs.get("adapter_ids"))).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _adapter_order(self) -> tuple[str, ...]:
+        """Adapter names by routing id (PeftModel.adapter_names)."""
+        return self._peft.adapter_names if self._peft is not None else ()
+
+    def _forward(self, args, adapter_ids: torch.Tensor | None) -> torch.Tensor:
+        """One chunk: the base alone, one adapter alone (unrouted) or a routed mix."""
+        if self._peft is None or adapter_ids is None or bool((adapter_ids < 0).all()):
+            if self._peft is None:
+                return self._base(*args)
+            with self._peft.disable_adapter():
+                return self._peft(*args)
+        first = int(adapter_ids[0])
+        if first >= 0 and bool((adapter_ids == first).all()):
+            self._peft.set_adapter(self._adapter_order()[first])
+            return self._peft(*args)
+        return self._peft(*args, adapter_ids=adapter_ids)
