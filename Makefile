@@ -28,8 +28,15 @@ lint: bootstrap
 # Benchmarks are not collected by the default run (python_files = test_*.py);
 # here both test_*.py and bench_*.py under benchmarks/ are collected.
 bench: bootstrap
-	$(PY) -m pytest benchmarks -q -s -o 'python_files=test_*.py bench_*.py' \
+	$(VENV)/bin/pytest benchmarks -q -s -o 'python_files=test_*.py bench_*.py' \
 		--benchmark-columns=median,iqr,rounds
+
+# Ahead-of-time compile of every Triton kernel variant for sm_90 (H100/H200), no GPU needed:
+# fails on a compile error or a pickable config over the shared-memory limit, and writes the
+# table (registers, spills, shared memory) to benchmarks/results/aot_sm90.json. The slow test
+# (pytest -m slow tests/kernels/test_aot_sm90.py) runs the same full matrix.
+aot: bootstrap
+	env -u TRITON_INTERPRET $(PY) benchmarks/aot_compile.py --mode full --out benchmarks/results/aot_sm90.json
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks .hypothesis

@@ -23,6 +23,11 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # a GPU build shows the error): r and small blocks are padded to this.
 DOT_MIN = 16
 
+# Shared memory one block may use on an H100/H200 (sm_90: 227 KB of the SM's 228 KB). A variant
+# over it compiles but fails to launch; the op files prune such configs before the autotuner
+# sees them, and kernels/aot.py checks every variant against it.
+SHARED_MEMORY_LIMIT = 232_448
+
 
 def padded_rank(rank: int) -> int:
     """r padded for ``tl.dot`` and ``tl.arange``: the next power of two, at least :data:`DOT_MIN`;

@@ -38,7 +38,8 @@ Two routes compute it (DESIGN.md; :class:`~.reference.LinearRoute`):
 dA, dB and db are sums over rows; every program adds its rows' share into float32 buffers with
 ``tl.atomic_add`` (coalesced: the [BLOCK, r] and [r, BLOCK] tiles are contiguous), which are then
 cast to the parameter dtype. All products accumulate in float32; operands of ``tl.dot`` are in the
-input dtype (fp32 inputs use IEEE fp32 products, not TF32, to match torch's default).
+input dtype (fp32 inputs use IEEE fp32 products, not TF32, to match torch's default). float64
+inputs never reach the kernels: :func:`lora_linear` runs the reference op for them.
 
 **Dropout mask.** Counter-based: keep_ij = philox(seed, counters (j, i, 0, 0)) mapped to a
 uniform in [0, 1) ≥ p, for row i and column j of the flattened x. The op draws ``seed`` once per
@@ -63,7 +64,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import DOT_MIN, INTERPRETING, padded_rank
+from . import reference
+from .launch import DOT_MIN, INTERPRETING, SHARED_MEMORY_LIMIT, padded_rank
 from .reference import LinearRoute
 
 # ---------------------------------------------------------------------------------------------
@@ -486,16 +488,21 @@ def _gemm_config(block_m, block_n, block_k, warps, stages):
 # Hopper-sized tiles (Triton tutorial 03's fp16 list, trimmed to three each: every config is a
 # compile per kernel variant, and the GPU suite compiles them all within its time budget). The y
 # GEMM's column tile is BLOCK_N, the dX GEMM's is BLOCK_K; the dX GEMM carries v and s·u besides
-# its accumulator, so its tiles stop at 128×128.
+# its accumulator, so its tiles stop at 128×128. Plus, last, a small config that fits the
+# shared memory of every dtype and rank: float32 with a folded rank of 64 or 128 fits none of
+# the three. The autotuner sees only the configs that fit (reachable_configs; the compiled
+# figures are in benchmarks/results/aot_sm90.json).
 FORWARD_CONFIGS = [
     _gemm_config(128, 256, 64, 8, 3),
     _gemm_config(128, 128, 64, 8, 4),
     _gemm_config(64, 128, 64, 4, 4),
+    _gemm_config(64, 64, 32, 4, 3),
 ]
 GRAD_X_CONFIGS = [
     _gemm_config(128, 128, 64, 8, 3),
     _gemm_config(128, 64, 64, 4, 4),
     _gemm_config(64, 128, 64, 4, 4),
+    _gemm_config(64, 64, 32, 4, 3),
 ]
 # Skinny-products kernel: 32-row blocks keep M=8192 at 256 programs (two per SM); larger blocks
 # halve the atomic adds per row.
@@ -516,28 +523,101 @@ INTERPRETER_CONFIGS = {
     ),
 }
 KERNEL_CONFIGS = {"forward": FORWARD_CONFIGS, "grad_x": GRAD_X_CONFIGS, "skinny_products": SKINNY_PRODUCTS_CONFIGS}
-_ACCUMULATORS = ["da_ptr", "db_ptr", "dbias_ptr"]  # zeroed between the autotuner's timing runs
 # The mask kernel (tests and the GPU suite's checks only): square blocks of this many rows and
 # columns; elementwise, so any size is right and this one is not tuned.
 KEEP_SCALE_BLOCK = 64
 
+# The autotune key of each kernel: the shape and every constexpr mode (a mode changes the
+# compiled kernel, so its best config and its shared memory). Tensor dtypes are added by triton.
+_SHAPE_KEY = ["M_BUCKET", "N", "K", "R_PAD"]
+_TUNING_KEYS = {
+    "forward": _SHAPE_KEY + ["HAS_BIAS", "FOLD_SHRINK"],
+    "grad_x": _SHAPE_KEY + ["FOLD_V", "HAS_DBIAS", "DROPOUT"],
+    "skinny_products": _SHAPE_KEY + ["COMPUTE_U", "STORE_U", "BACKWARD", "STORE_V", "HAS_DBIAS", "DROPOUT"],
+}
+# dA, dB, db: float32 sums that kernels add into with atomics. They may hold results made
+# before the kernel runs (on the separate-products route the skinny-products kernel fills them
+# and then the dX GEMM runs with FOLD_V off), so the autotuner must neither zero them nor let its
+# timing runs add into them: it snapshots them before each timing run and restores them after
+# (``restore_value``), and the run that counts starts from what the caller passed.
+_ACCUMULATORS = ["da_ptr", "db_ptr", "dbias_ptr"]
+_WRITES_ACCUMULATORS = {"forward": False, "grad_x": True, "skinny_products": True}
 
-def _tuned(name, kernel, key, reset_to_zero=None):
-    configs = [INTERPRETER_CONFIGS[name]] if INTERPRETING else KERNEL_CONFIGS[name]
-    return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)(kernel)
+
+def _loop_tile_elements(name: str, meta: dict, r_pad: int, folded: bool) -> int:
+    """Elements of the operand tiles one step of the kernel's main loop loads for ``tl.dot``
+    (what triton's software pipeline keeps in shared memory, once per stage)."""
+    if name == "forward":  # x [BM, BK], Wᵀ [BK, BN], folded Aᵀ [BK, R]
+        return meta["BLOCK_K"] * (meta["BLOCK_M"] + meta["BLOCK_N"] + folded * r_pad)
+    if name == "grad_x":  # dY [BM, BN], W [BN, BK], folded B [BN, R]
+        return meta["BLOCK_N"] * (meta["BLOCK_M"] + meta["BLOCK_K"] + folded * r_pad)
+    return meta["BLOCK_C"] * (meta["BLOCK_M"] + r_pad)  # x or dY [BM, BC], Aᵀ or B [BC, R]
+
+
+def shared_memory_estimate(name: str, config: triton.Config, dtype: torch.dtype, meta: dict) -> int:
+    """Bytes of shared memory kernel ``name`` needs at ``config`` for operands of ``dtype`` and
+    the launch's constexprs ``meta`` (R_PAD, FOLD_SHRINK / FOLD_V). Model: the loop's operand
+    tiles, buffered num_stages times (16-bit operands, which the wgmma reads from shared memory)
+    or num_stages − 1 times (float32), plus scratch for the layout conversions: float32
+    [BLOCK_M, R_PAD] tiles (s·u; s·v too in the folded dX GEMM) and the transposed dY tile of
+    dB — [BLOCK_M, BLOCK_C] float32 in the skinny-products kernel, [BLOCK_M, BLOCK_N] in the
+    folded dX GEMM. Fitted to, and an upper bound of, ``metadata.shared`` of
+    every variant kernels/aot.py compiles (its table has both; its gate checks the bound)."""
+    r_pad, block_m = meta["R_PAD"], config.kwargs["BLOCK_M"]
+    folded = bool(meta.get("FOLD_SHRINK", False) or meta.get("FOLD_V", False))
+    element = torch.empty((), dtype=dtype).element_size()
+    buffers = config.num_stages if element < 4 else max(config.num_stages - 1, 1)
+    scratch = block_m * r_pad * 4
+    if name == "skinny_products":
+        scratch += block_m * config.kwargs["BLOCK_C"] * 4
+    elif name == "grad_x" and folded:  # s·u beside s·v, and dYᵀ
+        scratch += block_m * r_pad * 4 + block_m * config.kwargs["BLOCK_N"] * element
+    return _loop_tile_elements(name, config.kwargs, r_pad, folded) * element * buffers + scratch
+
+
+def reachable_configs(name: str, configs: list, dtype: torch.dtype, meta: dict) -> list:
+    """The configs of ``configs`` the autotuner may pick for one launch: those whose
+    :func:`shared_memory_estimate` fits :data:`~.launch.SHARED_MEMORY_LIMIT` (a config over it
+    compiles but cannot launch), else the one needing least, so that a launch always has one."""
+    need = {id(c): shared_memory_estimate(name, c, dtype, meta) for c in configs}
+    fitting = [c for c in configs if need[id(c)] <= SHARED_MEMORY_LIMIT]
+    return fitting or [min(configs, key=lambda c: need[id(c)])]
+
+
+# The operand whose dtype is the launch's: x (forward, skinny products) or dY (dX GEMM).
+_OPERAND = {"forward": "x_ptr", "grad_x": "dy_ptr", "skinny_products": "x_ptr"}
+
+
+def _pruner(name: str):
+    """The autotuner's ``early_config_prune`` for kernel ``name``: :func:`reachable_configs`."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        return reachable_configs(name, configs, args[_OPERAND[name]].dtype, args)
+
+    return prune
+
+
+def tuned_kernels(configs: dict | None = None, do_bench=None) -> dict:
+    """name → the autotuned kernel, over ``configs[name]`` (default: the GPU configs, or the one
+    interpreter config under the interpreter), timed by ``do_bench`` (default: triton's).
+    The tests build these with several configs and a stand-in ``do_bench`` to run the
+    autotuner's benchmarking under the interpreter."""
+    tuned = {}
+    for name, kernel in _KERNELS.items():
+        space = (configs or {}).get(name) or ([INTERPRETER_CONFIGS[name]] if INTERPRETING else KERNEL_CONFIGS[name])
+        tuned[name] = triton.autotune(
+            space,
+            key=_TUNING_KEYS[name],
+            restore_value=_ACCUMULATORS if _WRITES_ACCUMULATORS[name] else None,
+            prune_configs_by={"early_config_prune": _pruner(name)},
+            do_bench=do_bench,
+        )(kernel)
+    return tuned
 
 
 _KERNELS = {"forward": _forward_kernel, "grad_x": _grad_x_kernel, "skinny_products": _skinny_products_kernel}
-_TUNED = {
-    "forward": _tuned("forward", _forward_kernel, ["M_BUCKET", "N", "K", "R_PAD", "FOLD_SHRINK"]),
-    "grad_x": _tuned("grad_x", _grad_x_kernel, ["M_BUCKET", "N", "K", "R_PAD", "FOLD_V"], _ACCUMULATORS),
-    "skinny_products": _tuned(
-        "skinny_products",
-        _skinny_products_kernel,
-        ["M_BUCKET", "N", "K", "R_PAD", "COMPUTE_U", "BACKWARD"],
-        _ACCUMULATORS,
-    ),
-}
+_TUNED = tuned_kernels()
 
 
 def _launch(name: str, grid, configs: dict | None, **args):
@@ -1070,7 +1150,12 @@ def lora_linear(
     """y = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ for x of any leading shape [..., K]; ``dropout_p`` is the
     active dropout probability (0 in eval mode). ``route`` and ``fold`` (make u and v inside the
     Triton GEMMs; the forward never does with dropout) default to the cost model's choice for
-    this shape (:func:`choose_route`, :func:`fold_rank_product`)."""
+    this shape (:func:`choose_route`, :func:`fold_rank_product`). float64 inputs run the
+    reference op: Triton's kernels accumulate in float32 (an fp64 accumulator changes the loop
+    carried type and does not compile), which would silently lose precision a float64 caller
+    asked for."""
+    if any(t is not None and t.dtype == torch.float64 for t in (x, weight, bias, lora_A, lora_B)):
+        return reference.lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p)
     if route is None:
         rows = x.numel() // max(x.shape[-1], 1)
         route = choose_route(rows, weight.shape[1], weight.shape[0], lora_A.shape[0], x.element_size(), dropout_p > 0)
