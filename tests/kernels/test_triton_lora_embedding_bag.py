@@ -19,7 +19,7 @@ from recpeft.kernels import BagLayout, bag_layout, dispatch, reference, unpooled
 from recpeft.kernels.launch import DOT_MIN, INTERPRETING
 from recpeft.layers import LoraEmbedding, LoraEmbeddingBag
 
-from reference_math import leaf64, naive_bag
+from reference_math import UNIT_ROUNDOFF, abs_twin, gamma, leaf64, naive_bag
 
 # The Triton module, found the way dispatch finds it.
 fused = sys.modules[dispatch.triton_op("lora_embedding_bag").__module__]
@@ -41,19 +41,47 @@ DEVICES = [
 ]
 NAN = float("nan")
 
-# Output (or gradient) dtype → (rtol, atol) against float64 on the same input values, and why.
-# Inputs are randn-sized (|x| ≲ 4), bags hold ≤ 8 ids, r ≤ 20, so an output sums ≤ ~200 terms
-# whose magnitudes add up to ≲ 100.
-TOLERANCES = {
-    # fp32 accumulation: worst case n·2⁻²⁴·Σ|terms| ≈ 200·6e-8·100 ≈ 1e-3 absolute, typical
-    # √n·2⁻²⁴·Σ|terms| ≈ 1e-4; a near-zero output from cancellation needs the atol.
-    torch.float32: (2e-5, 2e-4),
-    # One rounding to bf16 (2⁻⁸ relative) of an fp32-accurate sum; dB and the per-bag gradient
-    # g = s·dY·Bᵀ are rounded once more (torch's bf16 matmul), so two roundings: 2·2⁻⁸.
-    torch.bfloat16: (8e-3, 2e-2),
-    # As bf16 with 2⁻¹¹: two roundings 1e-3; atol for cancelled sums rounded at their inputs' scale.
-    torch.float16: (1e-3, 4e-3),
-}
+# Error bound (reference_math.assert_within_bound): every output and gradient here is a float32
+# sum of products of exact inputs, so |computed − exact| ≤ γ_n·Σ|terms|, Σ|terms| being the same
+# op on absolute values (_abs_bound). n counts the roundings along the longest chain, generously:
+# a bag of ≤ 8 ids (+1 for mean), the rank-space product of r ≤ 20, the scale, the base (forward);
+# dY·Bᵀ over D ≤ 40 and the weight (A rows); Σ over ≤ 40 bags of pooledᵀ·dY (B). A 16-bit result
+# is that float32 value converted to its dtype at most twice (the per-bag gradient, then the
+# result), each conversion within 2·u (the interpreter truncates where the GPU rounds): + 4·u.
+ROUNDINGS = 128
+
+
+def _abs_layout(layout: BagLayout) -> BagLayout:
+    weights = layout.weights.double().abs() if layout.weights is not None else None
+    return BagLayout(layout.ids, layout.bag_of_id, layout.offsets, weights, layout.num_bags)
+
+
+def _abs_bound(table, layout, lora_A, lora_B, scale, base_output=None, dy=None):
+    """Σ|terms| of the output [bags, D] and, with ``dy``, of dA's rows [ids, r] and dB [r, D]:
+    the float64 reference op on absolute values."""
+    A, B = leaf64(lora_A.abs()), leaf64(lora_B.abs())
+    base = base_output.double().abs() if base_output is not None else None
+    out = reference.lora_embedding_bag(table.double().abs(), _abs_layout(layout), A, B, abs(scale), base)
+    if dy is None:
+        return out.detach()
+    out.backward(dy.double().abs())
+    rows = A.grad._values() if A.grad is not None else torch.zeros(0, A.shape[1], dtype=torch.float64)
+    return out.detach(), rows, B.grad if B.grad is not None else torch.zeros_like(B)
+
+
+def assert_bag_close(got, expected, bound, dtype=torch.float32, computed=1, name="value"):
+    """|got − expected| ≤ computed·(γ_ROUNDINGS + 4·u(dtype))·bound, element by element (u = 0
+    for float32); ``computed`` as in reference_math.assert_within_bound."""
+    got, expected, bound = (t.detach().cpu().double() for t in (got, expected, bound))
+    assert got.shape == expected.shape, f"{name}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+    extra = 0.0 if dtype == torch.float32 else 4 * UNIT_ROUNDOFF[dtype]
+    limit = computed * (gamma(ROUNDINGS) + extra) * bound
+    bad = ~((got - expected).abs() <= limit)  # NaN fails
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} of {bad.numel()} elements out of bound; worst |diff| "
+        f"{float((got - expected).abs()[bad].max())} against limit {float(limit[bad].min())}"
+    )
+
 
 # (table dtype, adapter dtype): the three table dtypes with matching adapters, and a bf16 table
 # with an fp32 adapter (the GPU benchmark's configuration; output promotes to fp32).
@@ -64,11 +92,6 @@ DTYPE_CASES = [
     (torch.bfloat16, torch.float32),
 ]
 DTYPE_IDS = ["fp32", "bf16", "fp16", "bf16_table_fp32_adapter"]
-
-
-def _tol(dtype):
-    rtol, atol = TOLERANCES[dtype]
-    return {"rtol": rtol, "atol": atol}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,9 +185,19 @@ def check_fused_op(table, layout, lora_A, lora_B, scale, *, base_output=None, de
     fused.lora_embedding_bag_forward(
         table, lora_A, lora_B, layout.ids, layout.offsets, layout.weights, scale, base_output, out=out, pooled=pooled
     )
-    torch.testing.assert_close(out.double(), expected.detach(), **_tol(out_dtype))
+    bound, bound_rows, bound_dB = _abs_bound(table, layout, lora_A, lora_B, scale, base_output, dy)
+    assert_bag_close(out, expected, bound, out_dtype, name="out")
+    without_adapter = reference.lora_embedding_bag(
+        table.double(), _as_float64(layout), A64.detach(), torch.zeros_like(B64), scale, base64
+    )
+    if bool((without_adapter != expected).any()):  # the bound can fail: the base alone is outside it
+        with pytest.raises(AssertionError, match="out of bound"):
+            assert_bag_close(without_adapter, expected, bound, out_dtype)
     expected_pooled = reference.pooled_rank_space(A64.detach(), layout.ids, layout.offsets, _as_float64(layout).weights)
-    torch.testing.assert_close(pooled.double(), expected_pooled, **_tol(torch.float32))
+    bound_pooled = reference.pooled_rank_space(
+        A64.detach().abs(), layout.ids, layout.offsets, _abs_layout(layout).weights
+    )
+    assert_bag_close(pooled, expected_pooled, bound_pooled, name="pooled")
 
     values = torch.full((layout.ids.numel(), rank), NAN, dtype=lora_B.dtype, device=device)
     grad_b = torch.full((rank, dim), NAN, dtype=lora_B.dtype, device=device)
@@ -180,11 +213,11 @@ def check_fused_op(table, layout, lora_A, lora_B, scale, *, base_output=None, de
         grad_b=grad_b,
     )
     # Row by row (summing duplicate ids would add cancellation to the comparison, not the kernel)
-    torch.testing.assert_close(values.double(), expected_rows.to(device), **_tol(lora_B.dtype))
+    assert_bag_close(values, expected_rows, bound_rows, lora_B.dtype, name="dA rows")
     grad_a = torch.sparse_coo_tensor(layout.ids.unsqueeze(0), values, lora_A.shape, check_invariants=True)
     used = sorted(set(layout.ids.tolist()))
     assert grad_a.coalesce().indices()[0].tolist() == used  # the used rows, no others
-    torch.testing.assert_close(grad_b.double(), expected_dB, **_tol(lora_B.dtype))
+    assert_bag_close(grad_b, expected_dB, bound_dB, lora_B.dtype, name="dB")
 
     # the autograd entry: same forward bits, sparse dA equal to the reference op's
     A_f, B_f = lora_A.clone().requires_grad_(), lora_B.clone().requires_grad_()
@@ -284,7 +317,7 @@ def test_every_input_form_matches_naive_formula(device, id_dtype, name):
         weights,
         padding_idx,
     )
-    torch.testing.assert_close(out.cpu().double(), naive, **_tol(torch.float32))
+    assert_bag_close(out, naive, _abs_bound(table, layout, lora_A, lora_B, 0.75), name="against the naive bags")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -306,7 +339,7 @@ def test_unpooled_layout_of_nn_embedding(device, padding_idx):
         2.0,
         padding_idx=padding_idx,
     )
-    torch.testing.assert_close(out.cpu().double(), expected, **_tol(torch.float32))
+    assert_bag_close(out, expected, _abs_bound(table, layout, lora_A, lora_B, 2.0), name="against nn.Embedding")
     if padding_idx is not None:  # a padding id is an empty bag: zero, not E[padding_idx]
         assert torch.count_nonzero(out.view(4, 6, D)[0, 0]) == 0
 
@@ -408,8 +441,9 @@ def test_grad_b_deterministic_is_bitwise_repeatable_and_atomic_agrees(device, mo
         )
     assert torch.equal(grads["det1"], grads["det2"])
     expected = 1.25 * pooled.double().t() @ dy.double()
-    for grad in grads.values():
-        torch.testing.assert_close(grad.double(), expected, **_tol(torch.float32))
+    bound = 1.25 * pooled.double().abs().t() @ dy.double().abs()
+    for name, grad in grads.items():
+        assert_bag_close(grad, expected, bound, name=name)
 
 
 def test_deterministic_switch_keyword_env_default(monkeypatch):
@@ -445,7 +479,8 @@ def test_given_base_output_is_used_instead_of_the_table(device):
     A_f = lora_A.clone().requires_grad_()
     out = fused.lora_embedding_bag(poisoned_table, layout, A_f, lora_B, 1.5, base)
     expected = reference.lora_embedding_bag(table, layout, lora_A, lora_B, 1.5, base.detach())
-    torch.testing.assert_close(out, expected, **_tol(torch.float32))
+    bound = _abs_bound(table, layout, lora_A, lora_B, 1.5, base.detach())
+    assert_bag_close(out, expected, bound, computed=2, name="out")  # two float32 computations
     dy = torch.randn_like(out)
     out.backward(dy)
     assert torch.equal(base.grad, dy)  # d(base + delta)/d base is the identity
@@ -460,8 +495,8 @@ def test_a_table_that_requires_grad_gets_the_reference_gradient(device):
     dy = torch.randn_like(out)
     out.backward(dy)
     ref.backward(dy)
-    torch.testing.assert_close(out, ref, **_tol(torch.float32))
-    torch.testing.assert_close(E_f.grad, E_r.grad, **_tol(torch.float32))
+    assert_bag_close(out, ref, _abs_bound(table, layout, lora_A, lora_B, 1.0), computed=2, name="out")
+    assert torch.equal(E_f.grad, E_r.grad)  # dE = the weighted scatter of dY: the same sums, one order
 
 
 def test_float64_runs_the_reference_op():
@@ -543,6 +578,7 @@ def test_layers_go_through_the_triton_op_under_recpeft_backend_triton(device, mo
         dy = torch.randn(num_out, generator=g).to(device)
         monkeypatch.setenv("RECPEFT_BACKEND", "torch")
         expected, expected_grads = _run_layer(layer, args, dy)
+        bound, bound_grads = _run_layer(abs_twin(layer, dtype=None), args, dy.abs())  # Σ|terms|, torch ops
         assert not calls
         base_calls.clear()
         monkeypatch.setenv("RECPEFT_BACKEND", "triton")
@@ -552,10 +588,10 @@ def test_layers_go_through_the_triton_op_under_recpeft_backend_triton(device, mo
         assert (calls[0] is None) == fuses_base and calls[1] is not None  # base_output argument
         assert len(base_calls) == (0 if fuses_base else 1)
         calls.clear()
-        torch.testing.assert_close(out, expected, **_tol(torch.float32))
+        assert_bag_close(out, expected, bound, computed=2, name="out")
         assert grads.keys() == expected_grads.keys() and len(grads) == 4  # A and B of both adapters
         for name in grads:
-            torch.testing.assert_close(grads[name], expected_grads[name], **_tol(torch.float32))
+            assert_bag_close(grads[name], expected_grads[name], bound_grads[name].abs(), computed=2, name=name)
 
 
 def test_dispatch_finds_the_triton_module():
