@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap demo test lint bench clean distclean
+.PHONY: bootstrap demo test lint bench aot aot-triton36 clean distclean
 
 bootstrap:
 	RECPEFT_VENV=$(VENV) bash scripts/bootstrap.sh
@@ -45,3 +45,14 @@ clean:
 # Also removes the venv.
 distclean: clean
 	rm -rf $(VENV)
+
+# The covering sample again under triton 3.6 (the version on the lent H200), in a throwaway venv
+# beside the project's (torch from this machine's disk, triton 3.6 from PyPI).
+AOT36_VENV ?= /tmp/recpeft-triton36
+aot-triton36: bootstrap
+	python3 -m venv $(AOT36_VENV)
+	$(AOT36_VENV)/bin/pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.6.*" numpy
+	$(AOT36_VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation . 2>/dev/null \
+		|| $(AOT36_VENV)/bin/pip install -q --disable-pip-version-check --no-deps .
+	cd / && env -u TRITON_INTERPRET $(AOT36_VENV)/bin/python $(CURDIR)/benchmarks/aot_compile.py --mode sample \
+		--out $(CURDIR)/benchmarks/results/aot_sm90_triton36.json
