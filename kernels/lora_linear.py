@@ -630,8 +630,27 @@ def _launch(name: str, grid, configs: dict | None, **args):
         _KERNELS[name][grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def fp32_uses_tf32() -> bool:
+    """Whether torch lets float32 matmuls use TF32 (``torch.backends.cuda.matmul.allow_tf32``, or
+    ``torch.set_float32_matmul_precision("high" | "medium")``): the kernels follow the same
+    setting, so a model computes its fp32 products the same way in cuBLAS and in Triton."""
+    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
+    """tl.dot's input_precision: fp32 as torch's setting says (full "ieee" runs on FMA units, not
+    tensor cores); "tf32" is ignored for 16-bit inputs."""
+    return "tf32" if dtype != torch.float32 or fp32_uses_tf32() else "ieee"
+
+
+def default_route(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, dropout_active: bool) -> LinearRoute:
+    """The route when the caller names none: on CUDA, full-precision fp32 without dropout takes the
+    merge route (one library GEMM on W + s·B·A: Triton's ieee fp32 dot runs on FMA units and spills,
+    see benchmarks/results/aot_sm90.json); otherwise the cost model's choice (:func:`choose_route`)."""
+    if x.is_cuda and x.dtype == torch.float32 and not fp32_uses_tf32() and not dropout_active:
+        return LinearRoute.MERGE
+    rows = x.numel() // max(x.shape[-1], 1)
+    return choose_route(rows, weight.shape[1], weight.shape[0], lora_A.shape[0], x.element_size(), dropout_active)
 
 
 def _shape_args(m: int, r: int, dtype: torch.dtype) -> dict:
@@ -1149,14 +1168,13 @@ def lora_linear(
 ):
     """y = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ for x of any leading shape [..., K]; ``dropout_p`` is the
     active dropout probability (0 in eval mode). ``route`` and ``fold`` (make u and v inside the
-    Triton GEMMs; the forward never does with dropout) default to the cost model's choice for
-    this shape (:func:`choose_route`, :func:`fold_rank_product`). float64 inputs run the
+    Triton GEMMs; the forward never does with dropout) default to :func:`default_route` and the
+    cost model's fold choice (:func:`fold_rank_product`). float64 inputs run the
     reference op: Triton's kernels accumulate in float32 (an fp64 accumulator changes the loop
     carried type and does not compile), which would silently lose precision a float64 caller
     asked for."""
     if any(t is not None and t.dtype == torch.float64 for t in (x, weight, bias, lora_A, lora_B)):
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p)
     if route is None:
-        rows = x.numel() // max(x.shape[-1], 1)
-        route = choose_route(rows, weight.shape[1], weight.shape[0], lora_A.shape[0], x.element_size(), dropout_p > 0)
+        route = default_route(x, weight, lora_A, dropout_p > 0)
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), route, fold)
