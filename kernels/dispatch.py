@@ -91,8 +91,43 @@ def uses_triton(name: str, tensor: torch.Tensor, backend: str | Backend | None =
 def _implementation(name: str, tensor: torch.Tensor, backend) -> Callable:
     """The Triton op when Triton is chosen, else the reference op (ops in TRITON_MODULES)."""
     if resolve_backend(tensor, backend) is Backend.TRITON:
-        return triton_op(name)
+        return _naming_failures(name, triton_op(name))
     return getattr(reference, name)
+
+
+def _describe(value) -> str:
+    """A tensor as ``[4096, 256] float32 cuda:0``; a bag layout by its ids; anything else by type."""
+    if isinstance(value, torch.Tensor):
+        return f"[{', '.join(map(str, value.shape))}] {str(value.dtype).removeprefix('torch.')} {value.device}"
+    ids = getattr(value, "ids", None)
+    return f"bags of ids {_describe(ids)}" if isinstance(ids, torch.Tensor) else type(value).__name__
+
+
+def _is_kernel_failure(exc: BaseException) -> bool:
+    """A Triton compile or launch error (triton's own exception types, or a CUDA launch error)."""
+    if type(exc).__module__.split(".")[0] == "triton":
+        return True
+    return isinstance(exc, RuntimeError) and ("CUDA error" in str(exc) or "triton" in str(exc).lower())
+
+
+def _naming_failures(name: str, op: Callable) -> Callable:
+    """``op``, whose compile or launch failures become one RuntimeError naming the op, the operand
+    shapes and the way around it — never a silent fall back to the reference op."""
+
+    def run(*args):
+        try:
+            return op(*args)
+        except Exception as exc:
+            if not _is_kernel_failure(exc):
+                raise
+            shapes = ", ".join(_describe(a) for a in args if a is not None and not isinstance(a, (int, float)))
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(
+                f"recpeft.kernels {name}: the Triton kernel failed to compile or launch for {shapes}: "
+                f"{type(exc).__name__}: {first}; set {BACKEND_ENV}=torch to run the PyTorch ops instead"
+            ) from exc
+
+    return run
 
 
 def _reference_only(name: str, tensor: torch.Tensor, backend) -> Callable:

@@ -159,3 +159,30 @@ def test_forcing_triton_for_an_op_without_one_is_an_error(name, monkeypatch):
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     with pytest.raises(NotImplementedError, match="RECPEFT_BACKEND=torch"):
         getattr(dispatch, name)(*args)
+
+
+def test_a_kernel_that_fails_to_build_is_one_error_naming_op_shapes_and_the_way_around(monkeypatch):
+    """No silent fall back: a Triton compile/launch error becomes one RuntimeError that says which
+    op, on which operands, and that RECPEFT_BACKEND=torch runs the PyTorch ops; other errors pass."""
+    out_of_resources = type("OutOfResources", (Exception,), {"__module__": "triton.runtime.errors"})
+    module = sys.modules[dispatch.triton_op("lora_linear").__module__]
+
+    def broken(*args):
+        raise out_of_resources("out of resource: shared memory, Required: 245760, Hardware limit: 232448")
+
+    monkeypatch.setattr(module, "lora_linear", broken)
+    x, w, a, b = torch.randn(6, 4), torch.randn(3, 4), torch.randn(2, 4), torch.randn(3, 2)
+    with pytest.raises(RuntimeError) as caught:
+        dispatch.lora_linear(x, w, None, a, b, 1.0, backend="triton")
+    message = str(caught.value)
+    assert "\n" not in message
+    for words in ("recpeft.kernels lora_linear", "[6, 4] float32 cpu", "[3, 2] float32", "OutOfResources"):
+        assert words in message, message
+    assert message.endswith("set RECPEFT_BACKEND=torch to run the PyTorch ops instead")
+
+    def wrong_input(*args):
+        raise ValueError("x must be 2-D")
+
+    monkeypatch.setattr(module, "lora_linear", wrong_input)
+    with pytest.raises(ValueError, match="x must be 2-D"):  # not a kernel failure: unchanged
+        dispatch.lora_linear(x, w, None, a, b, 1.0, backend="triton")
