@@ -20,7 +20,8 @@ from recpeft.kernels import reference
 from recpeft.kernels.launch import INTERPRETING
 from recpeft.kernels.reference import LinearRoute
 
-from reference_math import assert_bound_can_fail, assert_within_bound, leaf64, naive_lora_linear
+from linear_cases import make_inputs, oracle
+from reference_math import assert_bound_can_fail, assert_within_bound
 
 pytestmark = pytest.mark.skipif(
     not INTERPRETING, reason="the interpreter stands in for the GPU here (conftest sets TRITON_INTERPRET=1 on CPU)"
@@ -73,27 +74,7 @@ def bench(monkeypatch):
 
 
 def _inputs(seed, bias=True):
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    return {
-        "x": rnd(M, K),
-        "weight": rnd(N, K),
-        "bias": rnd(N) if bias else None,
-        "lora_A": rnd(R, K),
-        "lora_B": rnd(N, R),
-        "grad_y": rnd(M, N),
-    }
-
-
-def _float64_formula(inp, keep, absolute):
-    """y and every gradient of the naive formula in float64; on absolute values (``absolute``)
-    the componentwise error bound of the same computation (reference_math.assert_within_bound)."""
-    f = (lambda t: t.double().abs()) if absolute else (lambda t: t.double())
-    x, W, A, B = (leaf64(f(inp[k])) for k in ("x", "weight", "lora_A", "lora_B"))
-    b = leaf64(f(inp["bias"])) if inp["bias"] is not None else None
-    y = naive_lora_linear(x, W, b, A, B, abs(SCALE) if absolute else SCALE, keep)
-    y.backward(f(inp["grad_y"]))
-    return {"y": y.detach(), "x": x.grad, "lora_A": A.grad, "lora_B": B.grad, "bias": b.grad if b is not None else None}
+    return make_inputs(M, K, N, R, torch.float32, "cpu", bias=bias, seed=seed)
 
 
 # Roundings on the longest float32 chain, counted generously: dX = dY·W (N terms) + s·(v·A) with
@@ -143,7 +124,7 @@ def test_first_benchmarked_call_matches_float64(bench, path, bias):
     )
     assert bench.calls >= 2, "the autotuner did not benchmark: the test would not test it"
     keep = ops.dropout_keep_scale(seed, M, K, p, "cpu").double() if p > 0 else None
-    expected, bound = _float64_formula(inp, keep, False), _float64_formula(inp, keep, True)
+    expected, bound = oracle(inp, SCALE, keep)
     _check("y", y, expected["y"], bound["y"])
     for name in ("x", "lora_A", "lora_B") + (("bias",) if bias else ()):
         assert_bound_can_fail(expected[name], bound[name], ROUNDINGS, torch.float32, computed=1, name=name)
