@@ -11,9 +11,13 @@ ROLES = ["--user", "uid", "--item", "sku", "--label", "clicked", "--segment-col"
 ROLES += ["--categorical", "cat", "--dense", "price", "--quiet"]
 
 
-def write_log(path, seed=0, rows=1500, one_label_after=None) -> pd.DataFrame:
+def write_log(
+    path, seed=0, rows=1500, one_label_after=None, new_in_south=(), isle_rows=0, isle_at=None
+) -> pd.DataFrame:
     """Write a CSV click log of two segments ('north', 'south') over 90 days of 2025; with
-    ``one_label_after`` (a date), 'south' rows from then on are all 0."""
+    ``one_label_after`` (a date), 'south' rows from then on are all 0; with ``new_in_south`` (id
+    columns, 'uid' or 'sku'), 'south' has ids of its own there; with ``isle_rows``, a third small
+    segment 'isle' of that many more rows (all at time ``isle_at`` when given)."""
     rng = np.random.default_rng(seed)
     item = rng.integers(0, 60, rows)
     frame = pd.DataFrame(
@@ -27,6 +31,13 @@ def write_log(path, seed=0, rows=1500, one_label_after=None) -> pd.DataFrame:
             "ts": pd.Timestamp("2025-01-01") + pd.to_timedelta(rng.integers(0, 90 * 86400, rows), "s"),
         }
     )
+    for column in new_in_south:
+        frame.loc[frame["country"] == "south", column] += 10_000
+    if isle_rows:
+        isle = frame.sample(isle_rows, random_state=seed).assign(country="isle")
+        if isle_at is not None:
+            isle["ts"] = pd.Timestamp(isle_at)
+        frame = pd.concat([frame, isle], ignore_index=True)
     if one_label_after is not None:
         frame.loc[(frame["country"] == "south") & (frame["ts"] >= pd.Timestamp(one_label_after)), "clicked"] = 0
     frame.to_csv(path, index=False)

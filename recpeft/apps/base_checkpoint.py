@@ -5,7 +5,8 @@ turns a user's raw rows into its inputs.
     <dir>/model_config.json   {"format": 1, "model": build_click_model arguments, "metrics": {...}}
     <dir>/encoder.json        FeatureEncoder: schema, vocabularies, dense statistics, segments
     <dir>/data_source.json    how the pretraining data was read and split (format, segmenting,
-                              test start or fraction, validation fraction), so that later
+                              test start or fraction, validation fraction) and which segments
+                              it left out (excluded by name, a minimum of rows), so that later
                               commands read the same segments and hold out the same test rows;
                               absent in bases saved before it existed, or without a record
 
@@ -47,6 +48,8 @@ DATA_SOURCE_FIELDS = {
     "test_start": (str, int, float),  # the test cut as given, or absent ...
     "test_fraction": (float,),  # ... and each segment's latest share instead
     "valid_fraction": (float,),
+    "exclude_segments": (list,),  # segment names the base was pretrained without
+    "min_segment_rows": (int,),  # segments with fewer rows were left out of pretraining
 }
 #: written beside an adapter trained by ``recpeft finetune``: which base it belongs to
 BASE_FINGERPRINT = "recpeft_base.json"
@@ -93,6 +96,8 @@ def _checked_source(record: dict, where: str) -> dict:
             raise ValueError(f"{where}: unknown data source field {field!r}; the fields are {list(DATA_SOURCE_FIELDS)}")
         if not isinstance(value, types) or isinstance(value, bool):
             raise ValueError(f"{where}: field {field!r} = {value!r} is not a {' or '.join(t.__name__ for t in types)}")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where}: field {field!r} = {value!r} is not a list of names")
     return record
 
 

@@ -3,6 +3,8 @@
 Each row is one market with keys ``market``, ``base_auc``, ``lora_auc``, ``dense_auc``,
 ``{lora,dense}_trainable_params``, ``{lora,dense}_samples_per_second``,
 ``{lora,dense}_train_state_bytes``, ``adapter_bytes``, ``adapter_share``, train/test row counts.
+The writers take other columns, a legend and another name key too: ``finetune --segments``'
+summary (:mod:`.finetune_summary`) is written with them.
 """
 
 from __future__ import annotations
@@ -36,21 +38,31 @@ COLUMNS = [  # (header, width, format of the row → text)
 ]
 
 
-def print_table(rows: list[dict]) -> None:
-    """One line per market; the legend says what the memory column counts."""
-    widths = [max(width, len(header), *(len(fmt(r)) for r in rows)) + 1 for header, width, fmt in COLUMNS]
-    print("".join(h.rjust(w) if i else h.ljust(w) for i, ((h, _, _), w) in enumerate(zip(COLUMNS, widths))))
+LEGEND = (
+    "AUC on each market's rows after the time cut. params: trainable (share of the base); state: "
+    "parameters + gradients + optimizer state while training (CPU; CUDA reports its peak)."
+)
+#: the models a plot compares: (key prefix of their row fields, label)
+ARMS = (("base", "base"), ("lora", "LoRA"), ("dense", "dense fine-tuning"))
+
+
+def figure(value, spec: str) -> str:
+    """``value`` formatted by ``spec``, or "—" where it is missing or not a finite number."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return format(value, spec)
+
+
+def print_table(rows: list[dict], columns=COLUMNS, legend: str = LEGEND) -> None:
+    """One line per row (``columns``: header, minimum width, row → text; the first is left-aligned),
+    then the legend."""
+    widths = [max(width, len(header), *(len(fmt(r)) for r in rows)) + 1 for header, width, fmt in columns]
+    line = lambda cells: "".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    print(line([header for header, _, _ in columns]))
     print("-" * sum(widths))
     for row in rows:
-        print(
-            "".join(
-                fmt(row).rjust(w) if i else fmt(row).ljust(w) for i, ((_, _, fmt), w) in enumerate(zip(COLUMNS, widths))
-            )
-        )
-    print(
-        "AUC on each market's rows after the time cut. params: trainable (share of the base); state: "
-        "parameters + gradients + optimizer state while training (CPU; CUDA reports its peak)."
-    )
+        print(line([fmt(row) for _, _, fmt in columns]))
+    print(legend)
 
 
 def _clean(value):
@@ -68,36 +80,48 @@ def save_report(path: str | Path, report: dict) -> None:
     atomic_write_text(path, json.dumps(_clean(report), indent=2, default=str) + "\n")
 
 
-def save_plot(path: str | Path, rows: list[dict]) -> None:
-    """Two panels: AUC per market (base, LoRA, dense) and fine-tuning samples/s (LoRA, dense)."""
+def _finite(values) -> list[float]:
+    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def _bars(axis, rows: list[dict], arms, suffix: str, names: list[str]) -> list[float]:
+    """One bar group per row, a bar per arm (its ``<prefix>_<suffix>`` field; missing: no bar);
+    the finite heights drawn."""
+    width = 0.8 / len(arms)
+    drawn = []
+    for k, (prefix, label) in enumerate(arms):
+        heights = [row.get(f"{prefix}_{suffix}") for row in rows]
+        heights = [h if _finite([h]) else float("nan") for h in heights]
+        offset = (k - (len(arms) - 1) / 2) * width
+        color = f"C{[a[0] for a in ARMS].index(prefix)}" if prefix in dict(ARMS) else None  # one colour per arm
+        axis.bar([i + offset for i in range(len(rows))], heights, width=width, label=label, color=color)
+        drawn += _finite(heights)
+    axis.set_xticks(list(range(len(rows))), names)
+    axis.legend(loc="upper left", ncols=len(arms), fontsize=8)
+    return drawn
+
+
+def save_plot(path: str | Path, rows: list[dict], *, name: str = "market", arms=ARMS) -> None:
+    """Two panels: test AUC per row (its ``name`` field) for each of ``arms`` that has one, and
+    fine-tuning samples/s of the arms that trained."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markets = [r["market"] for r in rows]
-    x = range(len(rows))
-    fig, (quality, speed) = plt.subplots(1, 2, figsize=(11, 4))
-    for offset, (key, label) in zip(
-        (-0.27, 0.0, 0.27), (("base_auc", "base"), ("lora_auc", "LoRA"), ("dense_auc", "dense fine-tuning"))
-    ):
-        quality.bar([i + offset for i in x], [r[key] for r in rows], width=0.27, label=label)
-    low = min(r["base_auc"] for r in rows)
-    high = max(max(r["lora_auc"], r["dense_auc"]) for r in rows)
-    quality.set_ylim(max(0.0, low - 0.05), min(1.0, high + 0.04))
-    quality.set_xticks(list(x), markets)
+    names = [str(r[name]) for r in rows]
+    scored = [a for a in arms if any(_finite([r.get(f"{a[0]}_auc")]) for r in rows)]
+    trained = [a for a in arms if any(f"{a[0]}_samples_per_second" in r for r in rows)]
+    fig, (quality, speed) = plt.subplots(1, 2, figsize=(max(11, 1.2 * len(rows)), 4))
+    aucs = _bars(quality, rows, scored, "auc", names) if scored else []
+    if aucs:
+        quality.set_ylim(max(0.0, min(aucs) - 0.05), min(1.0, max(aucs) + 0.04))
     quality.set_ylabel("test AUC")
-    quality.set_title("quality per market")
-    quality.legend(loc="upper left", ncols=3, fontsize=8)
-    for offset, (key, label) in zip(
-        (-0.2, 0.2), (("lora_samples_per_second", "LoRA"), ("dense_samples_per_second", "dense fine-tuning"))
-    ):
-        speed.bar([i + offset for i in x], [r[key] for r in rows], width=0.4, label=label)
-    speed.set_xticks(list(x), markets)
+    quality.set_title(f"quality per {name}")
+    speeds = _bars(speed, rows, trained, "samples_per_second", names) if trained else []
     speed.set_ylabel("training samples/s")
     speed.set_title("fine-tuning throughput")
-    speed.set_ylim(0, 1.25 * max(max(r["lora_samples_per_second"], r["dense_samples_per_second"]) for r in rows))
-    speed.legend(loc="upper left", ncols=2, fontsize=8)
+    speed.set_ylim(0, 1.25 * max(speeds, default=1.0) or 1.0)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

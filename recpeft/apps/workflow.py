@@ -3,6 +3,8 @@
 1. :func:`prepare`: split an interaction table by time per segment (train, validation = the
    latest training rows, test = the rows after the cut) and encode it with the base's encoder
    (ids the encoder never saw map to each table's out-of-vocabulary row): an :class:`EncodedSplit`.
+   For pretraining, a :class:`SegmentRule` leaves segments out (excluded by name, too small, or
+   lacking train, validation or test rows) before the encoder is fitted: the base never sees them.
 2. :func:`pretrain`: a torchrec click model (``build_click_model``) trained on every segment's
    training rows, early-stopped on every segment's validation rows.
 3. :func:`finetune`: one segment's training rows, either a LoRA adapter on a frozen copy of the
@@ -23,7 +25,8 @@ from __future__ import annotations
 
 import copy
 import enum
-from dataclasses import dataclass, replace
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -46,10 +49,35 @@ class Method(str, enum.Enum):
     DENSE = "dense"  # every parameter of a copy of the base, the baseline LoRA must match
 
 
+@dataclass(frozen=True)
+class SegmentRule:
+    """Which segments a base is pretrained without: those named in ``exclude`` (a market the base
+    must never see, to be fine-tuned as a new one), those with fewer than ``min_rows`` rows, and
+    those the time split left without train, validation or test rows."""
+
+    exclude: tuple[str, ...] = ()
+    min_rows: int = 0
+
+    def left_out(self, split: TimeSplit) -> dict[str, str]:
+        """Segment → why the rule leaves it out, for the segments of ``split`` it leaves out
+        (names in ``exclude`` that ``split`` lacks are ignored)."""
+        reasons = {}
+        for name, counts in split.counts.items():
+            empty = split.empty_parts(name)
+            if name in self.exclude:
+                reasons[name] = "excluded by name"
+            elif sum(counts) < self.min_rows:
+                reasons[name] = f"{sum(counts):,} rows, under the minimum {self.min_rows:,}"
+            elif empty:
+                reasons[name] = f"empty {'/'.join(empty)} part: train/valid/test rows {'/'.join(map(str, counts))}"
+        return reasons
+
+
 @dataclass
 class EncodedSplit:
     """An interaction table split by time per segment (``split``, the raw rows) and encoded by
-    ``encoder``: the ``train``, ``valid`` and ``test`` rows of every segment, ready for a model."""
+    ``encoder``: the ``train``, ``valid`` and ``test`` rows of every segment, ready for a model.
+    ``left_out``: segment → reason, for the segments :func:`prepare`'s rule removed."""
 
     schema: Schema
     encoder: FeatureEncoder
@@ -57,6 +85,7 @@ class EncodedSplit:
     train: EncodedInteractions
     valid: EncodedInteractions
     test: EncodedInteractions
+    left_out: dict[str, str] = field(default_factory=dict)
 
     @property
     def segments(self) -> list[str]:
@@ -67,22 +96,23 @@ class EncodedSplit:
         frames = (self.split.train, self.split.valid, self.split.test)
         return sorted({str(v) for f in frames for v in f[self.schema.segment].unique()})
 
-    def segment_rows(self, part: str, segment: str | None = None) -> ClickBatches:
-        """Batches of ``part`` ("train" | "valid" | "test"), of one segment (by its name in the
-        data, so a segment the base never saw works too) or of all of them."""
+    def segment_rows(self, part: str, segment: str | Collection[str] | None = None) -> ClickBatches:
+        """Batches of ``part`` ("train" | "valid" | "test"), of one segment or several (by their
+        names in the data, so a segment the base never saw works too) or of all of them."""
         if part not in ("train", "valid", "test"):
             raise ValueError(f"part must be train, valid or test, got {part!r}")
         rows = getattr(self, part)
-        if segment is None or (self.schema.segment is None and segment == ALL_ROWS):
+        names = {segment} if isinstance(segment, str) else segment
+        if names is None or (self.schema.segment is None and ALL_ROWS in names):
             return ClickBatches(rows)
         if self.schema.segment is None:
             raise ValueError(f"segment {segment!r}: the data has no segment column")
-        mask = getattr(self.split, part)[self.schema.segment].astype(str).to_numpy() == segment
+        mask = getattr(self.split, part)[self.schema.segment].astype(str).isin(names).to_numpy(copy=True)
         return ClickBatches(rows.select(torch.from_numpy(mask)))
 
-    def unseen_share(self, part: str = "train", segment: str | None = None) -> dict[str, float]:
-        """Per sparse feature, the share of ``part``'s rows (of ``segment``) whose id the encoder
-        never saw (they use the table's out-of-vocabulary row, the last)."""
+    def unseen_share(self, part: str = "train", segment: str | Collection[str] | None = None) -> dict[str, float]:
+        """Per sparse feature, the share of ``part``'s rows (of ``segment``, one or several) whose id
+        the encoder never saw (they use the table's out-of-vocabulary row, the last)."""
         encoded = self.segment_rows(part, segment).encoded
         if len(encoded) == 0:
             return {}
@@ -99,6 +129,7 @@ def prepare(
     test_fraction: float = 0.2,
     valid_fraction: float = 0.15,
     name: str = "data",
+    leave_out: SegmentRule | None = None,
 ) -> EncodedSplit:
     """Split ``frame`` by time (``split_by_time``) and encode it.
 
@@ -106,17 +137,42 @@ def prepare(
     base's pretraining would; with one (a saved base's), its vocabularies are used unchanged and
     ids it never saw map to each table's out-of-vocabulary row (see ``EncodedSplit.unseen_share``).
     The latest ``valid_fraction`` of each segment's rows before its test cut are its validation rows.
+    A segment without train or test rows is kept (fine-tuning it fails, scoring it is undefined);
+    ``leave_out`` removes the segments it names (:meth:`SegmentRule.left_out`) before the encoder is
+    fitted, and refuses to leave none.
     """
     split = split_by_time(
-        frame, schema, test_start=test_start, test_fraction=test_fraction, valid_fraction=valid_fraction
+        frame, schema, test_start=test_start, test_fraction=test_fraction, valid_fraction=valid_fraction, strict=False
     )
+    left_out = leave_out.left_out(split) if leave_out is not None else {}
+    if left_out:
+        split = _without(split, schema, left_out)
     if encoder is None:
         encoder = FeatureEncoder().fit(pd.concat([split.train, split.valid]), schema)
     parts = {
         part: encoder.transform(getattr(split, part), unseen="oov", name=f"{name} ({part} rows)")
         for part in ("train", "valid", "test")
     }
-    return EncodedSplit(schema, encoder, split, **parts)
+    return EncodedSplit(schema, encoder, split, **parts, left_out=left_out)
+
+
+def _without(split: TimeSplit, schema: Schema, segments: dict[str, str]) -> TimeSplit:
+    """``split`` less the rows, cuts and counts of ``segments`` (name → why); refused, with the
+    reasons, if nothing is left (always so without a segment column: its one group is left out)."""
+    kept = [name for name in split.counts if name not in segments]
+    if not kept:
+        reasons = "; ".join(f"{name}: {why}" for name, why in segments.items())
+        raise ValueError(f"every segment is left out ({reasons}); check the timestamps, the cuts and the rule")
+    parts = {
+        part: frame[~frame[schema.segment].astype(str).str.strip().isin(segments)]
+        for part, frame in (("train", split.train), ("valid", split.valid), ("test", split.test))
+    }
+    return TimeSplit(
+        **parts,
+        cuts={n: split.cuts[n] for n in kept},
+        counts={n: split.counts[n] for n in kept},
+        expects_valid=split.expects_valid,
+    )
 
 
 def pretrain(

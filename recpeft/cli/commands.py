@@ -1,7 +1,8 @@
 """What each ``recpeft`` sub-command does (the parser lives in cli.py).
 
-pretrain   DATA --out BASE                      train a base click model on every segment
+pretrain   DATA --out BASE                      train a base click model on every segment (less those left out)
 finetune   DATA --base BASE --segment S --out A  a LoRA adapter (or a dense copy) for one segment
+finetune   DATA --base BASE --segments A,B|all --out D   one per segment, and a summary
 evaluate   DATA --base BASE [--adapter A]       AUC / LogLoss per segment on the rows after the cut
 merge      --base BASE --adapter A --out M      fold an adapter into the base: a new base checkpoint
 bench      [--base BASE]                        LoRA vs dense fine-tuning cost, side by side
@@ -28,7 +29,7 @@ from recpeft.apps.base_checkpoint import (
     save_base,
 )
 from recpeft.apps.demo_report import save_report
-from recpeft.apps.workflow import Method, click_metrics, finetune, prepare, pretrain
+from recpeft.apps.workflow import Method, SegmentRule, click_metrics, finetune, prepare, pretrain
 from recpeft.datasets.sources import Roles, load_source, resolve_format
 from recpeft.datasets.splits import cut_ns
 from recpeft.peft.config import LoraConfig
@@ -39,6 +40,7 @@ from recpeft.utils.outputs import prepare_output
 from recpeft.utils.validation import check_int
 
 from .defaults import FINETUNE, FINETUNE_LR, PRETRAIN, SOURCES
+from .main import segment_names
 
 #: above this share of ids unknown to the base, finetune/evaluate stop unless --allow-unseen
 UNSEEN_LIMIT = 0.5
@@ -55,7 +57,11 @@ CONFLICT_REASONS = {
     "test_start": "the base would be scored on rows it trained on",
     "test_fraction": "the base would be scored on rows it trained on",
     "valid_fraction": "the rows held out for early stopping would not be the base's",
+    "exclude_segments": "the segments the base never saw would not be the ones it was pretrained without",
+    "min_segment_rows": "the segments left out of pretraining would not be the base's",
 }
+#: folder names under ``finetune --segments``' --out that no segment's folder may take
+SUMMARY_FILES = ("summary.json", "summary.png")
 #: a --test-start of 9 or more digits (any time from 1973 on) is epoch seconds (or ms, µs, ns by
 #: magnitude); shorter numbers stay dates (20250301)
 EPOCH_CUT = re.compile(r"\d{9,}(\.\d*)?")
@@ -99,6 +105,8 @@ def _cut(value):
 
 
 def _shown(value) -> str:
+    if isinstance(value, list):
+        return ",".join(value) or "none"
     return "none" if value is None else str(value)
 
 
@@ -171,7 +179,8 @@ def _source_record(args, schema) -> dict:
     values = {"segment_col": schema.segment, "segment_by": args.segment_by, "criteo_segment": args.criteo_segment}
     record = {"format": fmt, **({segmenting: values[segmenting]} if segmenting else {})}
     split = {"test_start": args.test_start} if args.test_start is not None else {"test_fraction": args.test_fraction}
-    return {**record, **split, "valid_fraction": args.valid_fraction}
+    left_out = {"exclude_segments": list(args.exclude_segments), "min_segment_rows": args.min_segment_rows}
+    return {**record, **split, "valid_fraction": args.valid_fraction, **left_out}
 
 
 def _segmenting(args, schema) -> str:
@@ -184,17 +193,28 @@ def _segmenting(args, schema) -> str:
     return f"column {schema.segment!r}"
 
 
+def _segment_rule(args) -> SegmentRule:
+    """The segments pretraining leaves out, as the (settled) flags say."""
+    check_int("--min-segment-rows", args.min_segment_rows, minimum=0)
+    return SegmentRule(tuple(args.exclude_segments), args.min_segment_rows)
+
+
 def _data(args, base=None, encoder=None, segment: str | None = None):
     """Read, (keep ``segment``'s rows only), split by time and encode, as ``base`` records
-    (:func:`_settle_sources`); with a base's encoder, refuse data whose ids the base mostly never
-    saw (unless --allow-unseen)."""
+    (:func:`_settle_sources`). Without a base's encoder (pretraining), the segments the rule of
+    --exclude-segments and --min-segment-rows names are left out, with a printed list; with one,
+    refuse data whose ids the base mostly never saw (unless --allow-unseen, :func:`_check_unseen`)."""
     _settle_sources(args, base)
+    rule = _segment_rule(args)
     with _reading("data", args.data or "embedded shop"):
         frame, schema = load_source(args.data, args.format, _roles(args, encoder.schema if encoder else None))
     name = str(args.data) if args.data else "embedded shop"
     segmenting = _segmenting(args, schema)
+    present = sorted(frame[schema.segment].astype(str).unique()) if schema.segment else []
+    unknown = ",".join(sorted(set(rule.exclude) - set(present)))
+    if encoder is None and unknown:
+        raise ValueError(f"--exclude-segments {unknown}: not in {name}; its segments ({segmenting}) are {present}")
     if segment is not None:
-        present = sorted(frame[schema.segment].astype(str).unique()) if schema.segment else []
         if segment not in present:
             raise ValueError(f"segment {segment!r} is not in {name}; its segments ({segmenting}) are {present}")
         frame = frame[frame[schema.segment].astype(str) == segment]
@@ -211,27 +231,53 @@ def _data(args, base=None, encoder=None, segment: str | None = None):
             test_fraction=args.test_fraction,
             valid_fraction=args.valid_fraction,
             name=name,
+            leave_out=rule if encoder is None else None,
         )
+    if data.left_out:
+        print("left out of pretraining: " + "; ".join(f"{s} ({why})" for s, why in data.left_out.items()))
     if encoder is not None:
-        _check_unseen(data, name, args.allow_unseen)
+        _check_unseen(data, name, args.allow_unseen, rule.left_out(data.split))
     return data
 
 
-def _check_unseen(data, name: str, allow: bool) -> None:
-    for part in ("train", "test"):
-        shares = data.unseen_share(part)
+def _refuse_unseen(shares: dict, judged, where: str, rows: str, question: str, allow: bool) -> None:
+    """Refuse where more than :data:`UNSEEN_LIMIT` of ``rows`` (of the data ``where`` names) hold ids
+    the base never saw in one of the ``judged`` features (unless ``allow``)."""
+    worst = max((f for f in judged if f in shares), key=shares.get, default=None)
+    if worst is not None and shares[worst] > UNSEEN_LIMIT and not allow:
+        raise ValueError(
+            f"{where}: {100 * shares[worst]:.0f}% of {rows}' {worst!r} ids are unknown to the base "
+            f"(limit {100 * UNSEEN_LIMIT:.0f}%): {question} Pass --allow-unseen to go on"
+        )
+
+
+def _shares(shares: dict) -> str:
+    return ", ".join(f"{f} {100 * v:.1f}%" for f, v in shares.items())
+
+
+def _check_unseen(data, name: str, allow: bool, left_out: dict[str, str]) -> None:
+    """Say which ids the base never saw, and refuse (unless ``allow``) data that looks like
+    another data set: over :data:`UNSEEN_LIMIT` of any feature's ids unknown in the segments the
+    base was pretrained on; in a segment ``left_out`` of pretraining, whose users (and more) are
+    new by design, only over the limit of its items."""
+    seen = [s for s in data.segments if s not in left_out]
+    for part in ("train", "test") if seen else ():
+        shares = data.unseen_share(part, seen if left_out else None)
         if any(shares.values()):
-            print(
-                f"{part} rows with ids the base never saw (out-of-vocabulary row): "
-                + ", ".join(f"{f} {100 * v:.1f}%" for f, v in shares.items() if v)
-            )
-        worst = max(shares, key=shares.get, default=None)
-        if worst is not None and shares[worst] > UNSEEN_LIMIT and not allow:
-            raise ValueError(
-                f"{name}: {100 * shares[worst]:.0f}% of the {part} rows' {worst!r} ids are unknown to the "
-                f"base (limit {100 * UNSEEN_LIMIT:.0f}%): is this the data the base was pretrained "
-                f"on? Pass --allow-unseen to go on"
-            )
+            unseen = _shares({f: v for f, v in shares.items() if v})
+            print(f"{part} rows with ids the base never saw (out-of-vocabulary row): {unseen}")
+        question = "is this the data the base was pretrained on?"
+        _refuse_unseen(shares, list(shares), name, f"the {part} rows", question, allow)
+    schema = data.schema
+    items = [schema.item] if schema.item else [f for f in schema.sparse_features if f != schema.user]
+    for segment in (s for s in data.segments if s in left_out):
+        shares = data.unseen_share("test", segment)
+        print(
+            f"{segment}: left out of pretraining ({left_out[segment]}); share of its test rows with ids the base "
+            f"never saw: {_shares(shares) or 'no test rows'} — expected for a segment the base never saw"
+        )
+        question = "most items unknown looks like another catalogue or schema, not a new market."
+        _refuse_unseen(shares, items, name, f"segment {segment!r}'s test rows", question, allow)
 
 
 def _data_path(args):
@@ -365,35 +411,154 @@ def _lora_config(args, model, schema) -> LoraConfig:
     )
 
 
-def cmd_finetune(args) -> None:
-    out = prepare_output(args.out, reads=[args.base, _data_path(args)], overwrite=args.overwrite)
-    base, encoder = _load_base(args.base)
-    data = _data(args, args.base, encoder, segment=args.segment)
-    method = Method(args.method)
-    config = _train_config(args, f"{method.value} {args.segment}", **FINETUNE, lr=FINETUNE_LR[method.value])
+def _fit_and_save(args, base, data, segment: str, method: Method, out: Path) -> dict:
+    """Fine-tune a copy of ``base`` on ``segment`` by ``method`` and save it to ``out`` (a LoRA
+    adapter with the base's fingerprint, or a dense copy as a base checkpoint with the record):
+    its test metrics, FitReport and size on disk."""
+    config = _train_config(args, f"{method.value} {segment}", **FINETUNE, lr=FINETUNE_LR[method.value])
     lora = _lora_config(args, base, data.schema) if method is Method.LORA else None
-    model, report = finetune(
-        base, data, args.segment, method, train_config=config, lora_config=lora, device=args.device
-    )
-    test = data.segment_rows("test", args.segment)
-    before, after = click_metrics(base, test), click_metrics(model, test)
+    model, report = finetune(base, data, segment, method, train_config=config, lora_config=lora, device=args.device)
+    after = click_metrics(model, data.segment_rows("test", segment))
     if method is Method.LORA:
         with _writing("the adapter", out):
             model.save_pretrained(out, extra_files=base_fingerprint_files(args.base))
         size = (out / "adapter_model.safetensors").stat().st_size
-        what = f"adapter {size / 1024:.1f} KB ({100 * size / checkpoint_bytes(args.base):.2f}% of the base)"
     else:
         with _writing("the fine-tuned copy", out):
-            metrics = {"segment": args.segment, "test_auc": _finite_or_none(after["auc"])}
-            save_base(out, model, encoder, metrics=metrics, data_source=_source_record(args, data.schema))
+            metrics = {"segment": segment, "test_auc": _finite_or_none(after["auc"])}
+            save_base(out, model, data.encoder, metrics=metrics, data_source=_source_record(args, data.schema))
+        size = checkpoint_bytes(out)
+    return {"metrics": after, "report": report, "bytes": size, "lora_config": lora, "train_config": config}
+
+
+def _methods(args) -> list[Method]:
+    """The --method value as methods; both at once only with --segments."""
+    methods = [Method(m) for m in args.method.split(",")]
+    if len(methods) > 1 and args.segments is None:
+        raise ValueError(f"--method {args.method} trains both side by side: give --segments (one: --segments S)")
+    return methods
+
+
+def cmd_finetune(args) -> None:
+    methods = _methods(args)
+    out = prepare_output(args.out, reads=[args.base, _data_path(args)], overwrite=args.overwrite)
+    base, encoder = _load_base(args.base)
+    if args.segments is not None:
+        return _finetune_segments(args, base, encoder, methods, out)
+    method, segment = methods[0], args.segment
+    data = _data(args, args.base, encoder, segment=segment)
+    done = _fit_and_save(args, base, data, segment, method, out)
+    report, after = done["report"], done["metrics"]
+    before = click_metrics(base, data.segment_rows("test", segment))
+    if method is Method.LORA:
+        size = done["bytes"]
+        what = f"adapter {size / 1024:.1f} KB ({100 * size / checkpoint_bytes(args.base):.2f}% of the base)"
+    else:
         what = "fine-tuned copy of the base"
     _auc_note(before, after)
     print(
-        f"{args.segment}: {report.epochs_run} epochs on {report.device}, {report.samples_per_second:,.0f} "
+        f"{segment}: {report.epochs_run} epochs on {report.device}, {report.samples_per_second:,.0f} "
         "samples/s; test AUC "
         f"base {_auc(before)} → {_auc(after)} (LogLoss {before['log_loss']:.4f} → "
         f"{after['log_loss']:.4f}) on {after['rows']:,} rows; saved the {what} to {out}"
     )
+
+
+def _chosen_segments(args, data, name: str) -> list[str]:
+    """The segments ``--segments`` names: 'all' is every segment of the data but those
+    :class:`SegmentRule` with --min-segment-rows skips (too small, or without train, validation or
+    test rows; listed on screen); a list must name segments of the data with training rows."""
+    if args.segments.strip() == "all":
+        skipped = SegmentRule(min_rows=args.min_segment_rows).left_out(data.split)
+        if skipped:
+            print("skipping: " + "; ".join(f"{s} ({why})" for s, why in skipped.items()))
+        chosen = [s for s in data.segments if s not in skipped]
+        if not chosen:
+            raise ValueError(f"--segments all: no segment of {name} can be fine-tuned (all skipped, listed above)")
+        return chosen
+    chosen = segment_names(args.segments)
+    unknown = [s for s in chosen if s not in data.segments]
+    if unknown or not chosen:
+        raise ValueError(
+            f"--segments {args.segments}: {unknown or 'none'} not in {name}; its segments are {data.segments}"
+        )
+    untrainable = [s for s in chosen if "train" in data.split.empty_parts(s)]
+    if untrainable:
+        raise ValueError(f"--segments: {','.join(untrainable)} of {name} has no training rows before the time cut")
+    return chosen
+
+
+def _segment_folder(segment: str, method: Method) -> str:
+    """Where a segment's model goes under --out: ``<segment>`` (LoRA), ``<segment>-dense`` (dense)."""
+    return segment if method is Method.LORA else f"{segment}-dense"
+
+
+def _check_folders(segments: list[str], methods: list[Method]) -> None:
+    """Refuse segment names that cannot be folders of their own under --out (a path, a summary
+    file's name, or one segment's dense folder being another's adapter folder)."""
+    folders = [_segment_folder(s, m) for s in segments for m in methods]
+    for folder in folders:
+        if folder in ("", ".", "..", *SUMMARY_FILES) or any(c in folder for c in "/\\\x00"):
+            raise ValueError(
+                f"segment {folder!r} cannot be a folder of its own under --out; fine-tune it with --segment"
+            )
+    twins = sorted({f for f in folders if folders.count(f) > 1})
+    if twins:
+        raise ValueError(f"segments {twins} would share a folder under --out (<segment> and <segment>-dense)")
+
+
+def _finetune_segments(args, base, encoder, methods: list[Method], out: Path) -> None:
+    """``finetune --segments``: every chosen segment by every method in one process, a folder per
+    model under ``out`` (:func:`_segment_folder`), then the summary (table, summary.json, summary.png)."""
+    from tqdm.auto import tqdm
+
+    from recpeft.apps.finetune_summary import segment_row, summarise
+
+    data = _data(args, args.base, encoder)
+    name = str(args.data) if args.data else "embedded shop"
+    segments = _chosen_segments(args, data, name)
+    _check_folders(segments, methods)
+    left_out = _segment_rule(args).left_out(data.split)
+    rows, configs = [], {}
+    bar = tqdm(total=len(segments) * len(methods), desc="segments", unit="model", disable=args.quiet)
+    for segment in segments:
+        row = segment_row(base, data, segment, left_out.get(segment))
+        for method in methods:
+            bar.set_postfix_str(f"{method.value} {segment}")
+            folder = _segment_folder(segment, method)
+            done = _fit_and_save(args, base, data, segment, method, out / folder)
+            row.update(_method_fields(method, done, folder))
+            configs[method.value] = {"train": done["train_config"].to_dict(), "lora": done["lora_config"]}
+            bar.update()
+        rows.append(row)
+    bar.close()
+    context = {
+        "base": str(args.base),
+        "data": name,
+        "device": describe_device(args.device),
+        "methods": [m.value for m in methods],
+        "settings": {m: {**c, "lora": c["lora"].to_dict() if c["lora"] else None} for m, c in configs.items()},
+        "left_out_of_pretraining": left_out,
+    }
+    with _writing("the summary", out):
+        summarise(out, rows, context)
+
+
+def _method_fields(method: Method, done: dict, folder: str) -> dict:
+    """A summary row's fields for one method's run (prefixed ``lora_`` or ``dense_``)."""
+    report, metrics = done["report"], done["metrics"]
+    fields = {
+        "auc": metrics["auc"],
+        "log_loss": metrics["log_loss"],
+        "epochs": report.epochs_run,
+        "best_epoch": report.best_epoch,
+        "seconds": report.seconds,
+        "samples_per_second": report.samples_per_second,
+        "bytes": done["bytes"],
+        "folder": folder,
+        "history": report.history,
+    }
+    return {f"{method.value}_{k}": v for k, v in fields.items()}
 
 
 def cmd_evaluate(args) -> None:

@@ -14,4 +14,8 @@ SOURCES = {
     "test_start": None,
     "test_fraction": 0.2,
     "valid_fraction": 0.15,
+    "exclude_segments": [],
+    "min_segment_rows": 0,
 }
+#: what ``finetune --method`` accepts: one method, or both trained side by side (with --segments)
+METHODS = ("lora", "dense", "lora,dense")

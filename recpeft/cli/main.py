@@ -12,12 +12,13 @@ from pathlib import Path
 
 from recpeft.datasets.formats import FORMATS, MOVIELENS_SEGMENT_ATTRIBUTES, TIME_UNITS
 
-from .defaults import FINETUNE, FINETUNE_LR, PRETRAIN, SOURCES
+from .defaults import FINETUNE, FINETUNE_LR, METHODS, PRETRAIN, SOURCES
 
 EXAMPLES = """examples:
   recpeft demo                                            # the main job on the embedded shop
   recpeft pretrain log.parquet --segment-col country --categorical category,brand --dense price --out base
   recpeft finetune log.parquet --base base --segment DE --out adapters/DE
+  recpeft finetune log.parquet --base base --segments all --method lora,dense --out adapters   # + summary
   recpeft evaluate log.parquet --base base --adapter adapters/DE --segment DE
   recpeft merge --base base --adapter adapters/DE --out base-DE
   recpeft finetune ml-1m/ --base ml-base --segment F --out adapters/F    # MovieLens, segments by gender
@@ -38,6 +39,11 @@ def _version() -> str:
         return importlib.metadata.version("recpeft")
     except importlib.metadata.PackageNotFoundError:
         return "unknown (not installed)"
+
+
+def segment_names(text: str) -> list[str]:
+    """A comma-separated list of segment names, as a sorted list without repeats or blanks."""
+    return sorted({name.strip() for name in text.split(",") if name.strip()})
 
 
 def _data_arguments(parser: argparse.ArgumentParser, *, reads_base: bool) -> None:
@@ -109,7 +115,8 @@ def _data_arguments(parser: argparse.ArgumentParser, *, reads_base: bool) -> Non
     data.add_argument(
         "--allow-unseen",
         action="store_true",
-        help="fine-tune/evaluate even when over half of a feature's ids are unknown to the base",
+        help="fine-tune/evaluate even when over half of a feature's ids are unknown to the base (for a "
+        "segment left out of pretraining: of its items)",
     )
     data.add_argument(
         "--valid-fraction",
@@ -117,6 +124,22 @@ def _data_arguments(parser: argparse.ArgumentParser, *, reads_base: bool) -> Non
         default=None,
         help="each segment's latest share of rows before the test cut, for early stopping "
         f"({default(SOURCES['valid_fraction'])})",
+    )
+    data.add_argument(
+        "--exclude-segments",
+        type=segment_names,
+        default=None,
+        metavar="A,B",
+        help="segments left out of pretraining (a market the base never sees), kept in the data for "
+        f"finetune and evaluate ({default('none')})",
+    )
+    data.add_argument(
+        "--min-segment-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="segments with fewer rows, or without train/validation/test rows, are left out of pretraining "
+        f"(and skipped by finetune --segments all) ({default(SOURCES['min_segment_rows'])})",
     )
 
 
@@ -221,21 +244,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     fine = add(
         "finetune",
-        help="train a LoRA adapter (or a dense copy) for one segment",
+        help="train a LoRA adapter (or a dense copy) for one segment, or for several with a summary",
         description="Fine-tune the base on one segment's rows before the time cut and report "
-        "base vs fine-tuned AUC on the segment's rows after it. The data is encoded "
+        "base vs fine-tuned AUC on the segment's rows after it; with --segments, every listed segment "
+        "in one run, with a summary. The data is encoded "
         "with the base's vocabularies (unseen ids use the out-of-vocabulary row).",
     )
     _data_arguments(fine, reads_base=True)
     _train_arguments(fine, FINETUNE, lr=" with LoRA, ".join(map(str, FINETUNE_LR.values())) + " dense")
     fine.add_argument("--base", required=True, help="base checkpoint folder (from `recpeft pretrain`)")
-    fine.add_argument("--segment", required=True, help="the segment to fine-tune on")
-    fine.add_argument("--out", required=True, help="folder for the adapter (or, with --method dense, the copy)")
+    which = fine.add_mutually_exclusive_group(required=True)
+    which.add_argument("--segment", default=None, help="the segment to fine-tune on")
+    which.add_argument(
+        "--segments",
+        default=None,
+        metavar="A,B|all",
+        help="several segments in one run ('all': every one with enough rows, see --min-segment-rows): "
+        "--out/<segment>/ per LoRA adapter, --out/<segment>-dense/ per dense copy, and a summary "
+        "(summary.json, summary.png)",
+    )
+    fine.add_argument(
+        "--out",
+        required=True,
+        help="folder for the adapter (or, with --method dense, the copy; with --segments, for all of them)",
+    )
     fine.add_argument(
         "--method",
-        choices=("lora", "dense"),
+        choices=METHODS,
         default="lora",
-        help="a LoRA adapter, or dense fine-tuning of a copy of the whole base (default: lora)",
+        help="a LoRA adapter, dense fine-tuning of a copy of the whole base, or (with --segments) both (default: lora)",
     )
     _overwrite_argument(fine, "an existing --out folder")
     fine.add_argument("--r", type=int, default=4, help="LoRA rank (default: 4)")

@@ -9,6 +9,9 @@ valid_fraction) latest of the m rows before c_s (at least 1 when the fraction is
 at a cut goes to the later part, so all rows sharing one timestamp land in one part and the parts
 may be slightly larger than their fraction. Each segment keeps its own most recent rows as its
 test slice, so a small market's test data is its own recent past rather than the big market's.
+A segment left without train or test rows is an error naming it; with ``strict=False`` it is kept,
+and ``TimeSplit.empty_parts`` says what it lacks (validation rows too, where a validation share
+or start is given), so that a caller can leave it out instead of stopping.
 
 ``leave_last_out`` (ranking): per user, ordered by time (ties by row order), the last interaction
 is the test row and the second last the validation row; users with fewer than
@@ -38,12 +41,22 @@ class TimeSplit:
     """Three parts of one table, each with the original index and row order.
 
     ``cuts``: group (segment name, or ``ALL_ROWS``) → (validation start, test start) timestamps;
-    empty for ``leave_last_out``."""
+    ``counts``: group → its (train, valid, test) row counts; ``expects_valid``: whether the split
+    was asked for validation rows. ``cuts`` and ``counts`` are empty for ``leave_last_out``."""
 
     train: pd.DataFrame
     valid: pd.DataFrame
     test: pd.DataFrame
     cuts: dict[str, tuple[pd.Timestamp, pd.Timestamp]] = field(default_factory=dict)
+    counts: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    expects_valid: bool = True
+
+    def empty_parts(self, group: str) -> list[str]:
+        """The parts ("train", "valid", "test") that ``group`` has no rows in; "valid" only where
+        the split was asked for validation rows."""
+        names = ("train", "valid", "test") if self.expects_valid else ("train", "test")
+        counts = dict(zip(("train", "valid", "test"), self.counts[group]))
+        return [part for part in names if counts[part] == 0]
 
 
 def cut_ns(value, name: str = "cut") -> int:
@@ -91,6 +104,7 @@ def split_by_time(
     valid_start=None,
     test_fraction: float = 0.2,
     valid_fraction: float = 0.1,
+    strict: bool = True,
 ) -> TimeSplit:
     """Split ``frame`` (N rows) by time, per segment (see the module docstring).
 
@@ -100,8 +114,8 @@ def split_by_time(
             segment; None: per-segment quantiles from the fractions.
         test_fraction: share of each segment's rows for test, in (0, 1).
         valid_fraction: share of each segment's rows before its test cut for validation, in [0, 1).
-
-    Raises ValueError naming the segment whose train or test part is empty.
+        strict: raise ValueError naming a segment whose train or test part is empty; False keeps
+            it (see ``TimeSplit.empty_parts``).
     """
     if schema.timestamp is None:
         raise ValueError("split_by_time: the schema has no timestamp column")
@@ -125,7 +139,8 @@ def split_by_time(
         codes, names = pd.factorize(canonical_text(frame[schema.segment]).str.strip(), sort=True)
         groups = {str(name): np.flatnonzero(codes == k) for k, name in enumerate(names)}
     part = np.zeros(len(frame), dtype=np.int8)  # 0 train, 1 valid, 2 test
-    cuts = {}
+    cuts, counts = {}, {}
+    expects_valid = valid_fraction > 0 or fixed_valid is not None
     for name, rows in groups.items():
         t = times[rows]
         ordered = np.sort(t)
@@ -138,16 +153,19 @@ def split_by_time(
             n_valid = max(1, round(len(before) * valid_fraction)) if valid_fraction > 0 else 0
             valid_cut = min(_latest_cut(before, n_valid), test_cut) if len(before) else test_cut
         part[rows] = np.where(t >= test_cut, 2, np.where(t >= valid_cut, 1, 0))
-        counts = np.bincount(part[rows], minlength=3)
-        if counts[0] == 0 or counts[2] == 0:
-            empty = "train" if counts[0] == 0 else "test"
-            raise ValueError(
-                f"split_by_time: segment {name!r} has an empty {empty} part "
-                f"(train/valid/test rows {counts.tolist()}, test from {pd.Timestamp(test_cut)}); "
-                "it needs rows on both sides of the cut — check its timestamps or the cuts"
-            )
+        counts[name] = tuple(int(c) for c in np.bincount(part[rows], minlength=3))
         cuts[name] = (pd.Timestamp(valid_cut), pd.Timestamp(test_cut))
-    return TimeSplit(frame[part == 0], frame[part == 1], frame[part == 2], cuts)
+    split = TimeSplit(frame[part == 0], frame[part == 1], frame[part == 2], cuts, counts, expects_valid)
+    if strict:
+        for name in groups:
+            empty = [p for p in split.empty_parts(name) if p != "valid"]  # an empty validation part is allowed
+            if empty:
+                raise ValueError(
+                    f"split_by_time: segment {name!r} has an empty {empty[0]} part "
+                    f"(train/valid/test rows {list(counts[name])}, test from {cuts[name][1]}); "
+                    "it needs rows on both sides of the cut — check its timestamps or the cuts"
+                )
+    return split
 
 
 def leave_last_out(frame: pd.DataFrame, user_col: str, time_col: str, *, min_interactions: int = 3) -> TimeSplit:

@@ -63,6 +63,8 @@ def test_the_base_records_its_data_source(made):
         "segment_col": "country",
         "test_start": CUT,
         "valid_fraction": 0.15,
+        "exclude_segments": [],
+        "min_segment_rows": 0,
     }
     assert json.loads((made["fractioned"] / "data_source.json").read_text())["test_fraction"] == 0.3
 
