@@ -41,8 +41,8 @@ def save_plot(path, report: dict) -> None:
     names = [r["method"] for r in rows]
     figure, (quality, speed) = plt.subplots(1, 2, figsize=(9, 3.5))
     width = 0.38
-    for offset, key in ((-width / 2, "hr@10"), (width / 2, "ndcg@10")):
-        quality.bar([i + offset for i in range(len(rows))], [r[key] for r in rows], width, label=key)
+    for offset, key, label in ((-width / 2, "hr@10", "Recall@10"), (width / 2, "ndcg@10", "NDCG@10")):
+        quality.bar([i + offset for i in range(len(rows))], [r[key] for r in rows], width, label=label)
     quality.set_xticks(range(len(rows)), names)
     quality.set_title("test clicks ranked among the whole catalogue")
     quality.legend()

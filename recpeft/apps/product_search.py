@@ -5,7 +5,9 @@ and fine-tuned densely, side by side (``examples/product_search.py`` runs it and
 Data: the shop's clicks (label 1); those before ``TEST_START`` train, those from it on test. Each
 item's title comes from :func:`recpeft.datasets.shop_titles.item_titles`. Model:
 :class:`recpeft.models.text_tower.TextTwoTower` (a user table, MiniLM mean-pooled and projected
-to D) trained with the in-batch softmax for a fixed number of AdamW steps per method:
+to D) trained with the in-batch softmax for a fixed number of AdamW steps per method (the user
+table and projection at ``HEAD_LR`` in every method, the encoder's trained parameters at
+``ENCODER_LR[method]``):
 
     frozen  the encoder frozen; the user table and the projection train
     lora    LoRA (r, α) on the encoder's query and value projections; table and projection whole
@@ -37,7 +39,10 @@ from recpeft.train.memory import training_state_bytes
 
 TEST_START = "2026-03-12"  # day 70 of the shop, as the demo
 METHODS = ("frozen", "lora", "dense")
-LEARNING_RATES = {"frozen": 3e-3, "lora": 3e-3, "dense": 3e-4}
+#: AdamW learning rate of what every method trains whole (the user table, the projection) …
+HEAD_LR = 3e-3
+#: … and of the encoder's trained parameters per method (LoRA's A and B; all of MiniLM for dense)
+ENCODER_LR = {"frozen": 0.0, "lora": 1e-3, "dense": 1e-4}
 
 
 def load_minilm(path: str | Path | None = None):
@@ -100,12 +105,20 @@ def evaluate(model, tokens, test: torch.Tensor, ks=(10, 50)) -> dict[str, float]
     return ranking_metrics(scores, test[:, 1], ks)
 
 
+def _param_groups(model, encoder_lr: float) -> list[dict]:
+    """The trained parameters in two AdamW groups: the encoder's at ``encoder_lr``, the rest
+    (user table, projection) at HEAD_LR."""
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    encoder = [p for n, p in trained if ".encoder." in n]
+    head = [p for n, p in trained if ".encoder." not in n]
+    return [{"params": head, "lr": HEAD_LR}] + ([{"params": encoder, "lr": encoder_lr}] if encoder else [])
+
+
 def train(model, tokens, clicks: torch.Tensor, *, steps: int, batch_size: int, lr: float, seed: int, desc: str):
-    """``steps`` AdamW steps of the in-batch softmax over random batches of ``clicks``; returns
-    (samples/s, training state bytes)."""
+    """``steps`` AdamW steps of the in-batch softmax over random batches of ``clicks``, the encoder
+    at ``lr`` and the rest at HEAD_LR; returns (samples/s, training state bytes)."""
     generator = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    optimizer = torch.optim.AdamW(_param_groups(model, lr))
     model.train()
     start = time.perf_counter()
     for _ in tqdm(range(steps), desc=desc, leave=False):
@@ -149,7 +162,7 @@ def run_product_search(
             sum(p.numel() for p in model.parameters()),
         )
         samples_per_second, state = train(
-            model, tokens, train_clicks, steps=steps, batch_size=batch_size, lr=LEARNING_RATES[method],
+            model, tokens, train_clicks, steps=steps, batch_size=batch_size, lr=ENCODER_LR[method],
             seed=seed, desc=method,
         )  # fmt: skip
         row = {"method": method, **evaluate(model, tokens, test_clicks)}
@@ -168,7 +181,8 @@ def run_product_search(
             "dim": dim,
             "r": r,
             "seed": seed,
-            "learning_rates": LEARNING_RATES,
+            "head_lr": HEAD_LR,
+            "encoder_lr": ENCODER_LR,
             "test_start": TEST_START,
         },  # fmt: skip
         "data": {"train_clicks": len(train_clicks), "test_clicks": len(test_clicks), "items": len(titles)},
