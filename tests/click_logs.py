@@ -53,3 +53,14 @@ def pretrained(root) -> dict:
     finetune = ["finetune", str(log), *ROLES, "--base", str(base), "--segment", "south", "--epochs", "1"]
     assert main([*finetune, "--out", str(adapter)]) == 0
     return {"root": root, "log": log, "base": base, "adapter": adapter, "finetune": finetune}
+
+
+def one_line_error(argv, capsys, *fragments) -> str:
+    """Run ``recpeft argv``; assert it fails with one stderr line ``recpeft <cmd>: error: ...``
+    holding every fragment; return that line."""
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"recpeft {argv[0]}: error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err

@@ -11,7 +11,7 @@ import pytest
 
 from recpeft.cli import main
 
-from click_logs import ROLES, write_log
+from click_logs import ROLES, one_line_error, write_log
 
 TINY = ["--epochs", "1", "--embedding-dim", "4"]
 CUT = "2025-03-01"
@@ -28,14 +28,6 @@ def _test_rows(data, base, *flags, roles=ROLES):
     report = base.parent / f"eval-{base.name}-{len(list(base.parent.glob('eval-*')))}.json"
     assert main(["evaluate", str(data), *roles, "--base", str(base), "--json", str(report), *flags]) == 0
     return {row["segment"]: row["rows"] for row in json.loads(report.read_text())["segments"]}
-
-
-def _refused(argv, capsys, *fragments):
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"recpeft {argv[0]}: error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def _latest(frame, share):
@@ -83,17 +75,17 @@ def test_a_remembered_test_start_holds_out_the_same_rows(made, capsys):
 def test_a_different_test_cut_is_refused_naming_both_values(made, capsys):
     evaluate = ["evaluate", str(made["log"]), *ROLES, "--base", str(made["dated"])]
     record = str(made["dated"] / "data_source.json")
-    _refused(
+    one_line_error(
         [*evaluate, "--test-start", "2025-02-15"],
         capsys,
         f"--test-start 2025-02-15 differs from the base's {CUT} ({record})",
         "the base would be scored on rows it trained on",
     )
-    _refused(
+    one_line_error(
         [*evaluate, "--test-fraction", "0.2"], capsys, f"--test-fraction 0.2 differs from the base's --test-start {CUT}"
     )
     fine = ["finetune", str(made["log"]), *ROLES, "--base", str(made["dated"]), "--segment", "south"]
-    _refused(
+    one_line_error(
         [*fine, "--out", str(made["root"] / "x"), "--valid-fraction", "0.3"], capsys, "--valid-fraction 0.3 differs"
     )
 
@@ -101,8 +93,8 @@ def test_a_different_test_cut_is_refused_naming_both_values(made, capsys):
 def test_a_remembered_test_fraction(made, capsys):
     assert _test_rows(made["log"], made["fractioned"]) == _latest(made["frame"], 0.3)
     evaluate = ["evaluate", str(made["log"]), *ROLES, "--base", str(made["fractioned"])]
-    _refused([*evaluate, "--test-fraction", "0.2"], capsys, "--test-fraction 0.2 differs from the base's 0.3")
-    _refused(
+    one_line_error([*evaluate, "--test-fraction", "0.2"], capsys, "--test-fraction 0.2 differs from the base's 0.3")
+    one_line_error(
         [*evaluate, "--test-start", CUT], capsys, f"--test-start {CUT} differs from the base's --test-fraction 0.3"
     )
 
@@ -153,13 +145,13 @@ def test_movielens_segment_by_is_remembered(tmp_path, capsys):
     fine = ["finetune", str(data), "--base", str(base), "--segment", "educator", "--quiet", *TINY[:2]]
     assert main([*fine, "--out", str(tmp_path / "educator")]) == 0
     assert set(_test_rows(data, base, "--quiet", roles=[])) == {"educator", "writer"}
-    _refused(
+    one_line_error(
         [*fine, "--segment-by", "gender", "--out", str(tmp_path / "x")],
         capsys,
         "--segment-by gender differs from the base's occupation",
     )
     (base / "data_source.json").unlink()  # a base from before the record: the error names the flag
-    _refused([*fine, "--out", str(tmp_path / "y")], capsys, "its segments (--segment-by gender) are ['F', 'M']")
+    one_line_error([*fine, "--out", str(tmp_path / "y")], capsys, "its segments (--segment-by gender) are ['F', 'M']")
 
 
 def _criteo(path, lines=240):
@@ -180,10 +172,10 @@ def test_criteo_segment_is_remembered_and_a_base_without_one_evaluates(tmp_path,
     segmented = _pretrain(data, tmp_path / "segmented", "--criteo-segment", "C9", "--quiet", roles=[])
     assert set(_test_rows(data, segmented, "--quiet", roles=[])) == {"0000000a", "0000000b"}
     evaluate = ["evaluate", str(data), "--base", str(segmented), "--quiet"]
-    _refused([*evaluate, "--criteo-segment", "C10"], capsys, "--criteo-segment C10 differs from the base's C9")
+    one_line_error([*evaluate, "--criteo-segment", "C10"], capsys, "--criteo-segment C10 differs from the base's C9")
     whole = _pretrain(data, tmp_path / "whole", "--quiet", roles=[])
     assert _test_rows(data, whole, "--quiet", roles=[]) == {"(all rows)": 48}  # the latest 20% of the lines
-    _refused(
+    one_line_error(
         [*evaluate[:3], str(whole), "--criteo-segment", "C9"],
         capsys,
         "--criteo-segment C9 differs from the base's none",

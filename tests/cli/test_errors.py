@@ -14,21 +14,12 @@ import pytest
 
 from recpeft.cli import main
 
-from click_logs import ROLES, pretrained, write_log
+from click_logs import ROLES, one_line_error, pretrained, write_log
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     return pretrained(tmp_path_factory.mktemp("errors"))
-
-
-def one_line(argv, capsys, *fragments):
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"recpeft {argv[0]}: error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def _limit_file_size(limit):
@@ -69,7 +60,7 @@ def test_a_safetensors_write_error_is_one_line(made, capsys, monkeypatch, tmp_pa
 
     monkeypatch.setattr(PeftModel, "save_pretrained", full)
     out = tmp_path / "adapter"
-    one_line([*made["finetune"], "--out", str(out)], capsys, f"cannot write the adapter to {out}: No space left")
+    one_line_error([*made["finetune"], "--out", str(out)], capsys, f"cannot write the adapter to {out}: No space left")
 
 
 def test_a_json_report_on_a_full_disk_names_the_file(made, capsys, monkeypatch, tmp_path):
@@ -81,7 +72,7 @@ def test_a_json_report_on_a_full_disk_names_the_file(made, capsys, monkeypatch, 
     monkeypatch.setattr(commands, "save_report", full)
     report = tmp_path / "eval.json"
     argv = ["evaluate", str(made["log"]), *ROLES, "--base", str(made["base"]), "--json", str(report)]
-    one_line(argv, capsys, f"cannot write the JSON report to {report}: No space left on device")
+    one_line_error(argv, capsys, f"cannot write the JSON report to {report}: No space left on device")
 
 
 @pytest.mark.parametrize(
@@ -101,7 +92,7 @@ def test_any_exception_is_one_line_and_debug_shows_the_traceback(made, capsys, m
 
     monkeypatch.setattr(commands, "click_metrics", broken)  # after the inputs are read: nothing names them
     argv = ["evaluate", str(made["log"]), *ROLES, "--base", str(made["base"])]
-    one_line(argv, capsys, words)
+    one_line_error(argv, capsys, words)
     with pytest.raises(type(error)):
         main([*argv, "--debug"])
 
@@ -125,22 +116,22 @@ def test_a_bad_model_config_names_the_checkpoint(made, capsys, tmp_path):
     config = json.loads((base / "model_config.json").read_text())
     config["model"]["kind"] = "transformer"
     (base / "model_config.json").write_text(json.dumps(config))
-    one_line(["evaluate", str(made["log"]), *ROLES, "--base", str(base)], capsys, f"base checkpoint {base}: kind")
+    one_line_error(["evaluate", str(made["log"]), *ROLES, "--base", str(base)], capsys, f"base checkpoint {base}: kind")
 
 
 def test_a_corrupt_gzip_criteo_file_names_the_file(tmp_path, capsys):
     data = tmp_path / "day_0.tsv.gz"
     data.write_bytes(b"not gzip at all")
-    one_line(["pretrain", str(data), "--out", str(tmp_path / "b"), "--quiet"], capsys, f"{data}: ")
+    one_line_error(["pretrain", str(data), "--out", str(tmp_path / "b"), "--quiet"], capsys, f"{data}: ")
 
 
 def test_a_zero_embedding_dim_names_the_flag(made, capsys, tmp_path):
     argv = ["pretrain", str(made["log"]), *ROLES, "--out", str(tmp_path / "b"), "--embedding-dim", "0"]
-    one_line(argv, capsys, "--embedding-dim must be a positive integer, got 0")
+    one_line_error(argv, capsys, "--embedding-dim must be a positive integer, got 0")
 
 
 def test_bench_with_a_missing_base_names_it(tmp_path, capsys):
-    one_line(["bench", "--base", str(tmp_path / "nothing"), "--quiet"], capsys, "is not a base checkpoint")
+    one_line_error(["bench", "--base", str(tmp_path / "nothing"), "--quiet"], capsys, "is not a base checkpoint")
 
 
 def test_auc_of_one_label_is_said_in_words_and_recorded(capsys, tmp_path):
@@ -167,4 +158,4 @@ def test_auc_of_one_label_is_said_in_words_and_recorded(capsys, tmp_path):
 
 def test_a_time_cut_with_no_rows_after_it_names_the_data(made, capsys, tmp_path):
     argv = ["pretrain", str(made["log"]), *ROLES, "--out", str(tmp_path / "b"), "--test-start", "2031-01-01"]
-    one_line(argv, capsys, f"data {made['log']}: ", "empty test part")
+    one_line_error(argv, capsys, f"data {made['log']}: ", "empty test part")

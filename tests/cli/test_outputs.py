@@ -13,7 +13,7 @@ import pytest
 from recpeft.cli import main
 from recpeft.utils.outputs import OutputError, prepare_output
 
-from click_logs import ROLES, pretrained
+from click_logs import ROLES, one_line_error, pretrained
 
 
 def digest(*paths) -> dict:
@@ -44,18 +44,10 @@ def no_training(monkeypatch):
     monkeypatch.setattr(Trainer, "fit", fit)
 
 
-def refused(argv, capsys, message):
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"recpeft {argv[0]}: error: ") and err.count("\n") == 1, err
-    assert message in err, err
-    return err
-
-
 def test_finetune_refuses_an_existing_adapter_unless_overwrite(made, capsys):
     before = digest(made["adapter"], made["base"], made["log"])
     argv = [*made["finetune"], "--out", str(made["adapter"])]
-    refused(argv, capsys, "already exists and is not empty; pass --overwrite")
+    one_line_error(argv, capsys, "already exists and is not empty; pass --overwrite")
     assert digest(made["adapter"], made["base"], made["log"]) == before
     # with --overwrite the adapter is replaced (another seed: other weights), the inputs are not
     assert main([*argv, "--overwrite", "--seed", "7"]) == 0
@@ -73,15 +65,19 @@ def test_evaluate_json_inside_the_base_is_refused_even_with_overwrite(made, caps
     target = made["base"] / name
     for extra in ([], ["--overwrite"]):
         argv = ["evaluate", str(made["log"]), *ROLES, "--base", str(made["base"]), "--json", str(target), *extra]
-        refused(argv, capsys, f"is inside {made['base']}, which this command reads")
+        one_line_error(argv, capsys, f"is inside {made['base']}, which this command reads")
     assert digest(made["base"]) == before and not (made["base"] / "report.json").exists()
 
 
 def test_evaluate_json_into_the_adapter_or_onto_the_data_is_refused(made, capsys):
     before = digest(made["adapter"], made["log"])
     common = ["evaluate", str(made["log"]), *ROLES, "--base", str(made["base"]), "--adapter", str(made["adapter"])]
-    refused([*common, "--json", str(made["adapter"] / "adapter_config.json"), "--overwrite"], capsys, "is inside")
-    refused([*common, "--json", str(made["log"]), "--overwrite"], capsys, f"is {made['log']}, which this command")
+    one_line_error(
+        [*common, "--json", str(made["adapter"] / "adapter_config.json"), "--overwrite"], capsys, "is inside"
+    )
+    one_line_error(
+        [*common, "--json", str(made["log"]), "--overwrite"], capsys, f"is {made['log']}, which this command"
+    )
     assert digest(made["adapter"], made["log"]) == before
 
 
@@ -89,7 +85,7 @@ def test_evaluate_json_replaces_a_file_only_with_overwrite(made, capsys):
     report = made["root"] / "eval.json"
     report.write_text("keep me\n")
     argv = ["evaluate", str(made["log"]), *ROLES, "--base", str(made["base"]), "--json", str(report)]
-    refused(argv, capsys, "already exists; pass --overwrite")
+    one_line_error(argv, capsys, "already exists; pass --overwrite")
     assert report.read_text() == "keep me\n"
     assert main([*argv, "--overwrite"]) == 0
     assert {s["segment"] for s in json.loads(report.read_text())["segments"]} == {"north", "south"}
@@ -101,22 +97,22 @@ def test_merge_never_writes_over_what_it_reads(made, capsys, where):
     out = {"base": made["base"], "inside": made["base"] / "merged", "holding": made["root"]}[where]
     relation = {"base": "is", "inside": "is inside", "holding": "holds"}[where]
     argv = ["merge", "--base", str(made["base"]), "--adapter", str(made["adapter"]), "--out", str(out), "--quiet"]
-    refused([*argv, "--overwrite"], capsys, f"{relation} ")
+    one_line_error([*argv, "--overwrite"], capsys, f"{relation} ")
     assert digest(made["base"], made["adapter"]) == before and not (made["base"] / "merged").exists()
 
 
 def test_dense_finetune_into_its_own_base_is_refused(made, capsys, no_training):
     before = digest(made["base"])
     argv = [*made["finetune"], "--method", "dense", "--out", str(made["base"]), "--overwrite"]
-    refused(argv, capsys, f"is {made['base']}, which this command reads")
+    one_line_error(argv, capsys, f"is {made['base']}, which this command reads")
     assert digest(made["base"]) == before
 
 
 def test_pretrain_refuses_an_existing_base_and_its_own_data(made, capsys, no_training):
     before = digest(made["base"], made["log"])
     pretrain = ["pretrain", str(made["log"]), *ROLES, "--epochs", "1"]
-    refused([*pretrain, "--out", str(made["base"])], capsys, "already exists and is not empty")
-    refused([*pretrain, "--out", str(made["log"]), "--overwrite"], capsys, "which this command reads")
+    one_line_error([*pretrain, "--out", str(made["base"])], capsys, "already exists and is not empty")
+    one_line_error([*pretrain, "--out", str(made["log"]), "--overwrite"], capsys, "which this command reads")
     assert digest(made["base"], made["log"]) == before
 
 
@@ -125,29 +121,29 @@ def test_pretrain_into_a_movielens_folder_it_reads_is_refused(tmp_path, capsys, 
     data.mkdir()
     (data / "ratings.dat").write_text("1::1::5::978300760\n")
     before = digest(data)
-    refused(["pretrain", str(data), "--out", str(data / "base"), "--quiet"], capsys, f"is inside {data}")
+    one_line_error(["pretrain", str(data), "--out", str(data / "base"), "--quiet"], capsys, f"is inside {data}")
     assert digest(data) == before and not (data / "base").exists()
 
 
 def test_demo_refuses_a_non_empty_folder_before_any_work(tmp_path, capsys, no_training):
     (tmp_path / "notes.txt").write_text("mine\n")
     before = digest(tmp_path)
-    refused(["demo", "--out", str(tmp_path), "--quiet"], capsys, "pass --overwrite")
+    one_line_error(["demo", "--out", str(tmp_path), "--quiet"], capsys, "pass --overwrite")
     assert digest(tmp_path) == before
 
 
 def test_bench_json_inside_the_base_is_refused(made, capsys):
     before = digest(made["base"])
     argv = ["bench", "--base", str(made["base"]), "--json", str(made["base"] / "bench.json"), "--quiet"]
-    refused([*argv, "--overwrite"], capsys, "is inside")
+    one_line_error([*argv, "--overwrite"], capsys, "is inside")
     assert digest(made["base"]) == before
 
 
 def test_an_output_under_a_file_is_found_before_training(made, capsys, no_training):
     blocker = made["root"] / "a_file"
     blocker.write_text("x")
-    refused([*made["finetune"], "--out", str(blocker / "deep" / "adapter")], capsys, f"{blocker} is a file")
-    refused([*made["finetune"], "--out", str(blocker), "--overwrite"], capsys, "is a file, not a folder")
+    one_line_error([*made["finetune"], "--out", str(blocker / "deep" / "adapter")], capsys, f"{blocker} is a file")
+    one_line_error([*made["finetune"], "--out", str(blocker), "--overwrite"], capsys, "is a file, not a folder")
 
 
 def test_an_unwritable_output_is_found_before_training(made, capsys, no_training, monkeypatch):
@@ -158,7 +154,7 @@ def test_an_unwritable_output_is_found_before_training(made, capsys, no_training
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    refused([*made["finetune"], "--out", str(made["root"] / "new" / "a")], capsys, "is not writable: ")
+    one_line_error([*made["finetune"], "--out", str(made["root"] / "new" / "a")], capsys, "is not writable: ")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -167,7 +163,7 @@ def test_a_read_only_folder_is_found_before_training(made, capsys, no_training):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        refused([*made["finetune"], "--out", str(locked / "a")], capsys, "is not writable")
+        one_line_error([*made["finetune"], "--out", str(locked / "a")], capsys, "is not writable")
     finally:
         locked.chmod(0o700)
 

@@ -12,17 +12,9 @@ from recpeft.apps.base_checkpoint import load_base
 from recpeft.cli import main
 from recpeft.peft.model import PeftModel
 
-from click_logs import ROLES, write_log
+from click_logs import ROLES, one_line_error, write_log
 
 TINY = ["--epochs", "1", "--embedding-dim", "4"]
-
-
-def _refused(argv, capsys, *fragments):
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"recpeft {argv[0]}: error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.fixture(scope="module")
@@ -97,19 +89,19 @@ def test_a_new_market_whose_items_are_unknown_is_refused(made, capsys, tmp_path)
     other = tmp_path / "other.csv"
     write_log(other, new_in_south=("uid", "sku"))
     argv = ["evaluate", str(other), *ROLES, "--base", str(made["base"]), "--segment", "south"]
-    _refused(argv, capsys, "segment 'south''s test rows' 'sku' ids are unknown", "--allow-unseen")
+    one_line_error(argv, capsys, "segment 'south''s test rows' 'sku' ids are unknown", "--allow-unseen")
     assert main([*argv, "--allow-unseen"]) == 0
 
 
 def test_the_record_refuses_other_left_out_segments(made, capsys, tmp_path):
     argv = ["evaluate", str(made["log"]), *ROLES, "--base", str(made["base"])]
-    _refused(
+    one_line_error(
         [*argv, "--exclude-segments", "north"],
         capsys,
         "--exclude-segments north differs from the base's south",
         "data_source.json",
     )
-    _refused([*argv, "--min-segment-rows", "10"], capsys, "--min-segment-rows 10 differs from the base's 50")
+    one_line_error([*argv, "--min-segment-rows", "10"], capsys, "--min-segment-rows 10 differs from the base's 50")
     assert main([*argv, "--exclude-segments", "south", "--min-segment-rows", "50"]) == 0  # the same values
 
 
@@ -124,13 +116,13 @@ def test_a_segment_without_train_rows_is_left_out_not_fatal(tmp_path, capsys):
 
 def test_finetune_segments_refuses_an_existing_out_and_an_unknown_segment(made, capsys):
     argv = ["finetune", str(made["log"]), *ROLES, "--base", str(made["base"]), "--epochs", "1"]
-    _refused([*argv, "--segments", "all", "--out", str(made["out"])], capsys, "already exists and is not empty")
-    _refused([*argv, "--segments", "north,west", "--out", str(made["out"] / "x")], capsys, "['west'] not in")
+    one_line_error([*argv, "--segments", "all", "--out", str(made["out"])], capsys, "already exists and is not empty")
+    one_line_error([*argv, "--segments", "north,west", "--out", str(made["out"] / "x")], capsys, "['west'] not in")
 
 
 def test_one_method_over_listed_segments_and_both_methods_need_segments(made, capsys, tmp_path):
     argv = ["finetune", str(made["log"]), *ROLES, "--base", str(made["base"]), "--epochs", "1"]
-    _refused(
+    one_line_error(
         [*argv, "--segment", "north", "--method", "lora,dense", "--out", str(tmp_path / "a")], capsys, "--segments"
     )
     assert main([*argv, "--segments", "south", "--method", "dense", "--out", str(tmp_path / "b")]) == 0
@@ -141,4 +133,4 @@ def test_one_method_over_listed_segments_and_both_methods_need_segments(made, ca
 
 def test_excluding_a_segment_the_data_lacks_is_refused(made, capsys, tmp_path):
     argv = ["pretrain", str(made["log"]), *ROLES, *TINY, "--out", str(tmp_path / "b"), "--exclude-segments", "west"]
-    _refused(argv, capsys, "--exclude-segments west: not in", "['isle', 'north', 'south']")
+    one_line_error(argv, capsys, "--exclude-segments west: not in", "['isle', 'north', 'south']")
