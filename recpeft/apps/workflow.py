@@ -181,11 +181,19 @@ def pretrain(
     model_options: dict | None = None,
     train_config: TrainConfig | None = None,
     device: str | torch.device | None = AUTO,
+    new_id_share: float = 0.0,
 ) -> tuple[ClickDLRM, FitReport]:
     """A base click model over the encoder's features, trained on every segment's training rows
-    on ``device`` (where the model stays: :func:`recpeft.utils.devices.resolve_device`)."""
-    torch.manual_seed((train_config or TrainConfig()).seed)
+    on ``device`` (where the model stays: :func:`recpeft.utils.devices.resolve_device`).
+    ``new_id_share``: that share of the training ids (fixed per row and feature) is fed as the
+    feature's out-of-vocabulary id, so that row learns what an id the base never saw — a new
+    customer, a new product — looks like (:class:`recpeft.datasets.ClickBatches`)."""
+    seed = (train_config or TrainConfig()).seed
+    torch.manual_seed(seed)
     train = data.segment_rows("train")
+    if new_id_share:
+        new_ids = {f: n - 1 for f, n in data.encoder.cardinalities.items() if f in train.encoded.sparse}
+        train = ClickBatches(train.encoded, new_id_share=new_id_share, new_ids=new_ids, seed=seed)
     model = build_click_model(data.encoder.cardinalities, train.num_dense, **(model_options or {}))
     valid = data.segment_rows("valid") if len(data.valid) else None
     report = Trainer(model, train_config, device=device).fit(train, valid, resume=False)

@@ -37,7 +37,7 @@ from recpeft.peft.model import PeftModel
 from recpeft.train.trainer import TrainConfig
 from recpeft.utils.devices import describe_device
 from recpeft.utils.outputs import prepare_output
-from recpeft.utils.validation import check_int
+from recpeft.utils.validation import check_fraction, check_int
 
 from .defaults import FINETUNE, FINETUNE_LR, PRETRAIN, SOURCES
 from .main import segment_names
@@ -382,6 +382,7 @@ def cmd_pretrain(args) -> None:
         model_options=options,
         train_config=_train_config(args, "pretrain", **PRETRAIN, early_stopping_patience=1),
         device=args.device,
+        new_id_share=check_fraction("--new-id-share", args.new_id_share, below_one=True),
     )
     test = click_metrics(model, data.segment_rows("test"))
     metrics = {

@@ -239,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--kind", choices=("dlrm", "dcn"), default="dlrm", help="DLRM or DLRM with a DCN interaction (default: dlrm)"
     )
     pre.add_argument("--embedding-dim", type=int, default=64, help="width of every embedding table (default: 64)")
+    pre.add_argument(
+        "--new-id-share",
+        type=float,
+        default=0.0,
+        help="share of training ids fed as each table's new-id (out-of-vocabulary) row, so it learns what "
+        "a customer or product the base never saw looks like; e.g. 0.02 (default: 0.0)",
+    )
     pre.add_argument("--dropout", type=float, default=0.0, help="dropout in the MLPs (default: 0.0)")
     pre.set_defaults(run="cmd_pretrain")
 

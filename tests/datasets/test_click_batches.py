@@ -98,3 +98,27 @@ def test_errors():
     encoded.labels = None
     with pytest.raises(ValueError, match="no labels"):
         ClickBatches(encoded)
+
+
+def test_a_fixed_share_of_ids_is_fed_as_each_features_new_id_row():
+    _, encoder, encoded = encoded_log(4, n=2000)
+    new_ids = {f: n - 1 for f, n in encoder.cardinalities.items()}
+    plain = ClickBatches(encoded)
+    dropped = ClickBatches(encoded, new_id_share=0.3, new_ids=new_ids, seed=5)
+    index = torch.arange(len(encoded))
+    before = plain.batch(index).args[1].to_dict()
+    after = dropped.batch(index).args[1].to_dict()
+    again = dropped.batch(index).args[1].to_dict()
+    replaced = 0
+    for feature in encoded.sparse:
+        old, new = before[feature].values(), after[feature].values()
+        changed = old != new
+        assert bool((new[changed] == new_ids[feature]).all())  # replaced ids are the new-id row
+        assert torch.equal(new, again[feature].values())  # the same pairs every time (epochs, resume)
+        replaced += int((new == new_ids[feature]).sum())
+    pairs = len(encoded) * len(encoded.sparse)
+    # Binomial(pairs, 0.3): 5 standard deviations either side (a hash that picks no pairs, or all, fails)
+    assert abs(replaced - 0.3 * pairs) <= 5 * (pairs * 0.3 * 0.7) ** 0.5
+    assert torch.equal(dropped.batch(index).labels, plain.batch(index).labels)
+    with pytest.raises(ValueError, match="new_ids must give the new-id row of every feature"):
+        ClickBatches(encoded, new_id_share=0.1, new_ids={})
