@@ -38,10 +38,11 @@ def dora_delta(
     lora_B: torch.Tensor,
     scale: float,
     magnitude: torch.Tensor,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What one DoRA adapter adds to x·Wᵀ + b: (g − 1)⊙(d(x)·Wᵀ) + g⊙(s·(d(x)·Aᵀ)·Bᵀ), with
-    ``dropped`` = d(x) (x itself when no dropout runs)."""
+    ``dropped`` = d(x) (x itself when no dropout runs); ``base``: d(x)·Wᵀ when the caller has it."""
     g = magnitude_scale(magnitude, weight, lora_A, lora_B, scale)
-    base = torch.nn.functional.linear(dropped, weight)
+    base = torch.nn.functional.linear(dropped, weight) if base is None else base
     lora = torch.nn.functional.linear(torch.nn.functional.linear(dropped, lora_A), lora_B) * scale
     return (g - 1) * base + g * lora

@@ -120,14 +120,16 @@ class LoraLinear(LoraWeightLayer):
     def _dora_forward(self, x, weight, bias, adapters, cast):
         """x·Wᵀ + b plus each active adapter's term: DoRA's (:func:`recpeft.layers.dora.dora_delta`)
         or plain LoRA's s·(d(x)·Aᵀ)·Bᵀ, in PyTorch ops (no fused kernel for DoRA yet)."""
-        y = nn.functional.linear(x, weight, bias)
+        base = nn.functional.linear(x, weight)  # x·Wᵀ once, reused by every DoRA term without dropout
+        y = base if bias is None else base + bias
         for a in adapters:
             p = self.lora_dropout[a] if self.training else 0.0
             dropped = nn.functional.dropout(x, p, training=True) if p > 0 else x
             lora_A, lora_B, scale = cast(self.lora_A[a]), cast(self.lora_B[a]), self.scaling[a]
             if self.is_dora(a):
                 magnitude = cast(self.lora_magnitude_vector[a])
-                y = y + dora.dora_delta(dropped, weight, lora_A, lora_B, scale, magnitude)
+                product = base if dropped is x else None
+                y = y + dora.dora_delta(dropped, weight, lora_A, lora_B, scale, magnitude, product)
             else:
                 y = y + nn.functional.linear(nn.functional.linear(dropped, lora_A), lora_B) * scale
         return y

@@ -53,8 +53,7 @@ def test_epoch_times_are_read_in_the_given_or_detected_unit(tmp_path, capsys, un
     log = _log(tmp_path / "log.csv", _seconds() * scale)
     assert _pretrain(log, tmp_path / "detected") == 0
     assert _pretrain(log, tmp_path / "given", "--time-unit", unit) == 0
-    wrong = {"s": "ns", "ms": "s"}[unit]  # seconds read as ns land in 1970; ms read as s past year 2262
-    status = _pretrain(log, tmp_path / "wrong", "--time-unit", wrong)
-    if wrong == "s":
+    if unit == "ms":  # milliseconds read as seconds land past the year 2262: refused naming the column
+        assert _pretrain(log, tmp_path / "wrong", "--time-unit", "s") == 1
         err = capsys.readouterr().err
-        assert status == 1 and err.count("\n") == 1 and "'ts'" in err, err
+        assert err.count("\n") == 1 and "'ts'" in err, err
