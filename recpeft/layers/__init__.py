@@ -6,8 +6,9 @@ parameters, sparse and untouched parameters, merge, delete, export / check / loa
     AdapterHolder                       adapter_holder.py — the protocol and shared bookkeeping
     ├── LoraLayer                       base.py — any LoRA wrapper: base_layer, creation, merge loop
     │   ├── LoraWeightLayer             weight.py — one weight: A, B ParameterDicts, s and r per adapter
-    │   │   ├── LoraLinear              linear.py
-    │   │   └── LoraTableLayer          table.py → LoraEmbedding, LoraEmbeddingBag
+    │   │   ├── LoraLinear              linear.py (DoRA: dora.py's DoraLayer, mixed in)
+    │   │   │   └── LoraConv            conv.py — Conv1d / Conv2d: LoRA on the matrix of patches
+    │   │   └── LoraTableLayer          table.py → LoraEmbedding (DoRA too), LoraEmbeddingBag
     │   └── LoraCollectionLayer         torchrec/collection.py — per-table A_t, B_t, s_t, r_t
     └── ModulesToSaveWrapper            modules_to_save.py — a trained copy per adapter
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from .adapter_holder import AdapterHolder, AdapterStateError
 from .base import LoraLayer
+from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .embedding_bag import LoraEmbeddingBag
 from .linear import LoraLinear
@@ -34,6 +36,8 @@ LORA_WRAPPERS: dict[type[nn.Module], type[LoraLayer]] = {
     nn.Linear: LoraLinear,
     nn.Embedding: LoraEmbedding,
     nn.EmbeddingBag: LoraEmbeddingBag,
+    nn.Conv1d: LoraConv,
+    nn.Conv2d: LoraConv,
 }
 
 
@@ -74,6 +78,7 @@ __all__ = [
     "AdapterHolder",
     "AdapterStateError",
     "LORA_WRAPPERS",
+    "LoraConv",
     "LoraEmbedding",
     "LoraEmbeddingBag",
     "LoraLayer",

@@ -45,6 +45,10 @@ def _x():
     return (torch.randn(3, 6, generator=torch.Generator().manual_seed(0)),)
 
 
+def _g():
+    return torch.Generator().manual_seed(0)
+
+
 def _plain_cases() -> dict[str, Case]:
     return {
         "linear": Case(lambda: nn.Linear(6, 5), _x),
@@ -52,6 +56,8 @@ def _plain_cases() -> dict[str, Case]:
         "embedding_bag": Case(
             lambda: nn.EmbeddingBag(10, 4, mode="sum"), lambda: (torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2]))
         ),
+        "conv1d": Case(lambda: nn.Conv1d(3, 5, 3, padding=1), lambda: (torch.randn(2, 3, 7, generator=_g()),)),
+        "conv2d": Case(lambda: nn.Conv2d(3, 4, 3, stride=2), lambda: (torch.randn(2, 3, 6, 5, generator=_g()),)),
         "saved_linear": Case(lambda: nn.Linear(6, 5), _x, saved_whole=True),
         "saved_sparse_embedding": Case(
             lambda: nn.Embedding(10, 4, sparse=True), lambda: (torch.tensor([1, 2, 1]),), saved_whole=True
@@ -152,7 +158,7 @@ def test_sparse_parameters_are_the_adapter_parameters_with_sparse_gradients(name
     _output(case, holder).pow(2).sum().backward()
     with_sparse_grad = {id(p) for p in params if p.grad is not None and p.grad.is_sparse}
     assert with_sparse_grad == {id(p) for p in sparse}
-    assert bool(sparse) == (name not in ("linear", "saved_linear"))
+    assert bool(sparse) == (name not in ("linear", "conv1d", "conv2d", "saved_linear"))
 
 
 @pytest.mark.parametrize("name", list(CASES))
