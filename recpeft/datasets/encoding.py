@@ -11,6 +11,11 @@ string vocabulary (ints as their decimal text, strings verbatim), sorted as stri
 is not ``126``: against an int vocabulary it is an unseen value. Id n_f is reserved for unseen values
 ("out of vocabulary"), so the feature's table needs ``cardinalities[f] = n_f + 1`` rows.
 
+Bag features (``Schema.bags``): a cell is the text of several values joined by
+``schema.BAG_SEPARATOR`` (``"Action|Comedy"``, empty pieces dropped). The vocabulary is that of
+the pieces (the same int/str rule over all of them), each piece maps as above, and a row's ids
+fill a row of an int64 [N, L] matrix, L the longest bag of the frame, padded with ``PAD`` (−1).
+
 Dense column c with values x: z = (g(x) − μ_c) / σ_c, where g = log1p when the column is
 log-transformed and the identity otherwise, and μ_c, σ_c are the mean and the population
 standard deviation of g(x) over the fitting data (σ_c = 1 when the column is constant). With
@@ -43,9 +48,10 @@ from recpeft.utils.atomic import atomic_write_text
 from recpeft.utils.validation import parse_json_object
 
 from .interactions import DECIMAL_ID, RowLocator, canonical_ids, canonical_text, parse_timestamps, shown
-from .schema import Schema
+from .schema import BAG_SEPARATOR, Schema
 
 HEAVY_TAIL_SKEW = 2.0  # skewness above which a nonnegative column is log1p-transformed ("auto")
+PAD = -1  # fills a bag feature's row of ids after its last id
 FORMAT = "recpeft.FeatureEncoder"
 VERSION = 1
 
@@ -56,7 +62,8 @@ class EncodedInteractions:
 
     Attributes:
         schema: the column roles.
-        sparse: feature name → int64 [N] ids in 0..cardinality−1, in ``schema.sparse_features`` order.
+        sparse: feature name → int64 [N] ids in 0..cardinality−1, in ``schema.sparse_features`` order;
+            a bag feature (``schema.bags``) → int64 [N, L] ids, each row padded with ``PAD``.
         dense: float32 [N, n_dense] standardized dense features (n_dense may be 0).
         labels: float32 [N] 0/1, or None when the table had no label column.
         segments: int64 [N] index into ``segment_names`` (−1: unknown segment), or None.
@@ -136,6 +143,29 @@ def _as_kind(values: pd.Series, kind: str) -> pd.Series:
     return pd.Series(numbers[codes], index=values.index)
 
 
+def _split_bags(values: pd.Series) -> tuple[np.ndarray, list[list]]:
+    """(codes int64 [N], bags): row i holds the pieces ``bags[codes[i]]``, computed once per
+    distinct cell: its canonical text split at ``BAG_SEPARATOR``, empty pieces dropped. A
+    missing cell is the bag ``[None]`` (one missing value)."""
+    codes, texts = pd.factorize(canonical_text(values), use_na_sentinel=True)
+    bags = [[piece for piece in text.split(BAG_SEPARATOR) if piece] for text in texts]
+    if (codes < 0).any():
+        codes = np.where(codes < 0, len(bags), codes)
+        bags.append([None])
+    return codes.astype(np.int64), bags
+
+
+def _pieces(bags: list[list]) -> pd.Series:
+    return pd.Series([piece for bag in bags for piece in bag], dtype=object)
+
+
+def _refuse_unseen(location: str, value: str, rows: int) -> None:
+    raise ValueError(
+        f"{location}: value {value} was not seen when the encoder was fitted ({rows} such rows); "
+        "pass unseen='oov' to map unseen values to the reserved id"
+    )
+
+
 def _segment_text(values: pd.Series) -> pd.Series:
     """Segment names as the loader makes them: canonical text, surrounding spaces stripped."""
     return canonical_text(values).str.strip()
@@ -169,7 +199,8 @@ class FeatureEncoder:
             raise ValueError("FeatureEncoder.fit: the frame has no rows")
         self.schema = schema
         for feature in schema.sparse_features:
-            kind, keys = _canonical(frame[feature])
+            values = _pieces(_split_bags(frame[feature])[1]).dropna() if feature in schema.bags else frame[feature]
+            kind, keys = _canonical(values)
             self._kinds[feature] = kind
             self._vocab[feature] = pd.Index(np.sort(keys.unique()))
         chosen = self._log1p_columns(frame, schema, log1p)
@@ -279,20 +310,42 @@ class FeatureEncoder:
         )
 
     def _encode_sparse(self, values: pd.Series, feature: str, unseen: str, where: RowLocator) -> np.ndarray:
-        vocab = self._vocab[feature]
-        keys = _as_kind(values, self._kinds[feature])
-        codes = vocab.get_indexer(keys)
+        if feature in self.schema.bags:
+            return self._encode_bags(values, feature, unseen, where)
+        codes = self._codes(values, feature)
         lost = codes < 0
-        if lost.any():
-            if unseen == "error":
-                pos = int(np.flatnonzero(lost)[0])
-                raise ValueError(
-                    f"{where.at(feature, pos)}: value {shown(values.iloc[pos])} was not seen when the "
-                    f"encoder was fitted ({int(lost.sum())} such rows); pass unseen='oov' to map "
-                    "unseen values to the reserved id"
-                )
-            codes[lost] = len(vocab)
-        return codes.astype(np.int64)
+        if lost.any() and unseen == "error":
+            pos = int(np.flatnonzero(lost)[0])
+            _refuse_unseen(where.at(feature, pos), shown(values.iloc[pos]), int(lost.sum()))
+        codes[lost] = len(self._vocab[feature])
+        return codes
+
+    def _codes(self, values: pd.Series, feature: str) -> np.ndarray:
+        """int64 id of each value, −1 where the vocabulary lacks it."""
+        return self._vocab[feature].get_indexer(_as_kind(values, self._kinds[feature])).astype(np.int64)
+
+    def _encode_bags(self, values: pd.Series, feature: str, unseen: str, where: RowLocator) -> np.ndarray:
+        """int64 [N, L] ids of bag feature ``feature``, rows padded with ``PAD``; computed per
+        distinct cell."""
+        codes, bags = _split_bags(values)
+        sizes = np.array([len(bag) for bag in bags], dtype=np.int64)
+        owner = np.repeat(np.arange(len(bags)), sizes)  # the distinct cell of each piece
+        pieces = _pieces(bags)
+        ids = self._codes(pieces, feature) if len(pieces) else np.zeros(0, dtype=np.int64)
+        lost = ids < 0
+        if lost.any() and unseen == "error":
+            first = int(np.flatnonzero(lost)[0])
+            rows = np.isin(codes, owner[lost])
+            pos = int(np.flatnonzero(codes == owner[first])[0])
+            _refuse_unseen(
+                where.at(feature, pos),
+                f"{shown(pieces.iloc[first])} (of the bag {shown(values.iloc[pos])})",
+                int(rows.sum()),
+            )
+        ids[lost] = len(self._vocab[feature])
+        table = np.full((len(bags), int(sizes.max(initial=0))), PAD, dtype=np.int64)
+        table[owner, np.arange(len(ids)) - np.repeat(np.cumsum(sizes) - sizes, sizes)] = ids
+        return table[codes]
 
     def _encode_dense(self, values: pd.Series, column: str, where: RowLocator) -> np.ndarray:
         stats = self.dense_stats[column]

@@ -8,13 +8,27 @@ ML-1M:   ``ratings.dat`` UserID::MovieID::Rating::Timestamp
          ``movies.dat``  MovieID::Title::Genres, genres joined by ``|`` (latin-1)
 
 The result has one row per rating: label = 1 when rating ≥ ``positive_threshold``, segment = the
-user's gender ("F"/"M"), age bucket (ML-1M's buckets, "Under 18" … "56+"; ML-100K's raw ages are
-put in the same buckets) or occupation name, the movie's first genre as a categorical feature,
-and the rating time (epoch seconds) as the timestamp.
+user's gender ("F"/"M"), age bucket or occupation name (``segment_by``), the rating time (epoch
+seconds) as the timestamp, and these categorical features (:data:`FEATURES`, all by default):
+
+- ``age``: ML-1M's age bucket ("Under 18", "18-24" … "56+"); ML-100K's ages in years are put in
+  the same buckets;
+- ``gender``: "F" / "M";
+- ``occupation``: its name (ML-1M's codes 0–20 named as its README names them);
+- ``zip_prefix``: the zip code's first character (upper case; "unknown" when empty). One
+  character: a US ZIP's first digit is one of ten national areas (0 New England … 9 the West
+  Coast) and a Canadian postal code's first letter its province or region, so every value is
+  shared by many users; a three-character prefix splits the users into hundreds of groups of a
+  handful each, which would mostly repeat the user id and leave a new user's prefix unseen;
+- ``genres``: every genre of the movie, as a bag (``Schema.bags``: ``"Action|Thriller"``, one
+  pooled embedding over all of them); "unknown" for a movie with none;
+- ``genre``: the first genre only (not in the default set; the feature of bases made before
+  the bag existed).
 
 Example::
 
     frame, schema = load_movielens("ml-100k", segment_by="occupation")
+    frame, schema = load_movielens("ml-1m", features=("age", "genres"))
 """
 
 from __future__ import annotations
@@ -26,8 +40,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .formats import MOVIELENS_DEFAULT_FEATURES, MOVIELENS_FEATURES
 from .interactions import validate_frame
-from .schema import Schema
+from .schema import BAG_SEPARATOR, Schema
 
 AGE_BUCKETS = {1: "Under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
 ML1M_OCCUPATIONS = (
@@ -75,9 +90,32 @@ ML100K_GENRES = (
     "Western",
 )
 SEGMENT_ATTRIBUTES = ("gender", "age", "occupation")
-SCHEMA = Schema(
-    user="user", item="item", label="label", segment="segment", timestamp="timestamp", categorical=("genre",)
-)
+#: the categorical features a MovieLens folder offers, and those it gives by default
+FEATURES, DEFAULT_FEATURES = MOVIELENS_FEATURES, MOVIELENS_DEFAULT_FEATURES
+BAG_FEATURES = ("genres",)
+ZIP_PREFIX_LENGTH = 1  # characters of the zip code kept (see the module docstring)
+UNKNOWN = "unknown"
+
+
+def movielens_schema(features: tuple[str, ...] = DEFAULT_FEATURES) -> Schema:
+    """The schema of :func:`load_movielens` with the categorical ``features`` (in that order)."""
+    if isinstance(features, str):
+        raise ValueError(f"load_movielens: features must be a sequence of names, got the string {features!r}")
+    features = tuple(features)
+    if any(f not in FEATURES for f in features):
+        raise ValueError(f"load_movielens: features must be among {FEATURES}, got {list(features)}")
+    return Schema(
+        user="user",
+        item="item",
+        label="label",
+        segment="segment",
+        timestamp="timestamp",
+        categorical=features,
+        bags=tuple(f for f in features if f in BAG_FEATURES),
+    )
+
+
+SCHEMA = movielens_schema()
 
 
 def _read_table(path: Path, sep: str, names: tuple[str, ...], encoding: str = "latin-1") -> pd.DataFrame:
@@ -136,6 +174,12 @@ def _age_bucket(age: int) -> str:
     return AGE_BUCKETS[max(k for k in AGE_BUCKETS if k <= max(age, 1))]
 
 
+def _genres(names: list[list[str]]) -> tuple[list[str], list[str]]:
+    """(first genre, the bag of all of them) per movie; "unknown" for a movie without any."""
+    names = [[n for n in genres if n] or [UNKNOWN] for genres in names]
+    return [genres[0] for genres in names], [BAG_SEPARATOR.join(genres) for genres in names]
+
+
 def _ml100k(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Path]]:
     paths = {"ratings": directory / "u.data", "users": directory / "u.user", "items": directory / "u.item"}
     ratings = _read_table(paths["ratings"], "\t", ("user", "item", "rating", "timestamp"))
@@ -146,8 +190,7 @@ def _ml100k(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, 
     bad = np.flatnonzero(~np.isin(flags, (0, 1)).all(axis=1))
     if bad.size:
         raise ValueError(f"{paths['items']}, line {items['line'].iloc[bad[0]]}: genre flags must be 0 or 1")
-    first = np.where(flags.any(axis=1), flags.argmax(axis=1), 0)
-    items["genre"] = [ML100K_GENRES[k] for k in first]
+    items["genre"], items["genres"] = _genres([[ML100K_GENRES[k] for k in np.flatnonzero(row)] for row in flags])
     return ratings, users, items, paths
 
 
@@ -167,7 +210,7 @@ def _ml1m(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, di
             )
     users["age"] = [AGE_BUCKETS[a] for a in ages]
     users["occupation"] = [ML1M_OCCUPATIONS[o] for o in occupations]
-    items["genre"] = [g.split("|")[0] if g.strip() else "unknown" for g in items["genres"]]
+    items["genre"], items["genres"] = _genres([g.strip().split("|") for g in items["genres"]])
     return ratings, users, items, paths
 
 
@@ -188,7 +231,11 @@ def _lookup(
 
 
 def load_movielens(
-    directory: str | Path, *, segment_by: str = "gender", positive_threshold: float = 4
+    directory: str | Path,
+    *,
+    segment_by: str = "gender",
+    positive_threshold: float = 4,
+    features: tuple[str, ...] = DEFAULT_FEATURES,
 ) -> tuple[pd.DataFrame, Schema]:
     """Read an ML-100K or ML-1M directory (detected by ``u.data`` / ``ratings.dat``).
 
@@ -196,13 +243,17 @@ def load_movielens(
         directory: the unpacked data set folder.
         segment_by: "gender", "age" or "occupation": the user attribute that names segments.
         positive_threshold: label = rating ≥ this.
+        features: the categorical features to keep, among :data:`FEATURES` (see the module
+            docstring); default all but ``genre``.
 
     Returns:
-        (frame, schema): columns user, item, label (float32), segment (str), timestamp
-        (datetime64[ns]), genre (str); ``schema`` names them.
+        (frame, schema): columns user, item (int64), label (float32), segment (str), timestamp
+        (datetime64[ns]) and the ``features`` (str; ``genres`` a bag ``"A|B"``); ``schema`` names
+        them.
     """
     if segment_by not in SEGMENT_ATTRIBUTES:
         raise ValueError(f"load_movielens: segment_by must be one of {SEGMENT_ATTRIBUTES}, got {segment_by!r}")
+    schema = movielens_schema(features)
     directory = Path(directory)
     if (directory / "u.data").exists():
         ratings, users, items, paths = _ml100k(directory)
@@ -228,14 +279,19 @@ def load_movielens(
     item_row = _lookup(
         ratings, item_ids, _ints(items, "item", paths["items"]), "item", paths["ratings"], paths["items"]
     )
+    for column in ("age", "gender", "occupation"):
+        users[column] = users[column].str.strip()
+    zips = users["zip"].str.strip().str[:ZIP_PREFIX_LENGTH].str.upper()
+    users["zip_prefix"] = zips.where(zips != "", UNKNOWN)
+    attributes = {f: (users if f in users.columns else items)[f].to_numpy() for f in schema.categorical}
     frame = pd.DataFrame(
         {
             "user": user_ids,
             "item": item_ids,
             "label": (rating >= positive_threshold).astype(np.float32),
-            "segment": users[segment_by].str.strip().to_numpy()[user_row],
+            "segment": users[segment_by].to_numpy()[user_row],
             "timestamp": pd.to_datetime(stamps, unit="s"),
-            "genre": items["genre"].to_numpy()[item_row],
+            **{f: values[user_row if f in users.columns else item_row] for f, values in attributes.items()},
         }
     )
-    return validate_frame(frame, SCHEMA, str(paths["ratings"])), SCHEMA
+    return validate_frame(frame, schema, str(paths["ratings"])), schema

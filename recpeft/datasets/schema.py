@@ -4,7 +4,12 @@ An interaction table has one row per impression (or rating, or purchase). The ro
 
 - ``user``, ``item``: id columns (ints or strings), each an embedding table's key. Either may be
   ``None`` for click logs that have only anonymous categorical features (Criteo).
-- ``categorical``: further sparse features (category, brand, C1..C26), one id per row each.
+- ``categorical``: further sparse features (category, brand, C1..C26), one id per row each, or
+  several for those also named in ``bags``.
+- ``bags``: the categorical columns whose cells are bags of ids (a movie's genres): the ids'
+  text joined by ``BAG_SEPARATOR`` (``"Action|Comedy"``; empty pieces are dropped, so ``""`` is
+  the empty bag). Such a feature's table pools the rows of all of a row's ids (a multi-hot
+  feature: several ids per row in the ``KeyedJaggedTensor``).
 - ``dense``: numeric features, one float per row each.
 - ``label``: the target, 0/1 (clicked, bought, rated ≥ 4); ``None`` for unlabelled scoring data.
 - ``segment``: the column whose values name the segment (market, cohort, tenant) a row belongs
@@ -19,6 +24,7 @@ Example::
     schema = Schema(segment="market", timestamp="day", categorical=("category",), dense=("price",))
     schema.sparse_features   # ('user', 'item', 'category')
     Schema.from_dict(schema.to_dict()) == schema   # True
+    Schema(categorical=("genres",), bags=("genres",))   # cells such as "Action|Comedy"
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import Any
 
 _SINGLE_ROLES = ("user", "item", "label", "segment", "timestamp")
 _MULTI_ROLES = ("categorical", "dense")
+#: what joins the ids of one bag cell (see ``bags``)
+BAG_SEPARATOR = "|"
 
 
 @dataclass(frozen=True)
@@ -41,9 +49,10 @@ class Schema:
         timestamp: time column (datetimes, date strings or epoch seconds), or ``None``.
         categorical: extra sparse id/string columns.
         dense: numeric columns.
+        bags: the categorical columns whose cells are bags of ids (``"A|B"``).
 
-    Raises ValueError when a name is empty or not a string, when one column has two roles, or when
-    there is no sparse feature at all.
+    Raises ValueError when a name is empty or not a string, when one column has two roles, when a
+    bag is not a categorical column, or when there is no sparse feature at all.
     """
 
     user: str | None = "user"
@@ -53,9 +62,10 @@ class Schema:
     timestamp: str | None = "timestamp"
     categorical: tuple[str, ...] = ()
     dense: tuple[str, ...] = ()
+    bags: tuple[str, ...] = ()
 
     def __post_init__(self):
-        for role in _MULTI_ROLES:
+        for role in (*_MULTI_ROLES, "bags"):
             value = getattr(self, role)
             if isinstance(value, str):
                 raise ValueError(
@@ -71,6 +81,12 @@ class Schema:
             seen[column] = role
         if not self.sparse_features:
             raise ValueError("Schema has no sparse feature: give user, item or categorical columns")
+        stray = [c for c in self.bags if c not in self.categorical]
+        if stray or len(set(self.bags)) != len(self.bags):
+            raise ValueError(
+                f"Schema.bags must name categorical columns, each once; got {list(self.bags)} "
+                f"with categorical {list(self.categorical)}"
+            )
 
     def _role_columns(self) -> list[tuple[str, Any]]:
         """(role, column) for every role that is set, multi-column roles as ``categorical[0]`` etc."""
@@ -90,15 +106,19 @@ class Schema:
         return tuple(column for _, column in self._role_columns())
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form: role → column name (``None`` for unset roles), lists for multi roles."""
+        """JSON-ready form: role → column name (``None`` for unset roles), lists for multi roles;
+        ``bags`` only when set, so a schema without bags writes what it wrote before bags existed."""
         out: dict[str, Any] = {role: getattr(self, role) for role in _SINGLE_ROLES}
         out.update({role: list(getattr(self, role)) for role in _MULTI_ROLES})
+        if self.bags:
+            out["bags"] = list(self.bags)
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Schema:
         """Inverse of ``to_dict``; unknown keys are an error that names them."""
-        unknown = sorted(set(data) - set(_SINGLE_ROLES) - set(_MULTI_ROLES))
+        known = (*_SINGLE_ROLES, *_MULTI_ROLES, "bags")
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ValueError(f"Schema.from_dict: unknown keys {unknown}; known: {list(_SINGLE_ROLES + _MULTI_ROLES)}")
-        return cls(**{k: (tuple(v) if k in _MULTI_ROLES else v) for k, v in data.items()})
+            raise ValueError(f"Schema.from_dict: unknown keys {unknown}; known: {list(known)}")
+        return cls(**{k: (v if k in _SINGLE_ROLES else tuple(v)) for k, v in data.items()})

@@ -12,10 +12,24 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 
 from recpeft.utils.validation import check_bool, check_fraction, check_int, check_positive_number, parse_json_object
 
 from .schedules import Schedule
+
+
+class StopMetric(str, Enum):
+    """The built-in validation metric that early stopping and the best-epoch choice follow
+    (:mod:`recpeft.metrics`): ``auc`` (higher is better) or ``logloss`` (mean binary
+    cross-entropy of σ(logit), lower is better)."""
+
+    AUC = "auc"
+    LOGLOSS = "logloss"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self is StopMetric.AUC
 
 
 @dataclass
@@ -34,9 +48,17 @@ class TrainConfig:
         early_stopping_patience: epochs without improvement of the validation metric before
             stopping (≥ 1), or None to run every epoch; the best epoch's weights are restored
             whenever a validation source is given.
+        stop_metric: the built-in validation metric that early stopping and the best epoch
+            follow, :class:`StopMetric` ``auc`` (default) or ``logloss``; both are reported in
+            every history row whichever one stops. A Trainer given its own ``metric_fn`` uses
+            that instead (and refuses ``logloss`` here, which it would ignore).
+        min_improvement: δ ≥ 0. An epoch improves only when its metric m beats the best so far
+            by more than δ: m > best + δ (AUC), m < best − δ (LogLoss). An epoch that does not
+            improve counts toward the patience and does not replace the best weights, so gains
+            below δ (noise on a small validation slice) neither reset the patience nor get kept.
         keep_initial: evaluate the starting weights before training (epoch −1 of the best-epoch
-            choice, not in ``history``); if no epoch improves on them they are restored. Needs a
-            validation source to have any effect.
+            choice, not in ``history``); if no epoch improves on them (by more than
+            ``min_improvement``) they are restored. Needs a validation source to have any effect.
         seed: seeds the torch RNG at the start of a fresh run and every epoch's row order.
         amp: bf16 autocast of the forward pass on CUDA; ignored elsewhere.
         eval_batch_size: rows per forward pass in evaluation (≥ 1).
@@ -55,6 +77,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     clip_grad_norm: float | None = 1.0
     early_stopping_patience: int | None = 2
+    stop_metric: StopMetric = StopMetric.AUC
+    min_improvement: float = 0.0
     keep_initial: bool = False
     seed: int = 0
     amp: bool = True
@@ -77,12 +101,9 @@ class TrainConfig:
             check_fraction(f"TrainConfig.{name}", getattr(self, name))
         if self.clip_grad_norm is not None:
             check_positive_number("TrainConfig.clip_grad_norm (or None)", self.clip_grad_norm)
-        try:
-            self.schedule = Schedule(self.schedule)
-        except ValueError:
-            raise ValueError(
-                f"TrainConfig.schedule must be one of {[s.value for s in Schedule]}, got {self.schedule!r}"
-            ) from None
+        self.schedule = _member(Schedule, "schedule", self.schedule)
+        self.stop_metric = _member(StopMetric, "stop_metric", self.stop_metric)
+        check_positive_number("TrainConfig.min_improvement", self.min_improvement, allow_zero=True)
         for name in ("amp", "progress", "keep_initial"):
             check_bool(f"TrainConfig.{name}", getattr(self, name))
         if not isinstance(self.desc, str):
@@ -97,6 +118,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["schedule"] = self.schedule.value
+        data["stop_metric"] = self.stop_metric.value
         return data
 
     @classmethod
@@ -118,6 +140,14 @@ class TrainConfig:
         return cls.from_dict(parse_json_object(text, source), source)
 
 
+def _member(kind: type[Enum], name: str, value) -> Enum:
+    """``kind(value)``, or a one-line ValueError naming ``TrainConfig.<name>`` and the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"TrainConfig.{name} must be one of {[m.value for m in kind]}, got {value!r}") from None
+
+
 @dataclass
 class FitReport:
     """What a :meth:`~recpeft.train.Trainer.fit` call did.
@@ -127,9 +157,12 @@ class FitReport:
     call's wall time; ``samples_per_second`` is the samples this call trained over the seconds it
     spent in training steps (building and moving the batch, forward, backward, clipping,
     optimizer), evaluation and checkpoint writes excluded. ``history`` holds one dict per epoch:
-    epoch, train_loss (row-weighted mean of the batch losses), valid_metric (None without a
-    validation source), lr (at the epoch's last step). ``best_epoch`` is −1 when ``keep_initial``
-    kept the starting weights (``best_metric`` is then their metric). Memory: see
+    epoch, train_loss (row-weighted mean of the batch losses), valid_metric (the metric that
+    stops: ``stop_metric``'s or the trainer's ``metric_fn``'s; None without a validation source),
+    with the built-in metrics also valid_auc and valid_logloss (both, whichever stops; None without
+    a validation source), lr (at the epoch's last step). ``best_metric`` is the stopping metric of
+    the kept weights; ``best_scores`` their {"auc", "logloss"} with the built-in metrics (None
+    otherwise). ``best_epoch`` is −1 when ``keep_initial`` kept the starting weights. Memory: see
     :func:`~recpeft.train.memory.training_state_bytes`;
     ``peak_memory_bytes`` is CUDA's ``max_memory_allocated`` during the call minus the allocation
     at its start (None on CPU). ``device``: where it trained (``"cpu"``, ``"cuda:0 (NVIDIA H200)"``).
@@ -145,6 +178,7 @@ class FitReport:
     best_epoch: int | None
     stopped_early: bool
     history: list[dict] = field(default_factory=list)
+    best_scores: dict[str, float] | None = None
     resumed_from_step: int = 0
     training_state_bytes: int = 0
     peak_memory_bytes: int | None = None
