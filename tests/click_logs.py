@@ -64,3 +64,54 @@ def one_line_error(argv, capsys, *fragments) -> str:
     for fragment in fragments:
         assert fragment in err, err
     return err
+
+
+#: Routed rows run the same float32 ops as the merged model up to the order of the LoRA terms and
+#: of W + s·B·A (tests/apps/test_adapter_bank.py): 2^-16 relative is 100× those few roundings,
+#: and the base in place of an adapter fails it.
+ROUTED_REL = 2.0**-16
+#: the log's columns as a Schema (the ROLES flags)
+SCHEMA = dict(user="uid", item="sku", label="clicked", segment="country", timestamp="ts", categorical=("cat",))
+SCHEMA["dense"] = ("price",)
+
+
+def merged_logits(base_dir, adapters: dict, frame: pd.DataFrame):
+    """An independent path to routed scores: float64 logits [N] of ``frame``'s rows, each row by
+    the base with its segment's adapter (``adapters``: segment → folder) merged into the weights
+    (merge_and_unload), the base alone for other segments."""
+    import dataclasses
+
+    import torch
+
+    from recpeft.apps.base_checkpoint import load_base
+    from recpeft.datasets import ClickBatches, Schema, load_interactions
+    from recpeft.peft.model import PeftModel
+    from recpeft.train.trainer import predict
+
+    rows = load_interactions(frame, Schema(**{**SCHEMA, "label": None, "timestamp": None}))
+    base, encoder = load_base(base_dir)
+    encoded = encoder.transform(rows, unseen="oov")
+    source = ClickBatches(dataclasses.replace(encoded, labels=torch.zeros(len(rows))))
+    logits = predict(base, source).double()
+    for segment, folder in adapters.items():
+        mask = torch.from_numpy((rows["country"] == segment).to_numpy(copy=True))
+        if mask.any():
+            merged = PeftModel.from_pretrained(load_base(base_dir)[0], folder).merge_and_unload()
+            logits[mask] = predict(merged, source.subset(mask)).double()
+    return logits
+
+
+def metric_slacks(reference_logits, labels, rel: float = ROUTED_REL) -> tuple[float, float]:
+    """How far AUC and LogLoss of logits within ``rel``·max|z| of ``reference_logits`` [N] can be
+    from those of the reference: AUC moves only through (positive, negative) pairs whose gap is
+    within twice that (each flips at most 1/(P·N)); LogLoss = mean softplus(z) − y·z is 1-Lipschitz
+    in each z, plus float32 summation, γ_N·(max|z| + 1)."""
+    import torch
+
+    from reference_math import gamma
+
+    z, y = reference_logits.double(), torch.as_tensor(labels).double() > 0.5
+    width = rel * float(z.abs().max())
+    gaps = (z[y][:, None] - z[~y][None, :]).abs()
+    auc = float((gaps <= 2 * width).sum()) / max(1, gaps.numel())
+    return auc, width + gamma(len(z)) * (float(z.abs().max()) + 1)

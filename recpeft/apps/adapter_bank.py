@@ -4,9 +4,10 @@ Load a base checkpoint, then adapter folders (one per segment: market, cohort, .
 against the base before it serves — its record of the base it was trained on (``recpeft_base.json``,
 written by ``recpeft finetune``), its config, its tensors' keys, shapes and sha256 — so that a bad
 folder is refused with a reason while every other adapter keeps serving. Scoring a table of rows
-runs each row through its own segment's adapter in one routed pass per chunk (rows of segments
-without an adapter, and of segments the base never saw, get the base alone); a chunk whose rows all
-use one adapter runs that adapter alone, unrouted (the layers' single-adapter path, which merges
+runs each row through its own segment's adapter in one routed pass per chunk, the adapter chosen by
+the row's segment name (so a segment the base was pretrained without is served by its adapter;
+rows of segments without an adapter get the base alone); a chunk whose rows all use one adapter
+runs that adapter alone, unrouted (the layers' single-adapter path, which merges
 on the fly where that is faster). Adapters can be added and removed while serving; the others are
 not reloaded.
 
@@ -15,19 +16,22 @@ Example::
     bank = AdapterBank("runs/base")
     refused = bank.add_folders({"DE": "adapters/DE", "FR": "adapters/FR"})   # {name: reason}
     scores = bank.score(frame)            # click probabilities, one per row, by frame's segment column
+    logits = bank.logits(encoded, names)  # the same from encoded rows and their segment names
     bank.remove("FR")
     bank.memory_bytes()                   # {"DE": 21_504}
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from recpeft.datasets import ClickBatches
+from recpeft.datasets import ClickBatches, EncodedInteractions
+from recpeft.datasets.interactions import canonical_text
 from recpeft.peft.model import PeftModel
 from recpeft.utils.devices import AUTO, resolve_device
 from recpeft.utils.tensor_bytes import tensor_bytes
@@ -60,14 +64,16 @@ class AdapterBank:
         """The adapters serving, in the order they were added."""
         return tuple(self.folders)
 
-    def add(self, name: str, folder: str | Path) -> None:
+    def add(self, name: str, folder: str | Path, *, ignore_base_mismatch: bool = False) -> None:
         """Serve the adapter in ``folder`` for segment ``name``; AdapterRefused (naming the folder
-        and the reason) when it does not fit the base, leaving the bank as it was."""
+        and the reason) when it does not fit the base, leaving the bank as it was.
+        ``ignore_base_mismatch``: serve it even where its record names another base (its tensors
+        must still fit)."""
         folder = Path(folder)
         if name in self.folders:
             raise AdapterRefused(f"adapter {name!r} is already serving (from {self.folders[name]}); remove it first")
         try:
-            check_base_fingerprint(folder, self.base_dir)
+            check_base_fingerprint(folder, self.base_dir, ignore_base_mismatch)
             if self._peft is None:
                 self._peft = PeftModel.from_pretrained(self._base, folder, adapter_name=name)
             else:
@@ -77,12 +83,12 @@ class AdapterBank:
         self._peft.to(self.device).eval()
         self.folders[name] = folder
 
-    def add_folders(self, folders: Mapping[str, str | Path]) -> dict[str, str]:
+    def add_folders(self, folders: Mapping[str, str | Path], *, ignore_base_mismatch: bool = False) -> dict[str, str]:
         """Add every ``name: folder``; the refused ones are left out and returned as {name: reason}."""
         refused = {}
         for name, folder in folders.items():
             try:
-                self.add(name, folder)
+                self.add(name, folder, ignore_base_mismatch=ignore_base_mismatch)
             except AdapterRefused as exc:
                 refused[name] = str(exc)
         return refused
@@ -112,16 +118,34 @@ class AdapterBank:
         schema = self.encoder.schema
         if schema.segment is None or schema.segment not in frame.columns:
             raise ValueError(f"{name}: no segment column {schema.segment!r}: it names each row's adapter")
-        if not (schema.label and schema.label in frame.columns):
-            frame = frame.assign(**{schema.label or "_label": 0.0})  # labels are not used when scoring
         encoded = self.encoder.transform(frame, unseen="oov", name=name)
-        served = {segment: i for i, segment in enumerate(self._adapter_order()) if segment in encoded.segment_names}
-        rows = ClickBatches(encoded, route=served)
-        out = []
+        names = canonical_text(frame[schema.segment]).str.strip()  # as the encoder reads segment names
+        return torch.sigmoid(self.logits(encoded, names.tolist()))
+
+    def adapter_ids(self, segments: Sequence[str]) -> torch.Tensor:
+        """int64 [N]: each row's adapter (its routing id, ``PeftModel.adapter_names`` order) by its
+        segment name, −1 (the base alone) where no adapter of that name serves."""
+        order = {adapter: i for i, adapter in enumerate(self._adapter_order())}
+        codes, names = pd.factorize(pd.Series(list(segments), dtype=object))
+        table = torch.tensor([order.get(str(n), -1) for n in names] + [-1], dtype=torch.int64)
+        return table[torch.from_numpy(codes.astype("int64"))]  # code −1 (missing) reads the last slot
+
+    def logits(self, encoded: EncodedInteractions, segments: Sequence[str] | None = None) -> torch.Tensor:
+        """Logits float32 [N] of ``encoded`` rows (encoded by :attr:`encoder`), each row through the
+        adapter its name in ``segments`` ([N] segment names) names (:meth:`adapter_ids`), in chunks
+        of :attr:`chunk_rows`; ``segments`` None: every row through the base alone."""
+        if encoded.labels is None:  # labels are not used when scoring
+            encoded = dataclasses.replace(encoded, labels=torch.zeros(len(encoded)))
+        if segments is not None and len(segments) != len(encoded):
+            raise ValueError(f"AdapterBank.logits: {len(segments)} segment names for {len(encoded)} rows")
+        ids = None if segments is None else self.adapter_ids(segments)
+        rows, out = ClickBatches(encoded), []
         with torch.no_grad():
             for start in range(0, len(rows), self.chunk_rows):
-                batch = rows.batch(torch.arange(start, min(start + self.chunk_rows, len(rows)))).to(self.device)
-                out.append(torch.sigmoid(self._forward(batch.args, batch.kwargs.get("adapter_ids"))).float().cpu())
+                index = torch.arange(start, min(start + self.chunk_rows, len(rows)))
+                batch = rows.batch(index).to(self.device)
+                chunk_ids = None if ids is None else ids[index].to(self.device)
+                out.append(self._forward(batch.args, chunk_ids).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def _adapter_order(self) -> tuple[str, ...]:

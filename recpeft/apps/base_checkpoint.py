@@ -62,9 +62,11 @@ def save_base(
     *,
     metrics: dict | None = None,
     data_source: dict | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``model`` (a ClickDLRM, not wrapped in a PeftModel), ``encoder`` and the
-    ``data_source`` record (:data:`DATA_SOURCE_FIELDS`; None: no record) to ``directory`` as one
+    """Write ``model`` (a ClickDLRM, not wrapped in a PeftModel), ``encoder``, the
+    ``data_source`` record (:data:`DATA_SOURCE_FIELDS`; None: no record) and ``extra_files``
+    (file name → text, e.g. the run's settings) to ``directory`` as one
     set (:func:`recpeft.utils.atomic.atomic_files`: a crash leaves the old checkpoint or the new
     one, never new weights beside an old encoder); the weights file records the sha256 of its
     tensors (:mod:`recpeft.utils.integrity`)."""
@@ -85,6 +87,8 @@ def save_base(
         (tmp / CONFIG).write_text(config_text)
         if data_source is not None:
             (tmp / DATA_SOURCE).write_text(json.dumps(data_source, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return directory
 
 

@@ -37,16 +37,16 @@ def segment_row(base, data: EncodedSplit, segment: str, left_out: str | None) ->
     }
 
 
-def weighted_row(rows: list[dict], arms: list[str]) -> dict:
-    """The impression-weighted mean of each arm's AUC and LogLoss over ``rows`` (by test rows;
-    segments where a value is undefined are left out of its mean)."""
-    counts = {r["segment"]: r["test_rows"] for r in rows}
+def weighted_row(rows: list[dict], arms: list[str], count: str = "test_rows") -> dict:
+    """The impression-weighted mean of each arm's AUC and LogLoss over ``rows`` (by each row's
+    ``count`` field, its test rows; segments where a value is undefined are left out of its mean)."""
+    counts = {r["segment"]: r[count] for r in rows}
     means = {
         f"{arm}_{metric}": weighted_auc({r["segment"]: r[f"{arm}_{metric}"] for r in rows}, counts)
         for arm in arms
         for metric in ("auc", "log_loss")
     }
-    return {"segment": WEIGHTED, "test_rows": sum(counts.values()), **means}
+    return {"segment": WEIGHTED, count: sum(counts.values()), **means}
 
 
 def _kilobytes(size: int | None) -> str:

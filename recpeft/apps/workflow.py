@@ -10,7 +10,8 @@
 3. :func:`finetune`: one segment's training rows, either a LoRA adapter on a frozen copy of the
    base (``Method.LORA``) or every parameter of a copy (``Method.DENSE``), both made by
    :func:`make_trainable`, early-stopped on the segment's validation rows, with the same Trainer.
-4. :func:`click_metrics`: AUC and LogLoss on a segment's test rows.
+4. :func:`click_metrics`: AUC and LogLoss on a segment's test rows (:func:`logit_metrics` from
+   logits already computed, e.g. by a routed pass over many adapters).
 
 Example::
 
@@ -254,16 +255,22 @@ def auc_undefined(labels: torch.Tensor, part: str = "test") -> str | None:
 
 @torch.no_grad()
 def click_metrics(model: nn.Module, source: ClickBatches, batch_size: int = 8192, *, part: str = "test") -> dict:
-    """AUC, LogLoss, rows and click rate of ``model``'s logits on ``source`` (``part``'s rows).
-    Where AUC is undefined (no rows, or one label only) it is NaN and ``auc_undefined`` says why."""
-    logits = predict(model, source, batch_size)
-    labels = source.encoded.labels
+    """AUC, LogLoss, rows and click rate of ``model``'s logits on ``source`` (``part``'s rows)
+    (:func:`logit_metrics`)."""
+    return logit_metrics(predict(model, source, batch_size), source.encoded.labels, part=part)
+
+
+def logit_metrics(logits: torch.Tensor, labels: torch.Tensor, *, part: str = "test") -> dict:
+    """AUC, LogLoss, rows and click rate of ``logits`` [N] against 0/1 ``labels`` [N] (``part``'s
+    rows). Where AUC is undefined (no rows, or one label only) it is NaN and ``auc_undefined``
+    says why."""
     reason = auc_undefined(labels, part)
+    rows = int(labels.numel())
     metrics = {
         "auc": auc(logits, labels) if reason is None else float("nan"),
-        "log_loss": log_loss(logits, labels) if len(source) else float("nan"),
-        "rows": len(source),
-        "click_rate": float(labels.float().mean()) if len(source) else float("nan"),
+        "log_loss": log_loss(logits, labels) if rows else float("nan"),
+        "rows": rows,
+        "click_rate": float(labels.float().mean()) if rows else float("nan"),
     }
     if reason is not None:
         metrics["auc_undefined"] = reason

@@ -1,12 +1,16 @@
 """What each ``recpeft`` sub-command does (the parser lives in cli.py).
 
-pretrain   DATA --out BASE                      train a base click model on every segment (less those left out)
-finetune   DATA --base BASE --segment S --out A  a LoRA adapter (or a dense copy) for one segment
-finetune   DATA --base BASE --segments A,B|all --out D   one per segment, and a summary
-evaluate   DATA --base BASE [--adapter A]       AUC / LogLoss per segment on the rows after the cut
-merge      --base BASE --adapter A --out M      fold an adapter into the base: a new base checkpoint
-bench      [--base BASE]                        LoRA vs dense fine-tuning cost, side by side
-demo                                            the main job on the embedded shop
+pretrain   DATA --output BASE                      train a base click model on every segment (less those left out)
+finetune   DATA --base BASE --segment S --output A  a LoRA adapter (or a dense copy) for one segment
+finetune   DATA --base BASE --segments A,B|all --output D   one per segment, and a summary
+evaluate   DATA --base BASE [--adapter A | --adapters D]   AUC / LogLoss per segment on the rows after the cut
+score      DATA --base BASE [--adapter A | --adapters D] --output S.parquet   predictions for new rows
+merge      --base BASE --adapter A --output M      fold an adapter into the base: a new base checkpoint
+bench      [--base BASE]                           LoRA vs dense fine-tuning cost, side by side
+demo                                               the main job on the embedded shop
+
+pretrain, finetune, evaluate and score record the settings they ran with as run.toml (in the output
+folder; beside an output file as <file>.run.toml): ``--config`` that file to repeat the run.
 """
 
 from __future__ import annotations
@@ -28,19 +32,21 @@ from recpeft.apps.base_checkpoint import (
     read_data_source,
     save_base,
 )
-from recpeft.apps.demo_report import save_report
+from recpeft.apps.demo_report import figure, print_table, save_report
+from recpeft.apps.run_config import RUN_CONFIG, toml_text
 from recpeft.apps.workflow import Method, SegmentRule, click_metrics, finetune, prepare, pretrain
 from recpeft.datasets.sources import Roles, load_source, resolve_format
 from recpeft.datasets.splits import cut_ns
 from recpeft.peft.config import LoraConfig
 from recpeft.peft.model import PeftModel
 from recpeft.train.trainer import TrainConfig
+from recpeft.utils.atomic import atomic_write_text
 from recpeft.utils.devices import describe_device
 from recpeft.utils.outputs import prepare_output
 from recpeft.utils.validation import check_fraction, check_int
 
 from .defaults import FINETUNE, FINETUNE_LR, PRETRAIN, SOURCES
-from .main import segment_names
+from .main import run_settings, segment_names
 
 #: above this share of ids unknown to the base, finetune/evaluate stop unless --allow-unseen
 UNSEEN_LIMIT = 0.5
@@ -60,8 +66,10 @@ CONFLICT_REASONS = {
     "exclude_segments": "the segments the base never saw would not be the ones it was pretrained without",
     "min_segment_rows": "the segments left out of pretraining would not be the base's",
 }
-#: folder names under ``finetune --segments``' --out that no segment's folder may take
-SUMMARY_FILES = ("summary.json", "summary.png")
+#: folder names under ``finetune --segments``' --output that no segment's folder may take
+SUMMARY_FILES = ("summary.json", "summary.png", RUN_CONFIG)
+#: the training flags whose defaults (:mod:`.defaults`) a run records as the values it ran with
+TRAIN_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "seed")
 #: a --test-start of 9 or more digits (any time from 1973 on) is epoch seconds (or ms, µs, ns by
 #: magnitude); shorter numbers stay dates (20250301)
 EPOCH_CUT = re.compile(r"\d{9,}(\.\d*)?")
@@ -358,17 +366,44 @@ def _finite_or_none(value):
 
 
 def _train_config(args, desc: str, **defaults) -> TrainConfig:
-    values = {
-        k: getattr(args, k)
-        for k in ("epochs", "batch_size", "lr", "weight_decay", "seed")
-        if getattr(args, k, None) is not None
-    }
+    values = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k, None) is not None}
     return TrainConfig(**{**defaults, **values, "progress": not args.quiet, "desc": desc})
+
+
+def _settle_training(args, defaults: dict) -> None:
+    """Fill in, on ``args``, the training flags left out with ``defaults`` (what runs, and what
+    run.toml records); a learning rate with two methods stays per method (None)."""
+    for field in TRAIN_FIELDS:
+        if getattr(args, field) is None and field in defaults:
+            setattr(args, field, defaults[field])
+
+
+def _run_file(args) -> dict[str, str]:
+    """The run's settings (:func:`.main.run_settings`) as ``{run.toml: text}``, for a folder's
+    atomic set of files; of the two ways to give the test cut, the one that applied."""
+    settings = run_settings(args)
+    if "test-start" in settings:
+        settings.pop("test-fraction", None)
+    return {RUN_CONFIG: toml_text(settings, f"recpeft {args.command}")}
+
+
+def _beside(path) -> Path:
+    """Where a file output's run.toml goes: ``<file>.run.toml`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{RUN_CONFIG}")
+
+
+def _prepare_file(args, path, flag: str, reads) -> Path:
+    """Check a file output and its run.toml (:func:`_beside`) before any work."""
+    for target in (path, _beside(path)):
+        prepare_output(target, reads=reads, overwrite=args.overwrite, kind="file", flag=flag)
+    return Path(path)
 
 
 def cmd_pretrain(args) -> None:
     check_int("--embedding-dim", args.embedding_dim)
-    out = prepare_output(args.out, reads=[_data_path(args)], overwrite=args.overwrite)
+    _settle_training(args, PRETRAIN)
+    out = prepare_output(args.output, reads=[_data_path(args)], overwrite=args.overwrite, flag="--output")
     data = _data(args)
     options = {
         "kind": args.kind,
@@ -391,7 +426,8 @@ def cmd_pretrain(args) -> None:
         "device": report.device,
     }
     with _writing("the base checkpoint", out):
-        save_base(out, model, data.encoder, metrics=metrics, data_source=_source_record(args, data.schema))
+        source = _source_record(args, data.schema)
+        save_base(out, model, data.encoder, metrics=metrics, data_source=source, extra_files=_run_file(args))
     _auc_note(test)
     print(
         f"pretrained {report.epochs_run} epochs on {report.device} ({report.samples_per_second:,.0f} samples/s): "
@@ -400,34 +436,40 @@ def cmd_pretrain(args) -> None:
     )
 
 
-def _lora_config(args, model, schema) -> LoraConfig:
-    targets = [t for t in (args.targets or "").split(",") if t] or model.lora_targets(
-        frozen_features=(schema.user, schema.item)
-    )
+def _settle_lora(args, model, schema) -> None:
+    """Fill in, on ``args``, the LoRA settings left out: alpha 2r, the model's own targets."""
+    if args.lora_alpha is None:
+        args.lora_alpha = float(2 * args.r)
+    if not args.target_modules:
+        args.target_modules = ",".join(model.lora_targets(frozen_features=(schema.user, schema.item)))
+
+
+def _lora_config(args) -> LoraConfig:
     return LoraConfig(
         r=args.r,
-        lora_alpha=2 * args.r if args.alpha is None else args.alpha,
+        lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=targets,
+        target_modules=[t for t in args.target_modules.split(",") if t],
     )
 
 
-def _fit_and_save(args, base, data, segment: str, method: Method, out: Path) -> dict:
+def _fit_and_save(args, base, data, segment: str, method: Method, out: Path, extra_files=None) -> dict:
     """Fine-tune a copy of ``base`` on ``segment`` by ``method`` and save it to ``out`` (a LoRA
-    adapter with the base's fingerprint, or a dense copy as a base checkpoint with the record):
-    its test metrics, FitReport and size on disk."""
+    adapter with the base's fingerprint, or a dense copy as a base checkpoint with the record),
+    with ``extra_files`` in its set: its test metrics, FitReport and size on disk."""
     config = _train_config(args, f"{method.value} {segment}", **FINETUNE, lr=FINETUNE_LR[method.value])
-    lora = _lora_config(args, base, data.schema) if method is Method.LORA else None
+    lora = _lora_config(args) if method is Method.LORA else None
     model, report = finetune(base, data, segment, method, train_config=config, lora_config=lora, device=args.device)
     after = click_metrics(model, data.segment_rows("test", segment))
     if method is Method.LORA:
         with _writing("the adapter", out):
-            model.save_pretrained(out, extra_files=base_fingerprint_files(args.base))
+            model.save_pretrained(out, extra_files={**base_fingerprint_files(args.base), **(extra_files or {})})
         size = (out / "adapter_model.safetensors").stat().st_size
     else:
         with _writing("the fine-tuned copy", out):
             metrics = {"segment": segment, "test_auc": _finite_or_none(after["auc"])}
-            save_base(out, model, data.encoder, metrics=metrics, data_source=_source_record(args, data.schema))
+            source = _source_record(args, data.schema)
+            save_base(out, model, data.encoder, metrics=metrics, data_source=source, extra_files=extra_files)
         size = checkpoint_bytes(out)
     return {"metrics": after, "report": report, "bytes": size, "lora_config": lora, "train_config": config}
 
@@ -442,13 +484,16 @@ def _methods(args) -> list[Method]:
 
 def cmd_finetune(args) -> None:
     methods = _methods(args)
-    out = prepare_output(args.out, reads=[args.base, _data_path(args)], overwrite=args.overwrite)
+    _settle_training(args, {**FINETUNE, **({"lr": FINETUNE_LR[methods[0].value]} if len(methods) == 1 else {})})
+    out = prepare_output(args.output, reads=[args.base, _data_path(args)], overwrite=args.overwrite, flag="--output")
     base, encoder = _load_base(args.base)
+    if Method.LORA in methods:
+        _settle_lora(args, base, encoder.schema)
     if args.segments is not None:
         return _finetune_segments(args, base, encoder, methods, out)
     method, segment = methods[0], args.segment
     data = _data(args, args.base, encoder, segment=segment)
-    done = _fit_and_save(args, base, data, segment, method, out)
+    done = _fit_and_save(args, base, data, segment, method, out, extra_files=_run_file(args))
     report, after = done["report"], done["metrics"]
     before = click_metrics(base, data.segment_rows("test", segment))
     if method is Method.LORA:
@@ -490,22 +535,22 @@ def _chosen_segments(args, data, name: str) -> list[str]:
 
 
 def _segment_folder(segment: str, method: Method) -> str:
-    """Where a segment's model goes under --out: ``<segment>`` (LoRA), ``<segment>-dense`` (dense)."""
+    """Where a segment's model goes under --output: ``<segment>`` (LoRA), ``<segment>-dense`` (dense)."""
     return segment if method is Method.LORA else f"{segment}-dense"
 
 
 def _check_folders(segments: list[str], methods: list[Method]) -> None:
-    """Refuse segment names that cannot be folders of their own under --out (a path, a summary
+    """Refuse segment names that cannot be folders of their own under --output (a path, a summary
     file's name, or one segment's dense folder being another's adapter folder)."""
     folders = [_segment_folder(s, m) for s in segments for m in methods]
     for folder in folders:
         if folder in ("", ".", "..", *SUMMARY_FILES) or any(c in folder for c in "/\\\x00"):
             raise ValueError(
-                f"segment {folder!r} cannot be a folder of its own under --out; fine-tune it with --segment"
+                f"segment {folder!r} cannot be a folder of its own under --output; fine-tune it with --segment"
             )
     twins = sorted({f for f in folders if folders.count(f) > 1})
     if twins:
-        raise ValueError(f"segments {twins} would share a folder under --out (<segment> and <segment>-dense)")
+        raise ValueError(f"segments {twins} would share a folder under --output (<segment> and <segment>-dense)")
 
 
 def _finetune_segments(args, base, encoder, methods: list[Method], out: Path) -> None:
@@ -543,6 +588,7 @@ def _finetune_segments(args, base, encoder, methods: list[Method], out: Path) ->
     }
     with _writing("the summary", out):
         summarise(out, rows, context)
+        atomic_write_text(out / RUN_CONFIG, _run_file(args)[RUN_CONFIG])
 
 
 def _method_fields(method: Method, done: dict, folder: str) -> dict:
@@ -564,8 +610,10 @@ def _method_fields(method: Method, done: dict, folder: str) -> dict:
 
 def cmd_evaluate(args) -> None:
     if args.json:
-        reads = [args.base, args.adapter, _data_path(args)]
-        prepare_output(args.json, reads=reads, overwrite=args.overwrite, kind="file", flag="--json")
+        reads = [args.base, args.adapter, args.adapters, _data_path(args)]
+        _prepare_file(args, args.json, "--json", reads)
+    if args.adapters:
+        return _evaluate_routed(args)
     base, encoder = _load_base(args.base)
     data = _data(args, args.base, encoder, segment=args.segment)
     model = base
@@ -587,19 +635,128 @@ def cmd_evaluate(args) -> None:
         if "auc_undefined" in row:
             print(f"{row['segment']}: AUC undefined: {row['auc_undefined']}")
     if args.json:
+        report = {"base": str(args.base), "adapter": args.adapter, "part": args.part, "segments": rows}
+        _write_report(args, report)
+
+
+def _write_report(args, report: dict) -> None:
+    """``report`` (with the device and the run's settings) as --json, and its run.toml beside it."""
+    report = {**report, "device": describe_device(args.device), "settings": run_settings(args)}
+    with _writing("the JSON report", args.json):
+        save_report(args.json, report)
+        atomic_write_text(_beside(args.json), _run_file(args)[RUN_CONFIG])
+    print(f"wrote {args.json} and {_beside(args.json)}")
+
+
+def _bank(args):
+    """The base and the adapters --adapters (every segment's) or --adapter (one, named by its
+    folder) name, in one AdapterBank; any adapter that does not fit the base is refused, naming it."""
+    from recpeft.apps.adapter_bank import AdapterBank
+    from recpeft.apps.scoring import find_adapter_folders
+
+    with _reading("base checkpoint", args.base):
+        bank = AdapterBank(args.base, device=args.device, chunk_rows=getattr(args, "chunk_rows", 8192))
+    if args.adapters:
+        folders = find_adapter_folders(args.adapters)
+        lora, dense = folders.lora, folders.dense
+    else:
+        lora, dense = ({Path(args.adapter).name: Path(args.adapter)} if args.adapter else {}), {}
+    refused = bank.add_folders(lora, ignore_base_mismatch=args.ignore_base_mismatch)
+    if refused:  # each reason names the adapter, its folder and why (another base: the flag that allows it)
+        raise ValueError(next(iter(refused.values())))
+    if dense:
+        print(
+            f"dense copies (base checkpoints, not adapters; not routed): {', '.join(sorted(dense))}; score one "
+            f"with --base {Path(args.adapters) / '<segment>-dense'}"
+        )
+    return bank
+
+
+#: evaluate --adapters' table: (header, width, row → text)
+ROUTED_COLUMNS = [
+    ("segment", 10, lambda r: r["segment"]),
+    ("rows", 6, lambda r: figure(r.get("rows"), ",")),
+    ("click rate", 10, lambda r: figure(r.get("click_rate"), ".3f")),
+    ("base AUC", 8, lambda r: figure(r["base_auc"], ".4f")),
+    ("adapted AUC", 11, lambda r: figure(r["adapted_auc"], ".4f")),
+    ("base LogLoss", 12, lambda r: figure(r["base_log_loss"], ".4f")),
+    ("adapted LogLoss", 15, lambda r: figure(r["adapted_log_loss"], ".4f")),
+    ("adapter", 8, lambda r: r.get("adapter") or ("—" if r["segment"].startswith("(") else "base*")),
+]
+ROUTED_LEGEND = (
+    "adapted: each segment through its own adapter, one routed pass; base*: no adapter for the segment, the "
+    "base's scores; (weighted): the mean over segments weighted by their rows."
+)
+
+
+def _evaluate_routed(args) -> None:
+    """``evaluate --adapters DIR``: every segment through its own adapter (:mod:`recpeft.apps.scoring`)."""
+    from recpeft.apps.finetune_summary import weighted_row
+    from recpeft.apps.scoring import routed_evaluation
+
+    bank = _bank(args)
+    data = _data(args, args.base, bank.encoder, segment=args.segment)
+    segments = [args.segment] if args.segment else data.segments
+    rows = routed_evaluation(bank, data, args.part, segments)
+    weighted = weighted_row(rows, ["base", "adapted"], count="rows")
+    print(f"{len(bank.names)} adapters from {args.adapters} on the {args.part} rows")
+    print_table([*rows, weighted], ROUTED_COLUMNS, ROUTED_LEGEND)
+    for row in rows:
+        if "auc_undefined" in row:
+            print(f"{row['segment']}: AUC undefined: {row['auc_undefined']}")
+    if args.json:
         report = {
             "base": str(args.base),
-            "adapter": args.adapter,
+            "adapters": str(args.adapters),
             "part": args.part,
-            "device": describe_device(args.device),
+            "routing": {segment: str(folder) for segment, folder in bank.folders.items()},
             "segments": rows,
+            "impression_weighted": weighted,
         }
-        with _writing("the JSON report", args.json):
-            save_report(args.json, report)
+        _write_report(args, report)
+
+
+def cmd_score(args) -> None:
+    from recpeft.apps.scoring import output_kind, score_file
+
+    check_int("--chunk-rows", args.chunk_rows)
+    if args.data is None:
+        raise ValueError("give the DATA to score (or `data` in --config)")
+    output_kind(args.output)
+    reads = [args.data, args.base, args.adapter, args.adapters]
+    out = _prepare_file(args, args.output, "--output", reads)
+    with _reading("base checkpoint", args.base):
+        record = read_data_source(args.base) or {}
+    if args.format is None:
+        recorded = record.get("format", "auto")
+        args.format = "auto" if recorded == "shop" else recorded
+    bank = _bank(args)
+    roles = Roles(
+        segment_by=record.get("segment_by", SOURCES["segment_by"]), criteo_segment=record.get("criteo_segment")
+    )
+    with _writing("the scores", out):
+        report = score_file(
+            bank,
+            args.data,
+            out,
+            fmt=args.format,
+            roles=roles,
+            chunk_rows=args.chunk_rows,
+            one_adapter=Path(args.adapter).name if args.adapter else None,
+            progress=not args.quiet,
+        )
+        atomic_write_text(_beside(out), _run_file(args)[RUN_CONFIG])
+    unseen = {f: v for f, v in report.unseen_share.items() if v}
+    if unseen:
+        print(f"rows with ids the base never saw (out-of-vocabulary row): {_shares(unseen)}")
+    counts = sorted(report.per_adapter.items(), key=lambda item: (item[0] is not None, str(item[0])))  # base first
+    used = "; ".join(f"{name or 'base'} {count:,}" for name, count in counts)
+    print(f"scored {report.rows:,} rows of {args.data} (rows per adapter: {used or 'none'})")
+    print(f"wrote {out} and {_beside(out)}")
 
 
 def cmd_merge(args) -> None:
-    out = prepare_output(args.out, reads=[args.base, args.adapter], overwrite=args.overwrite)
+    out = prepare_output(args.output, reads=[args.base, args.adapter], overwrite=args.overwrite, flag="--output")
     base, encoder = _load_base(args.base)
     check_base_fingerprint(args.adapter, args.base, args.ignore_base_mismatch)
     merged = _load_adapter(base, args.adapter).merge_and_unload()
@@ -607,7 +764,7 @@ def cmd_merge(args) -> None:
         source = read_data_source(args.base)
     with _writing("the merged base checkpoint", out):
         save_base(out, merged, encoder, metrics={"merged_adapter": str(args.adapter)}, data_source=source)
-    print(f"merged {args.adapter} into {args.base}; saved {args.out} (a base checkpoint: use it with --base)")
+    print(f"merged {args.adapter} into {args.base}; saved {args.output} (a base checkpoint: use it with --base)")
 
 
 def cmd_bench(args) -> None:
@@ -626,8 +783,34 @@ def cmd_bench(args) -> None:
 def cmd_demo(args) -> None:
     from recpeft.apps.demo import run_demo
 
-    out = prepare_output(args.out, reads=[_data_path(args)], overwrite=args.overwrite)
+    out = prepare_output(args.output, reads=[_data_path(args)], overwrite=args.overwrite, flag="--output")
     with _writing("the demo's outputs", out):
         run_demo(
             out, seed=args.seed, progress=not args.quiet, fresh=args.fresh, markets=args.markets, device=args.device
         )
+
+
+def cmd_serve(args) -> None:
+    import dataclasses
+
+    from recpeft.serve import ServeLimits, run_server
+
+    check_int("--port", args.port, minimum=0)
+    fields = [f.name for f in dataclasses.fields(ServeLimits)]
+    try:
+        limits = ServeLimits(**{f: getattr(args, f) for f in fields})
+    except ValueError as exc:  # name the flag, not the field
+        text = str(exc)
+        for f in fields:
+            text = text.replace(f"ServeLimits.{f}", f"--{f.replace('_', '-')}")
+        raise ValueError(text) from None
+    run_server(
+        args.base,
+        args.adapters,
+        args.host,
+        args.port,
+        limits=limits,
+        device=args.device,
+        ignore_base_mismatch=args.ignore_base_mismatch,
+        log_level="warning" if args.quiet else "info",
+    )

@@ -19,3 +19,5 @@ SOURCES = {
 }
 #: what ``finetune --method`` accepts: one method, or both trained side by side (with --segments)
 METHODS = ("lora", "dense", "lora,dense")
+#: rows ``recpeft score`` reads and scores at a time
+CHUNK_ROWS = 16384

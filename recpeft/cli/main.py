@@ -1,29 +1,64 @@
 """The ``recpeft`` command: argument parsing and one-line errors (the work is in
-:mod:`.commands`, imported only once a subcommand runs, so ``--help`` imports no torch)."""
+:mod:`.commands`, imported only once a subcommand runs, so ``--help`` imports no torch).
+
+Settings may also come from a TOML file, ``--config run.toml`` (:func:`parse_args`): a key per
+flag of the subcommand (``batch-size``, ``batch_size`` or an alias such as ``out``), each value
+typed as the flag takes it; a flag given on the command line wins over the file. Every command
+with an output records the settings it ran with (:func:`run_settings`) as ``run.toml`` there.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import datetime
 import importlib.metadata
 import importlib.util
+import io
+import logging
 import sys
 from pathlib import Path
 
 from recpeft.datasets.formats import FORMATS, MOVIELENS_SEGMENT_ATTRIBUTES, TIME_UNITS
 
-from .defaults import FINETUNE, FINETUNE_LR, METHODS, PRETRAIN, SOURCES
+from .defaults import CHUNK_ROWS, FINETUNE, FINETUNE_LR, METHODS, PRETRAIN, SOURCES
 
 EXAMPLES = """examples:
   recpeft demo                                            # the main job on the embedded shop
-  recpeft pretrain log.parquet --segment-col country --categorical category,brand --dense price --out base
-  recpeft finetune log.parquet --base base --segment DE --out adapters/DE
-  recpeft finetune log.parquet --base base --segments all --method lora,dense --out adapters   # + summary
-  recpeft evaluate log.parquet --base base --adapter adapters/DE --segment DE
-  recpeft merge --base base --adapter adapters/DE --out base-DE
-  recpeft finetune ml-1m/ --base ml-base --segment F --out adapters/F    # MovieLens, segments by gender
+  recpeft pretrain log.parquet --segment-col country --categorical category,brand --dense price --output base
+  recpeft finetune log.parquet --base base --segments all --method lora,dense --output adapters   # + summary
+  recpeft evaluate log.parquet --base base --adapters adapters     # every segment through its own adapter
+  recpeft score new.parquet --base base --adapters adapters --output scores.parquet
+  recpeft finetune log.parquet --base base --segment DE --output adapters/DE
+  recpeft merge --base base --adapter adapters/DE --output base-DE
+  recpeft pretrain --config base/run.toml --output base-again    # repeat a run from its settings
   recpeft bench
 """
+#: the subcommands that read --config (and write run.toml beside their output)
+CONFIG_COMMANDS = ("pretrain", "finetune", "evaluate", "score")
+#: what a run.toml does not record: how a run is shown and where its settings came from
+NOT_RECORDED = ("config", "overwrite", "debug", "quiet")
+#: torch.fx logs this once per process the first time a torchrec KeyedJaggedTensor is built
+#: (its class is an fx ProxyableClassMeta, whose constructor asks ``is_fx_tracing``): a note for
+#: torch.export authors that lands inside the first table or progress bar
+FX_TRACING_NOTE = ("torch.fx._symbolic_trace", "is_fx_tracing will return true")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, but an option with aliases shows its value once: ``--output OUTPUT
+    (alias: --out)`` instead of ``--output OUTPUT, --out OUTPUT``."""
+
+    def _format_action_invocation(self, action):
+        if len(action.option_strings) < 2 or action.nargs == 0 or action.option_strings[0] in ("-h",):
+            return super()._format_action_invocation(action)
+        value = self._format_args(action, self._get_default_metavar_for_optional(action))
+        first, *aliases = action.option_strings
+        return f"{first} {value} (alias: {', '.join(aliases)})"
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`HelpFormatter` keeping the description's line breaks (the demo's docstring)."""
 
 
 def _module_docstring(module: str) -> str | None:
@@ -169,6 +204,21 @@ def _train_arguments(parser: argparse.ArgumentParser, defaults: dict, lr: str) -
     )
 
 
+def _output_argument(parser: argparse.ArgumentParser, help: str, *, required: bool = True, default=None) -> None:
+    """``--output`` (alias ``--out``, the spelling of earlier releases)."""
+    parser.add_argument("--output", "--out", dest="output", required=required, default=default, help=help)
+
+
+def _config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="RUN.toml",
+        help="read settings from this TOML file: a key per flag (batch-size = 512), typed as the flag; a flag "
+        "on the command line wins. Each run writes its own as run.toml with its output, to repeat it exactly",
+    )
+
+
 def _overwrite_argument(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--overwrite",
@@ -181,7 +231,7 @@ def _overwrite_argument(parser: argparse.ArgumentParser, what: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recpeft",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
         description="Parameter-efficient fine-tuning (LoRA) of recommendation models: pretrain one base click "
         "model on every segment, then a small adapter per segment (market, category, cohort).",
@@ -204,22 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
         "cuda:N (default: auto)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add = lambda name, **kw: sub.add_parser(name, parents=[common], **kw)  # noqa: E731
+    add = lambda name, **kw: sub.add_parser(name, parents=[common], **{"formatter_class": HelpFormatter, **kw})  # noqa: E731
 
     demo = add(
         "demo",
         help="the main job on the embedded synthetic shop, with a report",
         description=_module_docstring("recpeft.apps.demo"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
     )
-    demo.add_argument(
-        "--out",
+    _output_argument(
+        demo,
+        "folder for the base, adapters, report.json and report.png (default: runs/demo)",
+        required=False,
         default="runs/demo",
-        help="folder for the base, adapters, report.json and report.png (default: runs/demo)",
     )
     demo.add_argument("--seed", type=int, default=0, help="seeds every model and row order (default: 0)")
-    demo.add_argument("--fresh", action="store_true", help="pretrain the base again even if --out holds one")
-    _overwrite_argument(demo, "a previous run in --out (its saved base is reused unless --fresh)")
+    demo.add_argument("--fresh", action="store_true", help="pretrain the base again even if --output holds one")
+    _overwrite_argument(demo, "a previous run in --output (its saved base is reused unless --fresh)")
     demo.add_argument(
         "--markets", nargs="+", default=None, help="markets to personalise (default: all but the largest)"
     )
@@ -233,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _data_arguments(pre, reads_base=False)
     _train_arguments(pre, PRETRAIN, lr=str(PRETRAIN["lr"]))
-    pre.add_argument("--out", required=True, help="folder for the base checkpoint")
-    _overwrite_argument(pre, "an existing --out folder")
+    _output_argument(pre, "folder for the base checkpoint (and its run.toml)")
+    _config_argument(pre)
+    _overwrite_argument(pre, "an existing --output folder")
     pre.add_argument(
         "--kind", choices=("dlrm", "dcn"), default="dlrm", help="DLRM or DLRM with a DCN interaction (default: dlrm)"
     )
@@ -267,53 +319,115 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="A,B|all",
         help="several segments in one run ('all': every one with enough rows, see --min-segment-rows): "
-        "--out/<segment>/ per LoRA adapter, --out/<segment>-dense/ per dense copy, and a summary "
+        "--output/<segment>/ per LoRA adapter, --output/<segment>-dense/ per dense copy, and a summary "
         "(summary.json, summary.png)",
     )
-    fine.add_argument(
-        "--out",
-        required=True,
-        help="folder for the adapter (or, with --method dense, the copy; with --segments, for all of them)",
+    _output_argument(
+        fine,
+        "folder for the adapter (or, with --method dense, the copy; with --segments, for all of them) and run.toml",
     )
+    _config_argument(fine)
     fine.add_argument(
         "--method",
         choices=METHODS,
         default="lora",
         help="a LoRA adapter, dense fine-tuning of a copy of the whole base, or (with --segments) both (default: lora)",
     )
-    _overwrite_argument(fine, "an existing --out folder")
+    _overwrite_argument(fine, "an existing --output folder")
     fine.add_argument("--r", type=int, default=4, help="LoRA rank (default: 4)")
-    fine.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
+    fine.add_argument(
+        "--lora-alpha", "--alpha", dest="lora_alpha", type=float, default=None, help="LoRA alpha (default: 2r)"
+    )
     fine.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default: 0.0)")
     fine.add_argument(
+        "--target-modules",
         "--targets",
-        default="",
-        help="comma-separated module names to adapt (default: attribute tables and every MLP layer)",
+        dest="target_modules",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated module names to adapt (default: the model's own choice: attribute tables and "
+        "every MLP layer)",
     )
     fine.set_defaults(run="cmd_finetune")
 
-    ev = add("evaluate", help="AUC and LogLoss per segment of a base (with an adapter)")
+    ev = add(
+        "evaluate",
+        help="AUC and LogLoss per segment of a base, with an adapter or every segment's own",
+        description="Score a base on each segment's rows after the time cut; with --adapter, the base with that "
+        "adapter; with --adapters, every segment through its own adapter in one routed pass, beside the base, "
+        "with the impression-weighted row.",
+    )
     _data_arguments(ev, reads_base=True)
     ev.add_argument("--base", required=True, help="base checkpoint folder (from `recpeft pretrain` or `merge`)")
     ev.add_argument(
-        "--ignore-base-mismatch", action="store_true", help="apply --adapter even if it was trained on another base"
+        "--ignore-base-mismatch",
+        action="store_true",
+        help="apply --adapter(s) even if trained on another base",
     )
-    ev.add_argument(
+    adapters = ev.add_mutually_exclusive_group()
+    adapters.add_argument(
         "--adapter", default=None, help="adapter folder to apply to the base (default: none, the base alone)"
+    )
+    adapters.add_argument(
+        "--adapters",
+        default=None,
+        metavar="DIR",
+        help="folder of adapter folders, DIR/<segment>/ (as finetune --segments writes): each segment through "
+        "its own, the others through the base; DIR/<segment>-dense/ copies are base checkpoints, not used here",
     )
     ev.add_argument("--segment", default=None, help="only this segment (default: every segment)")
     ev.add_argument(
         "--part", choices=("train", "valid", "test"), default="test", help="which rows to score (default: test)"
     )
-    ev.add_argument("--json", default=None, help="also write the table as JSON here")
+    ev.add_argument(
+        "--json", default=None, help="also write the table as JSON here (and the run's settings as <json>.run.toml)"
+    )
+    _config_argument(ev)
     _overwrite_argument(ev, "an existing --json file")
     ev.set_defaults(run="cmd_evaluate")
+
+    score = add(
+        "score",
+        help="click probabilities for new rows, each through its segment's adapter",
+        description="Score the rows of DATA (no label needed) with a base, routing each row to the adapter of "
+        "its segment (--adapters) or one adapter (--adapter), in chunks; write row, id and segment columns, the "
+        "adapter used and the score to --output (.parquet or .csv), and the settings to <output>.run.toml.",
+    )
+    score.add_argument(
+        "data", nargs="?", default=None, help="rows to score: CSV/Parquet (streamed), a MovieLens folder or Criteo TSV"
+    )
+    score.add_argument(
+        "--format", choices=FORMATS, default=None, help="data format (default: the base's, else from the path)"
+    )
+    score.add_argument("--base", required=True, help="base checkpoint folder")
+    routes = score.add_mutually_exclusive_group()
+    routes.add_argument("--adapter", default=None, help="one adapter folder for every row (default: none)")
+    routes.add_argument(
+        "--adapters",
+        default=None,
+        metavar="DIR",
+        help="folder of adapter folders, DIR/<segment>/: each row through its segment's, rows of other segments "
+        "through the base (default: none, the base alone)",
+    )
+    score.add_argument(
+        "--ignore-base-mismatch", action="store_true", help="apply adapters even if trained on another base"
+    )
+    _output_argument(score, "the scores file: .parquet (or .pq) or .csv, by its suffix")
+    score.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=CHUNK_ROWS,
+        help=f"rows read and scored at a time (default: {CHUNK_ROWS})",
+    )
+    _config_argument(score)
+    _overwrite_argument(score, "an existing --output file")
+    score.set_defaults(run="cmd_score")
 
     merge = add("merge", help="fold an adapter into the base weights; writes a new base checkpoint")
     merge.add_argument("--base", required=True, help="base checkpoint folder the adapter was trained on")
     merge.add_argument("--adapter", required=True, help="adapter folder (from `recpeft finetune`)")
-    merge.add_argument("--out", required=True, help="folder for the merged base checkpoint")
-    _overwrite_argument(merge, "an existing --out folder")
+    _output_argument(merge, "folder for the merged base checkpoint")
+    _overwrite_argument(merge, "an existing --output folder")
     merge.add_argument(
         "--ignore-base-mismatch", action="store_true", help="merge even if the adapter was trained on another base"
     )
@@ -334,6 +448,38 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write the figures as JSON here")
     _overwrite_argument(bench, "an existing --json file")
     bench.set_defaults(run="cmd_bench")
+
+    from recpeft.serve.limits import ServeLimits  # plain constants (no torch): the bounds' defaults
+
+    serve = add(
+        "serve",
+        help="an HTTP scoring server (FastAPI + uvicorn): each row through its segment's adapter",
+        description="Serve a base and every adapter under --adapters over HTTP until stopped (Ctrl-C): POST /score "
+        '{"rows": [...]} (concurrent requests micro-batched), GET /health, GET/POST /adapters, DELETE '
+        "/adapters/NAME (see recpeft.serve.app). An adapter folder that does not fit the base is listed and left out.",
+    )
+    serve.add_argument("--base", required=True, help="base checkpoint folder")
+    serve.add_argument(
+        "--adapters", default=None, metavar="DIR", help="folder of adapter folders, DIR/<segment>/ (default: none)"
+    )
+    serve.add_argument(
+        "--ignore-base-mismatch", action="store_true", help="serve adapters even if trained on another base"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    limits = ServeLimits()
+    for field, kind, help in [
+        ("max_rows", int, "rows one request may carry"),
+        ("max_body_bytes", int, "bytes of one request body"),
+        ("batch_rows", int, "rows one micro-batch gathers at most"),
+        ("batch_wait_ms", float, "ms the first request of a batch waits for others"),
+        ("max_pending", int, "requests queued at most (more: 503)"),
+        ("timeout_s", float, "seconds a request waits for its scores (then 503)"),
+    ]:
+        default = getattr(limits, field)
+        flag = f"--{field.replace('_', '-')}"
+        serve.add_argument(flag, type=kind, default=default, help=f"{help} (default: {default})")
+    serve.set_defaults(run="cmd_serve")
     return parser
 
 
@@ -358,14 +504,176 @@ def error_line(exc: BaseException) -> str:
     return f"{text} (run again with --debug for the traceback)"
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@contextlib.contextmanager
+def _relaxed(parser: argparse.ArgumentParser, dests=None):
+    """``parser`` with its required options (and required groups) of ``dests`` (None: all)
+    optional, restored afterwards: what a config file gives need not be on the command line."""
+    actions = [(a, a.required) for a in parser._actions if dests is None or a.dest in dests]
+    groups = [
+        (g, g.required)
+        for g in parser._mutually_exclusive_groups
+        if dests is None or any(a.dest in dests for a in g._group_actions)
+    ]
+    try:
+        for item, _ in actions + groups:
+            item.required = False
+        yield parser
+    finally:
+        for item, required in actions + groups:
+            item.required = required
+
+
+def _config_keys(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Key (underscores for dashes) → action, for every flag a config file may set: each long
+    option string (aliases too) and each dest."""
+    keys = {}
+    for action in sub._actions:
+        if action.dest in ("help", "config") or isinstance(action, argparse._VersionAction):
+            continue
+        for name in (action.dest, *(o.lstrip("-") for o in action.option_strings if o.startswith("--"))):
+            keys[name.replace("-", "_")] = action
+    return keys
+
+
+def _typed(action: argparse.Action, value, where: str):
+    """A config ``value`` as the flag of ``action`` takes it (see :func:`config_values`)."""
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} = {value!r}: a switch takes true or false")
+        return value
+    if isinstance(value, (bool, dict)):
+        kind = "switch" if isinstance(value, bool) else "table"
+        raise ValueError(f"{where} = {value!r}: the flag takes a value, not a {kind}")
+    if isinstance(value, list):
+        if not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{where} = {value!r}: a list must hold names")
+        value = ",".join(map(str, value))  # the flag's comma-separated form
+    if isinstance(value, (datetime.date, datetime.time)):
+        value = value.isoformat()
+    kind = action.type
+    if isinstance(value, (int, float)) and kind in (int, float):
+        if kind is int and not isinstance(value, int):
+            raise ValueError(f"{where} = {value!r}: the flag takes a whole number")
+        typed = kind(value)
+    else:
+        try:
+            typed = kind(str(value)) if kind is not None else str(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise ValueError(f"{where} = {value!r}: not a valid value for {action.option_strings[0]}: {exc}") from None
+    if action.choices is not None and typed not in action.choices:
+        raise ValueError(f"{where} = {value!r}: choose one of {', '.join(map(str, action.choices))}")
+    return typed
+
+
+def config_values(sub: argparse.ArgumentParser, table: dict, path) -> dict:
+    """dest → value for a config ``table`` read from ``path`` for subcommand parser ``sub``: a key
+    is a flag's name (dashes or underscores; an alias too) or ``data``; a value is typed as the flag
+    takes it (an array of names for a comma-separated list, a TOML date for a time); an unknown
+    key, a flag named twice, or a value the flag refuses is a ValueError naming the key and file."""
+    keys, values, named = _config_keys(sub), {}, {}
+    command, path = sub.prog.split()[-1], f"--config {path}"
+    for key, value in table.items():
+        action = keys.get(key.replace("-", "_"))
+        if action is None:
+            raise ValueError(f"{path}: unknown key {key!r}: not a flag of `recpeft {command}` (see its --help)")
+        if action.dest in named:
+            raise ValueError(f"{path}: keys {named[action.dest]!r} and {key!r} set the same flag")
+        named[action.dest] = key
+        values[action.dest] = _typed(action, value, f"{path}: {key}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line parsed, with a ``--config`` file's settings (:func:`config_values`) as the
+    defaults of the flags it names: a flag given on the command line wins, and of a mutually
+    exclusive pair (``--segment``/``--segments``) the one given on the command line drops the
+    file's other. ``args.config_settings``: dest → value of the file (empty without one)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    subs = _subparsers(parser)
+    at = next((i for i, a in enumerate(argv) if a in subs), None)
+    if at is None or argv[at] not in CONFIG_COMMANDS:
+        args = parser.parse_args(argv)
+        args.config_settings = {}
+        return args
+    sub = subs[argv[at]]
+    try:  # a first look, for --config; where it stops (--help, a bad value), the real parse speaks
+        with _relaxed(sub), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            given, _ = sub.parse_known_args(argv[at + 1 :])
+    except SystemExit:
+        given = argparse.Namespace(config=None)
+    if given.config is None:
+        args = parser.parse_args(argv)
+        args.config_settings = {}
+        return args
+    from recpeft.apps.run_config import read_run_config
+
+    values = config_values(sub, read_run_config(given.config), given.config)
+    defaults = {a.dest: a.default for a in sub._actions}
+    on_command_line = {d for d in defaults if getattr(given, d, None) != defaults[d]}
+    for group in sub._mutually_exclusive_groups:
+        members = {a.dest for a in group._group_actions}
+        if members & on_command_line:
+            for dest in members - on_command_line:
+                values.pop(dest, None)
+        elif len(members & set(values)) > 1:
+            both = " and ".join(sorted(members & set(values)))
+            raise ValueError(f"--config {given.config}: {both} exclude each other; keep one")
+    sub.set_defaults(**values)  # the parser is this call's own: nothing to restore
+    with _relaxed(sub, set(values)):
+        args = parser.parse_args(argv)
+    args.config_settings = values
+    return args
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The settings ``args`` holds, as a run.toml records them: flag name (its first long option;
+    ``data`` for the path) → value, for every flag of the subcommand but :data:`NOT_RECORDED` and
+    those left at None (none given and none applies); a device as its name."""
+    sub = _subparsers(build_parser())[args.command]
+    settings = {}
+    for action in sub._actions:
+        if action.dest in ("help", *NOT_RECORDED):
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None:
+            continue
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        key = longs[0][2:] if longs else action.dest
+        settings[key] = list(value) if isinstance(value, (list, tuple)) else value
+        if not isinstance(value, (bool, int, float, str, list, tuple)):
+            settings[key] = str(value)
+    return settings
+
+
+def _drop_fx_tracing_note(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(FX_TRACING_NOTE[1])
+
+
+def quiet_fx_tracing_note() -> None:
+    """Drop torch.fx's one note (:data:`FX_TRACING_NOTE`) at the logger that logs it; every other
+    record of that logger, and every other logger, is left alone."""
+    logging.getLogger(FX_TRACING_NOTE[0]).addFilter(_drop_fx_tracing_note)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as exc:  # a --config file's problem: named with the file and the key
+        command = next((a for a in (argv if argv is not None else sys.argv[1:]) if a in CONFIG_COMMANDS), "")
+        print(f"recpeft {command}: error: {error_line(exc)}", file=sys.stderr)
+        return 1
     try:
         if args.threads < 1:
             raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
+        quiet_fx_tracing_note()
         from recpeft.utils.devices import resolve_device
 
         args.device = resolve_device(args.device, "--device")  # a wrong one stops here, before any work

@@ -14,11 +14,15 @@ other parameter raises a TypeError naming it.
 
 Epochs. Epoch e visits the rows in the order :func:`epoch_order` (``torch.randperm(N)`` from a
 generator seeded by (seed, e)), so a resumed run regenerates it. After each epoch the validation
-metric (default AUC) decides early stopping: ``early_stopping_patience`` epochs in a row without
-improving on the best ends training, and the best epoch's trainable parameters and buffers are
-restored at the end. With ``keep_initial`` the starting weights are evaluated first, as epoch −1,
-and compete with the epochs: a run where no epoch beats them ends with the model unchanged
-(``best_epoch == -1``).
+metric decides early stopping: by default one pass of :func:`predict` over the validation rows
+gives both AUC and LogLoss (:func:`click_scores`), both go into the epoch's history row, and
+``stop_metric`` (:class:`~recpeft.train.config.StopMetric`) names the one that decides; a
+``metric_fn`` replaces them. Epoch e improves when m_e > best + δ (higher is better: AUC, or a
+``metric_fn`` in "max" mode) or m_e < best − δ (LogLoss, "min"), δ = ``min_improvement``;
+``early_stopping_patience`` epochs in a row without improving ends training, and the best epoch's
+trainable parameters and buffers are restored at the end. With ``keep_initial`` the starting
+weights are evaluated first, as epoch −1, and compete with the epochs under the same rule: a run
+where no epoch beats them ends with the model unchanged (``best_epoch == -1``).
 
 Checkpoints and resume: :mod:`recpeft.train.run_state`. Settings and report:
 :mod:`recpeft.train.config`; memory accounting: :mod:`recpeft.train.memory`.
@@ -42,11 +46,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recpeft.datasets.batch import Batch, BatchSource
-from recpeft.metrics import auc
+from recpeft.metrics import auc, log_loss
 from recpeft.utils.devices import AUTO, describe_device, resolve_device
 from recpeft.utils.validation import check_int
 
-from .config import FitReport, TrainConfig
+from .config import FitReport, StopMetric, TrainConfig
 from .memory import training_state_bytes
 from .optimizers import build_optimizers, clip_grad_norm, set_lr, split_by_gradient_kind
 from .run_state import (
@@ -110,15 +114,25 @@ def bce_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits.reshape(labels.shape).float(), labels.float())
 
 
-def auc_metric(model: nn.Module, source: BatchSource, batch_size: int = 8192) -> float:
-    """AUC of :func:`predict`'s scores against the source's labels."""
-    labels = torch.cat(
+def _labels_of(source: BatchSource, batch_size: int) -> torch.Tensor:
+    return torch.cat(
         [
             source.batch(torch.arange(b, min(b + batch_size, len(source)))).labels
             for b in range(0, len(source), batch_size)
         ]
     )
-    return auc(predict(model, source, batch_size), labels)
+
+
+def auc_metric(model: nn.Module, source: BatchSource, batch_size: int = 8192) -> float:
+    """AUC of :func:`predict`'s scores against the source's labels."""
+    return auc(predict(model, source, batch_size), _labels_of(source, batch_size))
+
+
+def click_scores(model: nn.Module, source: BatchSource, batch_size: int = 8192) -> dict[str, float]:
+    """``{"auc", "logloss"}`` of one :func:`predict` pass (logits) against the source's labels:
+    AUC and mean binary cross-entropy of σ(logit) (:mod:`recpeft.metrics`, float64)."""
+    logits, labels = predict(model, source, batch_size), _labels_of(source, batch_size)
+    return {StopMetric.AUC.value: auc(logits, labels), StopMetric.LOGLOSS.value: log_loss(logits, labels)}
 
 
 # ---- the trainer ------------------------------------------------------------------------------
@@ -132,9 +146,12 @@ class Trainer:
             adapters; for dense fine-tuning leave every parameter trainable).
         config: the run's settings.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``; default :func:`bce_loss`.
-        metric_fn: ``metric_fn(model, source) -> float``, the validation metric; default AUC.
+        metric_fn: ``metric_fn(model, source) -> float``, the validation metric; default: the
+            built-in AUC and LogLoss (:func:`click_scores`), ``config.stop_metric`` deciding.
             Called in eval mode under ``torch.no_grad()``.
-        metric_mode: ``"max"`` (higher is better) or ``"min"``.
+        metric_mode: ``"max"`` (higher is better) or ``"min"`` for a ``metric_fn`` (default
+            "max"); with the built-in metrics it follows ``config.stop_metric`` and may be left
+            out (a contradicting value is refused).
         device: where to train: "auto" (default: CUDA when present, else the CPU), "cpu",
             "cuda" or "cuda:N" (:func:`recpeft.utils.devices.resolve_device`); the model is
             moved there, and batches follow it (pinned, without blocking, on CUDA).
@@ -147,14 +164,26 @@ class Trainer:
         *,
         loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
         metric_fn: Callable[[nn.Module, BatchSource], float] | None = None,
-        metric_mode: str = "max",
+        metric_mode: str | None = None,
         device: torch.device | str | None = AUTO,
     ):
-        if metric_mode not in ("max", "min"):
+        if metric_mode not in ("max", "min", None):
             raise ValueError(f"metric_mode must be 'max' or 'min', got {metric_mode!r}")
         self.config = config if config is not None else TrainConfig()
         if not isinstance(self.config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(self.config).__name__}")
+        stop = self.config.stop_metric
+        if metric_fn is not None and stop is not StopMetric.AUC:
+            raise ValueError(
+                f"TrainConfig.stop_metric={stop.value!r} picks a built-in metric, but a metric_fn is given "
+                "and decides instead; leave stop_metric at 'auc' and set metric_mode for the metric_fn"
+            )
+        implied = "max" if stop.higher_is_better else "min"
+        if metric_fn is None and metric_mode not in (None, implied):
+            raise ValueError(
+                f"metric_mode={metric_mode!r} contradicts TrainConfig.stop_metric={stop.value!r} "
+                f"({'higher' if stop.higher_is_better else 'lower'} is better); leave metric_mode out"
+            )
         self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -162,7 +191,7 @@ class Trainer:
             raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
         self.loss_fn = loss_fn or bce_loss
         self.metric_fn = metric_fn
-        self.metric_mode = metric_mode
+        self.metric_mode = implied if metric_fn is None else metric_mode or "max"
         self.amp = self.config.amp and self.device.type == "cuda"
         self.optimizers: list[torch.optim.Optimizer] = []
         self._dense_params: list[tuple[str, nn.Parameter]] = []
@@ -209,26 +238,37 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, source: BatchSource) -> float:
-        """The validation metric of the model on ``source`` (eval mode; the model stays in it)."""
+        """The validation metric of the model on ``source`` (eval mode; the model stays in it):
+        the ``metric_fn``'s, or the built-in ``config.stop_metric``."""
+        return self._scores(source)[0]
+
+    @torch.no_grad()
+    def _scores(self, source: BatchSource) -> tuple[float, dict[str, float]]:
+        """(the stopping metric, {"auc", "logloss"} with the built-in metrics or {} with a
+        ``metric_fn``) of the model on ``source``, in eval mode."""
         if len(source) == 0:
             raise ValueError("the validation source is empty")
         self.model.eval()
         if self.metric_fn is not None:
-            return float(self.metric_fn(self.model, source))
-        return auc_metric(self.model, source, self.config.eval_batch_size)
+            return float(self.metric_fn(self.model, source)), {}
+        scores = click_scores(self.model, source, self.config.eval_batch_size)
+        return scores[self.config.stop_metric.value], scores
 
-    def _checked_metric(self, valid: BatchSource, when: str) -> float:
-        metric = self.evaluate(valid)
+    def _checked_scores(self, valid: BatchSource, when: str) -> tuple[float, dict[str, float]]:
+        metric, scores = self._scores(valid)
         if math.isnan(metric):
             raise ValueError(
                 f"the validation metric is NaN {when} (for AUC: does the validation source hold both labels?)"
             )
-        return metric
+        return metric, scores
 
     def _improves(self, metric: float, best: float | None) -> bool:
+        """m > best + δ ("max") or m < best − δ ("min"), δ = ``config.min_improvement``; the
+        first metric of a run always improves."""
         if best is None:
             return True
-        return metric > best if self.metric_mode == "max" else metric < best
+        delta = self.config.min_improvement
+        return metric > best + delta if self.metric_mode == "max" else metric < best - delta
 
     # ---- model state and checkpoints ----------------------------------------------------------
 
@@ -259,7 +299,7 @@ class Trainer:
             total_steps, warmup_steps_for(total_steps, config.warmup_fraction), config.schedule, config.min_lr_ratio
         )
         self._build_optimizers()
-        run, best_state = RunState(), None
+        run, best_state, initial_scores = RunState(), None, None
         torch.manual_seed(config.seed)
         resumed = (
             resume_from(config.checkpoint_dir, config, rows, self.model, self.trainable, self.optimizers)
@@ -269,7 +309,8 @@ class Trainer:
         if resumed is not None:
             _, run, best_state = resumed
         elif config.keep_initial and valid is not None:  # a fresh run: the starting weights are epoch -1
-            run.best_metric, run.best_epoch = self._checked_metric(valid, "before training"), -1
+            run.best_metric, initial_scores = self._checked_scores(valid, "before training")
+            run.best_epoch = -1
             best_state = trainable_state(self.model, self.trainable)
         resumed_from, samples_before = run.global_step, run.samples
         cuda = self.device.type == "cuda"
@@ -319,8 +360,12 @@ class Trainer:
                 )
                 if config.checkpoint_dir:
                     self._save_checkpoint(run, best_state, rows)
+            if run.stopped_early:  # the epochs left will not run: the bar ends full, at the work done
+                bar.total = bar.n
+                bar.refresh()
         if best_state is not None:
             load_trainable_state(self.model, self.trainable, best_state, "the best epoch's weights")
+        best_scores = self._best_scores(run, valid, initial_scores)
         self.model.eval()
         seconds = time.perf_counter() - start
         return FitReport(
@@ -334,6 +379,7 @@ class Trainer:
             best_epoch=run.best_epoch,
             stopped_early=run.stopped_early,
             history=[dict(h) for h in run.history],
+            best_scores=best_scores,
             resumed_from_step=resumed_from,
             training_state_bytes=training_state_bytes(self.model, self.optimizers),
             peak_memory_bytes=(torch.cuda.max_memory_allocated(self.device) - memory_at_start) if cuda else None,
@@ -343,9 +389,9 @@ class Trainer:
     def _end_epoch(self, run: RunState, valid: BatchSource | None, best_state: dict | None) -> dict | None:
         """Record the epoch in the history, evaluate, update the best weights and the patience
         counter, advance to the next epoch. Returns the best weights so far."""
-        metric = None
+        metric, scores = None, {}
         if valid is not None:
-            metric = self._checked_metric(valid, f"after epoch {run.epoch}")
+            metric, scores = self._checked_scores(valid, f"after epoch {run.epoch}")
             if self._improves(metric, run.best_metric):
                 run.best_metric, run.best_epoch, run.bad_epochs = metric, run.epoch, 0
                 best_state = trainable_state(self.model, self.trainable)
@@ -358,8 +404,30 @@ class Trainer:
                 "epoch": run.epoch,
                 "train_loss": run.loss_sum / max(run.loss_rows, 1),
                 "valid_metric": metric,
+                **self._score_columns(scores),
                 "lr": run.last_lr,
             }
         )
         run.epoch, run.step_in_epoch, run.loss_sum, run.loss_rows = run.epoch + 1, 0, 0.0, 0
         return best_state
+
+    def _score_columns(self, scores: dict[str, float]) -> dict[str, float | None]:
+        """A history row's valid_auc and valid_logloss (None without a validation source); none
+        with a ``metric_fn``."""
+        if self.metric_fn is not None:
+            return {}
+        return {f"valid_{m.value}": scores.get(m.value) for m in StopMetric}
+
+    def _best_scores(
+        self, run: RunState, valid: BatchSource | None, initial: dict[str, float] | None
+    ) -> dict[str, float] | None:
+        """{"auc", "logloss"} of the kept weights (the model holds them now): the best epoch's
+        history row, the starting weights' evaluation, or — for the starting weights of a resumed
+        run, evaluated in an earlier call — one more evaluation. None with a ``metric_fn`` or
+        without validation."""
+        if self.metric_fn is not None or valid is None or run.best_epoch is None:
+            return None
+        if run.best_epoch >= 0:
+            row = next(h for h in run.history if h["epoch"] == run.best_epoch)
+            return {m.value: row.get(f"valid_{m.value}") for m in StopMetric}
+        return initial if initial is not None else self._scores(valid)[1]

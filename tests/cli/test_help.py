@@ -34,7 +34,7 @@ def test_help_imports_no_heavy_module(argv):
 
 
 def test_every_subcommand_is_listed_and_demo_describes_itself():
-    assert SUBCOMMANDS == ["bench", "demo", "evaluate", "finetune", "merge", "pretrain"]
+    assert SUBCOMMANDS == ["bench", "demo", "evaluate", "finetune", "merge", "pretrain", "score", "serve"]
     demo = subprocess.run(
         [sys.executable, "-m", "recpeft.cli", "demo", "--help"], capture_output=True, text=True, check=True
     ).stdout

@@ -48,6 +48,7 @@ def test_finetune_all_writes_a_model_per_segment_and_method_and_a_summary(made):
     assert sorted(p.name for p in out.iterdir()) == [
         "north",
         "north-dense",
+        "run.toml",
         "south",
         "south-dense",
         "summary.json",
@@ -126,7 +127,12 @@ def test_one_method_over_listed_segments_and_both_methods_need_segments(made, ca
         [*argv, "--segment", "north", "--method", "lora,dense", "--out", str(tmp_path / "a")], capsys, "--segments"
     )
     assert main([*argv, "--segments", "south", "--method", "dense", "--out", str(tmp_path / "b")]) == 0
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["south-dense", "summary.json", "summary.png"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "run.toml",
+        "south-dense",
+        "summary.json",
+        "summary.png",
+    ]
     (row,) = json.loads((tmp_path / "b" / "summary.json").read_text())["segments"]
     assert math.isfinite(row["dense_auc"]) and not any(key.startswith("lora_") for key in row)
 
