@@ -1,9 +1,10 @@
 """recpeft.kernels: tensor ops for low-rank adapters, with no model knowledge.
 
 Every op has a plain-PyTorch version in :mod:`recpeft.kernels.reference` (the CPU path and the
-test oracle) and, where written, a Triton version in the module named after the op
-(:mod:`recpeft.kernels.lora_linear`, :mod:`recpeft.kernels.lora_embedding_bag`), which share
-their launch constants through :mod:`recpeft.kernels.launch`; :mod:`recpeft.kernels.dispatch`
+test oracle) and a Triton version in the module named after the op
+(:mod:`recpeft.kernels.lora_linear`, :mod:`recpeft.kernels.lora_embedding_bag`, and
+:mod:`recpeft.kernels.segmented_lora` for many adapters in one batch), which share their launch
+constants through :mod:`recpeft.kernels.launch`; :mod:`recpeft.kernels.dispatch`
 picks the implementation per call (``dispatch.lora_linear(...)``). This package imports nothing
 from :mod:`recpeft`.
 """

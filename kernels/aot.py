@@ -2,11 +2,12 @@
 
 The interpreter proves the kernels' arithmetic; it cannot prove that a variant builds for the GPU
 or fits an SM (DESIGN.md, "Triton without a GPU"). This module does: it drives the real
-launchers of :mod:`recpeft.kernels.lora_linear` and :mod:`recpeft.kernels.lora_embedding_bag`
-on small CPU tensors with every kernel's ``run`` replaced by a recorder, so each launch yields
-exactly the arguments the GPU would get; triton's own binder turns them into the signature,
-constexprs and divisibility attributes it would compile at run time for :data:`TARGET`; and
-``triton.compile`` then builds PTX and a cubin, with no driver involved.
+launchers of :mod:`recpeft.kernels.lora_linear`, :mod:`recpeft.kernels.lora_embedding_bag` and
+:mod:`recpeft.kernels.segmented_lora` on small CPU tensors with every kernel's ``run`` replaced
+by a recorder, so each launch yields exactly the arguments the GPU would get; triton's own
+binder turns them into the signature, constexprs and divisibility attributes it would compile at
+run time for :data:`TARGET`; and ``triton.compile`` then builds PTX and a cubin, with no driver
+involved.
 
 A *variant* is one kernel × one launch config (tiles, warps, stages) × dtype × constexpr flags.
 The autotuned kernels of the linear op are compiled at every config of their tuning space — the
@@ -53,6 +54,9 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from . import lora_embedding_bag as bag_ops
 from . import lora_linear as linear_ops
+from . import reference
+from . import segmented_lora as segmented_ops
+from .bags import bag_layout
 from .launch import INTERPRETING, SHARED_MEMORY_LIMIT
 from .reference import LinearRoute
 
@@ -196,6 +200,40 @@ def _bag_calls(dtype, dim, rank, mean_len) -> None:
             bag_ops.lora_embedding_bag_backward(grad, pooled, lora_b, bag_of_id, w, 0.5, deterministic=deterministic)
 
 
+def _segmented_calls(dtype, rank, block_m) -> None:
+    """Forward and backward of the segmented linear op (with and without dropout; the backward
+    with and without dX) and of the segmented bag (with and without weights), 4 adapters of rank
+    ``rank`` (rows of every adapter and of none), at the tiles the op's launch_settings picks for
+    ``block_m`` rows per adapter (it lowers BLOCK_M for float32 at large ranks)."""
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    n = 4
+    cfg = segmented_ops.launch_settings(block_m * n, n, rank, dtype)  # block_m rows per adapter
+    x, w, b, _, _, gy = _linear_inputs(dtype, rank)
+    lora_a, lora_b = rnd(n, rank, IN_FEATURES), rnd(n, OUT_FEATURES, rank)
+    scales = torch.rand(n, generator=g)
+    row_adapter = torch.arange(ROWS) % (n + 1) - 1
+    plan = reference.segment_plan(row_adapter, n, cfg.block_m)
+    for p in (None, torch.full((n,), 0.3)):
+        _, u = segmented_ops.segmented_lora_linear_forward(x, w, b, lora_a, lora_b, scales, plan, cfg, p, 7)
+        for need_x in (True, False):
+            segmented_ops.segmented_lora_linear_backward(gy, x, u, w, lora_a, lora_b, scales, plan, cfg, p, 7, need_x)
+    num_bags, vocab, dim, mean_len = 32, 256, 64, 4
+    tables = rnd(n, vocab, rank)
+    lora_b = rnd(n, rank, dim)
+    bag_adapter = torch.arange(num_bags) % (n + 1) - 1
+    plan = reference.segment_plan(bag_adapter, n, cfg.block_m)
+    ids = torch.randint(vocab, (num_bags * mean_len,), generator=g)
+    weights = torch.rand(ids.numel(), generator=g).to(dtype)
+    refs = segmented_ops.table_refs([tables], stacked=True)
+    offsets = torch.arange(num_bags) * mean_len
+    for per_sample in (None, weights):
+        layout = bag_layout(ids, offsets, num_embeddings=vocab, per_sample_weights=per_sample, weight_dtype=dtype)
+        out = rnd(num_bags, dim)
+        _, pooled = segmented_ops.segmented_lora_bag_forward(refs, lora_b, scales, layout, bag_adapter, plan, cfg, out)
+    segmented_ops.segmented_lora_bag_backward(rnd(num_bags, dim), pooled, lora_b, scales, plan, cfg)
+
+
 # Ranks whose padded rank (16, 32, 64, 128) covers every R_PAD / BLOCK_R the launchers make for
 # r ≤ 128; the sample takes the common one.
 RANKS = {"sample": (8,), "full": (8, 32, 64, 128)}
@@ -203,6 +241,9 @@ RANKS = {"sample": (8,), "full": (8, 32, 64, 128)}
 # lookups, BLOCK_L 1) to MAX_BLOCK_L; sample: one wide and one narrow table.
 BAG_DIMS = {"sample": (16, 128), "full": (16, 32, 64, 128, 256)}
 BAG_LENGTHS = {"sample": (4,), "full": (1, 4, bag_ops.MAX_BLOCK_L)}
+# Rows per adapter of the segmented launches: the launcher's largest tile (most registers; the
+# common one at many rows per adapter) in the sample, its smallest too in the full matrix.
+SEGMENT_BLOCKS = {"sample": (segmented_ops.MAX_BLOCK_M,), "full": (16, segmented_ops.MAX_BLOCK_M)}
 
 
 def _linear_variants(mode: str) -> list[Variant]:
@@ -249,6 +290,19 @@ def _bag_variants(mode: str) -> list[Variant]:
     return variants
 
 
+def _segmented_variants(mode: str) -> list[Variant]:
+    """Every recorded launch of the segmented op's launchers over ranks and tile sizes."""
+    config_keys = ("BLOCK_M", "BLOCK_C", "BLOCK_L", "BLOCK_R")
+    variants = []
+    for dtype in DTYPES:
+        for rank in RANKS[mode]:
+            for block_m in SEGMENT_BLOCKS[mode]:
+                with recorded_launches() as launches:
+                    _segmented_calls(dtype, rank, block_m)
+                variants += [_variant(fn, a, kw, dtype, config_keys) for fn, a, kw in launches]
+    return variants
+
+
 def variants(mode: str) -> list[Variant]:
     """The variants of ``mode``, without duplicates. "sample": every kernel × dtype × route ×
     flags at its default config (the first reachable one) and rank 8; "full": every config and
@@ -259,7 +313,7 @@ def variants(mode: str) -> list[Variant]:
     if INTERPRETING:
         raise RuntimeError("AOT compilation needs the compiled kernels: unset TRITON_INTERPRET")
     unique = {}
-    for v in _linear_variants(mode) + _bag_variants(mode):
+    for v in _linear_variants(mode) + _bag_variants(mode) + _segmented_variants(mode):
         unique.setdefault(v.key(), v)
     if mode == "sample":
         return list(unique.values())

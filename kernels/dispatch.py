@@ -4,11 +4,12 @@ CUDA tensors go to Triton (when triton is installed), everything else to
 :mod:`recpeft.kernels.reference`. ``RECPEFT_BACKEND=torch|triton`` in the environment, or the
 ``backend`` argument of each op, forces one.
 
-The ops with a Triton version are listed in :data:`TRITON_MODULES`, and only those: a registered
-module that fails to import (a renamed or broken kernel file), or that lacks the op, raises an
-ImportError naming it — never a silent fall back to torch on CUDA. The ops without one
-(``segmented_*``, per-sample adapter routing) run the reference op on every device; forcing Triton
-for them is an error.
+Every op has a Triton version, listed in :data:`TRITON_MODULES`: a registered module that fails
+to import (a renamed or broken kernel file), or that lacks the op, raises an ImportError naming it
+— never a silent fall back to torch on CUDA. The per-sample routing ops (``segmented_*``) come in
+two forms: the layers' (a list of :class:`~recpeft.kernels.reference.AdapterWeights`; on the CPU
+the reference op loops over the adapters present) and the stacked one (A_stack, B_stack, scales;
+loop-free on both backends).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class Backend(str, Enum):
 TRITON_MODULES: dict[str, str] = {
     "lora_linear": "lora_linear",
     "lora_embedding_bag": "lora_embedding_bag",
+    "segmented_lora_linear": "segmented_lora",
+    "segmented_lora_linear_stacked": "segmented_lora",
+    "segmented_lora_bag_delta": "segmented_lora",
+    "segmented_lora_bag_stacked": "segmented_lora",
 }
 
 
@@ -130,14 +135,6 @@ def _naming_failures(name: str, op: Callable) -> Callable:
     return run
 
 
-def _reference_only(name: str, tensor: torch.Tensor, backend) -> Callable:
-    """The reference op of ``name``, an op that has no Triton version; forcing Triton is an error."""
-    forced = backend is not None or os.environ.get(BACKEND_ENV)
-    if forced and resolve_backend(tensor, backend) is Backend.TRITON:
-        raise NotImplementedError(f"op {name!r} has no Triton implementation yet; use {BACKEND_ENV}=torch")
-    return getattr(reference, name)
-
-
 def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, *, backend=None):
     """y = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ; see :mod:`recpeft.kernels.reference`."""
     return _implementation("lora_linear", x, backend)(x, weight, bias, lora_A, lora_B, scale, dropout_p)
@@ -149,13 +146,29 @@ def lora_embedding_bag(table, layout, lora_A, lora_B, scale, base_output=None, *
 
 
 def segmented_lora_linear(x, weight, bias, adapters, row_adapter, *, backend=None):
-    """Per-row adapter routing for the linear op: :func:`reference.segmented_lora_linear` on every
-    device (no Triton version yet)."""
-    return _reference_only("segmented_lora_linear", x, backend)(x, weight, bias, adapters, row_adapter)
+    """y_i = x_i·Wᵀ + b + s_a·(d(x_i)·A_aᵀ)·B_aᵀ, a = row_adapter[i] (−1: none), one
+    :class:`~recpeft.kernels.reference.AdapterWeights` (or None) per routed adapter."""
+    return _implementation("segmented_lora_linear", x, backend)(x, weight, bias, adapters, row_adapter)
+
+
+def segmented_lora_linear_stacked(
+    x, weight, bias, lora_A, lora_B, scales, row_adapter, dropout_p=None, *, backend=None
+):
+    """The same with the adapters stacked: lora_A [n, R, K], lora_B [n, N, R], scales [n]
+    (:func:`reference.segmented_lora_linear_stacked`)."""
+    op = _implementation("segmented_lora_linear_stacked", x, backend)
+    return op(x, weight, bias, lora_A, lora_B, scales, row_adapter, dropout_p)
 
 
 def segmented_lora_bag_delta(layout, adapters, bag_adapter, out_dim, dtype, *, backend=None):
-    """Per-bag adapter routing for pooled and plain lookups: :func:`reference.segmented_lora_bag_delta`
-    on every device (no Triton version yet)."""
-    op = _reference_only("segmented_lora_bag_delta", bag_adapter, backend)
+    """delta_j = s_a·(Σ w_i·A_a[i])·B_a, a = bag_adapter[j] (zero for −1), for pooled and plain
+    lookups, one AdapterWeights (or None) per routed adapter."""
+    op = _implementation("segmented_lora_bag_delta", bag_adapter, backend)
     return op(layout, adapters, bag_adapter, out_dim, dtype)
+
+
+def segmented_lora_bag_stacked(layout, lora_A, lora_B, scales, bag_adapter, base_output=None, *, backend=None):
+    """base_j + s_a·(Σ w_i·A_a[i])·B_a with the adapters stacked: lora_A [n, V, R], lora_B
+    [n, R, D], scales [n] (:func:`reference.segmented_lora_bag_stacked`)."""
+    op = _implementation("segmented_lora_bag_stacked", lora_A, backend)
+    return op(layout, lora_A, lora_B, scales, bag_adapter, base_output)

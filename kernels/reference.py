@@ -26,7 +26,17 @@ allocates a dense V×r buffer. The plain lookup (``nn.Embedding``) is the same o
 its own bag.
 
 Routing many adapters (``segmented_*``): row i uses adapter a_i or none (−1); rows are sorted
-by adapter once (:func:`group_by_adapter`) and each adapter runs on its rows only.
+by adapter once (:func:`group_by_adapter`) and each adapter runs on its rows only. Two forms:
+
+* a list of :class:`AdapterWeights` (``segmented_lora_linear``, ``segmented_lora_bag_delta``):
+  the layers' form, one Python step per adapter here — the CPU path;
+* adapters stacked, ranks padded to the largest R (``segmented_lora_linear_stacked``,
+  ``segmented_lora_bag_stacked``): A_stack [n, R, K], B_stack [n, N, R] (linear) or
+  A_stack [n, V, R], B_stack [n, R, D] (bags), scales s [n]. Zero padding rows of A and columns
+  of B contribute exactly 0 (and get exactly 0 gradient), at the price of FLOPs and bytes in
+  proportion to R, not r_a. Loop-free: :func:`segment_plan` cuts the rows, sorted by adapter,
+  into tiles of one adapter each, and every tile runs as one batched product (``torch.bmm``) —
+  the layout of the Triton kernels (:mod:`recpeft.kernels.segmented_lora`).
 """
 
 from __future__ import annotations
@@ -278,3 +288,251 @@ def segmented_lora_bag_delta(
         sub = select_bags(layout, bags, id_groups.get(a, empty))
         delta.index_add_(0, bags, lora_bag_delta(sub, adapter.lora_A, adapter.lora_B, adapter.scale))
     return delta
+
+
+# ---------------------------------------------------------------------------------------------
+# Many adapters in one batch, stacked
+# ---------------------------------------------------------------------------------------------
+
+# Rows per tile of the loop-free reference: a tile is padded up to this many rows (at most
+# n·(tile − 1) padded rows in all), and every tile gathers its adapter's A and B (T·R·(K + N)
+# elements for T ≤ M/tile + n tiles): 64 keeps both small beside x at M = 8192, n = 64.
+REFERENCE_TILE = 64
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Rows grouped by adapter, cut into tiles of one adapter each (SGMV's layout).
+
+    Sorting puts the rows of adapter 0, 1, ... after those with −1 (and ids outside
+    [0, n) into no group: they get no adapter). Tile t covers the sorted positions
+    [tile_start[t], min(tile_start[t] + block_m, tile_end[t])) of adapter tile_adapter[t]. There
+    are ``cdiv(M, block_m) + n`` tiles, at least as many as the groups need, so nothing is read
+    back to the host; the tiles past the last have adapter −1 and no rows.
+
+    Attributes:
+        order: [M] int64, row indices sorted by adapter (stable).
+        tile_adapter: [T] int32, the adapter of each tile (−1: no work).
+        tile_start: [T] int64, first sorted position of each tile.
+        tile_end: [T] int64, end of its adapter's group (a tile stops at it).
+        block_m: rows per tile.
+    """
+
+    order: torch.Tensor
+    tile_adapter: torch.Tensor
+    tile_start: torch.Tensor
+    tile_end: torch.Tensor
+    block_m: int
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tile_adapter.numel()
+
+
+def segment_plan(row_adapter: torch.Tensor, num_adapters: int, block_m: int) -> SegmentPlan:
+    """The :class:`SegmentPlan` of ``row_adapter`` [M] (ids in [−1, n)): one stable sort, group
+    ends by a binary search in the sorted ids, tiles per group by a cumulative sum — no loop over
+    adapters, and no device-to-host copy."""
+    rows = row_adapter.numel()
+    device = row_adapter.device
+    sorted_ids, order = torch.sort(row_adapter.to(torch.int64), stable=True)
+    tile = torch.arange(-(-rows // block_m) + num_adapters, device=device)
+    if num_adapters == 0:
+        zero = torch.zeros_like(tile)
+        return SegmentPlan(order, (zero - 1).to(torch.int32), zero, zero, block_m)
+    groups = torch.arange(num_adapters, device=device)
+    starts = torch.searchsorted(sorted_ids, groups)  # [n] first position of each adapter's rows
+    ends = torch.searchsorted(sorted_ids, groups, right=True)
+    tiles = (ends - starts + block_m - 1) // block_m  # [n] tiles per adapter
+    tiles_end = torch.cumsum(tiles, 0)
+    adapter = torch.searchsorted(tiles_end, tile, right=True)  # n: past the last tile
+    valid = adapter < num_adapters
+    clamped = adapter.clamp(max=num_adapters - 1)
+    first_tile = tiles_end[clamped] - tiles[clamped]
+    tile_start = torch.where(valid, starts[clamped] + (tile - first_tile) * block_m, 0)
+    tile_end = torch.where(valid, ends[clamped], 0)
+    tile_adapter = torch.where(valid, clamped, -1).to(torch.int32)
+    return SegmentPlan(order, tile_adapter, tile_start, tile_end, block_m)
+
+
+def plan_tile_rows(plan: SegmentPlan, rows: int) -> torch.Tensor:
+    """[T, block_m] int64: the row index at each position of each tile, ``rows`` (one past the
+    last row: a zero row the caller appends) where the tile has no row."""
+    pos = plan.tile_start[:, None] + torch.arange(plan.block_m, device=plan.order.device)
+    inside = pos < plan.tile_end[:, None]
+    if rows == 0:
+        return torch.full_like(pos, rows)
+    return torch.where(inside, plan.order[pos.clamp(max=rows - 1)], rows)
+
+
+def check_stacked(lora_A, lora_B, scales, ids, *, a_shape: tuple, b_shape: tuple, name: str) -> int:
+    """n after checking the stacked operands: lora_A of ``a_shape`` and lora_B of ``b_shape``
+    (−1: any size), scales [n], the ids a 1-D int32/int64 tensor. Raises a one-line
+    ValueError/TypeError naming the op ``name`` and the field."""
+    if lora_A.dim() != 3 or lora_B.dim() != 3:
+        raise ValueError(
+            f"{name}: lora_A and lora_B must be stacked 3-D tensors, "
+            f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}"
+        )
+    for label, tensor, expected in (("lora_A", lora_A, a_shape), ("lora_B", lora_B, b_shape)):
+        if any(e >= 0 and g != e for g, e in zip(tensor.shape, expected)):
+            shown = tuple("?" if e < 0 else e for e in expected)
+            raise ValueError(f"{name}: {label} has shape {tuple(tensor.shape)}, expected {shown}")
+    n = lora_A.shape[0]
+    if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != (n,):
+        got = tuple(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__
+        raise ValueError(f"{name}: scales must be a [{n}] tensor (one per stacked adapter), got {got}")
+    if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: adapter ids must be a 1-D int32/int64 tensor, got {ids.dtype} {tuple(ids.shape)}")
+    return n
+
+
+def _tiled_delta(u_tiles, proj, scales, tile_adapter) -> torch.Tensor:
+    """s_a·u·projᵀ per tile: u_tiles [T, tile, R], proj [n, C, R] → [T, tile, C]."""
+    adapter = tile_adapter.clamp(min=0).to(torch.int64)  # tiles without rows have zero u
+    scaled = u_tiles * scales.to(u_tiles.dtype)[adapter][:, None, None]
+    return torch.bmm(scaled, proj[adapter].transpose(1, 2))
+
+
+def _scatter_rows(base: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """base + delta scattered to ``rows`` ([T, tile]; index len(base) is dropped)."""
+    padded = torch.cat([base, base.new_zeros(1, base.shape[1])])
+    return padded.index_add(0, rows.reshape(-1), delta.reshape(-1, base.shape[1]).to(base.dtype))[:-1]
+
+
+def segmented_lora_linear_stacked(x, weight, bias, lora_A, lora_B, scales, row_adapter, dropout_p=None):
+    """y_i = x_i·Wᵀ + b + s_a·(d_a(x_i)·A_aᵀ)·B_aᵀ, a = row_adapter[i] (−1: none); x [M, K],
+    lora_A [n, R, K], lora_B [n, N, R], scales [n], dropout_p [n] or None (inverted dropout of
+    probability p_a on the adapter's input). Loop-free (module docstring); autograd gives dX, dA
+    and dB, each adapter's gradient in its own slice."""
+    m, k = x.shape
+    n_out = weight.shape[0]
+    check_stacked(
+        lora_A,
+        lora_B,
+        scales,
+        row_adapter,
+        a_shape=(-1, -1, k),
+        b_shape=(-1, n_out, lora_A.shape[1]),
+        name="segmented_lora_linear_stacked",
+    )
+    y = F.linear(x, weight, bias)
+    plan = segment_plan(row_adapter, lora_A.shape[0], REFERENCE_TILE)
+    if m == 0 or lora_A.shape[0] == 0:
+        return y
+    rows = plan_tile_rows(plan, m)
+    x_tiles = torch.cat([x, x.new_zeros(1, k)])[rows]  # [T, tile, K]
+    adapter = plan.tile_adapter.clamp(min=0).to(torch.int64)
+    if dropout_p is not None:
+        keep = (1.0 - dropout_p.to(torch.float32))[adapter][:, None, None].expand(x_tiles.shape)
+        x_tiles = x_tiles * (torch.bernoulli(keep) / keep).to(x.dtype)
+    u = torch.bmm(x_tiles, lora_A[adapter].transpose(1, 2))  # [T, tile, R]
+    return _scatter_rows(y, rows, _tiled_delta(u, lora_B, scales, plan.tile_adapter))
+
+
+class SegmentedPooled(torch.autograd.Function):
+    """pooled_j = Σ_{i∈I_j} w_i·A_stack[a_j, i] over a flat (adapter·V + id) index; A's gradient is
+    a sparse COO [n, V, R] tensor with one row per looked-up (adapter, id)."""
+
+    @staticmethod
+    def forward(ctx, lora_A, flat_ids, offsets, weights, bag_of_id):
+        n, v, r = lora_A.shape
+        pooled = pooled_rank_space(lora_A.detach().reshape(n * v, r), flat_ids, offsets, weights)
+        ctx.save_for_backward(flat_ids, weights, bag_of_id)
+        ctx.shape = (n, v, r)
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad_pooled):
+        flat_ids, weights, bag_of_id = ctx.saved_tensors
+        n, v, r = ctx.shape
+        values = grad_pooled.index_select(0, bag_of_id)
+        if weights is not None:
+            values = values * weights.unsqueeze(1)
+        indices = torch.stack([flat_ids // v, flat_ids % v])
+        grad = torch.sparse_coo_tensor(indices, values, (n, v, r), check_invariants=False)
+        return grad, None, None, None, None
+
+
+def segmented_lora_bag_stacked(layout: BagLayout, lora_A, lora_B, scales, bag_adapter, base_output=None):
+    """base_j + s_a·(Σ_{i∈I_j} w_i·A_a[i])·B_a with a = bag_adapter[j] (−1: none), over the bags of
+    ``layout``; lora_A [n, V, R], lora_B [n, R, D], scales [n]; base_output [nb, D] or None (the
+    delta alone). Sparse gradient for lora_A (rows of the batch's (adapter, id) pairs only)."""
+    n, vocab, rank = lora_A.shape
+    check_stacked(
+        lora_A,
+        lora_B,
+        scales,
+        bag_adapter,
+        a_shape=(-1, -1, -1),
+        b_shape=(n, rank, -1),
+        name="segmented_lora_bag_stacked",
+    )
+    if bag_adapter.numel() != layout.num_bags:
+        raise ValueError(
+            f"segmented_lora_bag_stacked: {bag_adapter.numel()} bag adapter ids for {layout.num_bags} bags"
+        )
+    dim = lora_B.shape[2]
+    base = base_output if base_output is not None else lora_B.new_zeros(layout.num_bags, dim)
+    if layout.num_bags == 0 or n == 0:
+        return base
+    adapter_of_id = bag_adapter.to(torch.int64).index_select(0, layout.bag_of_id)
+    kept = ((adapter_of_id >= 0) & (adapter_of_id < n)).nonzero().squeeze(1)
+    bag_of_id = layout.bag_of_id.index_select(0, kept)
+    counts = torch.bincount(bag_of_id, minlength=layout.num_bags)
+    flat_ids = adapter_of_id.index_select(0, kept) * vocab + layout.ids.index_select(0, kept)
+    weights = layout.weights.index_select(0, kept) if layout.weights is not None else None
+    pooled = SegmentedPooled.apply(lora_A, flat_ids, torch.cumsum(counts, 0) - counts, weights, bag_of_id)
+    plan = segment_plan(bag_adapter, n, REFERENCE_TILE)
+    rows = plan_tile_rows(plan, layout.num_bags)
+    u_tiles = torch.cat([pooled, pooled.new_zeros(1, rank)])[rows]  # [T, tile, R]
+    return _scatter_rows(base, rows, _tiled_delta(u_tiles, lora_B.transpose(1, 2), scales, plan.tile_adapter))
+
+
+@dataclass(frozen=True)
+class RoutedStack:
+    """The routed adapters of a layer that exist, in stacked order, for the stacked ops.
+
+    Attributes:
+        present: indices (into the routed list) of the adapters that exist, in stacked order.
+        ids: the per-row or per-bag ids renumbered to the stacked order; −1 for none and for
+            adapters the layer does not have.
+        scales: [n] float32 s_a.
+        dropout_p: [n] float32 p_a, or None when no adapter drops.
+        ranks: r_a of each stacked adapter; R = max(ranks) (0 when none).
+    """
+
+    present: list[int]
+    ids: torch.Tensor
+    scales: torch.Tensor
+    dropout_p: torch.Tensor | None
+    ranks: list[int]
+
+    @property
+    def rank(self) -> int:
+        return max(self.ranks, default=0)
+
+
+def routed_stack(adapters: list[AdapterWeights | None], ids: torch.Tensor, rank_dim: int) -> RoutedStack:
+    """:class:`RoutedStack` of ``adapters`` (r_a = lora_A.shape[rank_dim]) for ``ids``."""
+    present = [i for i, a in enumerate(adapters) if a is not None]
+    remap = torch.full((len(adapters) + 1,), -1, dtype=torch.int64)
+    remap[torch.tensor(present, dtype=torch.int64) + 1] = torch.arange(len(present))
+    device = ids.device
+    remapped = remap.to(device)[ids.to(torch.int64) + 1]
+    weights = [adapters[i] for i in present]
+    scales = torch.tensor([a.scale for a in weights], dtype=torch.float32, device=device)
+    dropping = any(a.dropout_p > 0 for a in weights)
+    dropout = torch.tensor([a.dropout_p for a in weights], dtype=torch.float32, device=device) if dropping else None
+    return RoutedStack(present, remapped, scales, dropout, [a.lora_A.shape[rank_dim] for a in weights])
+
+
+def padded_stack(tensors: list[torch.Tensor], rank: int, dim: int) -> torch.Tensor:
+    """The tensors stacked along a new first dimension, each zero-padded along ``dim`` (its rank
+    dimension) to ``rank``. Differentiable: each input gets the gradient of its own slice."""
+    padded = []
+    for t in tensors:
+        widths = [0, 0] * t.dim()
+        widths[2 * (t.dim() - 1 - dim) + 1] = rank - t.shape[dim]  # F.pad counts from the last dim
+        padded.append(F.pad(t, widths) if rank > t.shape[dim] else t)
+    return torch.stack(padded)

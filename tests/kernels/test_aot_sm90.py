@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 
-from recpeft.kernels import aot, lora_embedding_bag, lora_linear
+from recpeft.kernels import aot, lora_embedding_bag, lora_linear, segmented_lora
 from recpeft.kernels.launch import SHARED_MEMORY_LIMIT
 
 DTYPES = {"float32", "bfloat16", "float16"}
@@ -42,7 +42,7 @@ def _run_aot(mode, out, timeout):
 def _launched_kernels() -> set[str]:
     """The @triton.jit kernels the op files launch (helpers are inlined into them)."""
     names = set()
-    for module in (lora_linear, lora_embedding_bag):
+    for module in (lora_linear, lora_embedding_bag, segmented_lora):
         for name, value in vars(module).items():
             if name.endswith("_kernel") and (hasattr(value, "arg_names") or hasattr(value, "fn")):
                 names.add(name)
@@ -72,6 +72,18 @@ def test_sample_compiles_for_sm90_within_the_shared_memory_limit(tmp_path):
     routes = {f for k, f in flags if k == "_skinny_products_kernel"}
     assert len(routes) >= 5, "the skinny-products kernel's roles (shrink, merge, separate, dropout) are not all covered"
     assert {json.loads(f)["FOLD_V"] for k, f in flags if k == "_grad_x_kernel"} == {True, False}
+    expand_modes = {
+        tuple(json.loads(f)[m] for m in ("ADD_DST", "OUTER", "DROPOUT"))
+        for k, f in flags
+        if k == "_segment_expand_kernel"
+    }
+    assert expand_modes == {
+        (True, False, False),
+        (True, True, False),
+        (True, True, True),
+        (False, True, False),
+        (False, True, True),
+    }
 
 
 @pytest.mark.slow

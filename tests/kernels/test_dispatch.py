@@ -1,7 +1,8 @@
 """kernels/dispatch.py: every module in TRITON_MODULES imports and defines its op with the
 reference op's arguments; a broken registration (a renamed kernel file, a module that fails to
 import, an op missing from its module) is an ImportError naming the module, never a silent fall
-back to torch; the ops without a Triton version run the reference op and refuse a forced Triton.
+back to torch; the per-sample routing ops run the reference op off CUDA and the Triton op on CUDA
+or when forced.
 """
 
 import importlib
@@ -51,10 +52,22 @@ def test_every_registered_module_imports_and_defines_its_op(op_name, module_name
     assert callable(getattr(dispatch, op_name)), f"dispatch has no entry point {op_name!r}"
 
 
-def test_ops_without_a_triton_version_are_not_registered():
-    assert set(dispatch.TRITON_MODULES) == {"lora_linear", "lora_embedding_bag"}
-    assert dispatch.triton_op("segmented_lora_linear") is None
-    assert not dispatch.uses_triton("segmented_lora_linear", torch.zeros(1), backend="triton")
+def test_every_op_has_its_triton_module():
+    assert dispatch.TRITON_MODULES == {
+        "lora_linear": "lora_linear",
+        "lora_embedding_bag": "lora_embedding_bag",
+        **dict.fromkeys(
+            [
+                "segmented_lora_linear",
+                "segmented_lora_linear_stacked",
+                "segmented_lora_bag_delta",
+                "segmented_lora_bag_stacked",
+            ],
+            "segmented_lora",
+        ),
+    }
+    assert dispatch.triton_op("no_such_op") is None
+    assert dispatch.uses_triton("segmented_lora_linear", torch.zeros(1), backend="triton")
 
 
 def test_a_registered_module_that_does_not_exist_is_an_error(monkeypatch):
@@ -110,7 +123,7 @@ def test_unknown_backend_is_refused(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Ops without a Triton version: the reference op, explicitly
+# Per-sample routing ops: the reference op off CUDA, the Triton op on CUDA or when forced
 # ---------------------------------------------------------------------------------------------
 
 
@@ -131,7 +144,7 @@ ROUTED = {"segmented_lora_linear": _routed_linear_case, "segmented_lora_bag_delt
 
 
 @pytest.mark.parametrize("name", list(ROUTED))
-def test_ops_without_a_triton_version_run_the_reference_op(name, monkeypatch):
+def test_routing_ops_run_the_reference_op_off_cuda(name, monkeypatch):
     args = ROUTED[name]()
     expected = getattr(reference, name)(*args)
     monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
@@ -141,24 +154,29 @@ def test_ops_without_a_triton_version_run_the_reference_op(name, monkeypatch):
     assert torch.equal(getattr(dispatch, name)(*args), expected)
 
 
-@pytest.mark.parametrize("name", list(ROUTED))
-def test_ops_without_a_triton_version_run_the_reference_op_on_cuda(name, monkeypatch, fake_cuda):
-    args = ROUTED[name]()
+def _spy_on_triton_op(name, monkeypatch) -> list:
     calls = []
-    real = getattr(reference, name)
-    monkeypatch.setattr(reference, name, lambda *a: calls.append(1) or real(*a))
-    getattr(dispatch, name)(*args)
-    assert calls == [1]
+    module = sys.modules[dispatch.triton_op(name).__module__]
+    monkeypatch.setattr(module, name, lambda *a: calls.append(a) or "triton")
+    return calls
 
 
 @pytest.mark.parametrize("name", list(ROUTED))
-def test_forcing_triton_for_an_op_without_one_is_an_error(name, monkeypatch):
+def test_routing_ops_run_the_triton_op_on_cuda(name, monkeypatch, fake_cuda):
     args = ROUTED[name]()
-    with pytest.raises(NotImplementedError, match=f"op '{name}' has no Triton implementation yet"):
-        getattr(dispatch, name)(*args, backend="triton")
+    calls = _spy_on_triton_op(name, monkeypatch)
+    assert getattr(dispatch, name)(*args) == "triton"
+    assert len(calls) == 1 and calls[0][0] is args[0]
+
+
+@pytest.mark.parametrize("name", list(ROUTED))
+def test_forcing_triton_runs_the_triton_op_of_a_routing_op(name, monkeypatch):
+    args = ROUTED[name]()
+    calls = _spy_on_triton_op(name, monkeypatch)
+    assert getattr(dispatch, name)(*args, backend="triton") == "triton"
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-    with pytest.raises(NotImplementedError, match="RECPEFT_BACKEND=torch"):
-        getattr(dispatch, name)(*args)
+    assert getattr(dispatch, name)(*args) == "triton"
+    assert len(calls) == 2
 
 
 def test_a_kernel_that_fails_to_build_is_one_error_naming_op_shapes_and_the_way_around(monkeypatch):
