@@ -376,6 +376,32 @@ def train_base(seed: int, settings: Settings, catalog: RetailCatalog, base_split
     return base, report
 
 
+def new_lora(base: BasketRanker, settings: Settings):
+    """A copy of ``base`` with a fresh LoRA adapter on LORA_TARGETS."""
+    config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, target_modules=LORA_TARGETS)
+    return trainable_copy(base, Method.LORA, config)
+
+
+def train_lora(base: BasketRanker, split: Split, settings: Settings, seed: int, market: str, progress: bool):
+    """A LoRA adapter on a copy of ``base`` (:func:`new_lora`) fitted to one market: (model, fit report)."""
+    lora = new_lora(base, settings)
+    report = fit(
+        lora,
+        split,
+        settings.lora_lr,
+        settings.lora_weight_decay,
+        settings.tune_epochs,
+        settings.tune_batch_size,
+        settings.patience,
+        make_loss(settings.bpr_weight, settings.bpr_negatives),
+        settings.keep_initial,
+        seed,
+        f"{market} lora",
+        progress,
+    )
+    return lora, report
+
+
 def tune_market(
     base: BasketRanker, split: Split, settings: Settings, seed: int, market: str, workdir: Path, progress: bool
 ) -> dict:
@@ -387,23 +413,7 @@ def tune_market(
         "test_rows": len(split.test),
     }
     loss = make_loss(settings.bpr_weight, settings.bpr_negatives)
-    lora = trainable_copy(
-        base, Method.LORA, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, target_modules=LORA_TARGETS)
-    )
-    entry["lora_fit"] = fit(
-        lora,
-        split,
-        settings.lora_lr,
-        settings.lora_weight_decay,
-        settings.tune_epochs,
-        settings.tune_batch_size,
-        settings.patience,
-        loss,
-        settings.keep_initial,
-        seed,
-        f"{market} lora",
-        progress,
-    )
+    lora, entry["lora_fit"] = train_lora(base, split, settings, seed, market, progress)
     entry["lora"] = evaluate(lora, split)
     adapter_dir = workdir / f"{market}_{seed}"
     lora.save_pretrained(adapter_dir)
@@ -428,6 +438,15 @@ def tune_market(
     return entry
 
 
+def draw_test_negatives(seed: int, catalog: RetailCatalog, markets: dict, rows: pd.DataFrame) -> None:
+    """Each market's test negatives for ``seed``: NEGATIVES products per row its customer never bought."""
+    item_of = {p: i for i, p in enumerate(catalog.products)}
+    bought = bought_by(rows, item_of)
+    rng = np.random.default_rng(seed)
+    for split in markets.values():
+        split.test_negatives = sample_negatives(bought, split.test_customers, NEGATIVES, catalog.num_items, rng)
+
+
 def run_seed(
     seed: int,
     settings: Settings,
@@ -439,11 +458,7 @@ def run_seed(
     progress: bool,
     base: BasketRanker | None = None,
 ) -> dict:
-    item_of = {p: i for i, p in enumerate(catalog.products)}
-    bought = bought_by(rows, item_of)
-    rng = np.random.default_rng(seed)
-    for split in markets.values():
-        split.test_negatives = sample_negatives(bought, split.test_customers, NEGATIVES, catalog.num_items, rng)
+    draw_test_negatives(seed, catalog, markets, rows)
     base_fit = None
     if base is None:
         base, base_fit = train_base(seed, settings, catalog, base_split, progress)

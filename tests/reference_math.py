@@ -150,3 +150,23 @@ def assert_normwise_close(got, expected, rel: float = 2.0**-10, name="value"):
     got, expected = (dense_grad(t).detach().double().cpu() for t in (got, expected))
     err, scale = (got - expected).abs().max().item(), expected.abs().max().item()
     assert err <= rel * scale, f"{name}: max |difference| {err:.3g} exceeds {rel:.3g}·max|expected| = {rel * scale:.3g}"
+
+
+def svd_truncation_tolerance(delta: torch.Tensor, k: int, dtype: torch.dtype = torch.float64) -> float:
+    """Bound on max|Δ'_k − Δ_k| between two computed rank-k truncations of Δ [m, n] (or one and
+    the exact one), in ``dtype``. A backward-stable SVD is the exact SVD of Δ + E with
+    ‖E‖₂ ≤ p·u·‖Δ‖₂, p a modest polynomial in m and n (taken as m·n, generously); the rank-k
+    truncation then moves by at most ‖E‖₂·(1 + 2σ₁/(σ_k − σ_{k+1})) (Weyl, and Wedin's sin θ
+    theorem to first order), and forming U_k·S_k·V_kᵀ rounds k·u·σ₁ more; twice that for two
+    computed sides. At k ≥ the numerical rank of Δ (singular values above 2^-30·σ₁; the zero ones
+    of a low-rank product compute at about u·σ₁) nothing is cut and the gap term drops. Asserts
+    that a cut has a clear gap (≥ 10⁻³·σ₁), as random test deltas do."""
+    m, n = delta.shape
+    s = torch.linalg.svdvals(delta.detach().double())
+    sigma1 = s[0].item()
+    u = UNIT_ROUNDOFF[dtype]
+    if k >= int((s > 2.0**-30 * sigma1).sum()):
+        return 2 * (m * n + k) * u * sigma1
+    gap = (s[k - 1] - s[k]).item()
+    assert gap > 1e-3 * sigma1, f"singular values {s.tolist()} have no clear gap at k={k}"
+    return 2 * (m * n * u * sigma1 * (1 + 2 * sigma1 / gap) + k * u * sigma1)

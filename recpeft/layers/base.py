@@ -12,12 +12,14 @@ its own adapter storage, so no subclass changes the types of what it inherits:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .adapter_holder import AdapterHolder, AdapterStateError
 
-__all__ = ["AdapterStateError", "LoraLayer", "merge_product"]
+__all__ = ["AdapterFactors", "AdapterStateError", "LoraLayer", "merge_product"]
 
 
 def merge_product(left: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -26,6 +28,42 @@ def merge_product(left: torch.Tensor, right: torch.Tensor, scale: float, dtype: 
     float32 product rounded once at the end) and returned in ``dtype``."""
     compute = torch.promote_types(dtype, torch.float32)
     return ((left.to(compute) @ right.to(compute)) * scale).to(dtype)
+
+
+@dataclass(frozen=True)
+class AdapterFactors:
+    """One adapter's factors on one weight, as :meth:`LoraLayer.adapter_factors` reads them and
+    :meth:`LoraLayer.set_adapter_factors` writes them (``recpeft.peft.weighted_merge`` combines them).
+
+    ``rows`` None — a Linear layer: A [r, K], B [N, r], Δ = scale·B·A [N, K].
+    ``rows`` [n] int64 ascending — a table [V, D]: ``lora_A`` [n, r] holds the rows ``rows`` of the
+    adapter's A [V, r] (its touched rows; every other row is zero), B [r, D], Δ[rows] = scale·A·B
+    and every other row of Δ is zero.
+    """
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scale: float
+    rows: torch.Tensor | None = None
+
+
+def check_factors(where: str, factors: dict[str, AdapterFactors], expected: dict[str, tuple]) -> None:
+    """ValueError naming ``where`` and the part unless ``factors`` has exactly the parts of
+    ``expected`` ({part: (shape of A, shape of B, scale)}) with those shapes and scales. A shape of
+    A that starts with None is a table's: the factors must list their rows, one per row of A."""
+    if set(factors) != set(expected):
+        raise ValueError(f"{where}: factors for parts {sorted(factors)} but the adapter has {sorted(expected)}")
+    for part, (shape_a, shape_b, scale) in expected.items():
+        f, name = factors[part], f"{where}.{part}" if part else where
+        table = shape_a[0] is None
+        if table != (f.rows is not None) or (table and f.rows.dim() != 1):
+            raise ValueError(f"{name}: factors {'need' if table else 'take no'} 1-D rows (a table's A lists its rows)")
+        shape_a = (f.rows.numel(), *shape_a[1:]) if table else tuple(shape_a)
+        got = (tuple(f.lora_A.shape), tuple(f.lora_B.shape))
+        if got != (tuple(shape_a), tuple(shape_b)):
+            raise ValueError(f"{name}: factors of shapes {got} do not fit A {tuple(shape_a)}, B {tuple(shape_b)}")
+        if f.scale != scale:
+            raise ValueError(f"{name}: factors have scale {f.scale} but the adapter's is {scale}")
 
 
 class LoraLayer(AdapterHolder):
@@ -66,6 +104,18 @@ class LoraLayer(AdapterHolder):
     def has_adapter_work(self) -> bool:
         """Whether this forward adds anything to the base layer's output."""
         return self.active_routing() is not None or bool(self.pending_adapters())
+
+    # ---- factors (add_weighted_adapter) ----------------------------------------------------------
+
+    def adapter_factors(self, adapter: str) -> dict[str, AdapterFactors]:
+        """``adapter``'s factors per part ("" for a module adapted whole); a wrapper without them
+        raises a one-line ValueError naming the module."""
+        raise ValueError(f"{self.module_name}: {type(self).__name__} gives no factors to combine")
+
+    def set_adapter_factors(self, adapter: str, factors: dict[str, AdapterFactors]) -> None:
+        """Write ``factors`` (keyed as :meth:`adapter_factors` keys them, of the adapter's ranks
+        and scales) into ``adapter``."""
+        raise ValueError(f"{self.module_name}: {type(self).__name__} takes no factors")
 
     # ---- merging --------------------------------------------------------------------------------
 

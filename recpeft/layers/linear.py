@@ -12,16 +12,17 @@ from recpeft.kernels import dispatch
 
 from . import dora
 from .adapter_state import check_adapter_tensors
-from .base import merge_product
+from .base import AdapterFactors, check_factors, merge_product
 from .weight import LoraWeightLayer
 
 
-class LoraLinear(LoraWeightLayer):
+class LoraLinear(dora.DoraLayer, LoraWeightLayer):
     """y = x·Wᵀ + b + Σ_a s_a·(d(x)·A_aᵀ)·B_aᵀ over the active adapters a, with W frozen.
 
     A_a [r, K], B_a [N, r], s_a = α/r (α/√r with rsLoRA), d = dropout (training only).
     Input [..., K] of any leading shape; with per-sample routing the leading dimension is the
-    samples. The op and its gradients are :func:`recpeft.kernels.dispatch.lora_linear`.
+    samples. The op and its gradients are :func:`recpeft.kernels.dispatch.lora_linear`. DoRA
+    adapters: :mod:`recpeft.layers.dora`.
 
     Example::
 
@@ -32,36 +33,18 @@ class LoraLinear(LoraWeightLayer):
     """
 
     HF_PEFT_LAYOUT = True  # lora_A.weight [r, K], lora_B.weight [N, r]: HF PEFT's keys and shapes
-    #: file key of a DoRA adapter's magnitude m [N] (HF PEFT's)
-    MAGNITUDE_KEY = "lora_magnitude_vector"
 
-    def __init__(self, base_layer: nn.Module, module_name: str):
-        super().__init__(base_layer, module_name)
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (:mod:`.dora`)
-        self._merged_dora_scale: dict[str, torch.Tensor] = {}  # g of each merged DoRA adapter
+    # ---- DoRA (:class:`recpeft.layers.dora.DoraLayer`) -------------------------------------
 
-    # ---- DoRA ------------------------------------------------------------------------------
+    def dora_matrices(self, adapter, cast=dora.identity):
+        return cast(self.base_layer.weight), cast(self.lora_A[adapter]), cast(self.lora_B[adapter])
 
-    def enable_dora(self, adapter: str) -> None:
-        """Make ``adapter`` a DoRA adapter: its magnitude m starts at ‖W + s·B·A‖ per row, so the
-        layer's output does not change (:mod:`recpeft.layers.dora`)."""
-        norms = dora.row_norms(self.base_weight, self.lora_A[adapter], self.lora_B[adapter], self.scaling[adapter])
-        self.lora_magnitude_vector[adapter] = nn.Parameter(norms.clone())
+    def delta_weight(self, adapter, scale):
+        """scale·B·A [N, K] in W's dtype."""
+        return merge_product(self.lora_B[adapter], self.lora_A[adapter], scale, self.base_weight.dtype)
 
-    def is_dora(self, adapter: str) -> bool:
-        return adapter in self.lora_magnitude_vector
-
-    def adapter_parameters(self, adapter):
-        """[A, B], and m for a DoRA adapter."""
-        return super().adapter_parameters(adapter) + (
-            [self.lora_magnitude_vector[adapter]] if self.is_dora(adapter) else []
-        )
-
-    def drop_adapter(self, adapter):
-        super().drop_adapter(adapter)
-        if adapter in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[adapter]
-        self._merged_dora_scale.pop(adapter, None)
+    def weight_gain_shape(self):
+        return (-1, 1)
 
     def adapter_shapes(self, r):
         out_features, in_features = self.base_weight.shape
@@ -95,44 +78,56 @@ class LoraLinear(LoraWeightLayer):
         if x.dtype != weight.dtype:
             raise TypeError(f"{self.module_name}: input dtype {x.dtype} does not match the layer's {weight.dtype}")
         if routing is not None:
-            dora_routed = [n for n in routing.adapter_names if self.has_adapter(n) and self.is_dora(n)]
-            if dora_routed:
-                raise ValueError(
-                    f"{self.module_name}: per-sample routing does not support DoRA adapters ({dora_routed}); "
-                    "run them one at a time or merge one"
-                )
-            if x.dim() < 2:
-                raise ValueError(
-                    f"{self.module_name}: per-sample routing needs input [B, ..., K], got {tuple(x.shape)}"
-                )
-            row_adapter = routing.row_adapter(self.module_name, x.shape[0], math.prod(x.shape[1:-1]), x.device)
-            adapters = [
-                a if a is None else dataclasses.replace(a, lora_A=cast(a.lora_A), lora_B=cast(a.lora_B))
-                for a in self.routed_adapters(routing)
-            ]
-            y = dispatch.segmented_lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, adapters, row_adapter)
-            return y.view(*x.shape[:-1], y.shape[-1])
+            self.refuse_dora_routing(routing)
+            return self._routed(x, weight, bias, routing, cast)
         if any(self.is_dora(a) for a in pending):
             return self._dora_forward(x, weight, bias, pending, cast)
         lora_A, lora_B, scale, dropout = self._combined(pending)
-        return dispatch.lora_linear(x, weight, bias, cast(lora_A), cast(lora_B), scale, dropout)
+        return self._lora_op(x, weight, bias, cast(lora_A), cast(lora_B), scale, dropout)
+
+    def _lora_op(self, x, weight, bias, lora_A, lora_B, scale, dropout):
+        """y = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ, fused."""
+        return dispatch.lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout)
+
+    def _routed(self, x, weight, bias, routing, cast):
+        """y_i = x_i·Wᵀ + b + s_a·(d(x_i)·A_aᵀ)·B_aᵀ, a the adapter routed to sample i."""
+        if x.dim() < 2:
+            raise ValueError(f"{self.module_name}: per-sample routing needs input [B, ..., K], got {tuple(x.shape)}")
+        row_adapter = routing.row_adapter(self.module_name, x.shape[0], math.prod(x.shape[1:-1]), x.device)
+        adapters = [
+            a if a is None else dataclasses.replace(a, lora_A=cast(a.lora_A), lora_B=cast(a.lora_B))
+            for a in self.routed_adapters(routing)
+        ]
+        y = dispatch.segmented_lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, adapters, row_adapter)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def _dora_forward(self, x, weight, bias, adapters, cast):
-        """x·Wᵀ + b plus each active adapter's term: DoRA's (:func:`recpeft.layers.dora.dora_delta`)
+        """x·Wᵀ + b plus each active adapter's term: DoRA's (:func:`recpeft.layers.dora.combine`)
         or plain LoRA's s·(d(x)·Aᵀ)·Bᵀ, in PyTorch ops (no fused kernel for DoRA yet)."""
-        base = nn.functional.linear(x, weight)  # x·Wᵀ once, reused by every DoRA term without dropout
-        y = base if bias is None else base + bias
+        y, base = self._frozen_output(x, weight, bias)  # x·Wᵀ once, reused by every DoRA term without dropout
         for a in adapters:
             p = self.lora_dropout[a] if self.training else 0.0
             dropped = nn.functional.dropout(x, p, training=True) if p > 0 else x
-            lora_A, lora_B, scale = cast(self.lora_A[a]), cast(self.lora_B[a]), self.scaling[a]
+            lora = self._lora_product(dropped, cast(self.lora_A[a]), cast(self.lora_B[a])) * self.scaling[a]
             if self.is_dora(a):
-                magnitude = cast(self.lora_magnitude_vector[a])
-                product = base if dropped is x else None
-                y = y + dora.dora_delta(dropped, weight, lora_A, lora_B, scale, magnitude, product)
+                product = base if dropped is x else self._frozen_output(dropped, weight, None)[1]
+                y = y + dora.combine(self._output_gain(self.dora_gain(a, cast)), product, lora)
             else:
-                y = y + nn.functional.linear(nn.functional.linear(dropped, lora_A), lora_B) * scale
+                y = y + lora
         return y
+
+    def _frozen_output(self, x, weight, bias):
+        """(x·Wᵀ + b, x·Wᵀ)."""
+        base = nn.functional.linear(x, weight)
+        return (base if bias is None else base + bias), base
+
+    def _lora_product(self, x, lora_A, lora_B):
+        """(x·Aᵀ)·Bᵀ."""
+        return nn.functional.linear(nn.functional.linear(x, lora_A), lora_B)
+
+    def _output_gain(self, g):
+        """g [N] shaped to scale the output [..., N]."""
+        return g
 
     def _combined(self, adapters: list[str]):
         """One (A, B, s, p) for the active adapters: Σ_a s_a·B_a·A_a = [B_1 s_1 | B_2 s_2]·[A_1; A_2];
@@ -151,30 +146,23 @@ class LoraLinear(LoraWeightLayer):
 
     def merge_delta(self, adapter, sign):
         """W ± s·B·A; for DoRA W ← g⊙(W + s·B·A) and back W ← W/g − s·B·A, g kept from the merge."""
-        weight, scale = self.base_layer.weight, self.scaling[adapter]
-        if self.is_dora(adapter) and sign > 0:
-            g = dora.magnitude_scale(self.lora_magnitude_vector[adapter], weight, *self._ab(adapter), scale)
-            self._merged_dora_scale[adapter] = g.detach().clone()
-            weight.add_(merge_product(self.lora_B[adapter], self.lora_A[adapter], scale, weight.dtype))
-            weight.mul_(g.detach().unsqueeze(1))
-            return
         if self.is_dora(adapter):
-            weight.div_(self._merged_dora_scale.pop(adapter).unsqueeze(1))
-        weight.add_(merge_product(self.lora_B[adapter], self.lora_A[adapter], sign * scale, weight.dtype))
+            self.merge_dora(adapter, sign)
+        else:
+            self.base_weight.add_(self.delta_weight(adapter, sign * self.scaling[adapter]))
 
-    def _ab(self, adapter):
-        return self.lora_A[adapter], self.lora_B[adapter]
+    def adapter_factors(self, adapter):
+        """{"": A [r, K], B [N, r], s} (Δ = s·B·A); a DoRA adapter has none (its Δ is not B·A)."""
+        if self.is_dora(adapter):
+            raise ValueError(f"{self.module_name}: adapter {adapter!r} is a DoRA adapter; its update is not s·B·A")
+        return {"": AdapterFactors(self.lora_A[adapter].detach(), self.lora_B[adapter].detach(), self.scaling[adapter])}
 
-    def check_merge(self, adapters: list[str]) -> None:
-        """A DoRA adapter merges alone: g⊙(W + s·B·A) equals the unmerged layer only for the W it
-        was trained on, not for W with other deltas in it (nor they for a W scaled by g)."""
-        merging = [*self.merged_adapters, *adapters]
-        dora_ones = [a for a in merging if self.is_dora(a)]
-        if dora_ones and len(merging) > 1:
-            raise ValueError(
-                f"{self.module_name}: DoRA adapter {dora_ones[0]!r} merges alone, not with {merging}; "
-                "activate it alone to merge it"
-            )
+    @torch.no_grad()
+    def set_adapter_factors(self, adapter, factors):
+        a, b = self.lora_A[adapter], self.lora_B[adapter]
+        check_factors(self.module_name, factors, {"": (a.shape, b.shape, self.scaling[adapter])})
+        a.copy_(factors[""].lora_A)
+        b.copy_(factors[""].lora_B)
 
     def _state(self, adapter) -> dict[str, torch.Tensor]:
         """HF PEFT's keys: ``lora_A.weight`` A [r, K], ``lora_B.weight`` B [N, r], and for DoRA

@@ -17,7 +17,7 @@ from recpeft.kernels import BagLayout, dispatch
 from recpeft.utils.validation import check_state_keys, check_state_shapes
 
 from .adapter_holder import AdapterStateError
-from .base import merge_product
+from .base import AdapterFactors, check_factors, merge_product
 from .weight import LoraWeightLayer
 
 A_DENSE = "lora_embedding_A.weight"
@@ -36,6 +36,16 @@ def encode_rows(indices: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int
         dense = torch.zeros(num_rows, rank, dtype=rows.dtype, device=rows.device).index_copy_(0, indices, rows)
         return {A_DENSE: dense}
     return {A_INDICES: indices, A_ROWS: rows, A_SHAPE: torch.tensor([num_rows, rank])}
+
+
+def decode_rows(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A [V, r] whole from either on-disk form of :func:`encode_rows` (checked by
+    :func:`check_encoded_adapter`)."""
+    if A_DENSE in state:
+        return state[A_DENSE]
+    rows = state[A_ROWS]
+    dense = rows.new_zeros(tuple(int(v) for v in state[A_SHAPE]))
+    return dense.index_copy_(0, state[A_INDICES].to(rows.device), rows)
 
 
 def check_encoded_adapter(state: dict, shape: tuple[int, int], b_shape, *, source: str, name: str) -> None:
@@ -112,6 +122,21 @@ class LoraTableLayer(LoraWeightLayer):
         """Entries of A in rows still all zero: (V − touched rows)·r."""
         a = self.lora_A[adapter]
         return a.numel() - self.touched_rows(adapter).numel() * a.shape[1]
+
+    def adapter_factors(self, adapter):
+        """{"": A's touched rows [n, r] with their indices, B [r, D], s} (Δ[rows] = s·A·B)."""
+        rows = self.touched_rows(adapter)
+        a, b = self.lora_A[adapter].detach(), self.lora_B[adapter].detach()
+        return {"": AdapterFactors(a[rows], b, self.scaling[adapter], rows)}
+
+    @torch.no_grad()
+    def set_adapter_factors(self, adapter, factors):
+        """A ← zero but the listed rows; B ← B."""
+        a, b = self.lora_A[adapter], self.lora_B[adapter]
+        check_factors(self.module_name, factors, {"": ((None, a.shape[1]), b.shape, self.scaling[adapter])})
+        f = factors[""]
+        a.zero_().index_copy_(0, f.rows.to(a.device), f.lora_A.to(a.device, a.dtype))
+        b.copy_(f.lora_B)
 
     def merge_delta(self, adapter, sign):
         rows = self.touched_rows(adapter)

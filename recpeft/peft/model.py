@@ -25,7 +25,7 @@ from recpeft.layers.routing import check_adapter_ids, routed
 from recpeft.utils.atomic import recover_folder
 from recpeft.utils.validation import check_adapter_name
 
-from . import serialization
+from . import serialization, weighted_merge
 from .config import HF_LORA, RECPEFT_LORA, LoraBias, LoraConfig
 from .serialization import read_adapter_file, weights_file
 from .targeting import group_lora_targets, select_lora_targets, select_modules_to_save
@@ -35,7 +35,10 @@ def _enable_dora(layer: LoraLayer, name: str, adapter: str) -> None:
     """DoRA for ``adapter`` on ``layer``, or ValueError naming the module whose type has none."""
     if not hasattr(layer, "enable_dora"):
         kind = type(layer.base_layer).__name__
-        raise ValueError(f"use_dora: {name} is an {kind}; recpeft has DoRA for nn.Linear targets only")
+        raise ValueError(
+            f"use_dora: {name} is an {kind}; recpeft has DoRA for nn.Linear, nn.Conv1d, nn.Conv2d "
+            "and nn.Embedding targets only"
+        )
     layer.enable_dora(adapter)
 
 
@@ -315,6 +318,25 @@ class PeftModel(nn.Module):
     def _restore_requires_grad(self) -> None:
         for name, param in self.base_model.named_parameters():
             param.requires_grad_(self._requires_grad_before.get(_clean_name(name), False))
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        seed: int = 0,
+    ) -> None:
+        """Add ``adapter_name``, the combination of ``adapters`` with ``weights`` (HF PEFT's
+        ``add_weighted_adapter``: "cat", "linear", "svd", "ties", "dare_linear", "dare_ties",
+        "magnitude_prune" and their "_svd" forms; the formulas are in
+        :mod:`recpeft.peft.weighted_merge`, ``seed`` seeds DARE). Trainable, not activated."""
+        weighted_merge.add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, svd_rank, density, majority_sign_method, seed
+        )
 
     # ---- counting -------------------------------------------------------------------------
 

@@ -51,7 +51,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recpeft.layers.adapter_holder import sparse_embedding_weights
 from recpeft.layers.adapter_state import split_by_prefix
-from recpeft.layers.base import LoraLayer, merge_product
+from recpeft.layers.base import AdapterFactors, LoraLayer, check_factors, merge_product
 from recpeft.layers.table import A_DENSE, A_INDICES, A_ROWS, B_WEIGHT, check_encoded_adapter, encode_rows
 
 from . import table_rows
@@ -301,6 +301,30 @@ class LoraCollectionLayer(LoraLayer):
             b, base = self.lora_B[adapter][table], self.base_table(table)
             delta = merge_product(rows.to(b.device), b, sign * self.scaling[adapter][table], base.dtype)
             table_rows.add_to_rows(base, indices, delta, name)
+
+    # ---- factors --------------------------------------------------------------------------------
+
+    def adapter_factors(self, adapter):
+        """{table: A_t's touched rows with their indices, B_t, s_t}; collective when sharded."""
+        out = {}
+        for table in self.tables(adapter):
+            indices, rows = table_rows.gather_touched_rows(self.adapter_table(adapter, table), self._qualified(table))
+            b = self.lora_B[adapter][table].detach()
+            out[table] = AdapterFactors(rows.to(b.device), b, self.scaling[adapter][table], indices.to(b.device))
+        return out
+
+    @torch.no_grad()
+    def set_adapter_factors(self, adapter, factors):
+        """A_t ← zero but the listed rows (each process its own blocks), B_t ← B_t."""
+        expected = {
+            t: ((None, self.ranks[adapter][t]), self.lora_B[adapter][t].shape, self.scaling[adapter][t])
+            for t in self.tables(adapter)
+        }
+        check_factors(self.module_name, factors, expected)
+        for table, f in factors.items():
+            weight = self.adapter_table(adapter, table)
+            table_rows.write_rows(weight, f.rows.cpu(), f.lora_A.cpu(), self._qualified(table))
+            self.lora_B[adapter][table].copy_(f.lora_B)
 
     # ---- on disk --------------------------------------------------------------------------------
 
