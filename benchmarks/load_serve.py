@@ -51,11 +51,12 @@ import numpy as np
 import torch
 
 from recpeft.apps.base_checkpoint import base_fingerprint_files, load_base
+from recpeft.apps.demo_report import save_figure
 from recpeft.apps.scoring import scoring_schema
 from recpeft.datasets.synthetic import load_shop
 from recpeft.peft.model import PeftModel
 from recpeft.serve import ServeLimits, load_bank
-from recpeft.utils.atomic import atomic_path, atomic_write_text
+from recpeft.utils.atomic import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = (0, 1, 64, 256)
@@ -303,10 +304,7 @@ def plot(cases: dict[int, dict], path: Path) -> None:
     right.set_title("latency (ms)")
     right.legend(fontsize=8)
     fig.suptitle("recpeft serve on localhost, 2-core CPU, torch 1 thread")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

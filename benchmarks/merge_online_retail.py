@@ -58,7 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is no pa
 import quality_online_retail as retail  # noqa: E402
 
 from recpeft import PeftModel  # noqa: E402
-from recpeft.utils.atomic import atomic_path, atomic_write_text  # noqa: E402
+from recpeft.apps.demo_report import save_figure  # noqa: E402
+from recpeft.utils.atomic import atomic_write_text  # noqa: E402
 
 COMBINATIONS = ("cat", "linear", "svd")
 WEIGHTINGS = ("rows", "uniform")
@@ -256,10 +257,7 @@ def plot(summary: dict, market_names: list[str], path: Path) -> None:
     fig.suptitle(
         f"UCI Online Retail: a market's adapter merged from the other markets' adapters ({FINETUNE_EPOCHS} epoch ft)"
     )
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from recpeft import LoraConfig
+from recpeft.apps.demo_report import save_figure
 from recpeft.apps.workflow import Method, trainable_copy
 from recpeft.datasets.batch import Batch
 from recpeft.datasets.online_retail import (
@@ -546,10 +547,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_ylim(bottom=max(0.0, low - 0.05) if metric == "auc" else 0.0)
     axes[0].legend(fontsize=8)
     fig.suptitle("UCI Online Retail: per-country LoRA vs dense fine-tuning (time split 2011-09-01)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -122,7 +122,15 @@ def save_plot(path: str | Path, rows: list[dict], *, name: str = "market", arms=
     speed.set_ylabel("training samples/s")
     speed.set_title("fine-tuning throughput")
     speed.set_ylim(0, 1.25 * max(speeds, default=1.0) or 1.0)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Lay ``fig`` out, write it to ``path`` as PNG atomically (the old file or the new one,
+    never half of one) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
