@@ -168,9 +168,11 @@ def _linear_calls(dtype, rank, configs) -> None:
         (LinearRoute.EPILOGUE, False, True, 0.3),
         (LinearRoute.EPILOGUE, False, False, 0.3),
     ]
+    fma = linear_ops._dot_precision(dtype) == "ieee"  # the dX GEMM is never folded there by default
     for bias in (True, False):
         x, w, b, a, bb, gy = _linear_inputs(dtype, rank, bias)
         for route, fold_fwd, fold_bwd, p in paths:
+            fold_bwd = fold_bwd and not fma
             _, u = linear_ops.lora_linear_forward(x, w, b, a, bb, 0.5, p, 7, route, fold_fwd, configs=configs)
             for need_x in (True, False):
                 linear_ops.lora_linear_backward(
@@ -265,7 +267,7 @@ def _at_every_config(fn, args, kwargs, dtype, tuned_name, mode) -> list[Variant]
     """The launch at each config of the kernel's tuning space (none: as launched)."""
     if tuned_name is None:
         return [_variant(fn, args, kwargs, dtype, ("BLOCK",))]
-    space = linear_ops.KERNEL_CONFIGS[tuned_name]
+    space = linear_ops.tuning_space(tuned_name, kwargs)
     kept = linear_ops.reachable_configs(tuned_name, space, dtype, kwargs)
     chosen = kept[:1] if mode == "sample" else space
     out = []

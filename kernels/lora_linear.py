@@ -522,7 +522,27 @@ INTERPRETER_CONFIGS = {
         {"BLOCK_M": INTERPRETER_TILE, "BLOCK_C": INTERPRETER_TILE}, num_warps=4, num_stages=1
     ),
 }
-KERNEL_CONFIGS = {"forward": FORWARD_CONFIGS, "grad_x": GRAD_X_CONFIGS, "skinny_products": SKINNY_PRODUCTS_CONFIGS}
+# float32 at full precision ("ieee": TF32 off) runs tl.dot on the FMA units, with the accumulator
+# and both operand fragments in registers: the tensor-core tiles above spill there (up to 100 KB
+# at 128×256), so those launches tune over these smaller tiles instead, none of which spills at
+# r = 8 (sm_90, triton 3.9; benchmarks/results/aot_sm90*.json). The folded dX GEMM spills at every
+# FMA tile tried (32×64 to 128×64), so the cost model never folds it there
+# (:func:`fold_rank_product`).
+FMA_CONFIGS = {
+    "forward": [_gemm_config(64, 128, 32, 8, 3), _gemm_config(128, 64, 32, 8, 3), _gemm_config(64, 64, 32, 4, 3)],
+    "grad_x": [_gemm_config(64, 128, 32, 8, 3), _gemm_config(128, 64, 32, 8, 3), _gemm_config(64, 64, 32, 4, 3)],
+    "skinny_products": [
+        triton.Config({"BLOCK_M": 32, "BLOCK_C": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_C": 32}, num_warps=4, num_stages=3),
+    ],
+}
+TENSOR_CORE_CONFIGS = {
+    "forward": FORWARD_CONFIGS,
+    "grad_x": GRAD_X_CONFIGS,
+    "skinny_products": SKINNY_PRODUCTS_CONFIGS,
+}
+# The autotuners' spaces: both families; each launch keeps its own (:func:`tuning_space`).
+KERNEL_CONFIGS = {name: TENSOR_CORE_CONFIGS[name] + FMA_CONFIGS[name] for name in TENSOR_CORE_CONFIGS}
 # The mask kernel (tests and the GPU suite's checks only): square blocks of this many rows and
 # columns; elementwise, so any size is right and this one is not tuned.
 KEEP_SCALE_BLOCK = 64
@@ -575,10 +595,19 @@ def shared_memory_estimate(name: str, config: triton.Config, dtype: torch.dtype,
     return _loop_tile_elements(name, config.kwargs, r_pad, folded) * element * buffers + scratch
 
 
+def tuning_space(name: str, meta: dict) -> list:
+    """The config family of kernel ``name`` for a launch with constexprs ``meta``: the FMA tiles
+    when its dot runs at full fp32 precision (``DOT_PRECISION`` "ieee"), else the tensor-core tiles."""
+    return (FMA_CONFIGS if meta.get("DOT_PRECISION") == "ieee" else TENSOR_CORE_CONFIGS)[name]
+
+
 def reachable_configs(name: str, configs: list, dtype: torch.dtype, meta: dict) -> list:
-    """The configs of ``configs`` the autotuner may pick for one launch: those whose
+    """The configs of ``configs`` the autotuner may pick for one launch: those of the launch's
+    family (:func:`tuning_space`; all of ``configs`` when none is, as for a test's own list) whose
     :func:`shared_memory_estimate` fits :data:`~.launch.SHARED_MEMORY_LIMIT` (a config over it
     compiles but cannot launch), else the one needing least, so that a launch always has one."""
+    family = tuning_space(name, meta)
+    configs = [c for c in configs if any(c is f for f in family)] or configs
     need = {id(c): shared_memory_estimate(name, c, dtype, meta) for c in configs}
     fitting = [c for c in configs if need[id(c)] <= SHARED_MEMORY_LIMIT]
     return fitting or [min(configs, key=lambda c: need[id(c)])]
@@ -1030,8 +1059,8 @@ def lora_linear_backward(
     elif m > 0:
         if u is None or u.shape != (m, r) or u.dtype != torch.float32:
             raise ValueError("the epilogue route's backward needs the forward's u [M, r] float32")
-        if fold is None:
-            fold = fold_rank_product(m, n, k, r, x.element_size())
+        if fold is None:  # never folded on FMA units: it spills there (FMA_CONFIGS)
+            fold = _dot_precision(x.dtype) != "ieee" and fold_rank_product(m, n, k, r, x.element_size())
         if need_x and fold:
             _grad_x(
                 grad_y,

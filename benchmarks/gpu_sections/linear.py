@@ -164,13 +164,15 @@ def _paths(p):
 
 
 def check(ops, shapes, device="cuda", ragged=RAGGED_SHAPE, dtype=DTYPE) -> int:
-    """Every path × every config (config i of each kernel together, i over the longest list) at
+    """Every path × every config of ``dtype``'s family (config i of each kernel together, i over
+    the longest list; :func:`~recpeft.kernels.lora_linear.tuning_space`) at
     each (CHECK_ROWS, K, N, r) of ``shapes`` with a frozen bias, as timed (the same kernel
     specialisations, so the autotuner reuses these compiles); then every path, with and without
     dropout, at ``ragged`` with a trained bias (db). Returns the number of cases; raises
     AssertionError on the first mismatch."""
-    longest = max(len(c) for c in ops.KERNEL_CONFIGS.values())
-    picks = [{name: cfgs[i % len(cfgs)] for name, cfgs in ops.KERNEL_CONFIGS.items()} for i in range(longest)]
+    spaces = {name: ops.tuning_space(name, {"DOT_PRECISION": ops._dot_precision(dtype)}) for name in ops.KERNEL_CONFIGS}
+    longest = max(len(c) for c in spaces.values())
+    picks = [{name: cfgs[i % len(cfgs)] for name, cfgs in spaces.items()} for i in range(longest)]
     cases = 0
     for m, k, n, r in shapes:
         inp = _inputs(min(m, CHECK_ROWS), k, n, r, dtype, device, seed=k + r)

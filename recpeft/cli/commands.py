@@ -69,7 +69,7 @@ CONFLICT_REASONS = {
 #: folder names under ``finetune --segments``' --output that no segment's folder may take
 SUMMARY_FILES = ("summary.json", "summary.png", RUN_CONFIG)
 #: the training flags whose defaults (:mod:`.defaults`) a run records as the values it ran with
-TRAIN_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "seed")
+TRAIN_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "stop_metric", "min_improvement", "keep_initial")
 #: a --test-start of 9 or more digits (any time from 1973 on) is epoch seconds (or ms, µs, ns by
 #: magnitude); shorter numbers stay dates (20250301)
 EPOCH_CUT = re.compile(r"\d{9,}(\.\d*)?")
@@ -420,8 +420,10 @@ def cmd_pretrain(args) -> None:
         new_id_share=check_fraction("--new-id-share", args.new_id_share, below_one=True),
     )
     test = click_metrics(model, data.segment_rows("test"))
+    scores = report.best_scores or {}
     metrics = {
-        "valid_auc": _finite_or_none(report.best_metric),
+        "valid_auc": _finite_or_none(scores.get("auc")),
+        "valid_logloss": _finite_or_none(scores.get("logloss")),
         "test_auc": _finite_or_none(test["auc"]),
         "device": report.device,
     }
@@ -432,7 +434,7 @@ def cmd_pretrain(args) -> None:
     print(
         f"pretrained {report.epochs_run} epochs on {report.device} ({report.samples_per_second:,.0f} samples/s): "
         "validation AUC "
-        f"{_auc(report.best_metric)}, test AUC {_auc(test)}, LogLoss {test['log_loss']:.4f}; saved {out}"
+        f"{_auc(scores.get('auc'))}, test AUC {_auc(test)}, LogLoss {test['log_loss']:.4f}; saved {out}"
     )
 
 
@@ -502,9 +504,10 @@ def cmd_finetune(args) -> None:
     else:
         what = "fine-tuned copy of the base"
     _auc_note(before, after)
+    kept = "the base (no epoch beat it on validation)" if report.best_epoch == -1 else f"epoch {report.best_epoch}"
     print(
         f"{segment}: {report.epochs_run} epochs on {report.device}, {report.samples_per_second:,.0f} "
-        "samples/s; test AUC "
+        f"samples/s, kept {kept}; test AUC "
         f"base {_auc(before)} → {_auc(after)} (LogLoss {before['log_loss']:.4f} → "
         f"{after['log_loss']:.4f}) on {after['rows']:,} rows; saved the {what} to {out}"
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from recpeft.datasets.formats import FORMATS, MOVIELENS_SEGMENT_ATTRIBUTES, TIME_UNITS
 
-from .defaults import CHUNK_ROWS, FINETUNE, FINETUNE_LR, METHODS, PRETRAIN, SOURCES
+from .defaults import CHUNK_ROWS, FINETUNE, FINETUNE_LR, METHODS, PRETRAIN, SOURCES, STOP_METRICS
 
 EXAMPLES = """examples:
   recpeft demo                                            # the main job on the embedded shop
@@ -201,6 +201,28 @@ def _train_arguments(parser: argparse.ArgumentParser, defaults: dict, lr: str) -
     )
     train.add_argument(
         "--seed", type=int, default=None, help=f"seeds initialisation and row order (default: {defaults['seed']})"
+    )
+    train.add_argument(
+        "--stop-metric",
+        choices=STOP_METRICS,
+        default=None,
+        help="validation metric for early stopping and the kept epoch; both are reported "
+        f"(default: {defaults['stop_metric']})",
+    )
+    train.add_argument(
+        "--min-improvement",
+        type=float,
+        default=None,
+        metavar="DELTA",
+        help="an epoch counts as better only when it beats the best validation metric by more than this "
+        f"(default: {defaults['min_improvement']})",
+    )
+    train.add_argument(
+        "--keep-initial",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the starting weights compete as epoch -1: kept when no epoch beats them on validation "
+        f"(default: {'on' if defaults['keep_initial'] else 'off'})",
     )
 
 

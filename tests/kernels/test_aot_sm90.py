@@ -68,6 +68,8 @@ def _check_table(table):
 def test_sample_compiles_for_sm90_within_the_shared_memory_limit(tmp_path):
     table = _run_aot("sample", tmp_path / "aot.json", timeout=600)
     _check_table(table)
+    spilling = [r for r in table["rows"] if (r["spill_store_bytes"] or 0) + (r["spill_load_bytes"] or 0)]
+    assert not spilling, f"{len(spilling)} default variants spill registers, e.g. {spilling[0]}"
     flags = {(r["kernel"], json.dumps(r["flags"], sort_keys=True)) for r in table["rows"]}
     routes = {f for k, f in flags if k == "_skinny_products_kernel"}
     assert len(routes) >= 5, "the skinny-products kernel's roles (shrink, merge, separate, dropout) are not all covered"
@@ -155,14 +157,18 @@ def test_the_gate_fails_a_broken_kernel_and_one_over_the_limit(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("r_pad", [16, 32, 64, 128])
 @pytest.mark.parametrize("folded", [False, True])
-def test_the_autotuner_sees_only_configs_that_fit(name, dtype, r_pad, folded):
-    """Every launch keeps at least one config, and only configs whose estimate fits sm_90's
-    shared memory (the estimate is checked against the compiled figure by the gate above)."""
-    meta = {"R_PAD": r_pad, "FOLD_V": folded, "FOLD_SHRINK": folded}
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_the_autotuner_sees_only_configs_that_fit(name, dtype, r_pad, folded, precision):
+    """Every launch keeps at least one config, only of its family (FMA tiles for a full-precision
+    fp32 dot, tensor-core tiles otherwise), and only configs whose estimate fits sm_90's shared
+    memory (the estimate is checked against the compiled figure by the gate above)."""
+    meta = {"R_PAD": r_pad, "FOLD_V": folded, "FOLD_SHRINK": folded, "DOT_PRECISION": precision}
     space = lora_linear.KERNEL_CONFIGS[name]
     kept = lora_linear.reachable_configs(name, space, dtype, meta)
+    family = (lora_linear.FMA_CONFIGS if precision == "ieee" else lora_linear.TENSOR_CORE_CONFIGS)[name]
     assert kept
     for config in kept:
+        assert any(config is c for c in family), config
         assert lora_linear.shared_memory_estimate(name, config, dtype, meta) <= SHARED_MEMORY_LIMIT, config
 
 

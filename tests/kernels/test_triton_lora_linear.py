@@ -210,15 +210,18 @@ def test_rank_128_with_dropout(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel", list(ops.KERNEL_CONFIGS))
 def test_every_gpu_config(device, kernel):
-    """Each config the GPU autotuner can pick, forced, on a shape with ragged edges (and, under
-    the interpreter, bigger tiles than the tests' usual 16)."""
+    """Each config the GPU autotuner can pick, forced, in a dtype whose launches tune over it
+    (bf16: tensor-core tiles; fp32 at full precision: FMA tiles), on a shape with ragged edges
+    (and, under the interpreter, bigger tiles than the tests' usual 16)."""
     paths = {
         "forward": [(LinearRoute.EPILOGUE, True, True)],
         "grad_x": [(LinearRoute.EPILOGUE, True, True), (LinearRoute.EPILOGUE, False, False)],
         "skinny_products": [(LinearRoute.MERGE, None, None)],
     }[kernel]
-    for i, config in enumerate(ops.KERNEL_CONFIGS[kernel]):
-        inp = make_inputs(70, 37, 45, 6, torch.bfloat16, device, seed=i)
+    families = [(c, torch.bfloat16) for c in ops.TENSOR_CORE_CONFIGS[kernel]]
+    families += [(c, torch.float32) for c in ops.FMA_CONFIGS[kernel]]  # full-precision fp32: FMA tiles
+    for i, (config, dtype) in enumerate(families):
+        inp = make_inputs(70, 37, 45, 6, dtype, device, seed=i)
         for route, fold_fwd, fold_bwd in paths:
             check_launchers(inp, route, fold_fwd, fold_bwd, 0.0, 0, configs={kernel: config})
         if kernel != "forward":  # the dropout paths of the backward kernels
