@@ -23,8 +23,8 @@ from enum import Enum
 import torch
 
 from . import reference
+from .failures import BACKEND_ENV, naming_kernel_failures
 
-BACKEND_ENV = "RECPEFT_BACKEND"
 # Triton is a dependency on Linux only (pyproject.toml); elsewhere CUDA tensors use the reference
 # ops unless Triton is forced. Looked up without importing triton.
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -100,37 +100,14 @@ def _implementation(name: str, tensor: torch.Tensor, backend) -> Callable:
     return getattr(reference, name)
 
 
-def _describe(value) -> str:
-    """A tensor as ``[4096, 256] float32 cuda:0``; a bag layout by its ids; anything else by type."""
-    if isinstance(value, torch.Tensor):
-        return f"[{', '.join(map(str, value.shape))}] {str(value.dtype).removeprefix('torch.')} {value.device}"
-    ids = getattr(value, "ids", None)
-    return f"bags of ids {_describe(ids)}" if isinstance(ids, torch.Tensor) else type(value).__name__
-
-
-def _is_kernel_failure(exc: BaseException) -> bool:
-    """A Triton compile or launch error (triton's own exception types, or a CUDA launch error)."""
-    if type(exc).__module__.split(".")[0] == "triton":
-        return True
-    return isinstance(exc, RuntimeError) and ("CUDA error" in str(exc) or "triton" in str(exc).lower())
-
-
 def _naming_failures(name: str, op: Callable) -> Callable:
     """``op``, whose compile or launch failures become one RuntimeError naming the op, the operand
-    shapes and the way around it — never a silent fall back to the reference op."""
+    shapes and the way around it (:func:`~recpeft.kernels.failures.naming_kernel_failures`; the
+    autograd Functions name their backward's the same way)."""
 
     def run(*args):
-        try:
+        with naming_kernel_failures(name, args):
             return op(*args)
-        except Exception as exc:
-            if not _is_kernel_failure(exc):
-                raise
-            shapes = ", ".join(_describe(a) for a in args if a is not None and not isinstance(a, (int, float)))
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeError(
-                f"recpeft.kernels {name}: the Triton kernel failed to compile or launch for {shapes}: "
-                f"{type(exc).__name__}: {first}; set {BACKEND_ENV}=torch to run the PyTorch ops instead"
-            ) from exc
 
     return run
 

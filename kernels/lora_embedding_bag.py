@@ -64,6 +64,7 @@ import triton.language as tl
 
 from . import reference
 from .bags import BagLayout
+from .failures import naming_kernel_failures
 from .launch import DOT_MIN, INTERPRETING, padded_rank
 
 # ---------------------------------------------------------------------------------------------
@@ -551,17 +552,18 @@ class LoraEmbeddingBagFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         ids, bag_of_id, weights, pooled, lora_B = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        values, grad_b = lora_embedding_bag_backward(
-            grad_out,
-            pooled,
-            lora_B,
-            bag_of_id,
-            weights,
-            ctx.scale,
-            need_grad_a=need_a,
-            need_grad_b=need_b,
-            deterministic=ctx.deterministic,
-        )
+        with naming_kernel_failures("lora_embedding_bag backward", (grad_out, pooled, lora_B, ids)):
+            values, grad_b = lora_embedding_bag_backward(
+                grad_out,
+                pooled,
+                lora_B,
+                bag_of_id,
+                weights,
+                ctx.scale,
+                need_grad_a=need_a,
+                need_grad_b=need_b,
+                deterministic=ctx.deterministic,
+            )
         grad_a = None
         if need_a:
             indices = ids.to(torch.int64).unsqueeze(0)

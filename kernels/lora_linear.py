@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from . import reference
+from .failures import naming_kernel_failures
 from .launch import DOT_MIN, INTERPRETING, SHARED_MEMORY_LIMIT, padded_rank
 from .reference import LinearRoute
 
@@ -1164,21 +1165,22 @@ class LoraLinearFunction(torch.autograd.Function):
         x_rows, u, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_w, need_bias = ctx.needs_input_grad[:3]
         g = _as_rows(grad_y)
-        grads = lora_linear_backward(
-            g,
-            x_rows,
-            u,
-            weight,
-            lora_A,
-            lora_B,
-            ctx.scale,
-            ctx.dropout_p,
-            ctx.seed,
-            ctx.route,
-            ctx.fold,
-            need_x=need_x,
-            need_bias=need_bias,
-        )
+        with naming_kernel_failures("lora_linear backward", (g, x_rows, weight, lora_A, lora_B)):
+            grads = lora_linear_backward(
+                g,
+                x_rows,
+                u,
+                weight,
+                lora_A,
+                lora_B,
+                ctx.scale,
+                ctx.dropout_p,
+                ctx.seed,
+                ctx.route,
+                ctx.fold,
+                need_x=need_x,
+                need_bias=need_bias,
+            )
         grad_x = grads.x.view(ctx.x_shape) if need_x else None
         grad_w = g.t() @ x_rows if need_w else None  # only when a user unfroze W (dW' = dW on the merge route)
         return grad_x, grad_w, grads.bias, grads.lora_A, grads.lora_B, None, None, None, None

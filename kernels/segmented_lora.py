@@ -77,6 +77,7 @@ import triton.language as tl
 from . import lora_embedding_bag as bag_ops
 from . import reference
 from .bags import BagLayout
+from .failures import naming_kernel_failures
 from .launch import DOT_MIN, INTERPRETING, padded_rank
 
 # The linear op's float32-accumulating dot (bf16 upcast under the interpreter), its fp32 dot
@@ -657,9 +658,10 @@ class SegmentedLoraLinearFunction(torch.autograd.Function):
         plan = SegmentPlan(*plan, ctx.block_m)
         need_x, need_w, need_bias = ctx.needs_input_grad[:3]
         g = grad_y if grad_y.stride(-1) == 1 else grad_y.contiguous()
-        grad_x, grad_a, grad_b = segmented_lora_linear_backward(
-            g, x, u, weight, lora_A, lora_B, scales, plan, ctx.cfg, dropout_p, ctx.seed, need_x
-        )
+        with naming_kernel_failures("segmented_lora_linear backward", (g, x, weight, lora_A, lora_B, row_adapter)):
+            grad_x, grad_a, grad_b = segmented_lora_linear_backward(
+                g, x, u, weight, lora_A, lora_B, scales, plan, ctx.cfg, dropout_p, ctx.seed, need_x
+            )
         ranks = ctx.ranks
         used = _rows_with_adapter(row_adapter, lora_A.shape[0]) if ranks is not None else None
         dtype = lora_A.dtype
@@ -705,7 +707,8 @@ class SegmentedLoraBagFunction(torch.autograd.Function):
         plan = SegmentPlan(*plan, ctx.block_m)
         n = lora_B.shape[0]
         grad_out = grad_out.contiguous()
-        v, grad_b = segmented_lora_bag_backward(grad_out, pooled, lora_B, scales, plan, ctx.cfg)
+        with naming_kernel_failures("segmented_lora_bag backward", (grad_out, pooled, lora_B, bag_adapter)):
+            v, grad_b = segmented_lora_bag_backward(grad_out, pooled, lora_B, scales, plan, ctx.cfg)
         # dA_a[i] += s_a·w_i·v_j for every id i of a routed bag j (v is at sorted positions)
         position = torch.empty_like(plan.order)
         position[plan.order] = torch.arange(plan.order.numel(), device=position.device)

@@ -1,5 +1,5 @@
 """``recpeft bench``: the cost of LoRA fine-tuning against dense fine-tuning with Adam, measured
-side by side in one run on the CPU.
+side by side in one run, on the CPU or a CUDA GPU (``device``).
 
 Model. By default the demo's click model (``recpeft.apps.shop_recipe.BASE_OPTIONS``: torchrec DLRM, dense
 arch 2 → 32 → D, over arch → 64 → 32 → 1, D = 64) over the shop schema's features, but with
@@ -85,6 +85,7 @@ from recpeft.utils.memory_probe import (
     measure_peak_memory,
     run_json_subprocesses,
 )
+from recpeft.utils.devices import AUTO, describe_device, resolve_device
 from recpeft.utils.tensor_bytes import tensor_bytes
 from recpeft.utils.validation import check_int, parse_json_object
 
@@ -126,6 +127,7 @@ class BenchSpec:
         base: a base checkpoint folder, or None to build ``model`` with random weights.
         seed: seeds the weights (when built) and the batches.
         threads: torch intra-op threads.
+        device: where the variants train (a torch device string).
     """
 
     model: dict
@@ -134,6 +136,7 @@ class BenchSpec:
     base: str | None = None
     seed: int = SEED
     threads: int = 1
+    device: str = "cpu"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -260,16 +263,48 @@ def train_step(model: nn.Module, optimizers, batch: Batch) -> float:
 
 
 def memory_probe(variant: str, spec: BenchSpec, steps: int = MEMORY_STEPS) -> dict:
-    """In this (fresh) process: peak memory of building ``variant`` from ``spec`` and training it."""
+    """In this (fresh) process: peak memory of building ``variant`` from ``spec`` and training it
+    (on the CPU the resident set, :func:`measure_peak_memory`; on CUDA the device's allocations,
+    :func:`cuda_peak_memory`)."""
     torch.set_num_threads(spec.threads)
-    batches = draw_batches(spec.model, spec.batch_size, spec.seed)
+    device = torch.device(spec.device)
+    batches = [batch.to(device) for batch in draw_batches(spec.model, spec.batch_size, spec.seed)]
     config = LoraConfig.from_dict(spec.lora_config)
-    result = measure_peak_memory(
-        lambda: prepare_variant(variant, build_base(spec), config),
+    measure = cuda_peak_memory if device.type == "cuda" else measure_peak_memory
+    result = measure(
+        lambda: prepare_variant(variant, build_base(spec).to(device), config),
         lambda built, i: train_step(*built, batches[i % len(batches)]),
         steps,
     )
     return {"variant": variant, **result}
+
+
+def cuda_peak_memory(build, step, steps: int) -> dict:
+    """:func:`~recpeft.utils.memory_probe.measure_peak_memory`'s figures from CUDA's allocator
+    (``memory_allocated`` / ``max_memory_allocated`` of the current device, bytes):
+    model_bytes = allocated once built − before; build_peak_bytes = the peak while building −
+    before; peak_bytes = the peak over ``steps`` training steps − before; training_bytes =
+    peak_bytes − model_bytes."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    built = build()
+    torch.cuda.synchronize()
+    model, build_peak = torch.cuda.memory_allocated() - before, torch.cuda.max_memory_allocated() - before
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for i in range(steps):
+        step(built, i)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / max(steps, 1)
+    peak = torch.cuda.max_memory_allocated() - before
+    return {
+        "peak_bytes": peak,
+        "model_bytes": model,
+        "training_bytes": peak - model,
+        "build_peak_bytes": build_peak,
+        "step_s_in_probe": round(seconds, 4),
+    }
 
 
 def run_memory_probes(variants, spec: BenchSpec, timeout: float = 600) -> dict:
@@ -299,6 +334,7 @@ def run_bench(
     rounds: int = 5,
     lora_config: LoraConfig | None = None,
     progress: bool = True,
+    device: str | torch.device | None = AUTO,
 ) -> dict:
     """Measure dense fine-tuning with Adam against LoRA (see the module docstring); a JSON-able dict.
 
@@ -310,10 +346,13 @@ def run_bench(
         steps: steps per timed round; rounds: interleaved rounds per variant.
         lora_config: the LoRA variant's config; default ``shop_recipe.LORA``.
         progress: show a tqdm bar.
+        device: where both variants train: "auto" (CUDA when present, else the CPU), "cpu",
+            "cuda", "cuda:N"; on CUDA each timed round ends with a synchronize, and peak memory
+            is the device's (:func:`cuda_peak_memory`).
 
     Returns: {"model": shapes and sizes, "batch", "lora_config", "variants": {name: samples/s,
     step times, peak bytes …}, "ratios", "targets", "met", "start_logits_max_abs_diff",
-    "memory_method", "torch", "threads", "created", "seconds"}.
+    "memory_method", "device", "torch", "threads", "created", "seconds"}.
     """
     started = time.perf_counter()
     for name, value in (("batch_size", batch_size), ("steps", steps), ("rounds", rounds)):
@@ -324,6 +363,8 @@ def run_bench(
         )
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a LoraConfig, got {type(lora_config).__name__}")
+    device = resolve_device(device)
+    cuda = device.type == "cuda"
     config = lora_config or (LORA if base is None else _checkpoint_lora_config(base))
     spec_model = model_options(rows_per_table, embedding_dim) if base is None else None
     spec = BenchSpec(
@@ -332,15 +373,17 @@ def run_bench(
         batch_size=batch_size,
         base=None if base is None else str(base),
         threads=torch.get_num_threads(),
+        device=str(device),
     )
     base_model = build_base(spec)
     spec = replace(spec, model=dict(base_model.spec))  # every build_click_model argument, JSON-ready
-    batches = draw_batches(spec.model, batch_size, spec.seed)
+    batches = [batch.to(device) for batch in draw_batches(spec.model, batch_size, spec.seed)]
     table_bytes = sum(tensor_bytes(p) for p in base_model.sparse_arch.embedding_bag_collection.parameters())
     parameters = sum(p.numel() for p in base_model.parameters())
 
     bar = tqdm(total=len(VARIANTS) * (2 + rounds), desc="bench", unit="task", disable=not progress, leave=False)
     with bar:
+        base_model = base_model.to(device)
         built = {"lora": prepare_variant("lora", copy.deepcopy(base_model), config)}
         built["dense"] = prepare_variant("dense", base_model, config)
         del base_model
@@ -357,10 +400,14 @@ def run_bench(
 
         def run_steps(name: str, count: int) -> float:
             model, optimizers = built[name]
+            if cuda:
+                torch.cuda.synchronize(device)
             begin = time.perf_counter()
             for _ in range(count):
                 train_step(model, optimizers, batches[counters[name] % len(batches)])
                 counters[name] += 1
+            if cuda:
+                torch.cuda.synchronize(device)
             return (time.perf_counter() - begin) / count
 
         for name in VARIANTS:
@@ -378,7 +425,7 @@ def run_bench(
         gc.collect()
 
         bar.set_postfix_str("peak memory (a fresh process per variant)")
-        probes = run_memory_probes(VARIANTS, spec) if can_measure_memory() else dict.fromkeys(VARIANTS)
+        probes = run_memory_probes(VARIANTS, spec) if cuda or can_measure_memory() else dict.fromkeys(VARIANTS)
         bar.update(len(VARIANTS))
 
     variants = {}
@@ -427,16 +474,22 @@ def run_bench(
             "peak_memory": None if memory is None else memory <= TARGETS["peak_memory_ratio_max"],
         },
         "start_logits_max_abs_diff": start_diff,
-        "memory_method": (
-            describe_peak_memory(MEMORY_STEPS)
-            if all(probes.values())
-            else "not measured: needs Linux /proc/self/clear_refs"
-        ),
+        "memory_method": _memory_method(cuda, all(probes.values())),
+        "device": describe_device(device),
         "torch": torch.__version__,
         "threads": spec.threads,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _memory_method(cuda: bool, measured: bool) -> str:
+    if cuda:
+        return (
+            f"fresh process per probe; CUDA allocator: peak = max_memory_allocated over {MEMORY_STEPS} "
+            "training steps - memory_allocated before building the model"
+        )
+    return describe_peak_memory(MEMORY_STEPS) if measured else "not measured: needs Linux /proc/self/clear_refs"
 
 
 def _mib(value) -> str:
@@ -455,7 +508,7 @@ def print_bench(result: dict) -> None:
     print(
         f"model: {model['source']} DLRM, D={model['embedding_dim']}, tables {tables} "
         f"({model['table_bytes'] / 2**20:,.0f} MiB); batch {result['batch']['batch_size']}; "
-        f"{result['threads']} thread(s)"
+        f"{result['threads']} thread(s); {result['device']}"
     )
     header = f"{'variant':<52} {'trainable':>12} {'samples/s':>10} {'peak MiB':>9} {'model MiB':>10}"
     print(header)

@@ -775,7 +775,7 @@ def cmd_bench(args) -> None:
 
     if args.json:
         prepare_output(args.json, reads=[args.base], overwrite=args.overwrite, kind="file", flag="--json")
-    result = run_bench(base=args.base, progress=not args.quiet)
+    result = run_bench(base=args.base, progress=not args.quiet, device=args.device)
     print_bench(result)
     if args.json:
         with _writing("the JSON report", args.json):

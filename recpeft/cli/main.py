@@ -222,7 +222,7 @@ def _train_arguments(parser: argparse.ArgumentParser, defaults: dict, lr: str) -
         action=argparse.BooleanOptionalAction,
         default=None,
         help="the starting weights compete as epoch -1: kept when no epoch beats them on validation "
-        f"(default: {'on' if defaults['keep_initial'] else 'off'})",
+        f"(default: {defaults['keep_initial']})",
     )
 
 
@@ -563,7 +563,7 @@ def _config_keys(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 def _typed(action: argparse.Action, value, where: str):
     """A config ``value`` as the flag of ``action`` takes it (see :func:`config_values`)."""
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ValueError(f"{where} = {value!r}: a switch takes true or false")
         return value

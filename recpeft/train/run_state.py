@@ -14,7 +14,9 @@ optimizers, the run state (epoch, step in the epoch, the epoch's running loss, b
 weights, patience counter, history) and the torch RNG states (dropout). ``fit(resume=True)``
 continues from the latest readable file (:func:`resume_from`); the resumed run ends bit for bit
 where an uninterrupted one ends (same device, same threads). A file written with different settings (other than those in
-:data:`RESUME_FREE_FIELDS`) or for another number of training rows is refused with a ValueError.
+:data:`RESUME_FREE_FIELDS`) or for another number of training rows is refused with a ValueError;
+a file of an older release, whose config lacks a field added since, counts as written with that
+field's default.
 """
 
 from __future__ import annotations
@@ -190,7 +192,9 @@ def load_checkpoint(
     (ValueError naming ``path`` otherwise). Returns the run state and the best weights so far
     (None if none)."""
     payload = read_checkpoint(path) if payload is None else payload
-    saved = payload["config"]
+    # A field newer than the file ran at its default: each new field's default is what the
+    # release before it did (stop on AUC, any gain counts, the starting weights not kept).
+    saved = TrainConfig().to_dict() | payload["config"]
     for key, value in config.to_dict().items():
         if key not in RESUME_FREE_FIELDS and saved.get(key) != value:
             raise ValueError(

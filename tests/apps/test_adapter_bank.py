@@ -30,7 +30,7 @@ def made(tmp_path_factory):
     """A base, adapters of it for 'south' and 'north', and a 'south' adapter of another base."""
     made = pretrained(tmp_path_factory.mktemp("bank"))
     root, log = made["root"], str(made["log"])
-    finetune = ["finetune", log, *ROLES, "--epochs", "1"]
+    finetune = ["finetune", log, *ROLES, "--epochs", "1", "--no-keep-initial"]  # adapters that move off the base
     assert main([*finetune, "--base", str(made["base"]), "--segment", "north", "--out", str(root / "north")]) == 0
     pretrain = ["pretrain", log, *ROLES, "--epochs", "1", "--embedding-dim", "8", "--seed", "7"]
     assert main([*pretrain, "--out", str(root / "other_base")]) == 0

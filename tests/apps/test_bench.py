@@ -31,6 +31,7 @@ from recpeft.datasets import FeatureEncoder
 from recpeft.datasets.synthetic import SHOP_SCHEMA
 from recpeft.models.dlrm import build_click_model
 from recpeft.train.lora_adamw import LoraAdamW
+from recpeft.utils.devices import describe_device, resolve_device
 from recpeft.utils.memory_probe import can_measure_memory
 
 BIG_USER_ROWS, DIM = 200_000, 64
@@ -66,6 +67,7 @@ def test_result_is_json_and_consistent(result, capsys):
     }
     assert result["model"]["table_bytes"] == _table_bytes(result["model"]["cardinalities"], DIM)
     assert result["start_logits_max_abs_diff"] == 0.0
+    assert result["device"] == describe_device(resolve_device("auto"))  # the default: CUDA when present
     for row in result["variants"].values():
         assert len(row["step_seconds"]) == 2
         assert all(s > 0 and math.isfinite(s) for s in row["step_seconds"])
@@ -169,6 +171,7 @@ def test_draw_batches_shapes_ranges_and_seed():
         ({"batch_size": -3}, ["batch_size"]),
         ({"base": "somewhere", "rows_per_table": {"user": 10}}, ["rows_per_table", "base"]),
         ({"embedding_dim": 0}, ["embedding_dim"]),
+        ({"device": "tpu"}, ["device", "tpu"]),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, words):

@@ -29,7 +29,8 @@ def made(tmp_path_factory):
     frame = write_log(log, isle_rows=20)
     pretrain = ["pretrain", str(log), *ROLES, "--epochs", "1", "--embedding-dim", "8", "--test-start", CUT]
     assert main([*pretrain, "--min-segment-rows", "50", "--output", str(base)]) == 0
-    finetune = ["finetune", str(log), *ROLES, "--base", str(base), "--epochs", "2", "--output", str(adapters)]
+    finetune = ["finetune", str(log), *ROLES, "--base", str(base), "--epochs", "2", "--no-keep-initial"]
+    finetune += ["--output", str(adapters)]  # --no-keep-initial: adapters that move off the base
     assert main([*finetune, "--segments", "all", "--method", "lora,dense"]) == 0
     new = frame.drop(columns=["clicked", "ts"])  # rows to score: no label, no time
     new.to_csv(root / "new.csv", index=False)

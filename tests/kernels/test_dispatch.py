@@ -204,3 +204,26 @@ def test_a_kernel_that_fails_to_build_is_one_error_naming_op_shapes_and_the_way_
     monkeypatch.setattr(module, "lora_linear", wrong_input)
     with pytest.raises(ValueError, match="x must be 2-D"):  # not a kernel failure: unchanged
         dispatch.lora_linear(x, w, None, a, b, 1.0, backend="triton")
+
+
+def test_a_backward_kernel_that_fails_is_named_too(monkeypatch):
+    """The error comes from inside autograd's backward, after the forward returned: the op's
+    Function names it as the op's backward, with the operands and the way around it."""
+    out_of_resources = type("OutOfResources", (Exception,), {"__module__": "triton.runtime.errors"})
+    module = sys.modules[dispatch.triton_op("lora_linear").__module__]
+
+    def broken(*args, **kwargs):
+        raise out_of_resources("out of resource: shared memory, Required: 245760, Hardware limit: 232448")
+
+    monkeypatch.setattr(module, "lora_linear_backward", broken)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(6, 4, generator=g), torch.randn(3, 4, generator=g)
+    a = torch.randn(2, 4, generator=g).requires_grad_()
+    b = torch.randn(3, 2, generator=g).requires_grad_()
+    y = dispatch.lora_linear(x, w, None, a, b, 1.0, backend="triton")  # the forward runs
+    with pytest.raises(RuntimeError) as caught:
+        y.sum().backward()
+    message = str(caught.value)
+    assert "\n" not in message and "recpeft.kernels lora_linear backward" in message, message
+    assert "[6, 4] float32 cpu" in message and "OutOfResources" in message
+    assert message.endswith("set RECPEFT_BACKEND=torch to run the PyTorch ops instead")

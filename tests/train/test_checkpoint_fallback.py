@@ -130,3 +130,28 @@ def test_a_checkpoint_of_the_older_layout_still_resumes(tmp_path):
     assert set(torch.load(latest, weights_only=True)) != {"sha256", "payload"}
     resumed = Trainer(_model(), _config(tmp_path)).fit(train)
     assert resumed.resumed_from_step == 9
+
+
+@pytest.mark.parametrize("field", ["stop_metric", "min_improvement", "keep_initial"])
+def test_a_checkpoint_from_before_a_config_field_resumes_at_its_default_and_ends_the_same(tmp_path, field):
+    """A file whose config lacks a field added since ran at that field's default: it resumes
+    (bit for bit where an uninterrupted run ends) under the default, and is refused under
+    another value, naming the field."""
+    torch.set_num_threads(1)
+    train = _data(100, seed=3)
+    whole = _model()
+    Trainer(whole, _config(tmp_path / "whole")).fit(train)
+    latest, previous = _interrupted(tmp_path / "cut", train)
+    for path in (latest, previous):
+        payload = read_checkpoint(path)
+        del payload["config"][field]
+        torch.save(payload, path)  # the bare payload, as an older release wrote it
+    other = {"stop_metric": "logloss", "min_improvement": 0.5, "keep_initial": True}[field]
+    changed = TrainConfig(**{**_config(tmp_path / "cut").to_dict(), field: other})
+    with pytest.raises(ValueError, match=rf"{latest}.*{field}="):
+        Trainer(_model(), changed).fit(train)
+    resumed_model = _model()
+    resumed = Trainer(resumed_model, _config(tmp_path / "cut")).fit(train)
+    assert resumed.resumed_from_step == 9
+    reference = _params(whole)
+    assert all(torch.equal(p, reference[n]) for n, p in _params(resumed_model).items())
