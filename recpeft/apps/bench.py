@@ -79,13 +79,13 @@ from recpeft.datasets.synthetic import SHOP_SCHEMA
 from recpeft.models.dlrm import ClickDLRM, build_click_model, click_model_lora_targets, single_id_kjt
 from recpeft.peft.config import LoraConfig
 from recpeft.train.trainer import bce_loss, build_optimizers
+from recpeft.utils.devices import AUTO, describe_device, resolve_device
 from recpeft.utils.memory_probe import (
     can_measure_memory,
     describe_peak_memory,
     measure_peak_memory,
     run_json_subprocesses,
 )
-from recpeft.utils.devices import AUTO, describe_device, resolve_device
 from recpeft.utils.tensor_bytes import tensor_bytes
 from recpeft.utils.validation import check_int, parse_json_object
 

@@ -6,7 +6,6 @@ import json
 import math
 
 import pandas as pd
-import torch
 
 from recpeft.apps.run_config import tomllib
 from recpeft.cli import main
