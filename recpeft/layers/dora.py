@@ -154,6 +154,7 @@ class DoraLayer:
     def check_merge(self, adapters: list[str]) -> None:
         """A DoRA adapter merges alone: g⊙(W + s·ΔW) equals the unmerged layer only for the W it
         was trained on, not for W with other deltas in it (nor they for a W scaled by g)."""
+        super().check_merge(adapters)
         merging = [*self.merged_adapters, *adapters]
         dora_ones = [a for a in merging if self.is_dora(a)]
         if dora_ones and len(merging) > 1:

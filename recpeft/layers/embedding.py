@@ -24,7 +24,8 @@ class LoraEmbedding(dora.DoraLayer, LoraTableLayer):
     """out[..., :] = E[ids] + Σ_a s_a·A_a[ids]·B_a with E [V, D] frozen, A_a [V, r], B_a [r, D].
 
     ids of any shape [B, ...] (int32/int64); output [B, ..., D]. padding_idx ids keep the base
-    row and get no delta. With per-sample routing the leading dimension of ids is the samples.
+    row and get no delta. An adapter with new rows (:meth:`add_new_rows`) also takes ids
+    V … V + n − 1: E[new-id row] + s·A[i]·B. With per-sample routing the leading dimension of ids is the samples.
     The gradient of A is sparse (rows of the looked-up ids only). ``validate_ids`` and the fused
     Triton path: see :class:`~recpeft.layers.table.LoraTableLayer`.
 
@@ -81,7 +82,7 @@ class LoraEmbedding(dora.DoraLayer, LoraTableLayer):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.validate_ids:
-            validate_ids(ids, self.base_weight.shape[0], self.module_name)
+            validate_ids(ids, self.id_limit(), self.module_name)
         else:
             check_id_dtype(ids, self.module_name)
         if not self.has_adapter_work():
@@ -98,7 +99,7 @@ class LoraEmbedding(dora.DoraLayer, LoraTableLayer):
         # The fused op pools E itself, except with a padding_idx: a padding id is an empty bag of
         # the layout (no delta) but nn.Embedding still returns E[padding_idx] there. DoRA needs E[ids].
         fused = padding_idx is None and not with_dora and self.fuses_base_lookup()
-        base = None if fused else self.base_layer(ids).reshape(-1, out_shape[-1])
+        base = None if fused else self.base_layer(self.base_table_ids(ids)).reshape(-1, out_shape[-1])
         if with_dora:
             out = self._dora_output(layout, base)
         else:

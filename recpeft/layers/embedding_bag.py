@@ -18,7 +18,8 @@ class LoraEmbeddingBag(LoraTableLayer):
     ``per_sample_weights`` (sum mode); sum or mean pooling; ``padding_idx``; empty bags pool to
     zero. Output [B, D], one row per bag (per sample when routing). The adapter pools in rank
     space first and its gradient touches only the rows of A in the batch
-    (:func:`recpeft.kernels.dispatch.lora_embedding_bag`). ``validate_ids`` and the fused Triton path:
+    (:func:`recpeft.kernels.dispatch.lora_embedding_bag`); an adapter with new rows
+    (:meth:`add_new_rows`) also takes ids V … V + n − 1. ``validate_ids`` and the fused Triton path:
     see :class:`~recpeft.layers.table.LoraTableLayer`.
 
     Example::
@@ -45,7 +46,7 @@ class LoraEmbeddingBag(LoraTableLayer):
         layout = bag_layout(
             input,
             offsets,
-            num_embeddings=self.base_weight.shape[0],
+            num_embeddings=self.id_limit(),
             mode=bag.mode,
             per_sample_weights=per_sample_weights,
             include_last_offset=bag.include_last_offset,
@@ -56,5 +57,5 @@ class LoraEmbeddingBag(LoraTableLayer):
         )
         if not self.has_adapter_work():
             return bag(input, offsets, per_sample_weights)
-        base = None if self.fuses_base_lookup() else bag(input, offsets, per_sample_weights)
+        base = None if self.fuses_base_lookup() else bag(self.base_table_ids(input), offsets, per_sample_weights)
         return self.add_adapter_output(layout, base, layout.num_bags, 1)

@@ -3,7 +3,9 @@
 E [V, D] frozen; A [V, r] is itself a table of dimension r, B [r, D] dense; s the scale.
 Looked-up rows become E[i] + s·A[i]·B, pooled bags Σ w_i·E[i] + s·(Σ w_i·A[i])·B.
 A starts at zero and B random, so rows of A that no batch touched stay exactly zero: merging
-adds s·A[rows]·B to those rows only, and the file stores only touched rows.
+adds s·A[rows]·B to those rows only, and the file stores only touched rows. An adapter may also
+hold rows for ids past V, the segment's new ids (:mod:`recpeft.layers.new_rows`): A is then
+[V + n, r] and those ids look up the table's new-id row plus their own s·A[i]·B.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from recpeft.utils.validation import check_state_keys, check_state_shapes
 
 from .adapter_holder import AdapterStateError
 from .base import AdapterFactors, check_factors, merge_product
+from .new_rows import NewRows, base_ids, check_routed_ids, grown_table, resolve_new_id_row
 from .weight import LoraWeightLayer
 
 A_DENSE = "lora_embedding_A.weight"
@@ -98,6 +101,10 @@ class LoraTableLayer(LoraWeightLayer):
 
     validate_ids: bool = True
 
+    def __init__(self, base_layer: nn.Module, module_name: str):
+        super().__init__(base_layer, module_name)
+        self.new_rows: dict[str, NewRows] = {}
+
     def adapter_shapes(self, r):
         num_embeddings, dim = self.base_weight.shape
         return (num_embeddings, r), (r, dim)
@@ -109,6 +116,62 @@ class LoraTableLayer(LoraWeightLayer):
             nn.init.normal_(a, std=1.0 / a.shape[1])
         else:
             nn.init.zeros_(a)
+
+    def drop_adapter(self, adapter):
+        super().drop_adapter(adapter)
+        self.new_rows.pop(adapter, None)
+
+    # ---- new rows (recpeft.layers.new_rows) ----------------------------------------------------
+
+    @torch.no_grad()
+    def add_new_rows(self, adapter: str, count: int, new_id_row: int = -1) -> None:
+        """Give ``adapter`` ``count`` rows of its own for ids V … V + count − 1, each starting as
+        the table's new-id row ``new_id_row`` (negative: from the end; −1 is the encoder's reserved
+        unseen id): A grows by ``count`` zero rows. Every adapter of a table names the same new-id
+        row; DoRA adapters take no new rows."""
+        num_rows = self.base_weight.shape[0]
+        row = resolve_new_id_row(new_id_row, num_rows, self.module_name)
+        if getattr(self, "is_dora", lambda _: False)(adapter):
+            raise ValueError(
+                f"{self.module_name}: a DoRA adapter takes no new rows (its norm is over the table's V rows)"
+            )
+        others = {r.new_id_row for a, r in self.new_rows.items() if a != adapter}
+        if others - {row}:
+            raise ValueError(f"{self.module_name}: new_id_row {row} but another adapter's new rows use {others.pop()}")
+        a = self.lora_A[adapter]
+        self.lora_A[adapter] = nn.Parameter(torch.cat([a.detach(), a.new_zeros(count, a.shape[1])]))
+        self.new_rows[adapter] = NewRows(count, row)
+
+    def _rows_in_play(self) -> list[NewRows]:
+        """The new rows of the adapters this forward uses (routed, or active and unmerged); more
+        than one unrouted is refused (id V + j would name two ids)."""
+        routing = self.active_routing()
+        names = [n for n in routing.adapter_names if n in self.lora_A] if routing else self.pending_adapters()
+        rows = [self.new_rows[n] for n in names if n in self.new_rows]
+        if routing is None and len(rows) > 1:
+            raise ValueError(
+                f"{self.module_name}: two active adapters have new-id rows of their own; activate one, "
+                "or route each sample to its adapter"
+            )
+        return rows
+
+    def id_limit(self) -> int:
+        """Ids this forward accepts: V, plus the largest new-row count in play."""
+        return self.base_weight.shape[0] + max((r.count for r in self._rows_in_play()), default=0)
+
+    def base_table_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` as the frozen table looks them up: new rows' ids as the new-id row."""
+        rows = self._rows_in_play()
+        return base_ids(ids, self.base_weight.shape[0], rows[0].new_id_row) if rows else ids
+
+    def _check_routed_new_ids(self, layout: BagLayout, bag_adapter: torch.Tensor, routing) -> None:
+        """Each id past V lies within its own sample's adapter's new rows."""
+        num_rows = self.base_weight.shape[0]
+        counts = [self.new_rows[n].count if n in self.new_rows else 0 for n in routing.adapter_names]
+        if self.validate_ids and any(counts):
+            limits = torch.tensor([num_rows] + [num_rows + c for c in counts])
+            id_adapter = bag_adapter.index_select(0, layout.bag_of_id.to(bag_adapter.device))
+            check_routed_ids(layout.ids, id_adapter, limits, self.module_name, routing.adapter_names)
 
     def touched_rows(self, adapter: str) -> torch.Tensor:
         """Indices of the rows of A that are not all zero (the rows training has updated)."""
@@ -138,7 +201,31 @@ class LoraTableLayer(LoraWeightLayer):
         a.zero_().index_copy_(0, f.rows.to(a.device), f.lora_A.to(a.device, a.dtype))
         b.copy_(f.lora_B)
 
+    def check_merge(self, adapters):
+        """An adapter with new rows merges alone among the table's adapters with new rows: its
+        merge extends the table, and another's ids V + j would then name its rows."""
+        super().check_merge(adapters)
+        growing = [a for a in adapters if a in self.new_rows]
+        if growing and len(self.new_rows) > 1:
+            raise ValueError(
+                f"{self.module_name}: adapters {sorted(self.new_rows)} all have new-id rows; merging "
+                f"{growing[0]!r} would extend the table under the others' ids (delete them first)"
+            )
+
+    def _set_table(self, table: torch.Tensor) -> None:
+        """Replace the frozen table (merging new rows grows it; unmerging shrinks it back)."""
+        self.base_layer.weight = nn.Parameter(table, requires_grad=False)
+        self.base_layer.num_embeddings = table.shape[0]
+
     def merge_delta(self, adapter, sign):
+        new = self.new_rows.get(adapter)
+        if new is not None and sign > 0:
+            self._set_table(grown_table(self.base_weight.detach(), new))
+        self._merge_touched_rows(adapter, sign)
+        if new is not None and sign < 0:
+            self._set_table(self.base_weight.detach()[: -new.count].clone())
+
+    def _merge_touched_rows(self, adapter, sign):
         rows = self.touched_rows(adapter)
         padding = getattr(self.base_layer, "padding_idx", None)
         if padding is not None:  # a padding id gets no delta, merged or not
@@ -155,6 +242,7 @@ class LoraTableLayer(LoraWeightLayer):
         return (
             self.active_routing() is None
             and bool(self.pending_adapters())
+            and not self._rows_in_play()  # new ids look up the new-id row of E, not their own
             and dispatch.uses_triton("lora_embedding_bag", self.base_weight)
         )
 
@@ -167,6 +255,7 @@ class LoraTableLayer(LoraWeightLayer):
         routing = self.active_routing()
         if routing is not None:
             bag_adapter = routing.row_adapter(self.module_name, leading, rows_per_sample, base_output.device)
+            self._check_routed_new_ids(layout, bag_adapter, routing)
             delta = dispatch.segmented_lora_bag_delta(
                 layout, self.routed_adapters(routing), bag_adapter, base_output.shape[1], base_output.dtype
             )

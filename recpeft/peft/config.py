@@ -174,6 +174,11 @@ class LoraConfig:
             a target whose name holds ``.<layers>.<i>.`` is kept when i is listed; None: all.
         layers_pattern: the name(s) of the layer list for ``layers_to_transform`` (e.g.
             ``"layer"`` in ``encoder.layer.3.attention``); None: any module name before the index.
+        new_rows: {full module name of an ``nn.Embedding`` / ``nn.EmbeddingBag`` target: n} —
+            n rows of the adapter's own for ids V … V + n − 1, the segment's ids the base table
+            never saw, each starting as the table's new-id row (:mod:`recpeft.layers.new_rows`).
+        new_id_row: that row, the same index for every table in ``new_rows`` (negative counts
+            from the end: −1, the default, is the encoder's reserved unseen id).
         config_file: the file this config was read from (not saved; errors name it).
 
     Example::
@@ -200,6 +205,8 @@ class LoraConfig:
     layers_to_transform: int | list | None = None
     layers_pattern: str | list | None = None
     adapted_modules: dict | None = None
+    new_rows: dict | None = None
+    new_id_row: int = -1
     config_file: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -248,6 +255,13 @@ class LoraConfig:
                 if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module))):
                     raise ValueError(f"modules_to_save entries must be names or nn.Module classes, got {item!r}")
         _check_adapted_modules(self.adapted_modules)
+        if self.new_rows is not None:
+            if not isinstance(self.new_rows, dict) or not all(isinstance(k, str) for k in self.new_rows):
+                raise ValueError(f"new_rows must map module names to row counts, got {self.new_rows!r}")
+            for name, count in self.new_rows.items():
+                check_int(f"new_rows[{name!r}]", count)
+        if isinstance(self.new_id_row, bool) or not isinstance(self.new_id_row, int):
+            raise ValueError(f"new_id_row must be a row index (int), got {self.new_id_row!r}")
 
     # ---- per-module values ------------------------------------------------------------------
 
@@ -307,8 +321,9 @@ class LoraConfig:
         data = dataclasses.asdict(self)
         data["bias"] = self.bias.value
         del data["config_file"]
-        if self.adapted_modules is None:
-            del data["adapted_modules"]
+        for name, unset in (("adapted_modules", None), ("new_rows", None), ("new_id_row", -1)):
+            if data[name] == unset:  # written only when set: other adapters' files stay as they were
+                del data[name]
         data.update(_HF_DEFAULTS)
         return data
 

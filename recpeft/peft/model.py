@@ -42,6 +42,15 @@ def _enable_dora(layer: LoraLayer, name: str, adapter: str) -> None:
     layer.enable_dora(adapter)
 
 
+def _add_new_rows(layer: LoraLayer, name: str, adapter: str, config: LoraConfig) -> None:
+    """``config.new_rows[name]`` rows of ``adapter``'s own on ``layer``, or ValueError naming the
+    module whose type takes none."""
+    if not hasattr(layer, "add_new_rows"):
+        kind = type(layer.base_layer).__name__
+        raise ValueError(f"new_rows: {name} is an {kind}; new-id rows go on nn.Embedding and nn.EmbeddingBag targets")
+    layer.add_new_rows(adapter, config.new_rows[name], config.new_id_row)
+
+
 def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> PeftModel:
     """Freeze ``model`` and wrap the modules ``config`` targets with LoRA adapter ``adapter_name``.
 
@@ -151,6 +160,11 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {list(self.adapter_names)}")
         targets = select_lora_targets(self.base_model, config)
         groups = group_lora_targets(self.base_model, targets)  # module → its targeted parts (tables)
+        untargeted = sorted(set(config.new_rows or {}) - {n for n, parts in groups.items() if parts is None})
+        if untargeted:
+            raise ValueError(
+                f"new_rows names {untargeted}, not among the adapter's whole-module targets {sorted(groups)}"
+            )
         saved = select_modules_to_save(self.base_model, config, list(groups))
         settings = config.module_settings(targets)  # (r, α) per target, each pattern run once per name
         rank_scale = lambda name: (settings[name][0], config.scale(*settings[name]))
@@ -161,6 +175,8 @@ class PeftModel(nn.Module):
                     layer.update_layer(adapter_name, *rank_scale(name), config.lora_dropout, config.init_lora_weights)
                     if config.use_dora:
                         _enable_dora(layer, name, adapter_name)
+                    if name in (config.new_rows or {}):
+                        _add_new_rows(layer, name, adapter_name, config)
                 else:  # ranks and scales per "<module>.<part>"
                     parts_rs = {p: rank_scale(f"{name}.{p}") for p in parts}
                     layer.update_parts(adapter_name, parts_rs, config.init_lora_weights)
