@@ -22,7 +22,21 @@ Mean of ``--seeds`` seeds. Writes ``benchmarks/results/quality_online_retail.jso
 Every setting in :class:`Settings` was chosen with ``--dev``: the same protocol run on the rows
 before 2011-09-01 only, split at 2011-07-01, so the test rows never steered a choice.
 
-    python benchmarks/quality_online_retail.py [--data ../shared/data/online_retail.parquet] [--seeds 3] [--dev]
+``--new-markets``: the six markets are new to the base. Pretraining sees the other countries only
+(the catalog's customers, prices and popularity come from those rows), with a random
+``new_id_share`` of its rows' customers set to the unknown customer (id 0), so that row learns
+what a customer the base has not seen looks like; every customer of the six markets is such a
+customer to the base. Each market then gets, from its own rows before the split: dense
+fine-tuning (every parameter; its customers stay id 0), and LoRA in two candidate forms, chosen
+per market and seed on the market's validation AUC (the test rows never choose): (a) the default
+targets, (b) the same plus the customer table with a new-id row of the adapter's own for each of
+the market's customers in its training rows (:mod:`recpeft.layers.new_rows`: a row starts as the
+unknown customer and learns its own rank-r offset). Test rows of customers first seen after the
+split stay the unknown customer for every model. Writes ``quality_online_retail_new_markets.json``
+and ``.png``; its targets are :data:`NEW_MARKET_TARGETS`.
+
+    python benchmarks/quality_online_retail.py [--data ../shared/data/online_retail.parquet] [--seeds 3]
+        [--dev] [--new-markets]
 
 Data: Chen, D. (2015). Online Retail. UCI Machine Learning Repository, doi:10.24432/C5BW33, CC BY 4.0.
 """
@@ -79,6 +93,10 @@ REFERENCE = {
 # adapter file past 1% of the base checkpoint for no gain on the validation slices. The customer
 # table is left out too: per-customer rows trained on a few purchases each did not help on --dev.
 LORA_TARGETS = ["markets", "context_mlp.0", "context_mlp.3", "item_mlp.0", "item_mlp.3"]
+# --new-markets: LoRA ≥ base + 0.01 AUC in every market, ≥ dense − 0.002 on the mean, adapter
+# files (new-id rows included) ≤ 2% of the base checkpoint; 3-seed means
+NEW_MARKET_TARGETS = {"lora_over_base_auc": 0.01, "lora_under_dense_auc": 0.002, "adapter_share": 0.02}
+UNKNOWN_CUSTOMER = 0  # RetailCatalog's id of a customer not in its fitting rows
 
 
 @dataclass
@@ -109,6 +127,7 @@ class Settings:
     valid_negatives: int = 20  # sampled non-purchases per validation row
     base_valid_fraction: float = 0.1
     valid_fraction: float = 0.2
+    new_id_share: float = 0.05  # --new-markets: pretraining rows whose customer is set to unknown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +141,26 @@ class Split:
     test: RetailEvents | None = None
     test_negatives: torch.Tensor | None = None
     test_customers: np.ndarray | None = None
+    new_ids: Split | None = None  # --new-markets: the same rows, the market's customers as new-id rows
+    new_customers: int = 0  # how many: ids V … V + new_customers − 1 of the customer table
+
+
+def with_customers(events: RetailEvents, customer_ids: np.ndarray, mask: np.ndarray) -> RetailEvents:
+    """``events.select(mask)`` with the customer ids ``customer_ids[mask]`` instead."""
+    out = events.select(mask)
+    out.customer = torch.from_numpy(customer_ids[mask].astype(np.int64))
+    return out
+
+
+def new_id_rows(rows: pd.DataFrame, catalog: RetailCatalog, own_train: np.ndarray) -> tuple[np.ndarray, int]:
+    """Customer ids of every row with the market's own new customers (those of its training rows
+    the catalog does not know) numbered V, V + 1, … (V = the catalog's customer rows); (ids, count)."""
+    first = len(catalog.customers) + 1
+    known = catalog.customers
+    newcomers = sorted({int(c) for c in rows.loc[own_train, "CustomerID"]} - set(known))
+    new_of = {c: first + j for j, c in enumerate(newcomers)}
+    ids = np.array([known.get(int(c), new_of.get(int(c), UNKNOWN_CUSTOMER)) for c in rows["CustomerID"]])
+    return ids, len(newcomers)
 
 
 def valid_mask(rows: pd.DataFrame, select: np.ndarray, fraction: float) -> np.ndarray:
@@ -155,15 +194,25 @@ def sample_negatives(
     return torch.from_numpy(out)
 
 
-def prepare(path: Path, settings: Settings, split: pd.Timestamp = SPLIT, end: pd.Timestamp | None = None):
+def prepare(
+    path: Path,
+    settings: Settings,
+    split: pd.Timestamp = SPLIT,
+    end: pd.Timestamp | None = None,
+    new_markets: bool = False,
+):
     """Purchases (before ``end`` if given), catalog, the base's split and each market's split.
     Validation negatives are drawn once (``settings.valid_negatives`` per row) among the products
-    the customer did not buy before ``split``; test negatives are drawn per seed."""
+    the customer did not buy before ``split``; test negatives are drawn per seed. ``new_markets``:
+    the base's rows and catalog leave MARKETS out, and each market's split carries its new-id
+    view (``Split.new_ids``)."""
     rows = purchases(load_online_retail(path))
     if end is not None:
         rows = rows.loc[rows["InvoiceDate"] < end].reset_index(drop=True)
     before = (rows["InvoiceDate"] < split).to_numpy()
-    catalog = RetailCatalog.build(rows, before)
+    in_markets = rows["Country"].isin(MARKETS).to_numpy()
+    pretraining = before & ~in_markets if new_markets else before
+    catalog = RetailCatalog.build(rows, pretraining)
     item_of = {p: i for i, p in enumerate(catalog.products)}
     bought_before = bought_by(rows.loc[before], item_of)
     rng = np.random.default_rng(12345)
@@ -174,7 +223,7 @@ def prepare(path: Path, settings: Settings, split: pd.Timestamp = SPLIT, end: pd
         negatives = sample_negatives(bought_before, customers[mask], settings.valid_negatives, catalog.num_items, rng)
         return ScoredRows(events.select(mask), negatives)
 
-    late = valid_mask(rows, before, settings.base_valid_fraction)
+    late = valid_mask(rows, pretraining, settings.base_valid_fraction)
     market_late = {}
     for market in MARKETS:
         own = (rows["Country"] == market).to_numpy()
@@ -186,17 +235,27 @@ def prepare(path: Path, settings: Settings, split: pd.Timestamp = SPLIT, end: pd
     # the base never trains on a market's validation rows: fine-tuning keeps the base (keep_initial)
     # only when it beats the adapter on rows neither has trained on
     held_out = late | np.logical_or.reduce(list(market_late.values()))
-    base = Split(events.select(before & ~held_out), scored(late))
+    base_train = events.select(pretraining & ~held_out)
+    if new_markets:  # the unknown customer's row learns from a random share of the base's rows
+        unknown = np.random.default_rng(54321).random(len(base_train)) < settings.new_id_share
+        base_train.customer = base_train.customer.masked_fill(torch.from_numpy(unknown), UNKNOWN_CUSTOMER)
+    base = Split(base_train, scored(late))
     markets = {}
     for market in MARKETS:
         own = (rows["Country"] == market).to_numpy()
         test_select = own & ~before
+        train_select = own & before & ~market_late[market]
+        valid = scored(market_late[market])
         markets[market] = Split(
-            events.select(own & before & ~market_late[market]),
-            scored(market_late[market]),
-            events.select(test_select),
-            test_customers=customers[test_select],
+            events.select(train_select), valid, events.select(test_select), test_customers=customers[test_select]
         )
+        if new_markets:
+            ids, count = new_id_rows(rows, catalog, train_select)
+            view = ScoredRows(with_customers(events, ids, market_late[market]), valid.negatives)
+            markets[market].new_ids = Split(
+                with_customers(events, ids, train_select), view, with_customers(events, ids, test_select)
+            )
+            markets[market].new_customers = count
     return rows, catalog, base, markets
 
 
@@ -377,15 +436,32 @@ def train_base(seed: int, settings: Settings, catalog: RetailCatalog, base_split
     return base, report
 
 
-def new_lora(base: BasketRanker, settings: Settings):
-    """A copy of ``base`` with a fresh LoRA adapter on LORA_TARGETS."""
+def new_lora(base: BasketRanker, settings: Settings, new_customers: int = 0):
+    """A copy of ``base`` with a fresh LoRA adapter on LORA_TARGETS; with ``new_customers``, on
+    the customer table too, with that many new-id rows (starting as the unknown customer)."""
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, target_modules=LORA_TARGETS)
+    if new_customers:
+        config = LoraConfig(
+            r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            target_modules=[*LORA_TARGETS, "customers"],
+            new_rows={"customers": new_customers},
+            new_id_row=UNKNOWN_CUSTOMER,
+        )
     return trainable_copy(base, Method.LORA, config)
 
 
-def train_lora(base: BasketRanker, split: Split, settings: Settings, seed: int, market: str, progress: bool):
+def train_lora(
+    base: BasketRanker,
+    split: Split,
+    settings: Settings,
+    seed: int,
+    market: str,
+    progress: bool,
+    new_customers: int = 0,
+):
     """A LoRA adapter on a copy of ``base`` (:func:`new_lora`) fitted to one market: (model, fit report)."""
-    lora = new_lora(base, settings)
+    lora = new_lora(base, settings, new_customers)
     report = fit(
         lora,
         split,
@@ -397,10 +473,37 @@ def train_lora(base: BasketRanker, split: Split, settings: Settings, seed: int, 
         make_loss(settings.bpr_weight, settings.bpr_negatives),
         settings.keep_initial,
         seed,
-        f"{market} lora",
+        f"{market} lora" + (" +new ids" if new_customers else ""),
         progress,
     )
     return lora, report
+
+
+def choose_lora(base: BasketRanker, split: Split, settings: Settings, seed: int, market: str, progress: bool):
+    """The LoRA candidates of a market, the one with the best validation AUC kept:
+    (model, its split, its fit report, {candidate: validation and test AUC}). Without new-id
+    rows the one candidate is the default targets; with them (``split.new_ids``) also the
+    customer table with the market's new customers' rows. The test AUCs are reported, never
+    used to choose."""
+    candidates = {"default targets": (split, 0)}
+    if split.new_ids is not None and split.new_customers:
+        candidates["+ customers' new-id rows"] = (split.new_ids, split.new_customers)
+    fitted = {}
+    for name, (rows, count) in candidates.items():
+        model, report = train_lora(base, rows, settings, seed, market, progress, count)
+        fitted[name] = (model, rows, report)
+    chosen = max(fitted, key=lambda name: fitted[name][2]["valid_auc"])
+    summary = {
+        name: {
+            "valid_auc": report["valid_auc"],
+            "test_auc": evaluate(model, rows)["auc"],
+            "new_id_rows": candidates[name][1],
+            "chosen": name == chosen,
+        }
+        for name, (model, rows, report) in fitted.items()
+    }
+    model, rows, report = fitted[chosen]
+    return model, rows, report, summary
 
 
 def tune_market(
@@ -414,8 +517,10 @@ def tune_market(
         "test_rows": len(split.test),
     }
     loss = make_loss(settings.bpr_weight, settings.bpr_negatives)
-    lora, entry["lora_fit"] = train_lora(base, split, settings, seed, market, progress)
-    entry["lora"] = evaluate(lora, split)
+    lora, lora_rows, entry["lora_fit"], entry["lora_candidates"] = choose_lora(
+        base, split, settings, seed, market, progress
+    )
+    entry["lora"] = evaluate(lora, lora_rows)
     adapter_dir = workdir / f"{market}_{seed}"
     lora.save_pretrained(adapter_dir)
     entry["adapter_bytes"] = file_bytes(adapter_dir)
@@ -446,6 +551,8 @@ def draw_test_negatives(seed: int, catalog: RetailCatalog, markets: dict, rows: 
     rng = np.random.default_rng(seed)
     for split in markets.values():
         split.test_negatives = sample_negatives(bought, split.test_customers, NEGATIVES, catalog.num_items, rng)
+        if split.new_ids is not None:  # the same rows: the same draw
+            split.new_ids.test_negatives = split.test_negatives
 
 
 def run_seed(
@@ -479,8 +586,9 @@ def run_seed(
 # report
 
 
-def summarize(per_seed: dict[int, dict]) -> dict:
-    """Per market and overall means over seeds, and the targets met or missed."""
+def summarize(per_seed: dict[int, dict], new_markets: bool = False) -> dict:
+    """Per market and overall means over seeds, and the targets met or missed (``new_markets``:
+    :data:`NEW_MARKET_TARGETS`)."""
     seeds = list(per_seed)
     metrics = ("auc", "hr@10", "ndcg@10", "hr@10_all", "ndcg@10_all")
     markets = {}
@@ -496,6 +604,8 @@ def summarize(per_seed: dict[int, dict]) -> dict:
         model: {m: float(np.mean([markets[k][model][m] for k in MARKETS])) for m in metrics}
         for model in ("base", "lora", "dense")
     }
+    if new_markets:
+        return {"markets": markets, "mean": mean, "targets": new_market_checks(markets, mean)}
     checks = {
         "base_auc >= 0.757": mean["base"]["auc"] >= TARGETS["base_auc"],
         "lora_auc >= 0.770": mean["lora"]["auc"] >= TARGETS["lora_auc"],
@@ -511,6 +621,21 @@ def summarize(per_seed: dict[int, dict]) -> dict:
     return {"markets": markets, "mean": mean, "targets": checks}
 
 
+def new_market_checks(markets: dict, mean: dict) -> dict:
+    gain, slack, share = (
+        NEW_MARKET_TARGETS[k] for k in ("lora_over_base_auc", "lora_under_dense_auc", "adapter_share")
+    )
+    return {
+        f"lora_auc >= base_auc + {gain} in every market": all(
+            markets[k]["lora"]["auc"] >= markets[k]["base"]["auc"] + gain for k in MARKETS
+        ),
+        f"lora_auc >= dense_auc - {slack} (mean)": mean["lora"]["auc"] >= mean["dense"]["auc"] - slack,
+        f"adapter (new-id rows included) <= {100 * share:.0f}% of base checkpoint": all(
+            markets[k]["adapter_share"] <= share for k in MARKETS
+        ),
+    }
+
+
 def table(summary: dict) -> str:
     models = ("base", "lora", "dense")
     head = "".join(f" {m + ' ' + k:>11}" for k in ("AUC", "N@10", "HR@10") for m in models)
@@ -524,7 +649,7 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, path: Path, new_markets: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -539,14 +664,16 @@ def plot(summary: dict, path: Path) -> None:
         x = np.arange(len(names))
         for offset, model in zip((-0.27, 0.0, 0.27), ("base", "lora", "dense")):
             ax.bar(x + offset, [m[model][metric] for m in source], width=0.27, label=model)
-        ref = REFERENCE
-        ax.axhline(ref["lora"][metric], color="gray", linestyle="--", linewidth=0.8, label="reference LoRA (mean)")
+        if not new_markets:
+            ref = REFERENCE["lora"][metric]
+            ax.axhline(ref, color="gray", linestyle="--", linewidth=0.8, label="reference LoRA (mean)")
         ax.set_xticks(x, names, rotation=20)
         ax.set_title(title)
         low = min(m[model][metric] for m in source for model in ("base", "lora", "dense"))
         ax.set_ylim(bottom=max(0.0, low - 0.05) if metric == "auc" else 0.0)
     axes[0].legend(fontsize=8)
-    fig.suptitle("UCI Online Retail: per-country LoRA vs dense fine-tuning (time split 2011-09-01)")
+    what = "markets new to the base" if new_markets else "per-country LoRA vs dense fine-tuning"
+    fig.suptitle(f"UCI Online Retail: {what} (time split 2011-09-01)")
     save_figure(fig, path)
 
 
@@ -563,18 +690,24 @@ def main(argv=None) -> dict:
         help=f"the same protocol on the rows before {SPLIT.date()} only, split at {DEV_SPLIT.date()}: "
         "where the settings were chosen; writes quality_online_retail_dev.json, no plot",
     )
+    parser.add_argument(
+        "--new-markets",
+        action="store_true",
+        help="the six markets are left out of pretraining; LoRA may give their customers new-id rows "
+        "(see the module docstring); writes quality_online_retail_new_markets[_dev].json",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
     settings = Settings()
     start = time.perf_counter()
     split, end = (DEV_SPLIT, SPLIT) if args.dev else (SPLIT, None)
-    rows, catalog, base_split, markets = prepare(args.data, settings, split, end)
+    rows, catalog, base_split, markets = prepare(args.data, settings, split, end, args.new_markets)
     per_seed = {}
     with tempfile.TemporaryDirectory() as workdir:
         for seed in range(args.seeds):
             per_seed[seed] = run_seed(seed, settings, catalog, base_split, markets, rows, Path(workdir), progress)
-    summary = summarize(per_seed)
+    summary = summarize(per_seed, args.new_markets)
     report = {
         "benchmark": "quality_online_retail",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -585,6 +718,8 @@ def main(argv=None) -> dict:
             "customers_before_split": len(catalog.customers),
             "split": str(split.date()),
             "dev": args.dev,
+            "new_markets": args.new_markets,
+            "new_customers": {k: m.new_customers for k, m in markets.items()},
             "source": "Chen, D. (2015). Online Retail. UCI ML Repository, doi:10.24432/C5BW33, CC BY 4.0",
         },
         "settings": asdict(settings),
@@ -594,16 +729,16 @@ def main(argv=None) -> dict:
         "threads": args.threads,
         "machine": platform.machine(),
         "seconds": time.perf_counter() - start,
-        "reference": REFERENCE,
-        "targets": TARGETS,
+        "reference": None if args.new_markets else REFERENCE,
+        "targets": NEW_MARKET_TARGETS if args.new_markets else TARGETS,
         **summary,
         "per_seed": per_seed,
     }
     args.output.mkdir(parents=True, exist_ok=True)
-    name = "quality_online_retail_dev" if args.dev else "quality_online_retail"
+    name = "quality_online_retail" + ("_new_markets" if args.new_markets else "") + ("_dev" if args.dev else "")
     atomic_write_text(args.output / f"{name}.json", json.dumps(report, indent=1) + "\n")
     if not args.dev:
-        plot(summary, args.output / f"{name}.png")
+        plot(summary, args.output / f"{name}.png", args.new_markets)
     print(table(summary))
     print(f"{report['seconds']:.0f} s; wrote {args.output / name}.json")
     return report

@@ -15,7 +15,9 @@ folder; beside an output file as <file>.run.toml): ``--config`` that file to rep
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import math
 import re
 from contextlib import contextmanager
@@ -34,6 +36,7 @@ from recpeft.apps.base_checkpoint import (
 )
 from recpeft.apps.demo_report import figure, print_table, save_report
 from recpeft.apps.run_config import RUN_CONFIG, toml_text
+from recpeft.apps.target_search import chosen_config, ranking_record, ranking_table, search_targets, target_groups
 from recpeft.apps.workflow import Method, SegmentRule, click_metrics, finetune, prepare, pretrain
 from recpeft.datasets.sources import Roles, load_source, resolve_format
 from recpeft.datasets.splits import cut_ns
@@ -438,6 +441,10 @@ def cmd_pretrain(args) -> None:
     )
 
 
+AUTO_TARGETS = "auto"  # --target-modules auto: recpeft.apps.target_search chooses per segment
+TARGET_SEARCH = "target_search.json"  # its ranking, in the adapter's folder
+
+
 def _settle_lora(args, model, schema) -> None:
     """Fill in, on ``args``, the LoRA settings left out: alpha 2r, the model's own targets."""
     if args.lora_alpha is None:
@@ -461,6 +468,9 @@ def _fit_and_save(args, base, data, segment: str, method: Method, out: Path, ext
     with ``extra_files`` in its set: its test metrics, FitReport and size on disk."""
     config = _train_config(args, f"{method.value} {segment}", **FINETUNE, lr=FINETUNE_LR[method.value])
     lora = _lora_config(args) if method is Method.LORA else None
+    if lora is not None and args.target_modules == AUTO_TARGETS:
+        lora, config, search = _search_targets(args, base, data, segment, lora, config)
+        extra_files = {**(extra_files or {}), TARGET_SEARCH: json.dumps(search, indent=1) + "\n"}
     model, report = finetune(base, data, segment, method, train_config=config, lora_config=lora, device=args.device)
     after = click_metrics(model, data.segment_rows("test", segment))
     if method is Method.LORA:
@@ -474,6 +484,26 @@ def _fit_and_save(args, base, data, segment: str, method: Method, out: Path, ext
             save_base(out, model, data.encoder, metrics=metrics, data_source=source, extra_files=extra_files)
         size = checkpoint_bytes(out)
     return {"metrics": after, "report": report, "bytes": size, "lora_config": lora, "train_config": config}
+
+
+def _search_targets(args, base, data, segment: str, lora: LoraConfig, config: TrainConfig):
+    """``--target-modules auto`` (:mod:`recpeft.apps.target_search`): the chosen LoRA config, the
+    training config with the chosen learning rate, and the search as JSON; prints the ranking."""
+    schema = data.encoder.schema
+    groups = target_groups(base, schema.user, schema.item)
+    lora = dataclasses.replace(lora, target_modules=[])  # each probe sets its own
+
+    def run_probe(lora_config, train_config):
+        quiet = dataclasses.replace(train_config, progress=False)
+        _, report = finetune(base, data, segment, Method.LORA, train_config=quiet, lora_config=lora_config,
+                             device=args.device)  # fmt: skip
+        return report.best_scores or {}
+
+    best, ranking = search_targets(groups, lora, config, run_probe)
+    print(f"{segment}: --target-modules auto, probes of 1 epoch on the validation rows, best first:")
+    print(ranking_table(ranking))
+    record = {"segment": segment, **ranking_record(ranking, config.stop_metric, 1)}
+    return chosen_config(best, groups, lora), dataclasses.replace(config, lr=best.lr), record
 
 
 def _methods(args) -> list[Method]:

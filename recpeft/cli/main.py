@@ -367,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="target_modules",
         default=None,
         metavar="NAMES",
-        help="comma-separated module names to adapt (default: the model's own choice: attribute tables and "
-        "every MLP layer)",
+        help="comma-separated module names to adapt, or auto: choose the targets, rank and learning rate "
+        "on the segment's validation rows by short probes (about 2x one fine-tune; the ranking is printed "
+        "and saved as target_search.json) (default: the model's own choice: attribute tables and every MLP layer)",
     )
     fine.set_defaults(run="cmd_finetune")
 

@@ -8,7 +8,7 @@ May import: ``recpeft.datasets`` (the Batch / BatchSource it consumes), ``recpef
 imports ``recpeft.apps`` or ``recpeft.cli``.
 """
 
-from .config import FitReport, TrainConfig
+from .config import FitReport, StopMetric, TrainConfig
 from .lora_adamw import LoraAdamW
 from .memory import training_state_bytes
 from .optimizers import build_optimizers, clip_grad_norm, sparse_gradient_parameters
@@ -20,6 +20,7 @@ __all__ = [
     "LRSchedule",
     "LoraAdamW",
     "Schedule",
+    "StopMetric",
     "TrainConfig",
     "Trainer",
     "auc_metric",

@@ -1,0 +1,85 @@
+"""``--target-modules auto`` (recpeft.apps.target_search): the probes it runs, the budget, the
+choice by the validation metric (AUC higher, LogLoss lower is better), and the command line."""
+
+import json
+
+import pytest
+
+from recpeft.apps.run_config import tomllib
+from recpeft.apps.target_search import TARGET_SETS, Probe, chosen_config, search_targets, stage_two
+from recpeft.cli import main
+from recpeft.peft.config import LoraConfig
+from recpeft.train import TrainConfig
+
+from click_logs import ROLES, write_log
+
+GROUPS = {"attributes": ["t_cat"], "ids": ["t_uid", "t_sku"], "dense_arch": ["d0", "d1"], "over_arch": ["o0", "o1"]}
+
+
+def _scores(lora_config, train_config):
+    """A made-up validation score: best with the over arch and the attribute table at r = 16, η = 1e-3."""
+    targets = set(lora_config.target_modules)
+    auc = 0.6 + 0.05 * ({"o0", "o1"} <= targets) + 0.03 * ("t_cat" in targets) - 0.02 * ("d0" in targets)
+    auc += 0.01 * (lora_config.r == 16) - 0.01 * (train_config.lr > 5e-3)
+    return {"auc": auc, "logloss": 1.0 - auc}
+
+
+def test_the_search_probes_every_set_then_ranks_and_rates_around_the_best():
+    calls = []
+
+    def probe(lora_config, train_config):
+        calls.append((tuple(lora_config.target_modules), lora_config.r, lora_config.lora_alpha, train_config))
+        return _scores(lora_config, train_config)
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=[])
+    config = TrainConfig(epochs=10, lr=3e-3, progress=False)
+    best, ranking = search_targets(GROUPS, lora, config, probe)
+    assert len(calls) == len(TARGET_SETS) + 4  # 9 one-epoch probes: ≤ 2x a 10-epoch fine-tune with the final one
+    assert all(c[3].epochs == 1 for c in calls)
+    assert all(c[2] == 2.0 * c[1] for c in calls)  # α scales with r: s = α/r stays 2
+    assert (best.groups, best.r, best.lr) == (("attributes", "over_arch"), 16, 3e-3)
+    assert [p.valid_auc for p in ranking] == sorted((p.valid_auc for p in ranking), reverse=True)
+    second = calls[len(TARGET_SETS) :]
+    expected = [(2, 3e-3), (16, 3e-3), (4, pytest.approx(1e-3)), (4, pytest.approx(9e-3))]
+    assert [(c[1], c[3].lr) for c in second] == expected
+    chosen = chosen_config(best, GROUPS, lora)
+    assert chosen.target_modules == ["t_cat", "o0", "o1"] and chosen.r == 16 and chosen.lora_alpha == 32
+
+
+def test_logloss_ranks_lower_first():
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=[])
+    config = TrainConfig(epochs=10, lr=3e-3, stop_metric="logloss", progress=False)
+
+    def probe(lora_config, train_config):
+        s = _scores(lora_config, train_config)
+        return {"auc": 1.0 - s["auc"], "logloss": s["logloss"]}  # AUC now says the opposite
+
+    best, ranking = search_targets(GROUPS, lora, config, probe)
+    assert best.groups == ("attributes", "over_arch")
+    assert [p.valid_logloss for p in ranking] == sorted(p.valid_logloss for p in ranking)
+
+
+def test_stage_two_ranks_stay_within_2_to_16():
+    assert sorted({p.r for p in stage_two(Probe(("over_arch",), 16, 1e-3))}) == [8, 16]
+    assert sorted({p.r for p in stage_two(Probe(("over_arch",), 2, 1e-3))}) == [2, 8]
+
+
+def test_finetune_auto_saves_the_ranking_and_the_chosen_targets(tmp_path, capsys):
+    log, base, adapter = tmp_path / "log.csv", tmp_path / "base", tmp_path / "adapter"
+    write_log(log)
+    assert main(["pretrain", str(log), *ROLES, "--output", str(base), "--epochs", "1", "--embedding-dim", "8"]) == 0
+    argv = ["finetune", str(log), *ROLES, "--base", str(base), "--segment", "south", "--epochs", "2"]
+    assert main([*argv, "--target-modules", "auto", "--output", str(adapter)]) == 0
+    out = capsys.readouterr().out
+    assert "--target-modules auto" in out and "valid AUC" in out
+    search = json.loads((adapter / "target_search.json").read_text())
+    assert search["segment"] == "south" and len(search["probes"]) == len(TARGET_SETS) + 4
+    best = search["probes"][0]
+    aucs = [p["valid_auc"] for p in search["probes"]]
+    assert aucs == sorted(aucs, reverse=True)
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert saved["r"] == best["r"]
+    kinds = {"attributes": "sparse_arch", "ids": "sparse_arch", "dense_arch": "dense_arch", "over_arch": "over_arch"}
+    wanted = {kinds[g] for g in best["targets"].split("+")}
+    assert {name.split(".")[0] for name in saved["adapted_modules"]} == wanted
+    assert tomllib.loads((adapter / "run.toml").read_text())["target-modules"] == "auto"
