@@ -232,13 +232,47 @@ def _is_grouped(row_adapter: torch.Tensor) -> bool:
     return row_adapter.numel() < 2 or bool((row_adapter[1:] >= row_adapter[:-1]).all())
 
 
+# A batch that uses this many adapters or more runs the stacked, loop-free ops instead of one
+# Python-level step per adapter (each step costs tens of microseconds of dispatch however few
+# its rows: at 256 adapters on a few hundred rows, nearly all the time), provided the stacked A
+# holds at most STACK_MAX_ELEMENTS entries (a copy of every adapter's A per call: tables of a
+# million rows keep the loop).
+STACK_MIN_ADAPTERS = 8
+STACK_MAX_ELEMENTS = 1 << 22
+
+
+def _adapters_in_batch(ids: torch.Tensor, adapters: list) -> int:
+    """How many of ``adapters`` (not None) the batch's ``ids`` use."""
+    if not ids.numel():
+        return 0
+    used = torch.bincount(ids.to(torch.int64) + 1, minlength=len(adapters) + 1)[1:].nonzero().squeeze(1).tolist()
+    return sum(adapters[a] is not None for a in used)
+
+
+def _stacked(adapters: list[AdapterWeights | None], ids: torch.Tensor, rank_dim_a: int, rank_dim_b: int):
+    """(RoutedStack, A_stack, B_stack) of ``adapters``, ranks zero-padded to the largest."""
+    stack = routed_stack(adapters, ids, rank_dim_a)
+    present = [adapters[i] for i in stack.present]
+    lora_A = padded_stack([a.lora_A for a in present], stack.rank, rank_dim_a)
+    lora_B = padded_stack([a.lora_B for a in present], stack.rank, rank_dim_b)
+    return stack, lora_A, lora_B
+
+
 def segmented_lora_linear(x, weight, bias, adapters: list[AdapterWeights | None], row_adapter):
     """y_i = x_i·Wᵀ + b + s_a·(d(x_i)·A_aᵀ)·B_aᵀ with a = row_adapter[i]; x is [M, K].
 
-    Rows already grouped by adapter are updated in place slice by slice; otherwise each adapter
-    gathers its rows (one sort for the batch), and its delta is added back with index_add.
-    Measured (benchmarks/bench_routing.py, 64 adapters, 8192×512→512, r=16, 2 CPU cores):
-    about 1.6x one merged layer for random order, 1.3x for a grouped batch."""
+    With :data:`STACK_MIN_ADAPTERS` adapters or more in the batch: the stacked op
+    (:func:`segmented_lora_linear_stacked`). Otherwise rows already grouped by adapter are
+    updated in place slice by slice, or each adapter gathers its rows (one sort for the batch)
+    and its delta is added back with index_add. Measured (benchmarks/bench_routing.py, 64
+    adapters, 8192×512→512, r=16, 2 CPU cores): about 1.6x one merged layer for random order,
+    1.3x for a grouped batch (the loop)."""
+    if _adapters_in_batch(row_adapter, adapters) >= STACK_MIN_ADAPTERS:
+        stack, lora_A, lora_B = _stacked(adapters, row_adapter, 0, 1)
+        if lora_A.numel() <= STACK_MAX_ELEMENTS:
+            return segmented_lora_linear_stacked(
+                x, weight, bias, lora_A, lora_B, stack.scales, stack.ids, stack.dropout_p
+            )
     y = F.linear(x, weight, bias)
     grouped = _is_grouped(row_adapter)
     if grouped:
@@ -277,7 +311,20 @@ def select_bags(layout: BagLayout, bags: torch.Tensor, id_rows: torch.Tensor) ->
 def segmented_lora_bag_delta(
     layout: BagLayout, adapters: list[AdapterWeights | None], bag_adapter, out_dim: int, dtype
 ):
-    """delta_j = s_a·(Σ w_i·A_a[i])·B_a with a = bag_adapter[j] (zero for −1): [nb, D]."""
+    """delta_j = s_a·(Σ w_i·A_a[i])·B_a with a = bag_adapter[j] (zero for −1): [nb, D]. With
+    :data:`STACK_MIN_ADAPTERS` adapters or more in the batch, tables small enough to stack
+    (:data:`STACK_MAX_ELEMENTS`), of one V, and no gradient wanted: the stacked op
+    (:func:`segmented_lora_bag_stacked`); else a step per adapter."""
+    present = [a for a in adapters if a is not None]
+    # a stacked table's sparse gradient cannot flow back through the stack: training keeps the
+    # loop (each table its own sparse gradient); inference takes the stack
+    training = torch.is_grad_enabled() and any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in present)
+    small = sum(a.lora_A.numel() for a in present) <= STACK_MAX_ELEMENTS
+    stackable = not training and small and len({a.lora_A.shape[0] for a in present}) == 1
+    if stackable and _adapters_in_batch(bag_adapter, adapters) >= STACK_MIN_ADAPTERS:
+        stack, lora_A, lora_B = _stacked(adapters, bag_adapter, 1, 0)
+        delta = segmented_lora_bag_stacked(layout, lora_A, lora_B, stack.scales, stack.ids)
+        return delta.to(dtype)
     delta = torch.zeros(layout.num_bags, out_dim, dtype=dtype, device=bag_adapter.device)
     id_groups = dict(group_by_adapter(bag_adapter.index_select(0, layout.bag_of_id), len(adapters)))
     empty = layout.ids.new_zeros(0)

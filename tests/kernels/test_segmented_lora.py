@@ -551,3 +551,88 @@ def _abs_routed(layer, inputs, ids):
         out = twin(*(t.cpu() for t in abs_inputs(*inputs)))
     out.pow(2).sum().backward()
     return out.detach(), {n: dense_grad(p.grad) for n, p in twin.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference list forms with many adapters in the batch: the stacked, loop-free branch
+# ---------------------------------------------------------------------------------------------
+
+MANY = reference.STACK_MIN_ADAPTERS + 4
+LINEAR_CASES["many adapters, unequal ranks"] = (60, 14, 11, tuple(1 + a % 5 for a in range(MANY)), ids_random, True)
+
+
+def layout_many_bags(g):
+    """64 weighted bags of 0 to 6 ids: enough bags for every adapter to have some."""
+    lengths = torch.randint(0, 7, (64,), generator=g)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    ids = torch.randint(0, VOCAB, (int(lengths.sum()),), generator=g)
+    return bag_layout(ids, offsets, num_embeddings=VOCAB, per_sample_weights=torch.rand(ids.numel(), generator=g))
+
+
+BAG_CASES["many adapters, unequal ranks"] = (layout_many_bags, tuple(1 + a % 4 for a in range(MANY)), ids_random)
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(reference, name)
+    monkeypatch.setattr(reference, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_the_reference_linear_list_form_stacks_many_adapters(monkeypatch):
+    """≥ STACK_MIN_ADAPTERS adapters in the batch: the list form runs the stacked op (one adapter
+    the layer lacks among them) and still gives each adapter its own gradient."""
+    calls = _spy(monkeypatch, "segmented_lora_linear_stacked")
+    case = linear_case("many adapters, unequal ranks", torch.float32, seed=5)
+    case["ids"] = case["ids"].cpu()
+    expected, bound = linear_expectation(case)
+    x = case["x"].cpu().clone().requires_grad_(True)
+    leaves = [
+        (A.cpu().clone().requires_grad_(True), B.cpu().clone().requires_grad_(True))
+        for A, B in zip(case["As"], case["Bs"])
+    ]
+    adapters = [AdapterWeights(A, B, s) for (A, B), s in zip(leaves, case["scales"])]
+    adapters[3] = None
+    expected["As"][3], expected["Bs"][3] = torch.zeros_like(expected["As"][3]), torch.zeros_like(expected["Bs"][3])
+    keep = (case["ids"] != 3).unsqueeze(1)
+    expected["y"] = torch.where(
+        keep,
+        expected["y"],
+        loop_linear(
+            case["x"].double().cpu(),
+            case["weight"].double().cpu(),
+            case["bias"].double().cpu(),
+            [],
+            [],
+            [],
+            case["ids"],
+        ),
+    )
+    y = reference.segmented_lora_linear(x, case["weight"].cpu(), case["bias"].cpu(), adapters, case["ids"])
+    y.backward(case["grad_y"].cpu())
+    assert calls, "the stacked op did not run"
+    got = {"y": y, "x": x.grad, "As": [A.grad for A, _ in leaves], "Bs": [B.grad for _, B in leaves]}
+    check("y", got["y"], expected["y"], bound["y"], roundings(torch.float32, 60, 14, 11, 5), torch.float32)
+    check_adapter_grads(got, expected, bound, roundings(torch.float32, 60, 14, 11, 5), torch.float32)
+
+
+def test_the_reference_bag_list_form_stacks_many_adapters_when_no_gradient_is_wanted(monkeypatch):
+    """Serving (no gradient): the stacked op; training: the loop, each table its own sparse
+    gradient (a sparse gradient cannot flow back through the stack). Both give the loop's values."""
+    calls = _spy(monkeypatch, "segmented_lora_bag_stacked")
+    case = bag_case("many adapters, unequal ranks", torch.float32, seed=6)
+    expected, bound = bag_expectation(case)
+    tables = [A.clone().requires_grad_(True) for A in case["As"]]
+    adapters = [AdapterWeights(A, B, s) for A, B, s in zip(tables, case["Bs"], case["scales"])]
+    longest = int(torch.bincount(case["layout"].bag_of_id, minlength=1).max())
+    n = roundings(torch.float32, longest, 4, DIM, case["layout"].num_bags)
+    delta = lambda: reference.segmented_lora_bag_delta(case["layout"], adapters, case["ids"], DIM, torch.float32)  # noqa: E731
+    with torch.no_grad():
+        served = case["base"] + delta()
+    assert len(calls) == 1, "the stacked op did not run"
+    check("served", served, expected["out"], bound["out"], n, torch.float32)
+    trained = case["base"] + delta()
+    assert len(calls) == 1, "training took the stack"
+    check("trained", trained, expected["out"], bound["out"], n, torch.float32)
+    trained.backward(case["grad"])
+    assert all(t.grad is None or t.grad.is_sparse for t in tables)

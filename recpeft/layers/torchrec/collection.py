@@ -135,6 +135,13 @@ class LoraCollectionLayer(LoraLayer):
         the other samples get zero."""
         raise NotImplementedError
 
+    def segmented_deltas(
+        self, features: KeyedJaggedTensor, sample_adapter: torch.Tensor, routing
+    ) -> dict[str, torch.Tensor] | None:
+        """The routed deltas in one segmented call per adapted feature (every routed adapter at
+        once), or None where this collection computes them adapter by adapter (the default)."""
+        return None
+
     # ---- parts (tables) ------------------------------------------------------------------------
 
     @classmethod
@@ -278,6 +285,9 @@ class LoraCollectionLayer(LoraLayer):
             if features.variable_stride_per_key():
                 raise ValueError(f"{self.module_name}: per-sample routing needs one stride (batch) for every key")
             sample_adapter = routing.row_adapter(self.module_name, features.stride(), 1, features.values().device)
+            segmented = self.segmented_deltas(features, sample_adapter, routing)
+            if segmented is not None:
+                return segmented
             runs = [
                 (name, sample_adapter == index)
                 for index, name in enumerate(routing.adapter_names)

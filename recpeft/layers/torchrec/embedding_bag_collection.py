@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from recpeft.kernels import AdapterWeights, bag_layout, dispatch
 
 from .collection import LoraCollectionLayer, keep_samples, resolved
 
@@ -60,6 +63,51 @@ class LoraEmbeddingBagCollection(LoraCollectionLayer):
         pieces = base.values().split(base.length_per_key(), dim=1)
         values = torch.cat([p + deltas[k] if k in deltas else p for k, p in zip(base.keys(), pieces)], dim=1)
         return KeyedTensor(keys=base.keys(), length_per_key=base.length_per_key(), values=values)
+
+    def segmented_deltas(self, features, sample_adapter, routing):
+        """Per adapted feature f of table t, one :func:`~recpeft.kernels.dispatch.segmented_lora_bag_delta`
+        over its bags with every routed adapter's (A_t, B_t, s_t) — sample j through adapter
+        a_j — instead of a lookup per adapter over the whole batch. None when a table is sharded
+        (its rows live in other processes: the per-adapter lookups then)."""
+        names = [n for n in routing.adapter_names if self.has_adapter(n)]
+        tables = {f.table for n in names for f in self.lookups[n]}
+        weights = {(n, t): self.adapter_table(n, t) for n in names for t in self.tables(n)}
+        if any(not isinstance(w, torch.Tensor) or type(w) is not torch.nn.Parameter for w in weights.values()):
+            return None
+        configs = {c.name: c for c in self.table_configs(self.base_layer)}
+        deltas = {}
+        for table in sorted(tables):
+            config = configs[table]
+            per_adapter = [
+                AdapterWeights(weights[n, table], self.lora_B[n][table], self.scaling[n][table], 0.0)
+                if self.has_adapter(n) and table in self.lora_B[n]
+                else None
+                for n in routing.adapter_names
+            ]
+            mode = "mean" if config.pooling == PoolingType.MEAN else "sum"
+            for feature, base_key in zip(config.feature_names, self._base_keys[table]):
+                bags = features[feature]
+                layout = bag_layout(
+                    bags.values(),
+                    bags.offsets(),
+                    num_embeddings=config.num_embeddings,
+                    mode=mode,
+                    per_sample_weights=bags.weights_or_none(),
+                    include_last_offset=True,
+                    weight_dtype=next(a.lora_A.dtype for a in per_adapter if a is not None),
+                    table_name=f"{self.module_name}.{table}",
+                    validate=False,  # the base lookup has read every id already
+                )
+                deltas[base_key] = dispatch.segmented_lora_bag_delta(
+                    layout, per_adapter, sample_adapter, config.embedding_dim, torch.float32
+                )
+        return deltas
+
+    @property
+    def _base_keys(self) -> dict[str, list[str]]:
+        """Table → its features' keys in the base collection's output."""
+        configs = self.table_configs(self.base_layer)
+        return dict(zip([c.name for c in configs], get_embedding_names_by_table(configs)))
 
     def adapter_deltas(self, adapter, features, keep):
         """Per feature s_t·(pooled A_t)·B_t [B, D]; a sample outside ``keep`` pools an empty bag."""
