@@ -507,10 +507,15 @@ def _search_targets(args, base, data, segment: str, lora: LoraConfig, config: Tr
 
 
 def _methods(args) -> list[Method]:
-    """The --method value as methods; both at once only with --segments."""
+    """The --method value as methods; both at once only with --segments; --joint needs LoRA and
+    --segments (and a fixed --target-modules: one config serves every segment)."""
     methods = [Method(m) for m in args.method.split(",")]
     if len(methods) > 1 and args.segments is None:
         raise ValueError(f"--method {args.method} trains both side by side: give --segments (one: --segments S)")
+    if args.joint and (args.segments is None or Method.LORA not in methods):
+        raise ValueError("--joint trains several segments' LoRA adapters together: give --segments and --method lora")
+    if args.joint and args.target_modules == AUTO_TARGETS:
+        raise ValueError("--joint trains one LoRA config for every segment: give --target-modules names, not auto")
     return methods
 
 
@@ -599,13 +604,17 @@ def _finetune_segments(args, base, encoder, methods: list[Method], out: Path) ->
     _check_folders(segments, methods)
     left_out = _segment_rule(args).left_out(data.split)
     rows, configs = [], {}
+    joint = _finetune_jointly(args, base, data, segments, out) if args.joint else {}
     bar = tqdm(total=len(segments) * len(methods), desc="segments", unit="model", disable=args.quiet)
     for segment in segments:
         row = segment_row(base, data, segment, left_out.get(segment))
         for method in methods:
             bar.set_postfix_str(f"{method.value} {segment}")
             folder = _segment_folder(segment, method)
-            done = _fit_and_save(args, base, data, segment, method, out / folder)
+            if method is Method.LORA and joint:
+                done = joint[segment]
+            else:
+                done = _fit_and_save(args, base, data, segment, method, out / folder)
             row.update(_method_fields(method, done, folder))
             configs[method.value] = {"train": done["train_config"].to_dict(), "lora": done["lora_config"]}
             bar.update()
@@ -618,10 +627,46 @@ def _finetune_segments(args, base, encoder, methods: list[Method], out: Path) ->
         "methods": [m.value for m in methods],
         "settings": {m: {**c, "lora": c["lora"].to_dict() if c["lora"] else None} for m, c in configs.items()},
         "left_out_of_pretraining": left_out,
+        "joint": bool(args.joint),
     }
     with _writing("the summary", out):
         summarise(out, rows, context)
         atomic_write_text(out / RUN_CONFIG, _run_file(args)[RUN_CONFIG])
+
+
+def _finetune_jointly(args, base, data, segments: list[str], out: Path) -> dict[str, dict]:
+    """``--joint``: every segment's adapter in one run (:mod:`recpeft.apps.joint`), each saved to
+    ``out/<segment>/``; per segment what :func:`_fit_and_save` returns (the shared run's report,
+    with the segment's own kept epoch and validation history)."""
+    from recpeft.apps.joint import finetune_jointly
+
+    if "default" in segments:
+        raise ValueError("--joint: a segment named 'default' cannot have an adapter folder of its own; drop --joint")
+    config = _train_config(args, "joint", **FINETUNE, lr=FINETUNE_LR[Method.LORA.value])
+    lora = _lora_config(args)
+    model, result = finetune_jointly(base, data, segments, lora_config=lora, train_config=config, device=args.device)
+    report, done = result["report"], {}
+    for segment in segments:
+        model.set_adapter(segment)
+        with _writing("the adapter", out / segment):
+            model.save_pretrained(out, selected_adapters=[segment], extra_files=base_fingerprint_files(args.base))
+        history = [
+            {"epoch": h["epoch"], "valid_auc": h[segment]["auc"], "valid_logloss": h[segment]["logloss"]}
+            for h in result["history"]
+        ]
+        own = dataclasses.replace(report, best_epoch=result["best_epoch"][segment], history=history)
+        done[segment] = {
+            "metrics": click_metrics(model, data.segment_rows("test", segment)),
+            "report": own,
+            "bytes": (out / segment / "adapter_model.safetensors").stat().st_size,
+            "lora_config": lora,
+            "train_config": config,
+        }
+    print(
+        f"joint: {len(segments)} adapters in one run of {report.epochs_run} epochs, {report.seconds:.1f} s; "
+        "kept epochs " + ", ".join(f"{s} {result['best_epoch'][s]}" for s in segments)
+    )
+    return done
 
 
 def _method_fields(method: Method, done: dict, folder: str) -> dict:

@@ -344,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output/<segment>/ per LoRA adapter, --output/<segment>-dense/ per dense copy, and a summary "
         "(summary.json, summary.png)",
     )
+    fine.add_argument(
+        "--joint",
+        action="store_true",
+        help="with --segments: train every segment's LoRA adapter in one pass over their mixed rows, each row "
+        "routed to its own segment's adapter, with early stopping per segment (dense copies still train one by one)",
+    )
     _output_argument(
         fine,
         "folder for the adapter (or, with --method dense, the copy; with --segments, for all of them) and run.toml",
