@@ -51,8 +51,9 @@ class _PerSegmentStopping:
         self.initial = config.keep_initial
 
     def parameters(self, segment: str) -> list[nn.Parameter]:
-        return [p for h in self.model.adapter_holders().values() if segment in h.adapter_names()
-                for p in h.adapter_parameters(segment)]  # fmt: skip
+        """The segment's adapter's parameters, in every module that holds it."""
+        holders = [h for h in self.model.adapter_holders().values() if segment in h.adapter_names()]
+        return [p for h in holders for p in h.adapter_parameters(segment)]
 
     def score(self, segment: str) -> dict:
         """The segment's adapter on the segment's validation rows (each row routed to it)."""
