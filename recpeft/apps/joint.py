@@ -4,7 +4,8 @@ segments' mixed rows, each row routed to its own segment's adapter.
 One PeftModel holds an adapter per segment (the same LoraConfig), and one Trainer run steps over
 the union of the segments' training rows in a shuffled order, each batch routed per sample
 (``adapter_ids``): a row's gradient reaches only its own segment's adapter, so each adapter
-follows its own rows, as in a run of its own, while the base's frozen work is shared.
+follows its own rows, as in a run of its own, while the base's frozen work is shared. A joint
+batch holds ``batch_size`` × (number of segments) rows, ``batch_size`` per segment on average.
 
 Early stopping is per segment, as in separate runs: after every epoch each segment's adapter is
 scored on that segment's validation rows alone (the run's stop metric, AUC or LogLoss); a
@@ -128,8 +129,18 @@ def finetune_jointly(
     if missing:
         raise ValueError(f"--joint: segments {missing} have no validation rows to stop on")
     stopping = _PerSegmentStopping(model, valid, train_config)
-    # the Trainer follows the count of segment improvements: no δ there (each segment has its own)
-    config = dataclasses.replace(train_config, stop_metric=StopMetric.AUC, min_improvement=0.0, desc="joint")
+    # the Trainer follows the count of segment improvements: no δ there (each segment has its own);
+    # a joint batch holds batch_size rows per segment on average, so an adapter takes about as
+    # many optimizer steps per epoch as in a run of its own (Adam's step size does not shrink
+    # with the rows a step sees: batches of batch_size mixed rows would give each adapter
+    # n_segments times the steps, and an epoch, the early-stopping grain, too many of them)
+    config = dataclasses.replace(
+        train_config,
+        stop_metric=StopMetric.AUC,
+        min_improvement=0.0,
+        batch_size=train_config.batch_size * len(segments),
+        desc="joint",
+    )
     trainer = Trainer(model, config, metric_fn=stopping, metric_mode="max", device=device)
     report = trainer.fit(train, next(iter(valid.values())), resume=False)
     stopping.restore()
