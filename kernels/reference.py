@@ -232,13 +232,25 @@ def _is_grouped(row_adapter: torch.Tensor) -> bool:
     return row_adapter.numel() < 2 or bool((row_adapter[1:] >= row_adapter[:-1]).all())
 
 
-# A batch that uses this many adapters or more runs the stacked, loop-free ops instead of one
-# Python-level step per adapter (each step costs tens of microseconds of dispatch however few
-# its rows: at 256 adapters on a few hundred rows, nearly all the time), provided the stacked A
-# holds at most STACK_MAX_ELEMENTS entries (a copy of every adapter's A per call: tables of a
-# million rows keep the loop).
-STACK_MIN_ADAPTERS = 8
-STACK_MAX_ELEMENTS = 1 << 22
+# Many adapters, few rows each (a serving batch of a few hundred rows over hundreds of adapters):
+# the loop's one Python-level step per adapter, tens of microseconds of dispatch however few its
+# rows, is then nearly all the time. Each row can instead gather its own adapter's factors from
+# the padded stacks (BGMV, as Punica's kernels do on a GPU), both products running as one batched
+# matmul of M tiny products:
+#     u_m = A_{a_m}·d(x_m)  (bmm over [M, R, K] × [M, K, 1]),  y_m += s_{a_m}·B_{a_m}·u_m
+# which gathers M·R·(K + N) weights. Measured on one CPU thread (M, K = N, r, adapters): the
+# gather won from 256×64 r4 ×256 (1.9 against 6.1 ms) to 512×128 r4 ×64 (2.1 against 2.7 ms) and
+# lost from 1024×64 r4 ×16 (1.6 against 1.0 ms) to 2048×128 r8 ×64 (14 against 5 ms): it pays
+# while the gathered weights stay under about GATHER_PER_ADAPTER per adapter in the batch (the
+# break-even of those runs, about 10k), and from GATHER_MIN_ADAPTERS adapters on.
+GATHER_MIN_ADAPTERS = 8
+GATHER_PER_ADAPTER = 8192
+GATHER_MAX_ELEMENTS = 1 << 24  # and never more than this many gathered weights (64 MB of fp32)
+
+
+def _gathers(work: int, used: int) -> bool:
+    """Whether gathering ``work`` weights beats a loop over ``used`` adapters (see above)."""
+    return used >= GATHER_MIN_ADAPTERS and work <= min(GATHER_PER_ADAPTER * used, GATHER_MAX_ELEMENTS)
 
 
 def _adapters_in_batch(ids: torch.Tensor, adapters: list) -> int:
@@ -249,7 +261,7 @@ def _adapters_in_batch(ids: torch.Tensor, adapters: list) -> int:
     return sum(adapters[a] is not None for a in used)
 
 
-def _stacked(adapters: list[AdapterWeights | None], ids: torch.Tensor, rank_dim_a: int, rank_dim_b: int):
+def _stacks(adapters: list[AdapterWeights | None], ids: torch.Tensor, rank_dim_a: int, rank_dim_b: int):
     """(RoutedStack, A_stack, B_stack) of ``adapters``, ranks zero-padded to the largest."""
     stack = routed_stack(adapters, ids, rank_dim_a)
     present = [adapters[i] for i in stack.present]
@@ -258,21 +270,54 @@ def _stacked(adapters: list[AdapterWeights | None], ids: torch.Tensor, rank_dim_
     return stack, lora_A, lora_B
 
 
+def _gathered_linear(y, x, adapters, row_adapter):
+    """y + s_a·B_a·A_a·d(x) per row, each row gathering its adapter's factors (see above)."""
+    stack, lora_A, lora_B = _stacks(adapters, row_adapter, 0, 1)  # [n, R, K], [n, N, R]
+    rows = (stack.ids >= 0).nonzero().squeeze(1)
+    owner = stack.ids.index_select(0, rows)
+    x_rows = x.index_select(0, rows)
+    if stack.dropout_p is not None:
+        keep = (1.0 - stack.dropout_p.to(x.dtype)).index_select(0, owner)[:, None].expand_as(x_rows)
+        x_rows = x_rows * (torch.bernoulli(keep) / keep)
+    u = torch.bmm(lora_A.index_select(0, owner), x_rows.unsqueeze(2))  # [m, R, 1]
+    u = u * stack.scales.to(x.dtype).index_select(0, owner)[:, None, None]
+    return y.index_add(0, rows, torch.bmm(lora_B.index_select(0, owner), u).squeeze(2))
+
+
+def _gathered_bag_delta(layout: BagLayout, adapters, bag_adapter, dtype):
+    """s_a·B_a·(Σ w_i·A_a[i]) per bag, each bag pooling from its own adapter's table and
+    gathering its B (tables of one V, stacked; see above). [nb, D]."""
+    stack, lora_A, lora_B = _stacks(adapters, bag_adapter, 1, 0)  # [n, V, R], [n, R, D]
+    n, vocab, rank = lora_A.shape
+    owner_of_id = stack.ids.index_select(0, layout.bag_of_id)
+    kept = (owner_of_id >= 0).nonzero().squeeze(1)
+    flat = owner_of_id.index_select(0, kept) * vocab + layout.ids.index_select(0, kept)
+    weights = layout.weights.index_select(0, kept) if layout.weights is not None else None
+    bags = layout.bag_of_id.index_select(0, kept)
+    pooled = torch.zeros(layout.num_bags, rank, dtype=lora_A.dtype, device=lora_A.device)
+    rows = lora_A.reshape(n * vocab, rank).index_select(0, flat)
+    pooled.index_add_(0, bags, rows if weights is None else rows * weights.to(rows.dtype)[:, None])
+    routed = (stack.ids >= 0).nonzero().squeeze(1)
+    owner = stack.ids.index_select(0, routed)
+    u = pooled.index_select(0, routed) * stack.scales.to(pooled.dtype).index_select(0, owner)[:, None]
+    delta = torch.zeros(layout.num_bags, lora_B.shape[2], dtype=dtype, device=lora_B.device)
+    return delta.index_add_(0, routed, torch.bmm(u.unsqueeze(1), lora_B.index_select(0, owner)).squeeze(1).to(dtype))
+
+
 def segmented_lora_linear(x, weight, bias, adapters: list[AdapterWeights | None], row_adapter):
     """y_i = x_i·Wᵀ + b + s_a·(d(x_i)·A_aᵀ)·B_aᵀ with a = row_adapter[i]; x is [M, K].
 
-    With :data:`STACK_MIN_ADAPTERS` adapters or more in the batch: the stacked op
-    (:func:`segmented_lora_linear_stacked`). Otherwise rows already grouped by adapter are
-    updated in place slice by slice, or each adapter gathers its rows (one sort for the batch)
-    and its delta is added back with index_add. Measured (benchmarks/bench_routing.py, 64
-    adapters, 8192×512→512, r=16, 2 CPU cores): about 1.6x one merged layer for random order,
-    1.3x for a grouped batch (the loop)."""
-    if _adapters_in_batch(row_adapter, adapters) >= STACK_MIN_ADAPTERS:
-        stack, lora_A, lora_B = _stacked(adapters, row_adapter, 0, 1)
-        if lora_A.numel() <= STACK_MAX_ELEMENTS:
-            return segmented_lora_linear_stacked(
-                x, weight, bias, lora_A, lora_B, stack.scales, stack.ids, stack.dropout_p
-            )
+    With many adapters in the batch and few rows each (:func:`_gathers`): each row gathers its
+    own adapter's factors (BGMV). Otherwise
+    rows already grouped by adapter are updated in place slice by slice, or each adapter gathers
+    its rows (one sort for the batch) and its delta is added back with index_add. Measured
+    (benchmarks/bench_routing.py, 64 adapters, 8192×512→512, r=16, 2 CPU cores): about 1.6x one
+    merged layer for random order, 1.3x for a grouped batch (the loop)."""
+    present = [a for a in adapters if a is not None]
+    if len(present) >= GATHER_MIN_ADAPTERS:
+        work = x.shape[0] * max(a.lora_A.shape[0] for a in present) * (x.shape[1] + weight.shape[0])
+        if _gathers(work, _adapters_in_batch(row_adapter, adapters)):
+            return _gathered_linear(F.linear(x, weight, bias), x, adapters, row_adapter)
     y = F.linear(x, weight, bias)
     grouped = _is_grouped(row_adapter)
     if grouped:
@@ -312,19 +357,17 @@ def segmented_lora_bag_delta(
     layout: BagLayout, adapters: list[AdapterWeights | None], bag_adapter, out_dim: int, dtype
 ):
     """delta_j = s_a·(Σ w_i·A_a[i])·B_a with a = bag_adapter[j] (zero for −1): [nb, D]. With
-    :data:`STACK_MIN_ADAPTERS` adapters or more in the batch, tables small enough to stack
-    (:data:`STACK_MAX_ELEMENTS`), of one V, and no gradient wanted: the stacked op
-    (:func:`segmented_lora_bag_stacked`); else a step per adapter."""
+    many adapters in the batch and few bags each (:func:`_gathers`), tables of one V small
+    enough to stack (:data:`GATHER_MAX_ELEMENTS`) and no gradient wanted: each bag pools from
+    its own adapter's table and gathers its B (BGMV); else a step per adapter."""
     present = [a for a in adapters if a is not None]
-    # a stacked table's sparse gradient cannot flow back through the stack: training keeps the
-    # loop (each table its own sparse gradient); inference takes the stack
+    # a table's gradient stays sparse (its looked-up rows) only in the loop: training keeps it
     training = torch.is_grad_enabled() and any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in present)
-    small = sum(a.lora_A.numel() for a in present) <= STACK_MAX_ELEMENTS
-    stackable = not training and small and len({a.lora_A.shape[0] for a in present}) == 1
-    if stackable and _adapters_in_batch(bag_adapter, adapters) >= STACK_MIN_ADAPTERS:
-        stack, lora_A, lora_B = _stacked(adapters, bag_adapter, 1, 0)
-        delta = segmented_lora_bag_stacked(layout, lora_A, lora_B, stack.scales, stack.ids)
-        return delta.to(dtype)
+    if not training and len(present) >= GATHER_MIN_ADAPTERS and len({a.lora_A.shape[0] for a in present}) == 1:
+        stacked = sum(a.lora_A.numel() for a in present)  # the tables side by side, once per call
+        work = layout.num_bags * max(a.lora_A.shape[1] for a in present) * out_dim + layout.ids.numel()
+        if stacked <= GATHER_MAX_ELEMENTS and _gathers(work, _adapters_in_batch(bag_adapter, adapters)):
+            return _gathered_bag_delta(layout, adapters, bag_adapter, dtype)
     delta = torch.zeros(layout.num_bags, out_dim, dtype=dtype, device=bag_adapter.device)
     id_groups = dict(group_by_adapter(bag_adapter.index_select(0, layout.bag_of_id), len(adapters)))
     empty = layout.ids.new_zeros(0)

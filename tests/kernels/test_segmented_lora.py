@@ -554,10 +554,10 @@ def _abs_routed(layer, inputs, ids):
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference list forms with many adapters in the batch: the stacked, loop-free branch
+# The reference list forms with many adapters in the batch: each row gathers its own (BGMV)
 # ---------------------------------------------------------------------------------------------
 
-MANY = reference.STACK_MIN_ADAPTERS + 4
+MANY = reference.GATHER_MIN_ADAPTERS + 4
 LINEAR_CASES["many adapters, unequal ranks"] = (60, 14, 11, tuple(1 + a % 5 for a in range(MANY)), ids_random, True)
 
 
@@ -579,10 +579,10 @@ def _spy(monkeypatch, name):
     return calls
 
 
-def test_the_reference_linear_list_form_stacks_many_adapters(monkeypatch):
-    """≥ STACK_MIN_ADAPTERS adapters in the batch: the list form runs the stacked op (one adapter
-    the layer lacks among them) and still gives each adapter its own gradient."""
-    calls = _spy(monkeypatch, "segmented_lora_linear_stacked")
+def test_the_reference_linear_list_form_gathers_with_many_adapters(monkeypatch):
+    """≥ GATHER_MIN_ADAPTERS adapters in a small batch: the list form gathers each row's factors
+    (one adapter the layer lacks among them) and still gives each adapter its own gradient."""
+    calls = _spy(monkeypatch, "_gathered_linear")
     case = linear_case("many adapters, unequal ranks", torch.float32, seed=5)
     case["ids"] = case["ids"].cpu()
     expected, bound = linear_expectation(case)
@@ -610,16 +610,16 @@ def test_the_reference_linear_list_form_stacks_many_adapters(monkeypatch):
     )
     y = reference.segmented_lora_linear(x, case["weight"].cpu(), case["bias"].cpu(), adapters, case["ids"])
     y.backward(case["grad_y"].cpu())
-    assert calls, "the stacked op did not run"
+    assert calls, "the gathering branch did not run"
     got = {"y": y, "x": x.grad, "As": [A.grad for A, _ in leaves], "Bs": [B.grad for _, B in leaves]}
     check("y", got["y"], expected["y"], bound["y"], roundings(torch.float32, 60, 14, 11, 5), torch.float32)
     check_adapter_grads(got, expected, bound, roundings(torch.float32, 60, 14, 11, 5), torch.float32)
 
 
-def test_the_reference_bag_list_form_stacks_many_adapters_when_no_gradient_is_wanted(monkeypatch):
-    """Serving (no gradient): the stacked op; training: the loop, each table its own sparse
-    gradient (a sparse gradient cannot flow back through the stack). Both give the loop's values."""
-    calls = _spy(monkeypatch, "segmented_lora_bag_stacked")
+def test_the_reference_bag_list_form_gathers_with_many_adapters_when_no_gradient_is_wanted(monkeypatch):
+    """Serving (no gradient): each bag pools from its own adapter's stacked table; training: the
+    loop, each table its own sparse gradient. Both give the loop's values."""
+    calls = _spy(monkeypatch, "_gathered_bag_delta")
     case = bag_case("many adapters, unequal ranks", torch.float32, seed=6)
     expected, bound = bag_expectation(case)
     tables = [A.clone().requires_grad_(True) for A in case["As"]]
@@ -629,10 +629,10 @@ def test_the_reference_bag_list_form_stacks_many_adapters_when_no_gradient_is_wa
     delta = lambda: reference.segmented_lora_bag_delta(case["layout"], adapters, case["ids"], DIM, torch.float32)  # noqa: E731
     with torch.no_grad():
         served = case["base"] + delta()
-    assert len(calls) == 1, "the stacked op did not run"
+    assert len(calls) == 1, "the gathering branch did not run"
     check("served", served, expected["out"], bound["out"], n, torch.float32)
     trained = case["base"] + delta()
-    assert len(calls) == 1, "training took the stack"
+    assert len(calls) == 1, "training gathered"
     check("trained", trained, expected["out"], bound["out"], n, torch.float32)
     trained.backward(case["grad"])
     assert all(t.grad is None or t.grad.is_sparse for t in tables)
