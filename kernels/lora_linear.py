@@ -501,15 +501,15 @@ FORWARD_CONFIGS = [
 ]
 GRAD_X_CONFIGS = [
     _gemm_config(128, 128, 64, 8, 3),
-    _gemm_config(128, 64, 64, 4, 4),
+    _gemm_config(128, 64, 64, 8, 4),  # 4 warps spilled up to 848 B at r = 64 (folded v, dropout)
     _gemm_config(64, 128, 64, 4, 4),
     _gemm_config(64, 64, 32, 4, 3),
 ]
 # Skinny-products kernel: 32-row blocks keep M=8192 at 256 programs (two per SM); larger blocks
-# halve the atomic adds per row.
+# halve the atomic adds per row. 8 warps: with 4 the 128-wide column tiles spilled at r = 64.
 SKINNY_PRODUCTS_CONFIGS = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_C": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_C": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_C": 64}, num_warps=8, num_stages=3),
 ]
 # The interpreter cannot time configs (autotune needs a GPU driver then) and is slow on big
@@ -582,7 +582,9 @@ def shared_memory_estimate(name: str, config: triton.Config, dtype: torch.dtype,
     or num_stages − 1 times (float32), plus scratch for the layout conversions: float32
     [BLOCK_M, R_PAD] tiles (s·u; s·v too in the folded dX GEMM) and the transposed dY tile of
     dB — [BLOCK_M, BLOCK_C] float32 in the skinny-products kernel, [BLOCK_M, BLOCK_N] in the
-    folded dX GEMM. Fitted to, and an upper bound of, ``metadata.shared`` of
+    folded dX GEMM; for the forward, at least the epilogue's operands of s·u·Bᵀ (u float32
+    [BLOCK_M, R_PAD] and the B tile [BLOCK_N, R_PAD]: 96 KB of the FMA tiles' 64×128 at R_PAD
+    128). Fitted to, and an upper bound of, ``metadata.shared`` of
     every variant kernels/aot.py compiles (its table has both; its gate checks the bound)."""
     r_pad, block_m = meta["R_PAD"], config.kwargs["BLOCK_M"]
     folded = bool(meta.get("FOLD_SHRINK", False) or meta.get("FOLD_V", False))
@@ -593,7 +595,10 @@ def shared_memory_estimate(name: str, config: triton.Config, dtype: torch.dtype,
         scratch += block_m * config.kwargs["BLOCK_C"] * 4
     elif name == "grad_x" and folded:  # s·u beside s·v, and dYᵀ
         scratch += block_m * r_pad * 4 + block_m * config.kwargs["BLOCK_N"] * element
-    return _loop_tile_elements(name, config.kwargs, r_pad, folded) * element * buffers + scratch
+    loop = _loop_tile_elements(name, config.kwargs, r_pad, folded) * element * buffers + scratch
+    if name == "forward":  # the epilogue's s·u·Bᵀ stages u and the B tile, reusing the loop's buffers
+        return max(loop, block_m * r_pad * 4 + config.kwargs["BLOCK_N"] * r_pad * element)
+    return loop
 
 
 def tuning_space(name: str, meta: dict) -> list:

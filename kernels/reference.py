@@ -261,13 +261,30 @@ def _adapters_in_batch(ids: torch.Tensor, adapters: list) -> int:
     return sum(adapters[a] is not None for a in used)
 
 
+# Stacks built without autograd, by the identity and version of every factor: a serving loop
+# routes the same adapters call after call, and an in-place update (training, a load) bumps a
+# tensor's version, so a changed factor is never served from here. Each entry keeps its factors
+# alive, so their ids cannot pass to new tensors while it stands.
+_STACKS: dict[tuple, tuple[list, torch.Tensor, torch.Tensor]] = {}
+_STACKS_KEPT = 32
+
+
 def _stacks(adapters: list[AdapterWeights | None], ids: torch.Tensor, rank_dim_a: int, rank_dim_b: int):
     """(RoutedStack, A_stack, B_stack) of ``adapters``, ranks zero-padded to the largest."""
     stack = routed_stack(adapters, ids, rank_dim_a)
     present = [adapters[i] for i in stack.present]
-    lora_A = padded_stack([a.lora_A for a in present], stack.rank, rank_dim_a)
-    lora_B = padded_stack([a.lora_B for a in present], stack.rank, rank_dim_b)
-    return stack, lora_A, lora_B
+    tensors = [t for a in present for t in (a.lora_A, a.lora_B)]
+    cached = not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+    key = (rank_dim_a, rank_dim_b, *((id(t), t._version) for t in tensors)) if cached else None
+    if key is None or key not in _STACKS:
+        lora_A = padded_stack([a.lora_A for a in present], stack.rank, rank_dim_a)
+        lora_B = padded_stack([a.lora_B for a in present], stack.rank, rank_dim_b)
+        if key is None:
+            return stack, lora_A, lora_B
+        if len(_STACKS) >= _STACKS_KEPT:
+            _STACKS.clear()
+        _STACKS[key] = (tensors, lora_A, lora_B)
+    return (stack, *_STACKS[key][1:])
 
 
 def _gathered_linear(y, x, adapters, row_adapter):

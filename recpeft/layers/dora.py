@@ -165,6 +165,8 @@ class DoraLayer:
 
     def refuse_dora_routing(self, routing: Routing) -> None:
         """Raise ValueError when ``routing`` sends samples through a DoRA adapter held here."""
+        if not len(self.lora_magnitude_vector):  # no DoRA adapter here: nothing to look up
+            return
         dora_routed = [n for n in routing.adapter_names if self.has_adapter(n) and self.is_dora(n)]
         if dora_routed:
             raise ValueError(

@@ -94,10 +94,12 @@ class LoraLinear(dora.DoraLayer, LoraWeightLayer):
         if x.dim() < 2:
             raise ValueError(f"{self.module_name}: per-sample routing needs input [B, ..., K], got {tuple(x.shape)}")
         row_adapter = routing.row_adapter(self.module_name, x.shape[0], math.prod(x.shape[1:-1]), x.device)
-        adapters = [
-            a if a is None else dataclasses.replace(a, lora_A=cast(a.lora_A), lora_B=cast(a.lora_B))
-            for a in self.routed_adapters(routing)
-        ]
+        adapters = self.routed_adapters(routing)
+        if x.dtype != weight.dtype or any(a is not None and a.lora_A.dtype != x.dtype for a in adapters):
+            adapters = [
+                a if a is None else dataclasses.replace(a, lora_A=cast(a.lora_A), lora_B=cast(a.lora_B))
+                for a in adapters
+            ]
         y = dispatch.segmented_lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, adapters, row_adapter)
         return y.view(*x.shape[:-1], y.shape[-1])
 

@@ -164,6 +164,9 @@ class LoraCollectionLayer(LoraLayer):
     def adapter_names(self) -> list[str]:
         return list(self.lora_A)
 
+    def has_adapter(self, adapter: str) -> bool:
+        return adapter in self.lora_A
+
     def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
         """The adapter collections' tables A_t and every B_t."""
         return [*self.lora_A[adapter].parameters(), *self.lora_B[adapter].parameters()]
@@ -252,7 +255,12 @@ class LoraCollectionLayer(LoraLayer):
 
     def adapter_table(self, adapter: str, table: str) -> torch.Tensor:
         group = self.group_for(self.ranks[adapter][table])
-        return self._table_tensor(self.lora_A[adapter][group], table)
+        collection = self.lora_A[adapter][group]
+        tables = getattr(collection, self.TABLE_ATTR, None)  # unsharded: the table module's own weight
+        module = tables[table] if isinstance(tables, nn.ModuleDict) and table in tables else None
+        if type(module) in (nn.EmbeddingBag, nn.Embedding) and type(module.weight) is nn.Parameter:
+            return module.weight
+        return self._table_tensor(collection, table)  # sharded: a ShardedTensor of this process's rows
 
     def base_table(self, table: str) -> torch.Tensor:
         return self._table_tensor(self.base_layer, table)

@@ -75,12 +75,13 @@ class LoraEmbeddingBagCollection(LoraCollectionLayer):
         if any(not isinstance(w, torch.Tensor) or type(w) is not torch.nn.Parameter for w in weights.values()):
             return None
         configs = {c.name: c for c in self.table_configs(self.base_layer)}
+        factors = {n: self.lora_B[n]._parameters for n in names}  # name → B_t, without a getattr per entry
         deltas = {}
         for table in sorted(tables):
             config = configs[table]
             per_adapter = [
-                AdapterWeights(weights[n, table], self.lora_B[n][table], self.scaling[n][table], 0.0)
-                if self.has_adapter(n) and table in self.lora_B[n]
+                AdapterWeights(weights[n, table], factors[n][table], self.scaling[n][table], 0.0)
+                if (n, table) in weights
                 else None
                 for n in routing.adapter_names
             ]
