@@ -591,8 +591,8 @@ def shared_memory_estimate(name: str, config: triton.Config, dtype: torch.dtype,
     element = torch.empty((), dtype=dtype).element_size()
     buffers = config.num_stages if element < 4 else max(config.num_stages - 1, 1)
     scratch = block_m * r_pad * 4
-    if name == "skinny_products":
-        scratch += block_m * config.kwargs["BLOCK_C"] * 4
+    if name == "skinny_products":  # dYᵀ in float32, and at 8 warps a second copy in the operand dtype
+        scratch += block_m * config.kwargs["BLOCK_C"] * (4 + (element if config.num_warps >= 8 else 0))
     elif name == "grad_x" and folded:  # s·u beside s·v, and dYᵀ
         scratch += block_m * r_pad * 4 + block_m * config.kwargs["BLOCK_N"] * element
     loop = _loop_tile_elements(name, config.kwargs, r_pad, folded) * element * buffers + scratch
