@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch._dynamo as dynamo
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recpeft import LoraConfig, get_peft_model
 
@@ -51,3 +52,24 @@ def test_compiled_forward_matches_eager_unrouted_and_routed():
         bound = twin(dense.abs(), sparse, adapter_ids=ids)
     assert_within_bound(got_routed, eager_routed, bound, DLRM_ROUNDINGS, name="routed")
     assert not torch.allclose(eager_routed, eager)  # routing changed the outputs: it was not ignored
+
+
+def test_torch_export_of_the_adapted_dlrm_gives_the_eager_numbers():
+    """torch.export (non-strict: torchrec's KeyedJaggedTensor is traced through its Python) of
+    the DLRM with unmerged Linear and collection adapters; the exported program, run on another
+    batch of the same shapes (the program is specialised to the ids' count), gives the eager
+    model's logits."""
+    model = _adapted().eval()
+    dense, sparse, _ = make_batch(batch=12, seed=5)
+    exported = torch.export.export(model, (dense, sparse), strict=False)
+    g = torch.Generator().manual_seed(6)
+    other_dense = torch.randn(dense.shape, generator=g)
+    lengths = sparse.length_per_key()
+    shuffled = [v[torch.randperm(v.numel(), generator=g)] for v in sparse.values().split(lengths)]
+    other_sparse = KeyedJaggedTensor(sparse.keys(), torch.cat(shuffled), lengths=sparse.lengths())  # same ids per key
+    with torch.no_grad():
+        eager, got = model(other_dense, other_sparse), exported.module()(other_dense, other_sparse)
+        bound = abs_twin(model, dtype=None)(other_dense.abs(), other_sparse)
+    assert_within_bound(got, eager, bound, DLRM_ROUNDINGS, name="exported")
+    with torch.no_grad(), model.disable_adapter():
+        assert not torch.allclose(eager, model(other_dense, other_sparse))  # the adapters count
