@@ -41,7 +41,9 @@ by adapter once (:func:`group_by_adapter`) and each adapter runs on its rows onl
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import operator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -265,26 +267,38 @@ def _adapters_in_batch(ids: torch.Tensor, adapters: list) -> int:
 # routes the same adapters call after call, and an in-place update (training, a load) bumps a
 # tensor's version, so a changed factor is never served from here. Each entry keeps its factors
 # alive, so their ids cannot pass to new tensors while it stands.
-_STACKS: dict[tuple, tuple[list, torch.Tensor, torch.Tensor]] = {}
+_STACKS: dict[tuple, tuple] = {}
 _STACKS_KEPT = 32
+_VERSION = operator.attrgetter("_version")
 
 
 def _stacks(adapters: list[AdapterWeights | None], ids: torch.Tensor, rank_dim_a: int, rank_dim_b: int):
-    """(RoutedStack, A_stack, B_stack) of ``adapters``, ranks zero-padded to the largest."""
-    stack = routed_stack(adapters, ids, rank_dim_a)
-    present = [adapters[i] for i in stack.present]
-    tensors = [t for a in present for t in (a.lora_A, a.lora_B)]
+    """(RoutedStack, A_stack, B_stack) of ``adapters``, ranks zero-padded to the largest. Without
+    autograd, everything but the renumbered ids comes from :data:`_STACKS` when ``adapters`` is
+    the list it was built from (the layers keep one list while their adapters, scales and
+    dropouts stay the same; the entry keeps the list alive, so its id cannot pass to another)
+    and no factor has changed in place since (tensor versions)."""
+    present = [a for a in adapters if a is not None]
+    tensors = [*map(operator.attrgetter("lora_A"), present), *map(operator.attrgetter("lora_B"), present)]
     cached = not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
-    key = (rank_dim_a, rank_dim_b, *((id(t), t._version) for t in tensors)) if cached else None
-    if key is None or key not in _STACKS:
+    key = (rank_dim_a, rank_dim_b, id(adapters), tuple(map(_VERSION, tensors))) if cached else None
+    entry = _STACKS.get(key) if key is not None else None
+    if entry is None:
+        stack = routed_stack(adapters, ids, rank_dim_a)
         lora_A = padded_stack([a.lora_A for a in present], stack.rank, rank_dim_a)
         lora_B = padded_stack([a.lora_B for a in present], stack.rank, rank_dim_b)
         if key is None:
             return stack, lora_A, lora_B
         if len(_STACKS) >= _STACKS_KEPT:
             _STACKS.clear()
-        _STACKS[key] = (tensors, lora_A, lora_B)
-    return (stack, *_STACKS[key][1:])
+        remap = torch.full((len(adapters) + 1,), -1, dtype=torch.int64, device=ids.device)
+        remap[torch.tensor(stack.present, dtype=torch.int64, device=ids.device) + 1] = torch.arange(
+            len(stack.present), device=ids.device
+        )
+        _STACKS[key] = entry = (adapters, stack, remap, lora_A, lora_B)
+    _, stack, remap, lora_A, lora_B = entry
+    renumbered = dataclasses.replace(stack, ids=remap.to(ids.device)[ids.to(torch.int64) + 1])
+    return renumbered, lora_A, lora_B
 
 
 def _gathered_linear(y, x, adapters, row_adapter):

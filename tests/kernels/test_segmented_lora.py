@@ -636,3 +636,43 @@ def test_the_reference_bag_list_form_gathers_with_many_adapters_when_no_gradient
     check("trained", trained, expected["out"], bound["out"], n, torch.float32)
     trained.backward(case["grad"])
     assert all(t.grad is None or t.grad.is_sparse for t in tables)
+
+
+def test_served_stacks_follow_in_place_updates_and_new_scales(monkeypatch):
+    """Without autograd the gathered branch reuses its stacks while nothing changed; an in-place
+    update of a factor, a new scale or a new adapter must show in the very next call (checked
+    against the loop, which stacks nothing)."""
+    layer = LoraLinear(nn.Linear(10, 6), "fc")
+    for a in range(MANY):
+        layer.update_layer(f"a{a}", r=2 + a % 3, scale=1.0 + a, dropout=0.0, init=False)
+    names = tuple(f"a{a}" for a in range(MANY))
+    g = torch.Generator().manual_seed(3)
+    x, ids = torch.randn(40, 10, generator=g), torch.randint(-1, MANY, (40,), generator=g)
+    layer.eval()
+
+    def both():
+        """(served, looped, bound): two float32 runs of one exact value, and Σ|terms|."""
+        with torch.no_grad(), routed(ids, names):
+            served = layer(x)
+            monkeypatch.setattr(reference, "GATHER_MIN_ADAPTERS", 10**9)
+            looped = layer(x)
+            monkeypatch.undo()
+            twin = abs_twin(layer)
+            twin.scaling = {k: abs(v) for k, v in twin.scaling.items()}
+            bound = twin(x.abs().double())
+        return served, looped, bound
+
+    n = 10 + 4 + 4  # x·Wᵀ (10), u (10), ·B (r ≤ 4), + base and scale
+    calls = _spy(monkeypatch, "_gathered_linear")
+    first, looped, bound = both()
+    assert calls, "the gathering branch did not run"
+    assert_within_bound(first, looped, bound, n, name="served")
+    with torch.no_grad():
+        layer.lora_B["a1"].add_(1.0)  # in place: the stack must be rebuilt
+    second, looped, bound = both()
+    assert not torch.equal(second, first)
+    assert_within_bound(second, looped, bound, n, name="after an in-place update")
+    layer.scaling = {**layer.scaling, "a2": -3.0}  # a new scale
+    third, looped, bound = both()
+    assert not torch.equal(third, second)
+    assert_within_bound(third, looped, bound, n, name="after a new scale")

@@ -69,22 +69,13 @@ class LoraEmbeddingBagCollection(LoraCollectionLayer):
         over its bags with every routed adapter's (A_t, B_t, s_t) — sample j through adapter
         a_j — instead of a lookup per adapter over the whole batch. None when a table is sharded
         (its rows live in other processes: the per-adapter lookups then)."""
-        names = [n for n in routing.adapter_names if self.has_adapter(n)]
-        tables = {f.table for n in names for f in self.lookups[n]}
-        weights = {(n, t): self.adapter_table(n, t) for n in names for t in self.tables(n)}
-        if any(not isinstance(w, torch.Tensor) or type(w) is not torch.nn.Parameter for w in weights.values()):
+        per_table = self._routed_tables(routing)
+        if per_table is None:
             return None
         configs = {c.name: c for c in self.table_configs(self.base_layer)}
-        factors = {n: self.lora_B[n]._parameters for n in names}  # name → B_t, without a getattr per entry
         deltas = {}
-        for table in sorted(tables):
+        for table, per_adapter in per_table.items():
             config = configs[table]
-            per_adapter = [
-                AdapterWeights(weights[n, table], factors[n][table], self.scaling[n][table], 0.0)
-                if (n, table) in weights
-                else None
-                for n in routing.adapter_names
-            ]
             mode = "mean" if config.pooling == PoolingType.MEAN else "sum"
             for feature, base_key in zip(config.feature_names, self._base_keys[table]):
                 bags = features[feature]
@@ -103,6 +94,39 @@ class LoraEmbeddingBagCollection(LoraCollectionLayer):
                     layout, per_adapter, sample_adapter, config.embedding_dim, torch.float32
                 )
         return deltas
+
+    def _routed_tables(self, routing) -> dict[str, list] | None:
+        """{table: one AdapterWeights (or None) per routed name} for the adapted tables, or None
+        when one is sharded. Kept while the routed names, the adapter collections, the B
+        parameters and the scales are the same objects and values (a serving loop routes the
+        same adapters call after call; sharding replaces the collections)."""
+        names = [n for n in routing.adapter_names if n in self.lora_A._modules]
+        collections = tuple(id(m) for n in names for m in self.lora_A._modules[n]._modules.values())
+        factors = {n: self.lora_B._modules[n]._parameters for n in names}  # table → B_t, no getattr per entry
+        key = (
+            routing.adapter_names,
+            collections,
+            tuple(id(b) for n in names for b in factors[n].values()),
+            tuple((n, tuple(self.scaling[n].items())) for n in names),
+        )
+        cached = getattr(self, "_routed_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weights = {(n, t): self.adapter_table(n, t) for n in names for t in self.tables(n)}
+        if any(type(w) is not torch.nn.Parameter for w in weights.values()):
+            return None
+        tables = sorted({t for n, t in weights})
+        per_table = {
+            table: [
+                AdapterWeights(weights[n, table], factors[n][table], self.scaling[n][table], 0.0)
+                if (n, table) in weights
+                else None
+                for n in routing.adapter_names
+            ]
+            for table in tables
+        }
+        self._routed_cache = (key, per_table)
+        return per_table
 
     @property
     def _base_keys(self) -> dict[str, list[str]]:
