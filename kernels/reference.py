@@ -263,10 +263,10 @@ def _adapters_in_batch(ids: torch.Tensor, adapters: list) -> int:
     return sum(adapters[a] is not None for a in used)
 
 
-# Stacks built without autograd, by the identity and version of every factor: a serving loop
-# routes the same adapters call after call, and an in-place update (training, a load) bumps a
-# tensor's version, so a changed factor is never served from here. Each entry keeps its factors
-# alive, so their ids cannot pass to new tensors while it stands.
+# Stacks built without autograd, kept for the next call (a serving loop routes the same adapters
+# call after call): keyed by the routed list's identity (:func:`_stacks`) and every factor's
+# version, which an in-place update (training, a load) bumps, so a changed factor is never served
+# from here. An entry holds its list, and so its factors, until the cache is next cleared.
 _STACKS: dict[tuple, tuple] = {}
 _STACKS_KEPT = 32
 _VERSION = operator.attrgetter("_version")
