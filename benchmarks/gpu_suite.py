@@ -54,7 +54,7 @@ def make_recpeft_importable() -> None:
     spec.loader.exec_module(kernels)
 
 
-SECTIONS = ["linear", "embedding_bag", "minilm"]
+SECTIONS = ["linear", "embedding_bag", "segmented", "minilm"]
 
 
 def main(argv=None) -> int:
