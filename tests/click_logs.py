@@ -58,6 +58,21 @@ def pretrained(root) -> dict:
     return {"root": root, "log": log, "base": base, "adapter": adapter, "finetune": finetune}
 
 
+def assert_initial_adapter(folder) -> None:
+    """The adapter saved in ``folder`` is as initialised, a zero delta: every Linear layer's B is
+    zero and no table row of A was touched (and the file has both kinds, so this checks them)."""
+    from recpeft.utils.integrity import read_safetensors
+
+    tensors = read_safetensors(folder / "adapter_model.safetensors")
+    linear_b = [k for k in tensors if k.endswith("lora_B.weight") and "embedding" not in k]
+    table_rows = [k for k in tensors if k.endswith("lora_embedding_A.rows")]
+    assert linear_b and table_rows, sorted(tensors)
+    for key in linear_b:
+        assert not tensors[key].any(), (folder, key)
+    for key in table_rows:
+        assert tensors[key].numel() == 0, (folder, key)
+
+
 def one_line_error(argv, capsys, *fragments) -> str:
     """Run ``recpeft argv``; assert it fails with one stderr line ``recpeft <cmd>: error: ...``
     holding every fragment; return that line."""

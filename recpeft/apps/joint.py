@@ -49,7 +49,6 @@ class _PerSegmentStopping:
         self.snapshots: dict[str, list[torch.Tensor]] = {}
         self.improvements = 0
         self.evaluations = 0
-        self.initial = config.keep_initial
 
     def parameters(self, segment: str) -> list[nn.Parameter]:
         """The segment's adapter's parameters, in every module that holds it."""
@@ -72,7 +71,7 @@ class _PerSegmentStopping:
         return value > best + delta if self.metric.higher_is_better else value < best - delta
 
     def __call__(self, model, source) -> float:
-        epoch = self.evaluations - (1 if self.initial else 0)  # −1: the starting weights
+        epoch = self.evaluations - (1 if self.config.keep_initial else 0)  # −1: the starting weights
         self.evaluations += 1
         row = {"epoch": epoch}
         for segment in self.valid:

@@ -145,6 +145,8 @@ class LoraTableLayer(LoraWeightLayer):
     def _rows_in_play(self) -> list[NewRows]:
         """The new rows of the adapters this forward uses (routed, or active and unmerged); more
         than one unrouted is refused (id V + j would name two ids)."""
+        if not self.new_rows:  # the usual table: nothing to scan, however many adapters are routed
+            return []
         routing = self.active_routing()
         names = [n for n in routing.adapter_names if n in self.lora_A] if routing else self.pending_adapters()
         rows = [self.new_rows[n] for n in names if n in self.new_rows]
@@ -166,6 +168,8 @@ class LoraTableLayer(LoraWeightLayer):
 
     def _check_routed_new_ids(self, layout: BagLayout, bag_adapter: torch.Tensor, routing) -> None:
         """Each id past V lies within its own sample's adapter's new rows."""
+        if not self.new_rows:
+            return
         num_rows = self.base_weight.shape[0]
         counts = [self.new_rows[n].count if n in self.new_rows else 0 for n in routing.adapter_names]
         if self.validate_ids and any(counts):
