@@ -3,15 +3,20 @@ over an embedding bag (V = 1,000,000, D = 64, 20 ids per bag) plus 512 dense fea
 batch B = 8192, 64 adapters (init_lora_weights=False: every adapter non-zero and different), each
 sample's adapter uniform in [0, 64); fp32.
 
-    merged      (a) inference, one adapter merged into the weights: the plain model (the floor)
-    routed      (b) inference, ``model(x, ids, adapter_ids=a)`` through the 64 adapters
-    train_one   (c) a training step (forward, BCE, backward, LoraAdamW) of one adapter on the batch
-    train_mixed (d) the same step with the batch routed to all 64 adapters at once
+    merged              (a) inference, one adapter merged into the weights: the plain model (the floor)
+    routed              (b) inference, ``model(x, ids, adapter_ids=a)`` through the 64 adapters:
+                            every layer gathers its rows by adapter and scatters its deltas back
+    routed_grouped      (b') the same with ``group_by_adapter=True``: the batch is sorted by
+                            adapter once, every layer works on slices, the output is put back
+    train_one           (c) a training step (forward, BCE, backward, LoraAdamW) of one adapter
+    train_mixed         (d) the same step with the batch routed to all 64 adapters at once
+    train_mixed_grouped (d') (d) with ``group_by_adapter=True``
 
 Before anything is timed, for two samples of every adapter the routed output equals the output
 of the model with that adapter merged (float64 merge of W + s·B·A and E + s·A·B on the rows).
 
-Targets (issue 16, reported, not asserted): routed / merged ≤ 1.2x; train_mixed / train_one ≤ 1.5x.
+Targets (issue 16, reported, not asserted): routed / merged ≤ 1.2x; train_mixed / train_one ≤ 1.5x
+(both judged on the better of the plain and the grouped call).
 Run with ``make bench`` (or ``pytest benchmarks/bench_segmented_tower.py -s -o
 'python_files=bench_*.py'``); writes ``benchmarks/results/cpu_segmented_tower.json``.
 """
@@ -37,10 +42,10 @@ SUITE = {
     "shape": {"B": B, "K": K, "V": V, "D": D, "ids_per_bag": IDS, "r": R, "num_adapters": NUM_ADAPTERS},
     "dtype": "float32",
     "floor": "merged",
-    "targets": {"routed": 1.2},
+    "targets": {"routed": 1.2, "routed_grouped": 1.2},
     "anchors": {"train_mixed / train_one target": "1.5x"},
 }
-VARIANTS = ["merged", "routed", "train_one", "train_mixed"]
+VARIANTS = ["merged", "routed", "routed_grouped", "train_one", "train_mixed", "train_mixed_grouped"]
 
 
 class Tower(nn.Module):
@@ -80,9 +85,9 @@ def case(bench):
     merged = merged.merge_and_unload().eval()
     optimizer = LoraAdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
 
-    def step(routing):
+    def step(routing, grouped=False):
         peft.train()
-        kwargs = {"adapter_ids": routing} if routing is not None else {}
+        kwargs = {"adapter_ids": routing, "group_by_adapter": grouped} if routing is not None else {}
         loss = F.binary_cross_entropy_with_logits(peft(x, ids, **kwargs), labels)
         loss.backward()
         optimizer.step()
@@ -104,8 +109,15 @@ def case(bench):
         "routed": bench.Variant(
             "(b) recpeft, 64 adapters routed per sample", no_grad(lambda: peft.eval()(x, ids, adapter_ids=adapter_ids))
         ),
+        "routed_grouped": bench.Variant(
+            "(b') the same, group_by_adapter=True",
+            no_grad(lambda: peft.eval()(x, ids, adapter_ids=adapter_ids, group_by_adapter=True)),
+        ),
         "train_one": bench.Variant("(c) training step, one adapter", train_one),
         "train_mixed": bench.Variant("(d) training step, 64 adapters routed", lambda: step(adapter_ids)),
+        "train_mixed_grouped": bench.Variant(
+            "(d') the same, group_by_adapter=True", lambda: step(adapter_ids, grouped=True)
+        ),
     }
     # ---- the routed output is each sample's merged model, checked before anything is timed ----
     with torch.no_grad():
@@ -118,6 +130,8 @@ def case(bench):
             peft.set_adapter(names[a])
             alone = peft(x[rows], ids[rows])
             bench.assert_close(f"adapter {a}: routed vs alone", routed[rows], alone)
+        grouped = peft(x, ids, adapter_ids=adapter_ids, group_by_adapter=True)
+        bench.assert_close("group_by_adapter=True vs plain routing", routed, grouped)
         delta = (routed - merged(x, ids)).abs().max().item()
         assert delta > 1e-3, f"the adapters barely differ ({delta:.2e})"
     return variants
@@ -136,8 +150,11 @@ def test_segmented_tower_interleaved(request, bench, report, case):
     bench.skip_if_not_timing(request.config)
     report.time_interleaved(case, rounds=INTERLEAVED_ROUNDS)
     times = report.interleaved
+    routed = min(times["routed"], times["routed_grouped"])
+    mixed = min(times["train_mixed"], times["train_mixed_grouped"])
     report.extra["train_mixed_over_train_one"] = round(times["train_mixed"] / times["train_one"], 3)
+    report.extra["train_mixed_grouped_over_train_one"] = round(times["train_mixed_grouped"] / times["train_one"], 3)
     report.extra["targets_met"] = {
-        "routed / merged <= 1.2": times["routed"] / times["merged"] <= 1.2,
-        "train_mixed / train_one <= 1.5": times["train_mixed"] / times["train_one"] <= 1.5,
+        "routed / merged <= 1.2": routed / times["merged"] <= 1.2,
+        "train_mixed / train_one <= 1.5": mixed / times["train_one"] <= 1.5,
     }

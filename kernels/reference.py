@@ -42,7 +42,6 @@ by adapter once (:func:`group_by_adapter`) and each adapter runs on its rows onl
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import operator
 from dataclasses import dataclass
 from enum import Enum
@@ -51,6 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from .bags import BagLayout
+from .dropout import dropout_keep_mask
+from .grouped import grouped_bag_delta, grouped_lora_linear
 
 
 class LinearRoute(str, Enum):
@@ -70,12 +71,6 @@ def choose_linear_route(rows: int, in_features: int, out_features: int, dropout_
     if rows * (in_features + out_features) >= in_features * out_features:
         return LinearRoute.MERGE
     return LinearRoute.EPILOGUE
-
-
-def dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted-dropout mask: Bernoulli(1 − p) draws from torch's default generator, scaled by
-    1/(1 − p); d(x) = x ⊙ mask. Drawn once in forward and saved for backward."""
-    return torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -229,11 +224,6 @@ def group_by_adapter(row_adapter: torch.Tensor, num_adapters: int) -> list[tuple
     return [(a, rows) for a, rows in enumerate(groups[1:]) if rows.numel()]
 
 
-def _is_grouped(row_adapter: torch.Tensor) -> bool:
-    """Rows already sorted by adapter (a batcher that groups requests by segment makes these)."""
-    return row_adapter.numel() < 2 or bool((row_adapter[1:] >= row_adapter[:-1]).all())
-
-
 # Many adapters, few rows each (a serving batch of a few hundred rows over hundreds of adapters):
 # the loop's one Python-level step per adapter, tens of microseconds of dispatch however few its
 # rows, is then nearly all the time. Each row can instead gather its own adapter's factors from
@@ -349,39 +339,7 @@ def segmented_lora_linear(x, weight, bias, adapters: list[AdapterWeights | None]
         work = x.shape[0] * max(a.lora_A.shape[0] for a in present) * (x.shape[1] + weight.shape[0])
         if _gathers(work, _adapters_in_batch(row_adapter, adapters)):
             return _gathered_linear(F.linear(x, weight, bias), x, adapters, row_adapter)
-    y = F.linear(x, weight, bias)
-    grouped = _is_grouped(row_adapter)
-    if grouped:
-        counts = torch.bincount(row_adapter + 1, minlength=len(adapters) + 1).tolist()
-        ends = list(itertools.accumulate(counts))  # rows of adapter a: [ends[a], ends[a + 1])
-        groups = [(a, slice(ends[a], ends[a + 1])) for a in range(len(adapters)) if counts[a + 1]]
-    else:
-        groups = group_by_adapter(row_adapter, len(adapters))
-    for a, rows in groups:
-        adapter = adapters[a]
-        if adapter is None:
-            continue
-        x_a = x[rows] if grouped else x.index_select(0, rows)
-        if adapter.dropout_p > 0:
-            x_a = x_a * dropout_keep_mask(x_a, adapter.dropout_p)
-        u = F.linear(x_a, adapter.lora_A)  # [rows, r]
-        if grouped:
-            y[rows].addmm_(u, adapter.lora_B.t(), alpha=adapter.scale)
-        else:
-            y.index_add_(0, rows, F.linear(u.mul_(adapter.scale), adapter.lora_B))
-    return y
-
-
-def select_bags(layout: BagLayout, bags: torch.Tensor, id_rows: torch.Tensor) -> BagLayout:
-    """The sub-layout of ``bags`` (sorted bag indices), whose ids sit at ``id_rows``."""
-    local = torch.full((layout.num_bags,), -1, dtype=torch.int64, device=bags.device)
-    local[bags] = torch.arange(bags.numel(), device=bags.device)
-    bag_of_id = local[layout.bag_of_id.index_select(0, id_rows)]
-    counts = torch.bincount(bag_of_id, minlength=bags.numel())
-    weights = layout.weights.index_select(0, id_rows) if layout.weights is not None else None
-    return BagLayout(
-        layout.ids.index_select(0, id_rows), bag_of_id, torch.cumsum(counts, 0) - counts, weights, bags.numel()
-    )
+    return grouped_lora_linear(x, weight, bias, adapters, row_adapter)
 
 
 def segmented_lora_bag_delta(
@@ -399,16 +357,7 @@ def segmented_lora_bag_delta(
         work = layout.num_bags * max(a.lora_A.shape[1] for a in present) * out_dim + layout.ids.numel()
         if stacked <= GATHER_MAX_ELEMENTS and _gathers(work, _adapters_in_batch(bag_adapter, adapters)):
             return _gathered_bag_delta(layout, adapters, bag_adapter, dtype)
-    delta = torch.zeros(layout.num_bags, out_dim, dtype=dtype, device=bag_adapter.device)
-    id_groups = dict(group_by_adapter(bag_adapter.index_select(0, layout.bag_of_id), len(adapters)))
-    empty = layout.ids.new_zeros(0)
-    for a, bags in group_by_adapter(bag_adapter, len(adapters)):
-        adapter = adapters[a]
-        if adapter is None:
-            continue
-        sub = select_bags(layout, bags, id_groups.get(a, empty))
-        delta.index_add_(0, bags, lora_bag_delta(sub, adapter.lora_A, adapter.lora_B, adapter.scale))
-    return delta
+    return grouped_bag_delta(layout, adapters, bag_adapter, out_dim, dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Load a base checkpoint, then adapter folders (one per segment: market, cohort, .
 against the base before it serves — its record of the base it was trained on (``recpeft_base.json``,
 written by ``recpeft finetune``), its config, its tensors' keys, shapes and sha256 — so that a bad
 folder is refused with a reason while every other adapter keeps serving. Scoring a table of rows
-runs each row through its own segment's adapter in one routed pass per chunk, the adapter chosen by
+runs each row through its own segment's adapter in one routed pass per chunk (rows sorted by adapter
+first, so that every chunk arrives grouped), the adapter chosen by
 the row's segment name (so a segment the base was pretrained without is served by its adapter;
 rows of segments without an adapter get the base alone); a chunk whose rows all use one adapter
 runs that adapter alone, unrouted (the layers' single-adapter path, which merges
@@ -139,14 +140,19 @@ class AdapterBank:
         if segments is not None and len(segments) != len(encoded):
             raise ValueError(f"AdapterBank.logits: {len(segments)} segment names for {len(encoded)} rows")
         ids = None if segments is None else self.adapter_ids(segments)
+        # rows in adapter order: every chunk arrives grouped (its layers work on slices) and most
+        # chunks of a large request use one adapter alone, unrouted
+        order = torch.arange(len(encoded)) if ids is None else torch.argsort(ids, stable=True)
         rows, out = ClickBatches(encoded), []
         with torch.no_grad():
             for start in range(0, len(rows), self.chunk_rows):
-                index = torch.arange(start, min(start + self.chunk_rows, len(rows)))
+                index = order[start : start + self.chunk_rows]
                 batch = rows.batch(index).to(self.device)
                 chunk_ids = None if ids is None else ids[index].to(self.device)
                 out.append(self._forward(batch.args, chunk_ids).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+        if not out:
+            return torch.zeros(0)
+        return torch.empty(len(encoded)).index_copy_(0, order, torch.cat(out))
 
     def _adapter_order(self) -> tuple[str, ...]:
         """Adapter names by routing id (PeftModel.adapter_names)."""

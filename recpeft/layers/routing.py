@@ -3,10 +3,16 @@
 ``PeftModel.forward(batch, adapter_ids=ids)`` sets the routing for the duration of the call;
 every LoRA layer reads it and maps its input's leading dimension to samples.
 ``ids[i]`` indexes ``PeftModel.adapter_names`` (the order adapters were added), −1 = base model.
+
+With ``group_by_adapter=True`` the batch is sorted by adapter once before the model runs
+(:func:`grouped_batch`): every layer then finds its rows grouped and works on slices of its input
+and output in place, with nothing gathered or scattered per layer; the outputs are put back in
+the caller's order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -78,3 +84,49 @@ def routed(sample_adapter: torch.Tensor, adapter_names: tuple[str, ...]):
     finally:
         _OPEN_ROUTINGS -= 1
         _CURRENT.reset(token)
+
+
+#: inputs that carry samples but cannot be reordered row by row here (torchrec's jagged batches)
+_UNORDERABLE = ("KeyedJaggedTensor", "JaggedTensor", "KeyedTensor")
+
+
+def _map_tensors(fn: Callable, value):
+    """``value`` with ``fn`` applied to every tensor inside lists, tuples and dicts."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        mapped = [_map_tensors(fn, v) for v in value]
+        return type(value)(*mapped) if hasattr(value, "_fields") else type(value)(mapped)
+    if isinstance(value, dict):
+        return type(value)(**{k: _map_tensors(fn, v) for k, v in value.items()})
+    if type(value).__name__ in _UNORDERABLE:
+        raise TypeError(
+            f"group_by_adapter: a {type(value).__name__} input cannot be reordered by sample; "
+            "route this model without group_by_adapter"
+        )
+    return value
+
+
+def grouped_batch(args: tuple, kwargs: dict, sample_adapter: torch.Tensor):
+    """(args, kwargs, sorted ids, restore): the call's per-sample tensors in adapter order.
+
+    Every tensor among ``args`` and ``kwargs`` (nested in lists, tuples and dicts) whose first
+    dimension is the batch size B is taken as per-sample and reordered by one stable sort of the
+    ids; other values pass unchanged. ``restore(outputs)`` puts every output tensor with first
+    dimension B back in the caller's order (differentiably). A batch already grouped is left as
+    it is. Raises TypeError for torchrec's jagged inputs, which carry samples but are not rows."""
+    batch = sample_adapter.numel()
+    if batch < 2 or bool((sample_adapter[1:] >= sample_adapter[:-1]).all()):
+        return args, kwargs, sample_adapter, lambda outputs: outputs
+    order = torch.argsort(sample_adapter, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(batch, device=order.device)
+
+    def reorder(index):
+        def apply(t):
+            return t.index_select(0, index.to(t.device)) if t.dim() >= 1 and t.shape[0] == batch else t
+
+        return apply
+
+    grouped_args, grouped_kwargs = _map_tensors(reorder(order), (args, kwargs))
+    return grouped_args, grouped_kwargs, sample_adapter[order], lambda out: _map_tensors(reorder(inverse), out)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from recpeft.layers import AdapterHolder, LoraLayer, ModulesToSaveWrapper, wrapper_for
-from recpeft.layers.routing import check_adapter_ids, routed
+from recpeft.layers.routing import check_adapter_ids, grouped_batch, routed
 from recpeft.utils.atomic import recover_folder
 from recpeft.utils.validation import check_adapter_name
 
@@ -91,8 +91,12 @@ class PeftModel(nn.Module):
         config: the first adapter's LoraConfig.
         adapter_name: its name.
 
-    ``forward(*args, adapter_ids=None, **kwargs)`` runs the model; with ``adapter_ids`` ([B] ints
-    indexing ``adapter_names``, −1 = base model) every sample uses its own adapter.
+    ``forward(*args, adapter_ids=None, group_by_adapter=False, **kwargs)`` runs the model; with
+    ``adapter_ids`` ([B] ints indexing ``adapter_names``, −1 = base model) every sample uses its
+    own adapter. ``group_by_adapter=True`` sorts the batch by adapter once before the model runs
+    (every tensor input and output whose first dimension is B is per-sample; see
+    :func:`recpeft.layers.routing.grouped_batch`): the layers then work on slices, with nothing
+    gathered or scattered per layer. The outputs come back in the caller's order.
     """
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
@@ -274,12 +278,16 @@ class PeftModel(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
 
-    def forward(self, *args, adapter_ids=None, **kwargs):
+    def forward(self, *args, adapter_ids=None, group_by_adapter: bool = False, **kwargs):
         if adapter_ids is None:
             return self.base_model(*args, **kwargs)
         ids = check_adapter_ids(adapter_ids, self.adapter_names)
+        if not group_by_adapter:
+            with routed(ids, self.adapter_names):
+                return self.base_model(*args, **kwargs)
+        args, kwargs, ids, restore = grouped_batch(args, kwargs, ids)
         with routed(ids, self.adapter_names):
-            return self.base_model(*args, **kwargs)
+            return restore(self.base_model(*args, **kwargs))
 
     @contextmanager
     def disable_adapter(self):

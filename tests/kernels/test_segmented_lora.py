@@ -25,6 +25,7 @@ from recpeft.layers.routing import routed
 from reference_math import abs_inputs, abs_twin, assert_bound_can_fail, assert_within_bound, dense_grad
 
 seg = importlib.import_module("recpeft.kernels.segmented_lora")
+grouped = importlib.import_module("recpeft.kernels.grouped")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -676,3 +677,91 @@ def test_served_stacks_follow_in_place_updates_and_new_scales(monkeypatch):
     third, looped, bound = both()
     assert not torch.equal(third, second)
     assert_within_bound(third, looped, bound, n, name="after a new scale")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU path's loop over rows grouped once (recpeft.kernels.grouped): random order and rows
+# already grouped by adapter (spans of x itself), a routed name the layer lacks, dropout
+# ---------------------------------------------------------------------------------------------
+
+ORDERS = ["random order", "grouped by adapter"]
+
+
+def _cpu_leaves(case):
+    """(A, B) per adapter, CPU copies that collect gradients."""
+    return [
+        (A.cpu().clone().requires_grad_(True), B.cpu().clone().requires_grad_(True))
+        for A, B in zip(case["As"], case["Bs"])
+    ]
+
+
+def _ordered(case, order):
+    if order == "grouped by adapter":
+        case["ids"] = case["ids"].sort().values
+    return case
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("name", ["random with -1", "empty groups", "unequal ranks past 16"])
+def test_grouped_linear_matches_the_per_adapter_loop(name, order):
+    case = _ordered(linear_case(name, torch.float32, seed=7), order)
+    missing = len(case["As"]) - 1  # routed, but the layer has no such adapter: its rows get the base
+    case["As"][missing], case["Bs"][missing] = case["As"][missing] * 0, case["Bs"][missing] * 0
+    expected, bound = linear_expectation(case)
+    x = case["x"].cpu().clone().requires_grad_(True)
+    leaves = _cpu_leaves(case)
+    adapters = [AdapterWeights(A, B, s) for (A, B), s in zip(leaves, case["scales"])]
+    adapters[missing] = None
+    y = grouped.grouped_lora_linear(x, case["weight"].cpu(), case["bias"], adapters, case["ids"].cpu())
+    y.backward(case["grad_y"].cpu())
+    got = {"y": y, "x": x.grad, "As": [A.grad for A, _ in leaves], "Bs": [B.grad for _, B in leaves]}
+    assert got["As"][missing] is None and got["Bs"][missing] is None
+    check_linear(case, got, expected, bound)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_grouped_linear_dropout_uses_each_adapters_p_and_one_mask_for_forward_and_backward(order, monkeypatch):
+    """The masks drawn per span (recorded here) are those forward, dX and dA all use."""
+    case = _ordered(linear_case("random with -1", torch.float32, seed=8), order)
+    p = [0.3, 0.0, 0.5, 0.2]
+    drawn = []
+    real = grouped.dropout_keep_mask
+    monkeypatch.setattr(grouped, "dropout_keep_mask", lambda t, q: drawn.append(real(t, q)) or drawn[-1])
+    x = case["x"].cpu().clone().requires_grad_(True)
+    leaves = _cpu_leaves(case)
+    adapters = [AdapterWeights(A, B, s, q) for (A, B), s, q in zip(leaves, case["scales"], p)]
+    ids = case["ids"].cpu()
+    y = grouped.grouped_lora_linear(x, case["weight"].cpu(), case["bias"], adapters, ids)
+    y.backward(case["grad_y"].cpu())
+    keep = torch.ones_like(x, dtype=torch.float32)
+    dropping = [a for a in range(len(p)) if p[a] > 0 and (ids == a).any()]
+    assert len(drawn) == len(dropping), "one mask per dropping adapter with rows"
+    for a, mask in zip(dropping, drawn):
+        keep[(ids == a).nonzero().squeeze(1)] = mask
+    assert (keep == 0).any(), "nothing dropped: the check would not see the mask"
+    expected, bound = linear_expectation(case, keep)
+    got = {"y": y, "x": x.grad, "As": [A.grad for A, _ in leaves], "Bs": [B.grad for _, B in leaves]}
+    check_linear(case, got, expected, bound)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("name", ["weighted sums, -1 and empty bags", "mean with padding", "plain lookup"])
+def test_grouped_bag_matches_the_per_adapter_loop(name, order):
+    """Each table gets a sparse gradient of its own rows; a routed name the layer lacks, none."""
+    case = _ordered(bag_case(name, torch.float32, seed=9), order)
+    missing = len(case["As"]) - 1
+    case["As"][missing], case["Bs"][missing] = case["As"][missing] * 0, case["Bs"][missing] * 0
+    expected, bound = bag_expectation(case)
+    layout = case["layout"]
+    cpu = dataclasses.replace(layout, **{f: getattr(layout, f).cpu() for f in ("ids", "bag_of_id", "offsets")})
+    cpu = dataclasses.replace(cpu, weights=None if layout.weights is None else layout.weights.cpu())
+    tables = [A.cpu().clone().requires_grad_(True) for A in case["As"]]
+    Bs = [B.cpu().clone().requires_grad_(True) for B in case["Bs"]]
+    adapters = [AdapterWeights(A, B, s) for A, B, s in zip(tables, Bs, case["scales"])]
+    adapters[missing] = None
+    out = case["base"].cpu() + grouped.grouped_bag_delta(cpu, adapters, case["ids"].cpu(), DIM, torch.float32)
+    out.backward(case["grad"].cpu())
+    assert tables[missing].grad is None and Bs[missing].grad is None
+    assert all(t.grad is None or t.grad.is_sparse for t in tables)
+    got = {"out": out, "base": case["grad"], "As": [t.grad for t in tables], "Bs": [B.grad for B in Bs]}
+    check_bag(case, got, expected, bound)

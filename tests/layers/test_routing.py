@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from recpeft import LoraConfig, get_peft_model
+from recpeft.layers.routing import grouped_batch
 
 from reference_math import TINY_FORWARD_ROUNDINGS, abs_inputs, abs_twin, assert_bound_can_fail, assert_within_bound
 from toy_models import ALL_TARGETS, make_batch, make_model, train_steps
@@ -54,14 +55,24 @@ def _merged_outputs(model, batch):
     return outputs
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["random order", "grouped by adapter"])
-def test_mixed_batch_equals_each_sample_through_its_own_merged_model(grouped):
+# random order; ids sorted by the caller (the layers then update contiguous slices in place);
+# random order sorted once by the model (group_by_adapter=True), outputs back in the caller's order
+ORDERS = ["random order", "grouped by adapter", "group_by_adapter=True"]
+
+
+def _order(ids, order):
+    """(ids, forward kwargs) for one of ORDERS."""
+    if order == "grouped by adapter":
+        return ids.sort().values, {}
+    return ids, {"group_by_adapter": True} if order == "group_by_adapter=True" else {}
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_mixed_batch_equals_each_sample_through_its_own_merged_model(order):
     model = _multi_adapter_model()
     batch = make_batch(batch=40, seed=5)
-    ids = torch.randint(-1, 3, (40,), generator=torch.Generator().manual_seed(3))
-    if grouped:  # the linear layers then update contiguous slices in place
-        ids = ids.sort().values
-    routed = model(*batch, adapter_ids=ids)
+    ids, kwargs = _order(torch.randint(-1, 3, (40,), generator=torch.Generator().manual_seed(3)), order)
+    routed = model(*batch, adapter_ids=ids, **kwargs)
     merged = _merged_outputs(model, batch)
     expected = torch.stack([merged[int(a)][i] for i, a in enumerate(ids)])
     bound = _bound(model, batch, ids)
@@ -83,14 +94,12 @@ def test_routing_every_sample_to_one_adapter_equals_that_adapter():
         assert_within_bound(model(*batch, adapter_ids=torch.full((12,), 0)), model(*batch), bound, FORWARD_ROUNDINGS)
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["random order", "grouped by adapter"])
-def test_routed_training_gradients_equal_separate_per_adapter_runs(grouped):
+@pytest.mark.parametrize("order", ORDERS)
+def test_routed_training_gradients_equal_separate_per_adapter_runs(order):
     batch = make_batch(batch=24, seed=8)
-    ids = torch.tensor([0, 1, 2, -1] * 6)
-    if grouped:
-        ids = ids.sort().values
+    ids, kwargs = _order(torch.tensor([0, 1, 2, -1] * 6), order)
     mixed = _multi_adapter_model()
-    mixed(*batch, adapter_ids=ids).pow(2).sum().backward()
+    mixed(*batch, adapter_ids=ids, **kwargs).pow(2).sum().backward()
 
     separate = _multi_adapter_model()
     for index, name in enumerate(separate.adapter_names):
@@ -166,3 +175,26 @@ def test_routing_a_merged_model_is_refused():
     model.merge_adapter()
     with pytest.raises(RuntimeError, match="merged; unmerge before routing"):
         model(*make_batch(batch=2), adapter_ids=torch.tensor([0, 1]))
+
+
+def test_grouped_batch_reorders_per_sample_tensors_only_and_restores_nested_outputs():
+    """Tensors with first dimension B, nested in lists, tuples and dicts, are sorted by adapter
+    (stably); other values pass as they are; restore puts outputs back in the caller's order;
+    a torchrec jagged batch (a stand-in of that name) is refused by name."""
+    ids = torch.tensor([2, 0, -1, 1, 0, 2, 1, -1, 0, 2])
+    rows = torch.arange(10.0).unsqueeze(1).expand(10, 3)
+    other = torch.arange(4)  # not per-sample
+    args, kwargs, sorted_ids, restore = grouped_batch(({"rows": [rows]}, other), {"scale": 2.0}, ids)
+    order = torch.argsort(ids, stable=True)
+    assert torch.equal(sorted_ids, ids[order]) and torch.equal(args[0]["rows"][0], rows[order])
+    assert args[1] is other and kwargs == {"scale": 2.0}
+    back = restore({"score": args[0]["rows"][0][:, 0], "pair": (sorted_ids, other)})
+    assert torch.equal(back["score"], rows[:, 0]) and torch.equal(back["pair"][0], ids) and back["pair"][1] is other
+
+    class KeyedJaggedTensor:  # what the check looks for: the type's name
+        pass
+
+    with pytest.raises(TypeError, match="KeyedJaggedTensor input cannot be reordered"):
+        grouped_batch((rows, KeyedJaggedTensor()), {}, ids)
+    unchanged = grouped_batch((rows,), {}, ids.sort().values)  # grouped already: nothing copied
+    assert unchanged[0][0] is rows
