@@ -44,6 +44,7 @@ Data: Chen, D. (2015). Online Retail. UCI Machine Learning Repository, doi:10.24
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import tempfile
@@ -121,6 +122,7 @@ class Settings:
     patience: int = 5
     lora_weight_decay: float = 0.0
     keep_initial: bool = True  # the base itself competes on the validation AUC (epoch -1)
+    min_improvement: float = 0.0  # an epoch must beat the best validation AUC so far by more than this
     bpr_weight: float = 2.0  # weight of the sampled-negative BPR term next to the softmax
     bpr_negatives: int = 16
     base_bpr_weight: float = 0.0
@@ -360,6 +362,7 @@ def fit(
     seed: int,
     desc: str,
     progress: bool,
+    min_improvement: float = 0.0,
 ) -> dict:
     """recpeft's Trainer (AdamW, LoraAdamW for the sparse adapter tables, warmup + cosine,
     clipping at 1) on ``split.train``, early stopping on the validation AUC; with ``keep_initial``
@@ -371,6 +374,7 @@ def fit(
         weight_decay=weight_decay,
         early_stopping_patience=patience,
         keep_initial=keep_initial,
+        min_improvement=min_improvement,
         seed=seed,
         progress=progress,
         desc=desc,
@@ -475,6 +479,7 @@ def train_lora(
         seed,
         f"{market} lora" + (" +new ids" if new_customers else ""),
         progress,
+        settings.min_improvement,
     )
     return lora, report
 
@@ -539,6 +544,7 @@ def tune_market(
         seed,
         f"{market} dense",
         progress,
+        settings.min_improvement,
     )
     entry["dense"] = evaluate(dense, split)
     return entry
@@ -677,6 +683,22 @@ def plot(summary: dict, path: Path, new_markets: bool = False) -> None:
     save_figure(fig, path)
 
 
+def with_overrides(settings: Settings, overrides: list[str]) -> Settings:
+    """``settings`` with FIELD=VALUE overrides, each VALUE parsed as the field's type."""
+    fields = asdict(settings)
+    changed = {}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        kind = type(fields[name])
+        try:
+            changed[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {value!r} is not a {kind.__name__}") from None
+    return dataclasses.replace(settings, **changed)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -684,6 +706,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one Settings field (a development run's candidate); recorded in the JSON",
+    )
     parser.add_argument(
         "--dev",
         action="store_true",
@@ -699,7 +728,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
-    settings = Settings()
+    settings = with_overrides(Settings(), args.set)
     start = time.perf_counter()
     split, end = (DEV_SPLIT, SPLIT) if args.dev else (SPLIT, None)
     rows, catalog, base_split, markets = prepare(args.data, settings, split, end, args.new_markets)
