@@ -5,6 +5,9 @@ Click metrics (B impressions, logits s_b, labels y_b ∈ [0, 1]):
 - ``log_loss``: mean binary cross-entropy of σ(s) against y,
   ℓ_b = softplus(s_b) − y_b·s_b  (= −y·log σ(s) − (1−y)·log(1−σ(s)), stable for any finite s).
 - ``auc``: P(score of a random positive > score of a random negative), ties count one half.
+- ``auc_standard_error``: DeLong's (1988) standard error of the AUC, from the same scores: with
+  V₁₀(i) = P(negative < positive i) and V₀₁(j) = P(negative j < positive) (ties one half),
+  SE² = Var(V₁₀)/n₊ + Var(V₀₁)/n₋ (sample variances): how far a validation AUC moves by chance.
 - ``per_segment`` / ``segment_auc`` / ``segment_log_loss``: a metric per segment value;
   ``segment_counts`` the impressions per segment; ``weighted_auc`` their impression-weighted mean
   Σ_g n_g·AUC_g / Σ_g n_g over the segments whose AUC is defined; ``undefined_auc_reason``
@@ -130,6 +133,16 @@ def log_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((torch.nn.functional.softplus(logits) - labels * logits).mean())
 
 
+def _midranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``values``, tied values sharing their average rank (float64)."""
+    order = torch.argsort(values)
+    _, inverse, counts = torch.unique(values[order], return_inverse=True, return_counts=True)
+    average = torch.cumsum(counts, 0).double() - (counts.double() - 1) / 2
+    ranks = torch.empty(values.shape, dtype=torch.float64, device=values.device)
+    ranks[order] = average[inverse]
+    return ranks
+
+
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Area under the ROC curve: P(score of a random positive > score of a random negative),
     ties counting one half (Mann-Whitney U over average ranks). Labels are 0/1 (> 0.5 counts as
@@ -139,13 +152,22 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     positives, negatives = int(labels.sum()), int((~labels).sum())
     if positives == 0 or negatives == 0:
         return float("nan")
-    order = torch.argsort(scores)
-    _, inverse, counts = torch.unique(scores[order], return_inverse=True, return_counts=True)
-    # the average 1-based rank of each run of tied scores
-    average = torch.cumsum(counts, 0).double() - (counts.double() - 1) / 2
-    ranks = torch.empty_like(scores)
-    ranks[order] = average[inverse]
+    ranks = _midranks(scores)
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def auc_standard_error(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """DeLong's standard error of ``auc(scores, labels)`` (module docstring); NaN unless there
+    are at least two positives and two negatives."""
+    scores = _finite("scores", scores).flatten()
+    labels = _labels(labels, scores) > 0.5
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives < 2 or negatives < 2:
+        return float("nan")
+    every = _midranks(scores)
+    below_positive = (every[labels] - _midranks(scores[labels])) / negatives  # V10 per positive
+    above_negative = 1 - (every[~labels] - _midranks(scores[~labels])) / positives  # V01 per negative
+    return math.sqrt(float(below_positive.var() / positives + above_negative.var() / negatives))
 
 
 def undefined_auc_reason(labels) -> str | None:

@@ -37,6 +37,7 @@ from recpeft.apps.base_checkpoint import (
 from recpeft.apps.demo_report import figure, print_table, save_report
 from recpeft.apps.run_config import RUN_CONFIG, toml_text
 from recpeft.apps.target_search import chosen_config, ranking_record, ranking_table, search_targets, target_groups
+from recpeft.apps.validation_size import noisy_validation_note, validation_noise
 from recpeft.apps.workflow import Method, SegmentRule, click_metrics, finetune, prepare, pretrain
 from recpeft.datasets.sources import Roles, load_source, resolve_format
 from recpeft.datasets.splits import cut_ns
@@ -546,6 +547,10 @@ def cmd_finetune(args) -> None:
         f"base {_auc(before)} → {_auc(after)} (LogLoss {before['log_loss']:.4f} → "
         f"{after['log_loss']:.4f}) on {after['rows']:,} rows; saved the {what} to {out}"
     )
+    valid_rows = len(data.segment_rows("valid", segment))
+    note = noisy_validation_note(segment, valid_rows, validation_noise(base, data, segment))
+    if note:
+        print(note)
 
 
 def _chosen_segments(args, data, name: str) -> list[str]:
@@ -606,8 +611,11 @@ def _finetune_segments(args, base, encoder, methods: list[Method], out: Path) ->
     rows, configs = [], {}
     joint = _finetune_jointly(args, base, data, segments, out) if args.joint else {}
     bar = tqdm(total=len(segments) * len(methods), desc="segments", unit="model", disable=args.quiet)
+    notes = []
     for segment in segments:
         row = segment_row(base, data, segment, left_out.get(segment))
+        row.update(validation_noise(base, data, segment))
+        notes.append(noisy_validation_note(segment, row["valid_rows"], row))
         for method in methods:
             bar.set_postfix_str(f"{method.value} {segment}")
             folder = _segment_folder(segment, method)
@@ -620,6 +628,8 @@ def _finetune_segments(args, base, encoder, methods: list[Method], out: Path) ->
             bar.update()
         rows.append(row)
     bar.close()
+    for note in filter(None, notes):
+        print(note)
     context = {
         "base": str(args.base),
         "data": name,

@@ -140,3 +140,21 @@ def test_one_method_over_listed_segments_and_both_methods_need_segments(made, ca
 def test_excluding_a_segment_the_data_lacks_is_refused(made, capsys, tmp_path):
     argv = ["pretrain", str(made["log"]), *ROLES, *TINY, "--out", str(tmp_path / "b"), "--exclude-segments", "west"]
     one_line_error(argv, capsys, "--exclude-segments west: not in", "['isle', 'north', 'south']")
+
+
+def test_a_segment_whose_validation_is_too_small_to_decide_is_named(made):
+    """Every summary row carries the base's validation AUC standard error; exactly the segments
+    above the threshold get the one-line note, naming their validation rows."""
+    from recpeft.apps.validation_size import NOISY_VALIDATION_SE
+
+    rows = json.loads((made["out"] / "summary.json").read_text())["segments"]
+    assert rows and all(math.isfinite(r["valid_auc_se"]) and r["valid_auc_se"] > 0 for r in rows)
+    noisy = {r["segment"] for r in rows if r["valid_auc_se"] > NOISY_VALIDATION_SE}
+    named = {line.split(":")[0] for line in made["printed"].splitlines() if "measure AUC only to ±" in line}
+    assert named == noisy and noisy  # 86 and 94 validation rows here: both too few
+    for r in rows:
+        if r["segment"] in noisy:
+            assert (
+                f"{r['segment']}: its {r['valid_rows']:,} validation rows ({r['valid_positives']:,} positive)"
+                in made["printed"]
+            )
