@@ -97,8 +97,9 @@ def _map_tensors(fn: Callable, value):
     if isinstance(value, (list, tuple)):
         mapped = [_map_tensors(fn, v) for v in value]
         return type(value)(*mapped) if hasattr(value, "_fields") else type(value)(mapped)
-    if isinstance(value, dict):
-        return type(value)(**{k: _map_tensors(fn, v) for k, v in value.items()})
+    if isinstance(value, dict):  # keyword construction keeps dict subclasses such as HF's ModelOutput
+        mapped = {k: _map_tensors(fn, v) for k, v in value.items()}
+        return type(value)(**mapped) if all(isinstance(k, str) for k in mapped) else type(value)(mapped)
     if type(value).__name__ in _UNORDERABLE:
         raise TypeError(
             f"group_by_adapter: a {type(value).__name__} input cannot be reordered by sample; "
