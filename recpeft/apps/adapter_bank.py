@@ -81,7 +81,8 @@ class AdapterBank:
                 self._peft.load_adapter(folder, adapter_name=name)
         except (ValueError, OSError, RuntimeError) as exc:
             raise AdapterRefused(f"adapter {name!r} ({folder}) refused: {exc}") from exc
-        self._peft.to(self.device).eval()
+        # an adapter's parameters are made on its base weights' device, which is already ours
+        self._peft.eval()
         self.folders[name] = folder
 
     def add_folders(self, folders: Mapping[str, str | Path], *, ignore_base_mismatch: bool = False) -> dict[str, str]:

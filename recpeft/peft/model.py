@@ -28,7 +28,7 @@ from recpeft.utils.validation import check_adapter_name
 from . import serialization, weighted_merge
 from .config import HF_LORA, RECPEFT_LORA, LoraBias, LoraConfig
 from .serialization import read_adapter_file, weights_file
-from .targeting import group_lora_targets, select_lora_targets, select_modules_to_save
+from .targeting import group_lora_targets, modules_outside_wrappers, select_lora_targets, select_modules_to_save
 
 
 def _enable_dora(layer: LoraLayer, name: str, adapter: str) -> None:
@@ -147,7 +147,7 @@ class PeftModel(nn.Module):
 
     def adapter_holders(self) -> dict[str, AdapterHolder]:
         """Module name → every module holding adapters (LoRA wrappers and modules saved whole)."""
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, AdapterHolder)}
+        return {n: m for n, m in modules_outside_wrappers(self.base_model) if isinstance(m, AdapterHolder)}
 
     def lora_layers(self) -> dict[str, LoraLayer]:
         """Module name → the LoRA wrappers among :meth:`adapter_holders`."""
@@ -195,7 +195,12 @@ class PeftModel(nn.Module):
         self._bias_names[adapter_name] = self._select_biases(config, targets)
         if config.inference_mode:
             self._inference_only.add(adapter_name)
-        self._refresh_trainable()
+        if self._bias_names[adapter_name] or len(self.peft_config) == 1:  # the first freezes the base
+            self._refresh_trainable()
+        else:  # only the new adapter's parameters change: no walk over the other adapters
+            for name in [*groups, *saved]:
+                for param in self.base_model.get_submodule(name).adapter_parameters(adapter_name):
+                    param.requires_grad_(adapter_name not in self._inference_only)
 
     def _wrap(self, name: str, make: Callable[[nn.Module, str], AdapterHolder]) -> AdapterHolder:
         """The holder at ``name``: the one already there (targeting has checked it is of the right
@@ -389,6 +394,8 @@ class PeftModel(nn.Module):
 
     def _bias_params(self, adapter: str) -> dict[str, nn.Parameter]:
         """The biases ``adapter`` trains, by their names in the unwrapped model."""
+        if not self._bias_names[adapter]:
+            return {}  # without the walk over every parameter
         params = self._base_parameters()
         return {n: params[n] for n in self._bias_names[adapter]}
 

@@ -35,25 +35,38 @@ def part_names(module: nn.Module) -> list[str] | None:
     return None if wrapper is None else wrapper.part_names(module)
 
 
+def modules_outside_wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` (the same order, each module once) without descending into
+    recpeft's wrappers (LoRA layers, modules saved whole) or modules adapted part by part: a
+    walk over the base model's modules whose cost does not grow with the adapters added."""
+    seen, stack = set(), [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        if name and (isinstance(module, (ModulesToSaveWrapper, LoraLayer)) or part_names(module) is not None):
+            continue
+        children = [(f"{name}.{child}" if name else child, m) for child, m in module._modules.items() if m is not None]
+        stack.extend(reversed(children))
+
+
 def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, str | None]]:
     """(name, module, owner) for every target candidate: owner is the module name for a part,
     None for a module. LoRA layers are seen as their base layer; the insides of recpeft's
     wrappers and of modules adapted part by part are skipped."""
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(prefix) for prefix in inside):
+    for name, module in modules_outside_wrappers(model):
+        if not name:
             continue
         if isinstance(module, ModulesToSaveWrapper):
-            inside.append(name + ".")
             yield name, module.original_module, None
             continue
         if isinstance(module, LoraLayer):
-            inside.append(name + ".")
             module = module.base_layer
         yield name, module, None
         parts = part_names(module)
         if parts is not None:
-            inside.append(name + ".")
             yield from ((f"{name}.{part}", module, name) for part in parts)
 
 

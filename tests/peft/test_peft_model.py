@@ -271,3 +271,25 @@ def test_autocast_runs_the_adapter_in_the_autocast_dtype():
     assert_normwise_close(low, full, rel=2.0**-3, name="autocast")
     with pytest.raises(AssertionError, match="exceeds"):
         assert_normwise_close(torch.zeros_like(full), full, rel=2.0**-3)
+
+
+def test_adapters_added_one_by_one_leave_what_a_full_refresh_would():
+    """add_adapter touches only the new adapter's parameters (no walk over the others): the
+    trainable flags, and the holders found without descending into wrappers, equal what a full
+    walk gives — with LoRA layers, a module saved whole, a trained bias and an inference-only
+    adapter among them."""
+    from recpeft.layers import AdapterHolder
+
+    model = get_peft_model(make_model(), LoraConfig(r=2, target_modules=ALL_TARGETS[:3]), "a")
+    model.add_adapter("b", LoraConfig(r=3, target_modules=["mlp.0"], modules_to_save=["mlp.2"], bias="lora_only"))
+    model.add_adapter("c", LoraConfig(r=2, target_modules=ALL_TARGETS[:4], inference_mode=True))
+    model.add_adapter("d", LoraConfig(r=4, target_modules=["item"]))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any(flags.values()) and not all(flags.values())
+    holders = model.adapter_holders().values()
+    assert not any(p.requires_grad for h in holders if h.has_adapter("c") for p in h.adapter_parameters("c"))
+    assert all(p.requires_grad for h in holders if h.has_adapter("d") for p in h.adapter_parameters("d"))
+    model._refresh_trainable()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    walked = {n: m for n, m in model.base_model.named_modules() if isinstance(m, AdapterHolder)}
+    assert model.adapter_holders() == walked and len(walked) >= 4
