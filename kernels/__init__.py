@@ -1,7 +1,8 @@
 """recpeft.kernels: tensor ops for low-rank adapters, with no model knowledge.
 
 Every op has a plain-PyTorch version in :mod:`recpeft.kernels.reference` (the CPU path and the
-test oracle) and a Triton version in the module named after the op
+test oracle; its many-adapter ops loop over rows grouped once in :mod:`recpeft.kernels.grouped`)
+and a Triton version in the module named after the op
 (:mod:`recpeft.kernels.lora_linear`, :mod:`recpeft.kernels.lora_embedding_bag`, and
 :mod:`recpeft.kernels.segmented_lora` for many adapters in one batch), which share their launch
 constants through :mod:`recpeft.kernels.launch`; :mod:`recpeft.kernels.dispatch`

@@ -42,7 +42,6 @@ by adapter once (:func:`group_by_adapter`) and each adapter runs on its rows onl
 from __future__ import annotations
 
 import dataclasses
-import functools
 import operator
 from dataclasses import dataclass
 from enum import Enum
@@ -249,27 +248,21 @@ class ListFacts:
 
     Attributes:
         present: the adapters that are not None, in order.
-        exists: ``[a is not None for a in adapters]``.
+        exists: [len(adapters)] bool, which entries are not None.
         factors: every present adapter's lora_A, then every lora_B.
-        shapes_a: lora_A.shape of each present adapter.
+        max_a: the largest lora_A size along each dimension.
+        one_vocabulary: every present lora_A has the same number of rows (bags' A [V, r]).
         numel_a: Σ lora_A.numel() over the present adapters.
         dtypes: the factors' dtypes.
     """
 
     present: tuple
-    exists: tuple
+    exists: torch.Tensor
     factors: tuple
-    shapes_a: tuple
+    max_a: tuple
+    one_vocabulary: bool
     numel_a: int
     dtypes: frozenset
-
-    def max_dim_a(self, dim: int) -> int:
-        return max((shape[dim] for shape in self.shapes_a), default=0)
-
-    @functools.cached_property
-    def one_vocabulary(self) -> bool:
-        """Every present table has the same number of rows (bags' A [V, r])."""
-        return len({shape[0] for shape in self.shapes_a}) == 1
 
 
 # list identity → (the list's items, its facts); the items are compared by identity on every
@@ -284,11 +277,13 @@ def list_facts(adapters: list) -> ListFacts:
     if entry is not None and len(entry[0]) == len(adapters) and all(map(operator.is_, entry[0], adapters)):
         return entry[1]
     present = tuple(a for a in adapters if a is not None)
+    shapes = [tuple(a.lora_A.shape) for a in present]
     facts = ListFacts(
         present=present,
-        exists=tuple(a is not None for a in adapters),
+        exists=torch.tensor([a is not None for a in adapters], dtype=torch.bool),
         factors=(*(a.lora_A for a in present), *(a.lora_B for a in present)),
-        shapes_a=tuple(a.lora_A.shape for a in present),
+        max_a=tuple(map(max, zip(*shapes))) if shapes else (0, 0),
+        one_vocabulary=len({shape[0] for shape in shapes}) == 1,
         numel_a=sum(a.lora_A.numel() for a in present),
         dtypes=frozenset(t.dtype for a in present for t in (a.lora_A, a.lora_B)),
     )
@@ -307,9 +302,8 @@ def _adapters_in_batch(ids: torch.Tensor, adapters: list) -> int:
     """How many of ``adapters`` (not None) the batch's ``ids`` use."""
     if not ids.numel():
         return 0
-    used = torch.bincount(ids.to(torch.int64) + 1, minlength=len(adapters) + 1)[1:].nonzero().squeeze(1).tolist()
-    exists = list_facts(adapters).exists
-    return sum(exists[a] for a in used)
+    counts = torch.bincount(ids.to(torch.int64) + 1, minlength=len(adapters) + 1)[1:]
+    return int(((counts > 0) & list_facts(adapters).exists.to(counts.device)).sum())
 
 
 # Stacks built without autograd, kept for the next call (a serving loop routes the same adapters
@@ -396,7 +390,7 @@ def segmented_lora_linear(x, weight, bias, adapters: list[AdapterWeights | None]
     merged layer for random order, 1.3x for a grouped batch (the loop)."""
     facts = list_facts(adapters)
     if len(facts.present) >= GATHER_MIN_ADAPTERS:
-        work = x.shape[0] * facts.max_dim_a(0) * (x.shape[1] + weight.shape[0])
+        work = x.shape[0] * facts.max_a[0] * (x.shape[1] + weight.shape[0])
         if _gathers(work, _adapters_in_batch(row_adapter, adapters)):
             return _gathered_linear(F.linear(x, weight, bias), x, adapters, row_adapter)
     return grouped_lora_linear(x, weight, bias, adapters, row_adapter)
@@ -414,7 +408,7 @@ def segmented_lora_bag_delta(
     training = torch.is_grad_enabled() and any(t.requires_grad for t in facts.factors)
     if not training and len(facts.present) >= GATHER_MIN_ADAPTERS and facts.one_vocabulary:
         stacked = facts.numel_a  # the tables side by side, once per call
-        work = layout.num_bags * facts.max_dim_a(1) * out_dim + layout.ids.numel()
+        work = layout.num_bags * facts.max_a[1] * out_dim + layout.ids.numel()
         if stacked <= GATHER_MAX_ELEMENTS and _gathers(work, _adapters_in_batch(bag_adapter, adapters)):
             return _gathered_bag_delta(layout, adapters, bag_adapter, dtype)
     return grouped_bag_delta(layout, adapters, bag_adapter, out_dim, dtype)
