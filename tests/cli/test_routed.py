@@ -60,8 +60,12 @@ def test_evaluate_adapters_routes_every_segment_to_its_own(made, capsys, tmp_pat
             auc_slack, loss_slack = metric_slacks(logits, labels)
             assert abs(row[f"{arm}_auc"] - auc(logits, labels)) <= auc_slack, (segment, arm)
             assert abs(row[f"{arm}_log_loss"] - log_loss(logits, labels)) <= loss_slack, (segment, arm)
-    # a segment without an adapter is the base's, and marked so
-    assert rows["isle"]["adapted_log_loss"] == rows["isle"]["base_log_loss"]
+    # a segment without an adapter is the base's (the same rows, batched in adapter order: equal
+    # to float32 rounding of the base's own ops), and marked so
+    isle = torch.from_numpy((test["country"] == "isle").to_numpy(copy=True))
+    isle_labels = torch.tensor(test["clicked"].to_numpy()[isle.numpy()], dtype=torch.float32)
+    _, loss_slack = metric_slacks(alone[isle], isle_labels)
+    assert abs(rows["isle"]["adapted_log_loss"] - rows["isle"]["base_log_loss"]) <= loss_slack
     assert "base*" in out.split("isle", 2)[-1].splitlines()[0]
     for segment in ("north", "south"):  # the adapters matter
         assert rows[segment]["adapted_log_loss"] != rows[segment]["base_log_loss"]
