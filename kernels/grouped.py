@@ -83,8 +83,9 @@ def adapter_groups(row_adapter: torch.Tensor, present: list[bool]) -> AdapterGro
         spans.append((a, position, position + size))
         pieces.append(order[starts[a + 1] : starts[a + 2]])
         position += size
-    contiguous = len(kept) == len(present) or not pieces  # every adapter present: one slice
-    rows = order[counts[0] :] if contiguous else torch.cat(pieces)
+    # no row of a missing adapter: the routed rows are one slice of the order
+    contiguous = all(here or not counts[a + 1] for a, here in enumerate(present))
+    rows = order[counts[0] :] if contiguous or not pieces else torch.cat(pieces)
     return AdapterGroups(rows, tuple(spans))
 
 
@@ -116,7 +117,8 @@ class GroupedLoraLinear(torch.autograd.Function):
             y.index_add_(0, groups.rows, out)
         ctx.groups, ctx.scales, ctx.masks, ctx.dropped = groups, scales, masks, dropped_inputs
         ctx.xs = None if grouped else xs  # grouped: x itself, saved below
-        ctx.save_for_backward(x, weight, *us, *factors)
+        keep_x = grouped or ctx.needs_input_grad[1]  # x for the spans' slices, or for dW
+        ctx.save_for_backward(x if keep_x else None, weight, *us, *factors)
         return y
 
     @staticmethod
