@@ -42,7 +42,9 @@ by adapter once (:func:`group_by_adapter`) and each adapter runs on its rows onl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -242,9 +244,10 @@ GATHER_MAX_ELEMENTS = 1 << 24  # and never more than this many gathered weights 
 
 @dataclass(frozen=True)
 class ListFacts:
-    """What the routed ops read off a list of AdapterWeights (or None) before any work: computed
-    once per list (:func:`list_facts`), since a serving loop routes the same list call after call
-    and at hundreds of adapters these scans are a large part of a small batch's time.
+    """What the routed ops read off a list of AdapterWeights (or None) before any work: kept on a
+    layer's :class:`RoutedAdapters` (:func:`list_facts`), since a serving loop routes the same
+    adapters call after call and at hundreds of adapters these scans are a large part of a small
+    batch's time.
 
     Attributes:
         present: the adapters that are not None, in order.
@@ -265,20 +268,26 @@ class ListFacts:
     dtypes: frozenset
 
 
-# list identity → (the list's items, its facts); the items are compared by identity on every
-# lookup, so a list changed in place after its first call is never read from a stale entry
-_FACTS: dict[int, tuple] = {}
-_FACTS_KEPT = 256
+class RoutedAdapters(tuple):
+    """A layer's routed adapters (one AdapterWeights or None per routed name), immutable, with
+    its :class:`ListFacts` computed on first use and kept: a layer keeps one such tuple while its
+    adapters, scales and dropouts stay the same (``LoraWeightLayer.routed_adapters``)."""
+
+    @functools.cached_property
+    def facts(self) -> ListFacts:
+        return _facts_of(self)
 
 
-def list_facts(adapters: list) -> ListFacts:
-    """:class:`ListFacts` of ``adapters``, from :data:`_FACTS` while its items are the same objects."""
-    entry = _FACTS.get(id(adapters))
-    if entry is not None and len(entry[0]) == len(adapters) and all(map(operator.is_, entry[0], adapters)):
-        return entry[1]
+def list_facts(adapters) -> ListFacts:
+    """:class:`ListFacts` of ``adapters``: kept on a :class:`RoutedAdapters`, computed afresh
+    for any other sequence (which its caller may change between calls)."""
+    return adapters.facts if isinstance(adapters, RoutedAdapters) else _facts_of(adapters)
+
+
+def _facts_of(adapters) -> ListFacts:
     present = tuple(a for a in adapters if a is not None)
     shapes = [tuple(a.lora_A.shape) for a in present]
-    facts = ListFacts(
+    return ListFacts(
         present=present,
         exists=torch.tensor([a is not None for a in adapters], dtype=torch.bool),
         factors=(*(a.lora_A for a in present), *(a.lora_B for a in present)),
@@ -287,10 +296,6 @@ def list_facts(adapters: list) -> ListFacts:
         numel_a=sum(a.lora_A.numel() for a in present),
         dtypes=frozenset(t.dtype for a in present for t in (a.lora_A, a.lora_B)),
     )
-    if len(_FACTS) >= _FACTS_KEPT:
-        _FACTS.clear()
-    _FACTS[id(adapters)] = (tuple(adapters), facts)
-    return facts
 
 
 def _gathers(work: int, used: int) -> bool:
@@ -307,7 +312,7 @@ def _adapters_in_batch(ids: torch.Tensor, adapters: list) -> int:
 
 
 # Stacks built without autograd, kept for the next call (a serving loop routes the same adapters
-# call after call): keyed by the routed list's facts (:func:`list_facts`: the same items) and the
+# call after call): keyed by the routed list's facts (one object per RoutedAdapters) and the
 # sum of its factors' versions, which an in-place update (training, a load) increases, so a
 # changed factor is never served from here. An entry holds its facts, and so its factors, until
 # the cache is next cleared.
@@ -316,11 +321,11 @@ _STACKS_KEPT = 32
 _VERSION = operator.attrgetter("_version")
 
 
-def _stacks(adapters: list[AdapterWeights | None], ids: torch.Tensor, rank_dim_a: int, rank_dim_b: int):
+def _stacks(adapters: Sequence[AdapterWeights | None], ids: torch.Tensor, rank_dim_a: int, rank_dim_b: int):
     """(RoutedStack, A_stack, B_stack) of ``adapters``, ranks zero-padded to the largest. Without
-    autograd, everything but the renumbered ids comes from :data:`_STACKS` when ``adapters`` holds
-    the items it was built from (the layers keep one list while their adapters, scales and
-    dropouts stay the same) and no factor has changed in place since (tensor versions)."""
+    autograd, everything but the renumbered ids comes from :data:`_STACKS` when ``adapters`` is
+    the :class:`RoutedAdapters` it was built from and no factor has changed in place since
+    (tensor versions); any other sequence builds its stacks afresh."""
     facts = list_facts(adapters)
     present, tensors = facts.present, facts.factors
     cached = not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
@@ -379,15 +384,15 @@ def _gathered_bag_delta(layout: BagLayout, adapters, bag_adapter, dtype):
     return delta.index_add_(0, routed, torch.bmm(u.unsqueeze(1), lora_B.index_select(0, owner)).squeeze(1).to(dtype))
 
 
-def segmented_lora_linear(x, weight, bias, adapters: list[AdapterWeights | None], row_adapter):
+def segmented_lora_linear(x, weight, bias, adapters: Sequence[AdapterWeights | None], row_adapter):
     """y_i = x_i·Wᵀ + b + s_a·(d(x_i)·A_aᵀ)·B_aᵀ with a = row_adapter[i]; x is [M, K].
 
     With many adapters in the batch and few rows each (:func:`_gathers`): each row gathers its
-    own adapter's factors (BGMV). Otherwise
-    rows already grouped by adapter are updated in place slice by slice, or each adapter gathers
-    its rows (one sort for the batch) and its delta is added back with index_add. Measured
-    (benchmarks/bench_routing.py, 64 adapters, 8192×512→512, r=16, 2 CPU cores): about 1.6x one
-    merged layer for random order, 1.3x for a grouped batch (the loop)."""
+    own adapter's factors (BGMV). Otherwise one step per adapter over the rows grouped once
+    (:func:`recpeft.kernels.grouped.grouped_lora_linear`: slices of x and y when the rows arrive
+    grouped, one gather and one scatter when not). Measured (benchmarks/bench_routing.py, 64
+    adapters, 8192×512→512, r=16, 2 CPU cores): 1.44x one merged layer for random order, 1.27x
+    for a grouped batch."""
     facts = list_facts(adapters)
     if len(facts.present) >= GATHER_MIN_ADAPTERS:
         work = x.shape[0] * facts.max_a[0] * (x.shape[1] + weight.shape[0])
@@ -397,7 +402,7 @@ def segmented_lora_linear(x, weight, bias, adapters: list[AdapterWeights | None]
 
 
 def segmented_lora_bag_delta(
-    layout: BagLayout, adapters: list[AdapterWeights | None], bag_adapter, out_dim: int, dtype
+    layout: BagLayout, adapters: Sequence[AdapterWeights | None], bag_adapter, out_dim: int, dtype
 ):
     """delta_j = s_a·(Σ w_i·A_a[i])·B_a with a = bag_adapter[j] (zero for −1): [nb, D]. With
     many adapters in the batch and few bags each (:func:`_gathers`), tables of one V small
@@ -637,7 +642,7 @@ class RoutedStack:
         return max(self.ranks, default=0)
 
 
-def routed_stack(adapters: list[AdapterWeights | None], ids: torch.Tensor, rank_dim: int) -> RoutedStack:
+def routed_stack(adapters: Sequence[AdapterWeights | None], ids: torch.Tensor, rank_dim: int) -> RoutedStack:
     """:class:`RoutedStack` of ``adapters`` (r_a = lora_A.shape[rank_dim]) for ``ids``."""
     present = [i for i, a in enumerate(adapters) if a is not None]
     remap = torch.full((len(adapters) + 1,), -1, dtype=torch.int64)

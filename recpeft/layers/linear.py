@@ -97,7 +97,7 @@ class LoraLinear(dora.DoraLayer, LoraWeightLayer):
         row_adapter = routing.row_adapter(self.module_name, x.shape[0], math.prod(x.shape[1:-1]), x.device)
         adapters = self.routed_adapters(routing)
         if x.dtype != weight.dtype or list_facts(adapters).dtypes - {x.dtype}:
-            adapters = [
+            adapters = [  # a list of this call's own: its facts and stacks are not kept
                 a if a is None else dataclasses.replace(a, lora_A=cast(a.lora_A), lora_B=cast(a.lora_B))
                 for a in adapters
             ]

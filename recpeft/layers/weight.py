@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from recpeft.kernels import AdapterWeights
+from recpeft.kernels.reference import RoutedAdapters
 
 from .base import LoraLayer
 from .routing import Routing
@@ -72,7 +73,7 @@ class LoraWeightLayer(LoraLayer):
         for settings in (self.scaling, self.lora_dropout, self.ranks):
             settings.pop(adapter, None)
 
-    def routed_adapters(self, routing: Routing) -> list[AdapterWeights | None]:
+    def routed_adapters(self, routing: Routing) -> RoutedAdapters:
         """This layer's weights for every routed adapter name (None where it has no such adapter)."""
         self.refuse_routing_when_merged()
         dropout_on = self.training
@@ -92,12 +93,12 @@ class LoraWeightLayer(LoraLayer):
         )
         cached = getattr(self, "_routed_weights", None)
         if cached is None or cached[0] != key:
-            weights = [
+            weights = RoutedAdapters(
                 AdapterWeights(a[n], b[n], self.scaling[n], self.lora_dropout[n] if dropout_on else 0.0)
                 if n in a
                 else None
                 for n in routing.adapter_names
-            ]
+            )
             self._routed_weights = cached = (key, weights)
         return cached[1]
 

@@ -680,9 +680,9 @@ def test_served_stacks_follow_in_place_updates_and_new_scales(monkeypatch):
 
 
 def test_a_routed_list_changed_in_place_is_read_afresh():
-    """The ops read facts of a list once per list (reference.list_facts); a caller that puts
-    another adapter, or None, into the same list object gets that list's numbers, in the
-    gathering branch (its stacks too) and in the loop."""
+    """Only a layer's immutable RoutedAdapters keeps its facts and stacks (reference.list_facts);
+    a caller that puts another adapter, or None, into the same plain list object gets that
+    list's numbers, in the gathering branch (its stacks too) and in the loop."""
     case = linear_case("many adapters, unequal ranks", torch.float32, seed=12)
     adapters = [AdapterWeights(A.cpu(), B.cpu(), s) for A, B, s in zip(case["As"], case["Bs"], case["scales"])]
     x, weight, bias, ids = (case[k].cpu() for k in ("x", "weight", "bias", "ids"))

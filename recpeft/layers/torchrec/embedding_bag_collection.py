@@ -11,6 +11,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embed
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recpeft.kernels import AdapterWeights, bag_layout, dispatch
+from recpeft.kernels.reference import RoutedAdapters
 
 from .collection import LoraCollectionLayer, keep_samples, resolved
 
@@ -123,12 +124,12 @@ class LoraEmbeddingBagCollection(LoraCollectionLayer):
             return None
         tables = sorted({t for n, t in weights})
         per_table = {
-            table: [
+            table: RoutedAdapters(
                 AdapterWeights(weights[n, table], factors[n][table], self.scaling[n][table], 0.0)
                 if (n, table) in weights
                 else None
                 for n in routing.adapter_names
-            ]
+            )
             for table in tables
         }
         self._routed_cache = (key, per_table)
