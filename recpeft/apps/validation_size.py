@@ -26,23 +26,24 @@ NOISY_VALIDATION_SE = 0.01
 
 @torch.no_grad()
 def validation_noise(base: nn.Module, data: EncodedSplit, segment: str) -> dict:
-    """``valid_positives`` and ``valid_auc_se`` (NaN when AUC is undefined there) of the base
-    on ``segment``'s validation rows."""
+    """``valid_rows``, ``valid_positives`` and ``valid_auc_se`` (NaN when AUC is undefined
+    there) of the base on ``segment``'s validation rows."""
     rows = data.segment_rows("valid", segment)
     labels = rows.encoded.labels
     positives = int((labels > 0.5).sum())
-    if len(rows) == 0 or positives in (0, len(rows)):
-        return {"valid_positives": positives, "valid_auc_se": float("nan")}
-    return {"valid_positives": positives, "valid_auc_se": auc_standard_error(predict(base, rows), labels)}
+    defined = 0 < positives < len(rows)
+    se = auc_standard_error(predict(base, rows), labels) if defined else float("nan")
+    return {"valid_rows": len(rows), "valid_positives": positives, "valid_auc_se": se}
 
 
-def noisy_validation_note(segment: str, valid_rows: int, noise: dict) -> str | None:
+def noisy_validation_note(segment: str, noise: dict) -> str | None:
     """One line for a segment whose validation slice is too small to decide, else None."""
     se = noise["valid_auc_se"]
     if not math.isfinite(se) or se <= NOISY_VALIDATION_SE:
         return None
     return (
-        f"{segment}: its {valid_rows:,} validation rows ({noise['valid_positives']:,} positive) measure AUC only "
-        f"to ±{se:.3f} (one standard error), more than most fine-tuning gains, so the kept epoch may be chance: "
-        f"give it more rows (--valid-fraction) or ask more of an epoch (--min-improvement {se:.3f})"
+        f"{segment}: its {noise['valid_rows']:,} validation rows ({noise['valid_positives']:,} positive) "
+        f"measure AUC only to ±{se:.3f} (one standard error), more than most fine-tuning gains, "
+        "so the kept epoch may be chance: give it more rows (--valid-fraction) "
+        f"or ask more of an epoch (--min-improvement {se:.3f})"
     )

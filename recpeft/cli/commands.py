@@ -547,8 +547,7 @@ def cmd_finetune(args) -> None:
         f"base {_auc(before)} → {_auc(after)} (LogLoss {before['log_loss']:.4f} → "
         f"{after['log_loss']:.4f}) on {after['rows']:,} rows; saved the {what} to {out}"
     )
-    valid_rows = len(data.segment_rows("valid", segment))
-    note = noisy_validation_note(segment, valid_rows, validation_noise(base, data, segment))
+    note = noisy_validation_note(segment, validation_noise(base, data, segment))
     if note:
         print(note)
 
@@ -615,7 +614,7 @@ def _finetune_segments(args, base, encoder, methods: list[Method], out: Path) ->
     for segment in segments:
         row = segment_row(base, data, segment, left_out.get(segment))
         row.update(validation_noise(base, data, segment))
-        notes.append(noisy_validation_note(segment, row["valid_rows"], row))
+        notes.append(noisy_validation_note(segment, row))
         for method in methods:
             bar.set_postfix_str(f"{method.value} {segment}")
             folder = _segment_folder(segment, method)
