@@ -33,6 +33,7 @@ import torch
 
 from recpeft.datasets import ClickBatches, EncodedInteractions
 from recpeft.datasets.interactions import canonical_text
+from recpeft.kernels.reference import unchanged_factors
 from recpeft.peft.model import PeftModel
 from recpeft.utils.devices import AUTO, resolve_device
 from recpeft.utils.tensor_bytes import tensor_bytes
@@ -57,6 +58,7 @@ class AdapterBank:
         self._base = base.to(self.device).eval()
         self._peft: PeftModel | None = None
         self.folders: dict[str, Path] = {}
+        self._ids_of: tuple[tuple[str, ...], dict[str, int]] | None = None
 
     # ---- adapters ------------------------------------------------------------------------------
 
@@ -127,10 +129,15 @@ class AdapterBank:
     def adapter_ids(self, segments: Sequence[str]) -> torch.Tensor:
         """int64 [N]: each row's adapter (its routing id, ``PeftModel.adapter_names`` order) by its
         segment name, −1 (the base alone) where no adapter of that name serves."""
-        order = {adapter: i for i, adapter in enumerate(self._adapter_order())}
-        codes, names = pd.factorize(pd.Series(list(segments), dtype=object))
-        table = torch.tensor([order.get(str(n), -1) for n in names] + [-1], dtype=torch.int64)
-        return table[torch.from_numpy(codes.astype("int64"))]  # code −1 (missing) reads the last slot
+        order = self._routing_ids()
+        return torch.tensor([order.get(name, -1) for name in segments], dtype=torch.int64)
+
+    def _routing_ids(self) -> dict[str, int]:
+        """{adapter name: routing id}, kept while the adapters are the same."""
+        names = self._adapter_order()
+        if self._ids_of is None or self._ids_of[0] != names:
+            self._ids_of = (names, {name: i for i, name in enumerate(names)})
+        return self._ids_of[1]
 
     def logits(self, encoded: EncodedInteractions, segments: Sequence[str] | None = None) -> torch.Tensor:
         """Logits float32 [N] of ``encoded`` rows (encoded by :attr:`encoder`), each row through the
@@ -145,7 +152,8 @@ class AdapterBank:
         # chunks of a large request use one adapter alone, unrouted
         order = torch.arange(len(encoded)) if ids is None else torch.argsort(ids, stable=True)
         rows, out = ClickBatches(encoded), []
-        with torch.no_grad():
+        # the bank changes no factor in place (add and remove make new parameters)
+        with torch.no_grad(), unchanged_factors():
             for start in range(0, len(rows), self.chunk_rows):
                 index = order[start : start + self.chunk_rows]
                 batch = rows.batch(index).to(self.device)

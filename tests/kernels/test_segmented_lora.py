@@ -679,6 +679,36 @@ def test_served_stacks_follow_in_place_updates_and_new_scales(monkeypatch):
     assert_within_bound(third, looped, bound, n, name="after a new scale")
 
 
+def test_inside_the_unchanged_factors_promise_stacks_are_reused_until_the_adapters_change(monkeypatch):
+    """Inside ``unchanged_factors`` a served layer builds its stacks once (no version reads: an
+    in-place update is then not seen, as promised away); a new adapter (a new routed list) is
+    still stacked afresh, and outside the promise the in-place update shows again."""
+    layer = LoraLinear(nn.Linear(10, 6), "fc")
+    for a in range(MANY):
+        layer.update_layer(f"a{a}", r=2 + a % 3, scale=1.0 + a, dropout=0.0, init=False)
+    g = torch.Generator().manual_seed(4)
+    x, ids = torch.randn(40, 10, generator=g), torch.randint(-1, MANY, (40,), generator=g)
+    layer.eval()
+    builds = _spy(monkeypatch, "padded_stack")
+
+    def served(names):
+        with torch.no_grad(), routed(ids, names), reference.unchanged_factors():
+            return layer(x)
+
+    names = tuple(f"a{a}" for a in range(MANY))
+    first = served(names)
+    assert len(builds) == 2  # A's stack and B's
+    with torch.no_grad():
+        layer.lora_B["a1"].add_(1.0)
+    assert torch.equal(served(names), first) and len(builds) == 2  # promised unchanged: reused
+    layer.update_layer("extra", r=3, scale=2.0, dropout=0.0, init=False)
+    served((*names, "extra"))
+    assert len(builds) == 4  # a new routed list: new stacks
+    with torch.no_grad(), routed(ids, names):
+        outside = layer(x)  # versions read again: the update shows
+    assert not torch.equal(outside, first) and len(builds) == 6
+
+
 def test_a_routed_list_changed_in_place_is_read_afresh():
     """Only a layer's immutable RoutedAdapters keeps its facts and stacks (reference.list_facts);
     a caller that puts another adapter, or None, into the same plain list object gets that
