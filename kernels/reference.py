@@ -46,7 +46,7 @@ import dataclasses
 import functools
 import operator
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -326,17 +326,27 @@ _PROMISES = threading.local()
 
 
 @contextlib.contextmanager
-def unchanged_factors():
+def unchanged_factors(generation: Hashable | None = None):
     """Within it, on this thread, cached stacks are reused without reading their factors'
     versions: the caller promises that the factors of the model it runs have not changed in place
     since their stacks were cached (an AdapterBank, whose model only gains and loses adapters:
-    new parameters, so new routed lists and new cache keys)."""
-    depth = getattr(_PROMISES, "depth", 0)
-    _PROMISES.depth = depth + 1
+    new parameters, so new routed lists and new cache keys).
+
+    ``generation`` (optional): the caller's name for the model's current set of adapters, which
+    it changes whenever an adapter is added or removed (the bank: a counter). The promise then
+    also covers the layers' routed lists: a layer that built or checked its list under the same
+    generation reuses it without comparing its adapters one by one (:func:`promised_generation`)."""
+    outer = getattr(_PROMISES, "generation", None), getattr(_PROMISES, "depth", 0)
+    _PROMISES.generation, _PROMISES.depth = generation, outer[1] + 1
     try:
         yield
     finally:
-        _PROMISES.depth = depth
+        _PROMISES.generation, _PROMISES.depth = outer
+
+
+def promised_generation() -> Hashable | None:
+    """The ``generation`` of the innermost :func:`unchanged_factors` open on this thread, or None."""
+    return getattr(_PROMISES, "generation", None)
 
 
 def _versions(tensors) -> int:

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -39,6 +40,9 @@ from recpeft.utils.devices import AUTO, resolve_device
 from recpeft.utils.tensor_bytes import tensor_bytes
 
 from .base_checkpoint import check_base_fingerprint, load_base
+
+#: a bank's generations, unique in the process: a new one on every add and remove
+_GENERATIONS = itertools.count()
 
 
 class AdapterRefused(ValueError):
@@ -59,6 +63,8 @@ class AdapterBank:
         self._peft: PeftModel | None = None
         self.folders: dict[str, Path] = {}
         self._ids_of: tuple[tuple[str, ...], dict[str, int]] | None = None
+        # names the current set of adapters for the layers' routed lists (unchanged_factors)
+        self._generation = next(_GENERATIONS)
 
     # ---- adapters ------------------------------------------------------------------------------
 
@@ -83,6 +89,8 @@ class AdapterBank:
                 self._peft.load_adapter(folder, adapter_name=name)
         except (ValueError, OSError, RuntimeError) as exc:
             raise AdapterRefused(f"adapter {name!r} ({folder}) refused: {exc}") from exc
+        finally:  # a refused load may have touched layers before it was rolled back
+            self._generation = next(_GENERATIONS)
         # an adapter's parameters are made on its base weights' device, which is already ours
         self._peft.eval()
         self.folders[name] = folder
@@ -101,7 +109,10 @@ class AdapterBank:
         """Stop serving ``name``; the other adapters stay loaded as they are."""
         if name not in self.folders:
             raise KeyError(f"no adapter {name!r} is serving; serving: {list(self.names)}")
-        self._peft.delete_adapter(name)
+        try:
+            self._peft.delete_adapter(name)
+        finally:
+            self._generation = next(_GENERATIONS)
         del self.folders[name]
 
     def memory_bytes(self) -> dict[str, int]:
@@ -152,8 +163,9 @@ class AdapterBank:
         # chunks of a large request use one adapter alone, unrouted
         order = torch.arange(len(encoded)) if ids is None else torch.argsort(ids, stable=True)
         rows, out = ClickBatches(encoded), []
-        # the bank changes no factor in place (add and remove make new parameters)
-        with torch.no_grad(), unchanged_factors():
+        # the bank changes no factor in place (add and remove make new parameters, and a new
+        # generation)
+        with torch.no_grad(), unchanged_factors(self._generation):
             for start in range(0, len(rows), self.chunk_rows):
                 index = order[start : start + self.chunk_rows]
                 batch = rows.batch(index).to(self.device)

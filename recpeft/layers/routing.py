@@ -12,12 +12,15 @@ the caller's order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from recpeft.kernels.reference import promised_generation
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,35 @@ class Routing:
             )
         ids = self.sample_adapter.to(device)
         return ids if rows_per_sample == 1 else ids.repeat_interleave(rows_per_sample)
+
+
+class RoutedListCache:
+    """One layer's routed list (its weights for every routed adapter name), kept between calls.
+
+    ``get(routing, mode, key, build)`` returns the kept list while ``key()`` — the layer's
+    description of its routed adapters: names, parameter objects, scales — is what it was when the
+    list was built, else a new ``build()``. Inside :func:`~recpeft.kernels.reference.unchanged_factors`
+    with a generation, a list built or checked under that same generation, routed names and
+    ``mode`` is returned without calling ``key()``: at hundreds of adapters the key costs a
+    Python pass over every adapter, per layer and per call."""
+
+    __slots__ = ("key", "promised", "value")
+
+    def __init__(self):
+        self.key: Hashable | None = None
+        self.promised: tuple | None = None
+        self.value: Any = None
+
+    def get(self, routing: Routing, mode: Hashable, key: Callable[[], Hashable], build: Callable[[], Any]):
+        generation = promised_generation()
+        promised = (generation, routing.adapter_names, mode)
+        if generation is not None and promised == self.promised:
+            return self.value
+        current = key()
+        if self.key is None or current != self.key:
+            self.key, self.value = current, build()
+        self.promised = promised
+        return self.value
 
 
 _CURRENT: ContextVar[Routing | None] = ContextVar("recpeft_routing", default=None)

@@ -15,7 +15,7 @@ from recpeft.kernels import AdapterWeights
 from recpeft.kernels.reference import RoutedAdapters
 
 from .base import LoraLayer
-from .routing import Routing
+from .routing import RoutedListCache, Routing
 
 
 class LoraWeightLayer(LoraLayer):
@@ -28,6 +28,7 @@ class LoraWeightLayer(LoraLayer):
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
         self.ranks: dict[str, int] = {}
+        self._routed_lists = RoutedListCache()
 
     # ---- subclass interface ----------------------------------------------------------------------
 
@@ -80,27 +81,29 @@ class LoraWeightLayer(LoraLayer):
         # the ParameterDicts' own name → Parameter maps: items() costs a getattr per entry, which at
         # hundreds of routed adapters per call is most of a small batch's time
         a, b = self.lora_A._parameters, self.lora_B._parameters
+
         # A serving loop routes the same adapters call after call: the list is kept while the
         # names, the mode, the parameter objects and the scales and dropouts are the same
         # (in-place updates of the values need no new list; the tensors are the same)
-        key = (
-            routing.adapter_names,
-            dropout_on,
-            tuple(map(id, a.values())),
-            tuple(map(id, b.values())),
-            tuple(self.scaling.items()),
-            tuple(self.lora_dropout.items()),
-        )
-        cached = getattr(self, "_routed_weights", None)
-        if cached is None or cached[0] != key:
-            weights = RoutedAdapters(
+        def key():
+            return (
+                routing.adapter_names,
+                dropout_on,
+                tuple(map(id, a.values())),
+                tuple(map(id, b.values())),
+                tuple(self.scaling.items()),
+                tuple(self.lora_dropout.items()),
+            )
+
+        def build():
+            return RoutedAdapters(
                 AdapterWeights(a[n], b[n], self.scaling[n], self.lora_dropout[n] if dropout_on else 0.0)
                 if n in a
                 else None
                 for n in routing.adapter_names
             )
-            self._routed_weights = cached = (key, weights)
-        return cached[1]
+
+        return self._routed_lists.get(routing, dropout_on, key, build)
 
     def extra_repr(self) -> str:
         ranks = {a: tuple(self.lora_A[a].shape) for a in self.lora_A}

@@ -94,6 +94,23 @@ def test_adapters_come_and_go_without_touching_the_others(made):
         bank.remove("south")
 
 
+def test_a_name_served_again_from_another_folder_scores_as_the_new_adapter(made):
+    """Removing the last adapter and adding another under its name gives the same routed names
+    as before: the layers' kept routed lists must still see the new adapter (the bank's
+    generation changes on every add and remove)."""
+    bank = AdapterBank(made["base"], device="cpu")
+    bank.add_folders({"south": made["adapter"], "north": made["north"]})
+    frame = made["frame"]
+    north = _rows(frame, "north")
+    before = bank.score(frame)  # routed lists kept for ("south", "north")
+    bank.remove("north")
+    bank.add("north", made["adapter"])  # ("south", "north") again, south's adapter behind "north"
+    assert bank.names == ("south", "north")
+    after = bank.score(frame)
+    assert_normwise_close(after[north], _merged_scores(made, made["adapter"], frame[north.numpy()]), rel=REL)
+    assert not torch.equal(after[north], before[north])
+
+
 def test_memory_is_counted_per_adapter_and_one_segment_runs_unrouted(made, monkeypatch):
     bank = AdapterBank(made["base"], device="cpu")
     bank.add_folders({"south": made["adapter"], "north": made["north"]})

@@ -20,7 +20,7 @@ from recpeft.kernels import AdapterWeights, bag_layout, reference, unpooled_layo
 from recpeft.kernels.launch import INTERPRETING
 from recpeft.kernels.lora_linear import draw_dropout_seed, dropout_keep_scale
 from recpeft.layers import LoraEmbedding, LoraEmbeddingBag, LoraLinear
-from recpeft.layers.routing import routed
+from recpeft.layers.routing import Routing, routed
 
 from reference_math import abs_inputs, abs_twin, assert_bound_can_fail, assert_within_bound, dense_grad
 
@@ -707,6 +707,36 @@ def test_inside_the_unchanged_factors_promise_stacks_are_reused_until_the_adapte
     with torch.no_grad(), routed(ids, names):
         outside = layer(x)  # versions read again: the update shows
     assert not torch.equal(outside, first) and len(builds) == 6
+
+
+def test_under_one_promised_generation_a_layer_keeps_its_routed_list_until_the_generation_changes():
+    """``unchanged_factors(generation)`` promises the layer's adapters too: under the same
+    generation its routed list is reused without being compared (a new scale set behind the
+    promise is not seen), a new generation compares and rebuilds it, and outside any promise the
+    comparison always runs."""
+    layer = LoraLinear(nn.Linear(10, 6), "fc")
+    for a in range(MANY):
+        layer.update_layer(f"a{a}", r=2 + a % 3, scale=1.0 + a, dropout=0.0, init=False)
+    g = torch.Generator().manual_seed(5)
+    x, ids = torch.randn(40, 10, generator=g), torch.randint(-1, MANY, (40,), generator=g)
+    ids[:4] = 1  # the adapter whose scale changes serves some rows
+    names = tuple(f"a{a}" for a in range(MANY))
+    layer.eval()
+
+    def served(generation):
+        with torch.no_grad(), routed(ids, names), reference.unchanged_factors(generation):
+            return layer(x), layer.routed_adapters(Routing(ids, names))
+
+    first, kept = served("g0")
+    layer.scaling = {**layer.scaling, "a1": -3.0}  # behind the promise
+    again, same = served("g0")
+    assert same is kept and torch.equal(again, first)
+    changed, rebuilt = served("g1")  # a new generation: compared, rebuilt
+    assert rebuilt is not kept and not torch.equal(changed, first)
+    assert rebuilt[1].scale == -3.0
+    layer.scaling = {**layer.scaling, "a1": 2.0}
+    _, outside = served(None)  # no generation: compared on every call
+    assert outside is not rebuilt and outside[1].scale == 2.0
 
 
 def test_a_routed_list_changed_in_place_is_read_afresh():

@@ -52,6 +52,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recpeft.layers.adapter_holder import sparse_embedding_weights
 from recpeft.layers.adapter_state import split_by_prefix
 from recpeft.layers.base import AdapterFactors, LoraLayer, check_factors, merge_product
+from recpeft.layers.routing import RoutedListCache
 from recpeft.layers.table import A_DENSE, A_INDICES, A_ROWS, B_WEIGHT, check_encoded_adapter, encode_rows
 
 from . import table_rows
@@ -112,6 +113,7 @@ class LoraCollectionLayer(LoraLayer):
         self.scaling: dict[str, dict[str, float]] = {}  # adapter → {table: s_t}
         self.ranks: dict[str, dict[str, int]] = {}  # adapter → {table: r_t}
         self.lookups: dict[str, list[FeatureLookup]] = {}
+        self._routed_lists = RoutedListCache()
 
     # ---- subclass interface --------------------------------------------------------------------
 

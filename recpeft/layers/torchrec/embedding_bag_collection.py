@@ -107,33 +107,37 @@ class LoraEmbeddingBagCollection(LoraCollectionLayer):
         # built with C-level maps: at hundreds of adapters a generator per entry was most of a
         # small batch's routing time (2.6 ms a call at 256 adapters × 5 tables)
         a_dicts, b_dicts = self.lora_A._modules, self.lora_B._modules
-        names = [n for n in routing.adapter_names if n in a_dicts]
-        factors = {n: b_dicts[n]._parameters for n in names}  # table → B_t, no getattr per entry
-        modules_of = operator.attrgetter("_modules")
-        key = (
-            routing.adapter_names,
-            tuple(map(id, chain.from_iterable(map(dict.values, map(modules_of, map(a_dicts.__getitem__, names)))))),
-            tuple(map(id, chain.from_iterable(map(dict.values, map(factors.__getitem__, names))))),
-            tuple(map(tuple, map(dict.items, map(self.scaling.__getitem__, names)))),
-        )
-        cached = getattr(self, "_routed_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        weights = {(n, t): self.adapter_table(n, t) for n in names for t in self.tables(n)}
-        if any(type(w) is not torch.nn.Parameter for w in weights.values()):
-            return None
-        tables = sorted({t for n, t in weights})
-        per_table = {
-            table: RoutedAdapters(
-                AdapterWeights(weights[n, table], factors[n][table], self.scaling[n][table], 0.0)
-                if (n, table) in weights
-                else None
-                for n in routing.adapter_names
+
+        def routed():  # (names this layer adapts, their {table: B_t}: no getattr per entry)
+            names = [n for n in routing.adapter_names if n in a_dicts]
+            return names, {n: b_dicts[n]._parameters for n in names}
+
+        def key():
+            names, factors = routed()
+            modules_of = operator.attrgetter("_modules")
+            return (
+                routing.adapter_names,
+                tuple(map(id, chain.from_iterable(map(dict.values, map(modules_of, map(a_dicts.__getitem__, names)))))),
+                tuple(map(id, chain.from_iterable(map(dict.values, map(factors.__getitem__, names))))),
+                tuple(map(tuple, map(dict.items, map(self.scaling.__getitem__, names)))),
             )
-            for table in tables
-        }
-        self._routed_cache = (key, per_table)
-        return per_table
+
+        def build():
+            names, factors = routed()
+            weights = {(n, t): self.adapter_table(n, t) for n in names for t in self.tables(n)}
+            if any(type(w) is not torch.nn.Parameter for w in weights.values()):
+                return None
+            return {
+                table: RoutedAdapters(
+                    AdapterWeights(weights[n, table], factors[n][table], self.scaling[n][table], 0.0)
+                    if (n, table) in weights
+                    else None
+                    for n in routing.adapter_names
+                )
+                for table in sorted({t for n, t in weights})
+            }
+
+        return self._routed_lists.get(routing, None, key, build)
 
     @property
     def _base_keys(self) -> dict[str, list[str]]:
