@@ -174,9 +174,11 @@ class LoraConfig:
             a target whose name holds ``.<layers>.<i>.`` is kept when i is listed; None: all.
         layers_pattern: the name(s) of the layer list for ``layers_to_transform`` (e.g.
             ``"layer"`` in ``encoder.layer.3.attention``); None: any module name before the index.
-        new_rows: {full module name of an ``nn.Embedding`` / ``nn.EmbeddingBag`` target: n} —
-            n rows of the adapter's own for ids V … V + n − 1, the segment's ids the base table
-            never saw, each starting as the table's new-id row (:mod:`recpeft.layers.new_rows`).
+        new_rows: {full module name of an ``nn.Embedding`` / ``nn.EmbeddingBag`` target, or
+            ``"<collection>.<table>"`` of a targeted torchrec collection's table: n} — n rows of
+            the adapter's own for ids V … V + n − 1, the segment's ids the base table never saw,
+            each starting as the table's new-id row (:mod:`recpeft.layers.new_rows`,
+            :mod:`recpeft.layers.torchrec.collection_new_rows`).
         new_id_row: that row, the same index for every table in ``new_rows`` (negative counts
             from the end: −1, the default, is the encoder's reserved unseen id).
         config_file: the file this config was read from (not saved; errors name it).

@@ -42,13 +42,25 @@ def _enable_dora(layer: LoraLayer, name: str, adapter: str) -> None:
     layer.enable_dora(adapter)
 
 
-def _add_new_rows(layer: LoraLayer, name: str, adapter: str, config: LoraConfig) -> None:
-    """``config.new_rows[name]`` rows of ``adapter``'s own on ``layer``, or ValueError naming the
-    module whose type takes none."""
-    if not hasattr(layer, "add_new_rows"):
-        kind = type(layer.base_layer).__name__
-        raise ValueError(f"new_rows: {name} is an {kind}; new-id rows go on nn.Embedding and nn.EmbeddingBag targets")
-    layer.add_new_rows(adapter, config.new_rows[name], config.new_id_row)
+def _add_new_rows(layer: LoraLayer, name: str, adapter: str, config: LoraConfig) -> set[str]:
+    """The ``config.new_rows`` entries of module ``name``: ``name`` itself (an nn.Embedding or
+    nn.EmbeddingBag) or ``"<name>.<table>"`` (a torchrec collection's table); the keys applied.
+    ValueError naming the module whose type takes none."""
+    applied = set()
+    for key, count in (config.new_rows or {}).items():
+        if key == name and hasattr(layer, "add_new_rows"):
+            layer.add_new_rows(adapter, count, config.new_id_row)
+            applied.add(key)
+        elif key.startswith(f"{name}.") and hasattr(layer, "add_table_new_rows"):
+            layer.add_table_new_rows(adapter, key[len(name) + 1 :], count, config.new_id_row)
+            applied.add(key)
+        elif key == name:
+            kind = type(layer.base_layer).__name__
+            raise ValueError(
+                f"new_rows: {name} is an {kind}; new-id rows go on nn.Embedding and nn.EmbeddingBag "
+                "targets and on torchrec collections' tables ('<collection>.<table>')"
+            )
+    return applied
 
 
 def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> PeftModel:
@@ -164,14 +176,10 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {list(self.adapter_names)}")
         targets = select_lora_targets(self.base_model, config)
         groups = group_lora_targets(self.base_model, targets)  # module → its targeted parts (tables)
-        untargeted = sorted(set(config.new_rows or {}) - {n for n, parts in groups.items() if parts is None})
-        if untargeted:
-            raise ValueError(
-                f"new_rows names {untargeted}, not among the adapter's whole-module targets {sorted(groups)}"
-            )
         saved = select_modules_to_save(self.base_model, config, list(groups))
         settings = config.module_settings(targets)  # (r, α) per target, each pattern run once per name
         rank_scale = lambda name: (settings[name][0], config.scale(*settings[name]))
+        applied: set[str] = set()  # the new_rows keys given to a layer
         try:
             for name, parts in groups.items():
                 layer = self._wrap(name, _lora_wrapper)
@@ -179,11 +187,15 @@ class PeftModel(nn.Module):
                     layer.update_layer(adapter_name, *rank_scale(name), config.lora_dropout, config.init_lora_weights)
                     if config.use_dora:
                         _enable_dora(layer, name, adapter_name)
-                    if name in (config.new_rows or {}):
-                        _add_new_rows(layer, name, adapter_name, config)
                 else:  # ranks and scales per "<module>.<part>"
                     parts_rs = {p: rank_scale(f"{name}.{p}") for p in parts}
                     layer.update_parts(adapter_name, parts_rs, config.init_lora_weights)
+                applied |= _add_new_rows(layer, name, adapter_name, config)
+            untargeted = sorted(set(config.new_rows or {}) - applied)
+            if untargeted:
+                raise ValueError(
+                    f"new_rows names {untargeted}, not among the adapter's targets {sorted(groups)} or their tables"
+                )
             for name in saved:
                 self._wrap(name, ModulesToSaveWrapper).update(adapter_name)
         except BaseException:

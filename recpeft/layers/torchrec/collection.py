@@ -56,6 +56,7 @@ from recpeft.layers.routing import RoutedListCache
 from recpeft.layers.table import A_DENSE, A_INDICES, A_ROWS, B_WEIGHT, check_encoded_adapter, encode_rows
 
 from . import table_rows
+from .collection_new_rows import CollectionNewRows
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def keep_samples(features: KeyedJaggedTensor, keep: torch.Tensor) -> KeyedJagged
     )
 
 
-class LoraCollectionLayer(LoraLayer):
+class LoraCollectionLayer(CollectionNewRows, LoraLayer):
     """Shared part of :class:`LoraEmbeddingBagCollection` and :class:`LoraEmbeddingCollection`:
     the per-table family of LoRA wrappers (sibling of :class:`~recpeft.layers.weight.LoraWeightLayer`).
 
@@ -114,6 +115,7 @@ class LoraCollectionLayer(LoraLayer):
         self.ranks: dict[str, dict[str, int]] = {}  # adapter → {table: r_t}
         self.lookups: dict[str, list[FeatureLookup]] = {}
         self._routed_lists = RoutedListCache()
+        self.new_rows = {}  # adapter → {table: NewRows} (collection_new_rows)
 
     # ---- subclass interface --------------------------------------------------------------------
 
@@ -240,6 +242,7 @@ class LoraCollectionLayer(LoraLayer):
                 del store[adapter]
         for settings in (self.scaling, self.ranks, self.lookups):
             settings.pop(adapter, None)  # absent when update_parts failed before making them
+        self._drop_new_rows(adapter)
 
     def extra_repr(self) -> str:
         return f"name={self.module_name!r}, adapters={self.ranks}, active={self.active_adapters}"
@@ -281,7 +284,13 @@ class LoraCollectionLayer(LoraLayer):
 
     def base_forward(self, features: KeyedJaggedTensor):
         """The frozen collection's output, computed without autograd unless the per-id weights
-        need a gradient (the tables themselves never get one)."""
+        need a gradient (the tables themselves never get one); ids of new rows in play look up
+        their table's new-id row (:meth:`base_features`)."""
+        if self.new_rows:
+            routing = self.active_routing()
+            device = features.values().device
+            samples = None if routing is None else routing.row_adapter(self.module_name, features.stride(), 1, device)
+            features = self.base_features(features, samples, routing)
         weights = features.weights_or_none()
         track = torch.is_grad_enabled() and weights is not None and weights.requires_grad
         with torch.set_grad_enabled(track):
@@ -313,14 +322,24 @@ class LoraCollectionLayer(LoraLayer):
 
     # ---- merging --------------------------------------------------------------------------------
 
+    def check_merge(self, adapters):
+        super().check_merge(adapters)
+        self.check_new_rows_merge(adapters)
+
     def merge_delta(self, adapter, sign):
-        """E_t[i] += sign·s_t·A_t[i]·B_t for every touched row i (the rows held here)."""
+        """E_t[i] += sign·s_t·A_t[i]·B_t for every touched row i (the rows held here); a table
+        with the adapter's new rows grows first (merging) or shrinks after (unmerging)."""
         for table in self.tables(adapter):
             name = self._qualified(table)
+            new = self.new_rows.get(adapter, {}).get(table)
+            if new is not None and sign > 0:
+                self._resize_base_table(table, new, sign)
             indices, rows = table_rows.local_touched_rows(self.adapter_table(adapter, table), name)
             b, base = self.lora_B[adapter][table], self.base_table(table)
             delta = merge_product(rows.to(b.device), b, sign * self.scaling[adapter][table], base.dtype)
             table_rows.add_to_rows(base, indices, delta, name)
+            if new is not None and sign < 0:
+                self._resize_base_table(table, new, sign)
 
     # ---- factors --------------------------------------------------------------------------------
 

@@ -86,7 +86,7 @@ class LoraEmbeddingBagCollection(LoraCollectionLayer):
                 layout = bag_layout(
                     bags.values(),
                     bags.offsets(),
-                    num_embeddings=config.num_embeddings,
+                    num_embeddings=max(a.lora_A.shape[0] for a in per_adapter if a is not None),  # new rows too
                     mode=mode,
                     per_sample_weights=bags.weights_or_none(),
                     include_last_offset=True,
