@@ -278,6 +278,11 @@ def _check_adapters(model: PeftModel, adapters, weights, adapter_name) -> None:
             )
         if model.peft_config[adapter].use_dora:
             raise ValueError(f"add_weighted_adapter: adapter {adapter!r} is a DoRA adapter; only plain LoRA combines")
+        if model.peft_config[adapter].new_rows:
+            raise ValueError(
+                f"add_weighted_adapter: adapter {adapter!r} has new-id rows (its ids V + j name its own "
+                "segment's new ids, not another adapter's); adapters with new rows do not combine"
+            )
     check_adapter_name(adapter_name)
     if adapter_name in model.peft_config:
         raise ValueError(f"add_weighted_adapter: adapter {adapter_name!r} already exists")

@@ -228,3 +228,6 @@ def test_what_takes_no_new_rows_is_refused_naming_it():
         model.base_model.customers(torch.tensor([V]))
     with pytest.raises(ValueError, match="all have new-id rows"):
         model.merge_adapter()
+    with pytest.raises(ValueError, match="adapter 'de' has new-id rows .* do not combine"):
+        model.add_weighted_adapter(["de", "fr"], [0.5, 0.5], "mix")
+    assert "mix" not in model.peft_config
