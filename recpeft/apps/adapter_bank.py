@@ -10,7 +10,8 @@ the row's segment name (so a segment the base was pretrained without is served b
 rows of segments without an adapter get the base alone); a chunk whose rows all use one adapter
 runs that adapter alone, unrouted (the layers' single-adapter path, which merges
 on the fly where that is faster). Adapters can be added and removed while serving; the others are
-not reloaded.
+not reloaded. An adapter with new-id rows (``new_ids.json``, :mod:`.new_id_rows`) encodes the rows it
+serves with its own ids for the values the base never saw (:meth:`AdapterBank.with_new_ids`).
 
 Example::
 
@@ -29,17 +30,22 @@ import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from recpeft.datasets import ClickBatches, EncodedInteractions
+from recpeft.datasets.encoding import PAD
 from recpeft.datasets.interactions import canonical_text
+from recpeft.datasets.new_ids import NewIdEncoder
 from recpeft.kernels.reference import unchanged_factors
+from recpeft.peft.config import LoraConfig
 from recpeft.peft.model import PeftModel
 from recpeft.utils.devices import AUTO, resolve_device
 from recpeft.utils.tensor_bytes import tensor_bytes
 
 from .base_checkpoint import check_base_fingerprint, load_base
+from .new_id_rows import read_new_ids
 
 #: a bank's generations, unique in the process: a new one on every add and remove
 _GENERATIONS = itertools.count()
@@ -62,6 +68,7 @@ class AdapterBank:
         self._base = base.to(self.device).eval()
         self._peft: PeftModel | None = None
         self.folders: dict[str, Path] = {}
+        self._new_ids: dict[str, NewIdEncoder] = {}  # the adapters with new-id rows: their encoders
         self._ids_of: tuple[tuple[str, ...], dict[str, int]] | None = None
         # names the current set of adapters for the layers' routed lists (unchanged_factors)
         self._generation = next(_GENERATIONS)
@@ -83,6 +90,7 @@ class AdapterBank:
             raise AdapterRefused(f"adapter {name!r} is already serving (from {self.folders[name]}); remove it first")
         try:
             check_base_fingerprint(folder, self.base_dir, ignore_base_mismatch)
+            new_ids = read_new_ids(folder, self.encoder, LoraConfig.from_pretrained(folder))
             if self._peft is None:
                 self._peft = PeftModel.from_pretrained(self._base, folder, adapter_name=name)
             else:
@@ -94,6 +102,8 @@ class AdapterBank:
         # an adapter's parameters are made on its base weights' device, which is already ours
         self._peft.eval()
         self.folders[name] = folder
+        if new_ids is not None:
+            self._new_ids[name] = new_ids
 
     def add_folders(self, folders: Mapping[str, str | Path], *, ignore_base_mismatch: bool = False) -> dict[str, str]:
         """Add every ``name: folder``; the refused ones are left out and returned as {name: reason}."""
@@ -114,6 +124,7 @@ class AdapterBank:
         finally:
             self._generation = next(_GENERATIONS)
         del self.folders[name]
+        self._new_ids.pop(name, None)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes of each adapter's parameters (A, B, and what else it trains) on the device."""
@@ -133,9 +144,31 @@ class AdapterBank:
         schema = self.encoder.schema
         if schema.segment is None or schema.segment not in frame.columns:
             raise ValueError(f"{name}: no segment column {schema.segment!r}: it names each row's adapter")
-        encoded = self.encoder.transform(frame, unseen="oov", name=name)
-        names = canonical_text(frame[schema.segment]).str.strip()  # as the encoder reads segment names
-        return torch.sigmoid(self.logits(encoded, names.tolist()))
+        names = canonical_text(frame[schema.segment]).str.strip().tolist()  # as the encoder reads segment names
+        encoded = self.with_new_ids(frame, self.encoder.transform(frame, unseen="oov", name=name), names, name=name)
+        return torch.sigmoid(self.logits(encoded, names))
+
+    def with_new_ids(
+        self, frame: pd.DataFrame, encoded: EncodedInteractions, segments: Sequence[str], *, name: str = "DataFrame"
+    ) -> EncodedInteractions:
+        """``encoded`` (``frame``'s rows by :attr:`encoder`) with the rows each adapter with new-id
+        rows serves (by ``segments``, [N] names) encoded by that adapter's encoder: its new values
+        get its own ids V + j. ``encoded`` itself where no such adapter serves a row."""
+        names = pd.Series(list(segments), dtype=object)
+        sparse, changed = dict(encoded.sparse), set()
+        for adapter, encoder in self._new_ids.items():
+            rows = np.flatnonzero((names == adapter).to_numpy())
+            if rows.size == 0:
+                continue
+            own = encoder.transform(frame.iloc[rows], unseen="oov", name=name).sparse
+            for feature in encoder.new_ids.counts:
+                ids = own[feature]
+                if ids.dim() == 2:  # a bag feature: the rows' bags, padded to the frame's width
+                    ids = torch.nn.functional.pad(ids, (0, sparse[feature].shape[1] - ids.shape[1]), value=PAD)
+                if feature not in changed:
+                    sparse[feature], changed = sparse[feature].clone(), changed | {feature}
+                sparse[feature][torch.from_numpy(rows)] = ids
+        return dataclasses.replace(encoded, sparse=sparse) if changed else encoded
 
     def adapter_ids(self, segments: Sequence[str]) -> torch.Tensor:
         """int64 [N]: each row's adapter (its routing id, ``PeftModel.adapter_names`` order) by its

@@ -105,7 +105,8 @@ def routed_evaluation(bank: AdapterBank, data: EncodedSplit, part: str, segments
         if schema.segment
         else [segments[0]] * len(encoded)
     )
-    base, adapted = bank.logits(encoded), bank.logits(encoded, names)
+    own = bank.with_new_ids(getattr(data.split, part), encoded, names)  # adapters' new ids, where they serve
+    base, adapted = bank.logits(encoded), bank.logits(own, names)
     labels, by_segment = encoded.labels, pd.Series(names)
     rows = []
     for segment in segments:
@@ -285,6 +286,8 @@ def score_file(
         for start, frame in chunks:
             encoded = bank.encoder.transform(frame, unseen="oov", name=str(data))
             names = [one_adapter] * len(frame) if one_adapter else frame[schema.segment].tolist() if routed else None
+            if names:
+                encoded = bank.with_new_ids(frame, encoded, names, name=str(data))
             logits = bank.logits(encoded, names)
             used = [n if n in bank.folders else None for n in names] if names else [None] * len(frame)
             out = {ROW: np.arange(start, start + len(frame), dtype=np.int64)}

@@ -35,10 +35,20 @@ from recpeft.apps.base_checkpoint import (
     save_base,
 )
 from recpeft.apps.demo_report import figure, print_table, save_report
+from recpeft.apps.new_id_rows import (
+    NEW_IDS,
+    encoded_with,
+    lora_with_new_rows,
+    merge_new_ids,
+    new_id_features,
+    read_new_ids,
+    segment_new_ids,
+)
 from recpeft.apps.run_config import RUN_CONFIG, toml_text
 from recpeft.apps.target_search import chosen_config, ranking_record, ranking_table, search_targets, target_groups
 from recpeft.apps.validation_size import noisy_validation_note, validation_noise
 from recpeft.apps.workflow import Method, SegmentRule, click_metrics, finetune, prepare, pretrain
+from recpeft.datasets.new_ids import NewIdEncoder
 from recpeft.datasets.sources import Roles, load_source, resolve_format
 from recpeft.datasets.splits import cut_ns
 from recpeft.peft.config import LoraConfig
@@ -353,6 +363,12 @@ def _load_adapter(base, path):
         return PeftModel.from_pretrained(base, path)
 
 
+def _adapter_encoder(path, encoder) -> NewIdEncoder | None:
+    """The encoder of the adapter in ``path`` where it has new-id rows (its ``new_ids.json``)."""
+    with _reading("adapter", path):
+        return read_new_ids(path, encoder, LoraConfig.from_pretrained(path))
+
+
 def _auc(metrics) -> str:
     """An AUC (or a metrics dict's) as text: 4 decimals, or "undefined" where it is NaN."""
     value = metrics["auc"] if isinstance(metrics, dict) else metrics
@@ -472,6 +488,8 @@ def _fit_and_save(args, base, data, segment: str, method: Method, out: Path, ext
     if lora is not None and args.target_modules == AUTO_TARGETS:
         lora, config, search = _search_targets(args, base, data, segment, lora, config)
         extra_files = {**(extra_files or {}), TARGET_SEARCH: json.dumps(search, indent=1) + "\n"}
+    if lora is not None and args.new_id_rows:
+        lora, data, extra_files = _with_new_id_rows(args, data, segment, lora, extra_files)
     model, report = finetune(base, data, segment, method, train_config=config, lora_config=lora, device=args.device)
     after = click_metrics(model, data.segment_rows("test", segment))
     if method is Method.LORA:
@@ -485,6 +503,16 @@ def _fit_and_save(args, base, data, segment: str, method: Method, out: Path, ext
             save_base(out, model, data.encoder, metrics=metrics, data_source=source, extra_files=extra_files)
         size = checkpoint_bytes(out)
     return {"metrics": after, "report": report, "bytes": size, "lora_config": lora, "train_config": config}
+
+
+def _with_new_id_rows(args, data, segment: str, lora: LoraConfig, extra_files):
+    """``--new-id-rows``: ``lora`` with rows of its own for the segment's new ids, the data encoded
+    with them, and ``extra_files`` with their values (:mod:`recpeft.apps.new_id_rows`)."""
+    new = segment_new_ids(data, segment, new_id_features(args.new_id_rows, data.encoder))
+    counts = ", ".join(f"{f} {new.counts.get(f, 0):,}" for f in new.values)
+    print(f"{segment}: new-id rows for the training rows' ids the base never saw: {counts}")
+    data = encoded_with(data, NewIdEncoder(data.encoder, new, name=f"{segment}'s new ids"))
+    return lora_with_new_rows(lora, new), data, {**(extra_files or {}), NEW_IDS: new.to_json()}
 
 
 def _search_targets(args, base, data, segment: str, lora: LoraConfig, config: TrainConfig):
@@ -515,6 +543,10 @@ def _methods(args) -> list[Method]:
         raise ValueError(f"--method {args.method} trains both side by side: give --segments (one: --segments S)")
     if args.joint and (args.segments is None or Method.LORA not in methods):
         raise ValueError("--joint trains several segments' LoRA adapters together: give --segments and --method lora")
+    if args.joint and args.new_id_rows:
+        raise ValueError("--joint trains on rows encoded once for every segment: drop --new-id-rows, or --joint")
+    if args.new_id_rows and Method.LORA not in methods:
+        raise ValueError("--new-id-rows gives a LoRA adapter rows of its own: use it with --method lora")
     if args.joint and args.target_modules == AUTO_TARGETS:
         raise ValueError("--joint trains one LoRA config for every segment: give --target-modules names, not auto")
     return methods
@@ -707,6 +739,8 @@ def cmd_evaluate(args) -> None:
     if args.adapter:
         check_base_fingerprint(args.adapter, args.base, args.ignore_base_mismatch)
         model = _load_adapter(base, args.adapter)
+        own = _adapter_encoder(args.adapter, encoder)
+        data = data if own is None else encoded_with(data, own)
     model = model.to(args.device).eval()
     segments = [args.segment] if args.segment else data.segments
     rows = []
@@ -846,11 +880,16 @@ def cmd_merge(args) -> None:
     out = prepare_output(args.output, reads=[args.base, args.adapter], overwrite=args.overwrite, flag="--output")
     base, encoder = _load_base(args.base)
     check_base_fingerprint(args.adapter, args.base, args.ignore_base_mismatch)
+    own = _adapter_encoder(args.adapter, encoder)
     merged = _load_adapter(base, args.adapter).merge_and_unload()
+    metrics = {"merged_adapter": str(args.adapter)}
+    if own is not None:  # the new ids join the vocabulary; the new-id row stays last
+        merged, encoder = merge_new_ids(merged, own)
+        metrics["new_ids"] = own.new_ids.counts
     with _reading("base checkpoint", args.base):
         source = read_data_source(args.base)
     with _writing("the merged base checkpoint", out):
-        save_base(out, merged, encoder, metrics={"merged_adapter": str(args.adapter)}, data_source=source)
+        save_base(out, merged, encoder, metrics=metrics, data_source=source)
     print(f"merged {args.adapter} into {args.base}; saved {args.output} (a base checkpoint: use it with --base)")
 
 

@@ -377,6 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
         "on the segment's validation rows by short probes (about 2x one fine-tune; the ranking is printed "
         "and saved as target_search.json) (default: the model's own choice: attribute tables and every MLP layer)",
     )
+    fine.add_argument(
+        "--new-id-rows",
+        default=None,
+        metavar="FEATURES",
+        help="comma-separated id features (such as the user column): each value of the segment's training rows "
+        "the base never saw gets a LoRA row of the adapter's own, starting as the base's new-id row (pretrain "
+        "with --new-id-share to teach that row); the tables are added to the targets (after the search, with "
+        "auto) and the values saved as new_ids.json, which evaluate, score, serve and merge use (LoRA only; "
+        "default: none)",
+    )
     fine.set_defaults(run="cmd_finetune")
 
     ev = add(

@@ -159,6 +159,20 @@ def _pieces(bags: list[list]) -> pd.Series:
     return pd.Series([piece for bag in bags for piece in bag], dtype=object)
 
 
+def sparse_values(encoder: FeatureEncoder, frame: pd.DataFrame, feature: str) -> pd.Series:
+    """The values of sparse feature ``feature`` in ``frame``: its column, or for a bag feature the
+    pieces of every cell (a missing cell is one missing value)."""
+    if feature in encoder.schema.bags:
+        return _pieces(_split_bags(frame[feature])[1])
+    return frame[feature]
+
+
+def fitted_keys(encoder: FeatureEncoder, values: pd.Series, feature: str) -> pd.Series:
+    """``values`` as keys of the kind ``encoder`` fitted for ``feature`` (None where a value
+    cannot be one): what its vocabulary is looked up with."""
+    return _as_kind(values, encoder._kinds[feature])
+
+
 def _refuse_unseen(location: str, value: str, rows: int) -> None:
     raise ValueError(
         f"{location}: value {value} was not seen when the encoder was fitted ({rows} such rows); "
@@ -322,7 +336,7 @@ class FeatureEncoder:
 
     def _codes(self, values: pd.Series, feature: str) -> np.ndarray:
         """int64 id of each value, −1 where the vocabulary lacks it."""
-        return self._vocab[feature].get_indexer(_as_kind(values, self._kinds[feature])).astype(np.int64)
+        return self._vocab[feature].get_indexer(fitted_keys(self, values, feature)).astype(np.int64)
 
     def _encode_bags(self, values: pd.Series, feature: str, unseen: str, where: RowLocator) -> np.ndarray:
         """int64 [N, L] ids of bag feature ``feature``, rows padded with ``PAD``; computed per
