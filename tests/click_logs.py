@@ -93,10 +93,35 @@ SCHEMA = dict(user="uid", item="sku", label="clicked", segment="country", timest
 SCHEMA["dense"] = ("price",)
 
 
+def new_id_encoded(encoded, rows: pd.DataFrame, folder, encoder):
+    """``encoded`` with the ids of the adapter in ``folder`` where it has new-id rows, worked out
+    from its new_ids.json by hand: value u_j of feature f → V_f + j, V_f the base table's rows."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    import torch
+
+    path = Path(folder) / "new_ids.json"
+    if not path.is_file():
+        return encoded
+    sparse = dict(encoded.sparse)
+    for feature, values in json.loads(path.read_text())["values"].items():
+        position = rows[feature].map({v: j for j, v in enumerate(values)})
+        take = position.notna().to_numpy(copy=True)
+        ids = sparse[feature].clone()
+        ids[torch.from_numpy(take)] = torch.tensor(
+            encoder.cardinalities[feature] + position[take].astype("int64").to_numpy(), dtype=ids.dtype
+        )
+        sparse[feature] = ids
+    return dataclasses.replace(encoded, sparse=sparse)
+
+
 def merged_logits(base_dir, adapters: dict, frame: pd.DataFrame):
     """An independent path to routed scores: float64 logits [N] of ``frame``'s rows, each row by
     the base with its segment's adapter (``adapters``: segment → folder) merged into the weights
-    (merge_and_unload), the base alone for other segments."""
+    (merge_and_unload; an adapter's new ids encoded by :func:`new_id_encoded`), the base alone
+    for other segments."""
     import dataclasses
 
     import torch
@@ -115,7 +140,8 @@ def merged_logits(base_dir, adapters: dict, frame: pd.DataFrame):
         mask = torch.from_numpy((rows["country"] == segment).to_numpy(copy=True))
         if mask.any():
             merged = PeftModel.from_pretrained(load_base(base_dir)[0], folder).merge_and_unload()
-            logits[mask] = predict(merged, source.subset(mask)).double()
+            own = ClickBatches(new_id_encoded(source.encoded, rows, folder, encoder))
+            logits[mask] = predict(merged, own.subset(mask)).double()
     return logits
 
 

@@ -48,7 +48,7 @@ def new_rows_key(feature: str) -> str:
 def new_id_features(text: str | None, encoder: FeatureEncoder, flag: str = "--new-id-rows") -> list[str]:
     """The features ``text`` names (comma-separated), each a sparse feature of the base."""
     features = [f for f in (text or "").split(",") if f]
-    known = encoder.schema.sparse_features
+    known = list(encoder.schema.sparse_features)
     unknown = [f for f in features if f not in known]
     if unknown:
         raise ValueError(f"{flag} {','.join(unknown)}: not a sparse feature of the base; its features are {known}")
