@@ -149,3 +149,23 @@ def test_bad_new_id_settings_and_files_are_refused_naming_them(made, capsys, tmp
     merge = ["merge", "--base", str(made["base"]), "--output", str(tmp_path / "m"), "--adapter", str(lost)]
     one_line_error(merge, capsys, str(lost), "no new_ids.json")
     assert not (tmp_path / "m").exists()
+
+
+def test_the_bank_serves_new_customers_and_refuses_a_broken_new_ids_file_alone(made, tmp_path):
+    from recpeft.apps.adapter_bank import AdapterBank
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in made["folders"]["isle"].iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    (broken / "new_ids.json").write_text('{"format": "recpeft.NewIds", "version": 1, "values": {"uid": [1]}}')
+    bank = AdapterBank(made["base"], device="cpu")
+    refused = bank.add_folders({**made["folders"], "north": broken})
+    assert list(refused) == ["north"] and str(broken / "new_ids.json") in refused["north"]
+    assert bank.names == ("south", "isle")
+    scores = bank.score(made["new"])  # what `recpeft serve` answers POST /score with
+    reference = torch.sigmoid(merged_logits(made["base"], made["folders"], made["new"]))
+    assert_normwise_close(scores, reference, rel=ROUTED_REL)
+    bank.remove("south")  # south's rows now get the base, its customers the new-id row
+    reference = torch.sigmoid(merged_logits(made["base"], {"isle": made["folders"]["isle"]}, made["new"]))
+    assert_normwise_close(bank.score(made["new"]), reference, rel=ROUTED_REL)
