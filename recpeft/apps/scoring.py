@@ -10,7 +10,8 @@ A folder of adapters, as ``recpeft finetune --segments`` writes it (:func:`find_
 
 Both commands load the base and every LoRA adapter into one :class:`~.adapter_bank.AdapterBank`,
 and every row goes through the adapter its segment names, in one routed pass per chunk; a row of a
-segment without an adapter goes through the base alone, and is marked so.
+segment without an adapter goes through the base alone, and is marked so. An adapter with new-id
+rows encodes the rows it serves with its own ids (:meth:`AdapterBank.with_new_ids`).
 
 :func:`routed_evaluation`: per segment, the base's and the routed model's AUC and LogLoss on one
 part of an :class:`~.workflow.EncodedSplit`; :func:`~.finetune_summary.weighted_row` adds the
