@@ -15,7 +15,7 @@ for the math).
 Example::
 
     new = segment_new_ids(data, "CH", ["customer"])
-    lora = lora_with_new_rows(LoraConfig(r=4, target_modules=[...]), new)
+    lora = lora_with_new_rows(LoraConfig(r=4, target_modules=[...]), new_rows_of(new))
     adapted_data = encoded_with(data, NewIdEncoder(data.encoder, new))
 """
 
@@ -72,10 +72,14 @@ def encoded_with(data: EncodedSplit, encoder: FeatureEncoder) -> EncodedSplit:
     return dataclasses.replace(data, encoder=encoder, **parts)
 
 
-def lora_with_new_rows(lora: LoraConfig, new_ids: NewIds) -> LoraConfig:
-    """``lora`` that also targets every table with new ids and gives it that many rows of its own,
-    each starting as the table's new-id row (the last, −1)."""
-    rows = {new_rows_key(f): m for f, m in new_ids.counts.items()}
+def new_rows_of(new_ids: NewIds) -> dict[str, int]:
+    """``LoraConfig.new_rows`` for ``new_ids``: table → its number of new ids."""
+    return {new_rows_key(f): m for f, m in new_ids.counts.items()}
+
+
+def lora_with_new_rows(lora: LoraConfig, rows: dict[str, int]) -> LoraConfig:
+    """``lora`` that also targets every table of ``rows`` (table → n) and gives it n rows of its
+    own, each starting as the table's new-id row (the last, −1)."""
     targets = list(lora.target_modules or [])
     targets += [key for key in rows if key not in targets]
     return dataclasses.replace(lora, target_modules=targets, new_rows=rows or None, new_id_row=-1)
@@ -92,7 +96,7 @@ def read_new_ids(folder: str | Path, encoder: FeatureEncoder, config: LoraConfig
             raise ValueError(f"{folder}: the adapter has new-id rows on {sorted(rows)} but no {NEW_IDS} for their ids")
         return None
     new = NewIds.from_json(path.read_text(), name=str(path))
-    named = {new_rows_key(f): m for f, m in new.counts.items()}
+    named = new_rows_of(new)
     if named != rows:
         raise ValueError(f"{path}: ids for {named} but the adapter's new_rows (adapter_config.json) are {rows}")
     return NewIdEncoder(encoder, new, name=str(path))

@@ -3,16 +3,20 @@ rate on the segment's validation rows only, within about twice the cost of one f
 
 The candidates are groups of a click model's modules (:func:`target_groups`): its attribute
 tables (every sparse feature but user and item), its id tables (user and item), the dense arch and
-the over arch. Two stages of short probes, each a fine-tune of ``probe_epochs`` epochs (1 by
-default) started from the base with the run's training settings:
+the over arch; with ``--new-id-rows``, also ``new_ids``: the tables of those features with rows
+of the adapter's own for the segment's new ids (``new_rows``). Two stages of short probes, each a
+fine-tune of ``probe_epochs`` epochs (1 by default) started from the base with the run's training
+settings:
 
-1. every target set of :data:`TARGET_SETS` at the run's rank r and learning rate η;
+1. every target set of :data:`TARGET_SETS` (and :data:`NEW_ID_SET` when there are new ids) at the
+   run's rank r and learning rate η;
 2. the best set at ranks r/2 and 4r (within [2, 16]) and at η/3 and 3η, one change at a time.
 
 Each probe is scored by the run's stopping metric on the validation rows (AUC higher, LogLoss
 lower is better; the base's own score is listed as the reference). The best probe's settings
 then get the full fine-tune. With E epochs, the probes cost about (5 + 4)·probe_epochs epochs,
-so the search and the final fine-tune together take about 1.9× one fine-tune at E = 10. The
+(one more with new ids), so the search and the final fine-tune together take about 1.9× one
+fine-tune at E = 10. The
 test rows never enter: the ranking is the validation metric's.
 """
 
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 from recpeft.peft.config import LoraConfig
 from recpeft.train import StopMetric, TrainConfig
 
+from .new_id_rows import lora_with_new_rows
+
 #: target sets tried in stage 1: names of :func:`target_groups` joined
 TARGET_SETS = (
     ("attributes", "dense_arch", "over_arch"),
@@ -34,6 +40,8 @@ TARGET_SETS = (
     ("dense_arch", "over_arch"),
     ("attributes", "ids", "dense_arch", "over_arch"),
 )
+#: tried too when the segment has new ids: the first set with their tables and rows
+NEW_ID_SET = ("attributes", "new_ids", "dense_arch", "over_arch")
 MIN_RANK, MAX_RANK = 2, 16
 
 
@@ -89,23 +97,23 @@ def search_targets(
     train_config: TrainConfig,
     run_probe: Callable[[LoraConfig, TrainConfig], dict],
     probe_epochs: int = 1,
+    new_rows: dict[str, int] | None = None,
 ) -> tuple[Probe, list[Probe]]:
     """(the best probe, every probe best first). ``run_probe(lora_config, train_config)`` fine-tunes
     a fresh copy of the base and returns its kept epoch's validation ``{"auc", "logloss"}``
-    (:attr:`~recpeft.train.FitReport.best_scores`). Target sets whose groups are all empty in
-    this model are skipped."""
+    (:attr:`~recpeft.train.FitReport.best_scores`); a probe with the ``new_ids`` group (the
+    tables of ``new_rows``: table → new ids) has ``new_rows`` in its config, and ``run_probe``
+    gives it rows encoded with those ids. Target sets whose groups are all empty in this model
+    are skipped."""
     short = dataclasses.replace(train_config, epochs=probe_epochs, desc=f"{train_config.desc} probe")
     better = _better(train_config.stop_metric)
 
     def scored(probe: Probe) -> Probe:
-        targets = [m for g in probe.groups for m in groups[g]]
-        config = dataclasses.replace(
-            lora, r=probe.r, lora_alpha=lora.lora_alpha * probe.r / lora.r, target_modules=targets
-        )
-        scores = run_probe(config, dataclasses.replace(short, lr=probe.lr))
+        scores = run_probe(chosen_config(probe, groups, lora, new_rows), dataclasses.replace(short, lr=probe.lr))
         return dataclasses.replace(probe, valid_auc=scores.get("auc"), valid_logloss=scores.get("logloss"))
 
-    sets = [s for s in TARGET_SETS if any(groups[g] for g in s)]
+    groups = {**groups, "new_ids": list(new_rows or {})}
+    sets = [s for s in TARGET_SETS + ((NEW_ID_SET,) if new_rows else ()) if any(groups[g] for g in s)]
     first = [scored(Probe(tuple(g for g in s if groups[g]), lora.r, train_config.lr)) for s in sets]
     leader = max(first, key=better)
     probes = first + [scored(p) for p in stage_two(leader)]
@@ -113,10 +121,15 @@ def search_targets(
     return ranking[0], ranking
 
 
-def chosen_config(best: Probe, groups: dict[str, list[str]], lora: LoraConfig) -> LoraConfig:
-    """``lora`` with the best probe's targets and rank (α scaled with r: the same s = α/r)."""
+def chosen_config(
+    best: Probe, groups: dict[str, list[str]], lora: LoraConfig, new_rows: dict[str, int] | None = None
+) -> LoraConfig:
+    """``lora`` with the best probe's targets and rank (α scaled with r: the same s = α/r); with
+    the ``new_ids`` group, its tables' ``new_rows`` too (each starting as the new-id row, −1)."""
+    groups = {**groups, "new_ids": []}  # its tables come with their rows, below
     targets = [m for g in best.groups for m in groups[g]]
-    return dataclasses.replace(lora, r=best.r, lora_alpha=lora.lora_alpha * best.r / lora.r, target_modules=targets)
+    config = dataclasses.replace(lora, r=best.r, lora_alpha=lora.lora_alpha * best.r / lora.r, target_modules=targets)
+    return lora_with_new_rows(config, new_rows) if "new_ids" in best.groups else config
 
 
 def ranking_record(ranking: list[Probe], metric: StopMetric, probe_epochs: int) -> dict:

@@ -41,6 +41,7 @@ from recpeft.apps.new_id_rows import (
     lora_with_new_rows,
     merge_new_ids,
     new_id_features,
+    new_rows_of,
     read_new_ids,
     segment_new_ids,
 )
@@ -485,11 +486,14 @@ def _fit_and_save(args, base, data, segment: str, method: Method, out: Path, ext
     with ``extra_files`` in its set: its test metrics, FitReport and size on disk."""
     config = _train_config(args, f"{method.value} {segment}", **FINETUNE, lr=FINETUNE_LR[method.value])
     lora = _lora_config(args) if method is Method.LORA else None
+    new, adapted = _new_ids(args, data, segment) if lora is not None and args.new_id_rows else (None, None)
     if lora is not None and args.target_modules == AUTO_TARGETS:
-        lora, config, search = _search_targets(args, base, data, segment, lora, config)
+        lora, config, search = _search_targets(args, base, data, segment, lora, config, new, adapted)
         extra_files = {**(extra_files or {}), TARGET_SEARCH: json.dumps(search, indent=1) + "\n"}
-    if lora is not None and args.new_id_rows:
-        lora, data, extra_files = _with_new_id_rows(args, data, segment, lora, extra_files)
+    elif new is not None:
+        lora = lora_with_new_rows(lora, new_rows_of(new))
+    if lora is not None and lora.new_rows:  # the segment's rows as the adapter's new ids see them
+        data, extra_files = adapted, {**(extra_files or {}), NEW_IDS: new.to_json()}
     model, report = finetune(base, data, segment, method, train_config=config, lora_config=lora, device=args.device)
     after = click_metrics(model, data.segment_rows("test", segment))
     if method is Method.LORA:
@@ -505,34 +509,39 @@ def _fit_and_save(args, base, data, segment: str, method: Method, out: Path, ext
     return {"metrics": after, "report": report, "bytes": size, "lora_config": lora, "train_config": config}
 
 
-def _with_new_id_rows(args, data, segment: str, lora: LoraConfig, extra_files):
-    """``--new-id-rows``: ``lora`` with rows of its own for the segment's new ids, the data encoded
-    with them, and ``extra_files`` with their values (:mod:`recpeft.apps.new_id_rows`)."""
+def _new_ids(args, data, segment: str):
+    """``--new-id-rows``: the segment's new ids (:mod:`recpeft.apps.new_id_rows`) and ``data``
+    encoded with them, or (None, None) when its training rows have none."""
     new = segment_new_ids(data, segment, new_id_features(args.new_id_rows, data.encoder))
     counts = ", ".join(f"{f} {new.counts.get(f, 0):,}" for f in new.values)
     print(f"{segment}: new-id rows for the training rows' ids the base never saw: {counts}")
-    data = encoded_with(data, NewIdEncoder(data.encoder, new, name=f"{segment}'s new ids"))
-    return lora_with_new_rows(lora, new), data, {**(extra_files or {}), NEW_IDS: new.to_json()}
+    if not new.counts:
+        return None, None
+    return new, encoded_with(data, NewIdEncoder(data.encoder, new, name=f"{segment}'s new ids"))
 
 
-def _search_targets(args, base, data, segment: str, lora: LoraConfig, config: TrainConfig):
+def _search_targets(args, base, data, segment: str, lora: LoraConfig, config: TrainConfig, new=None, adapted=None):
     """``--target-modules auto`` (:mod:`recpeft.apps.target_search`): the chosen LoRA config, the
-    training config with the chosen learning rate, and the search as JSON; prints the ranking."""
+    training config with the chosen learning rate, and the search as JSON; prints the ranking.
+    With new ids (``new``, and ``adapted``: the data encoded with them), their rows are a
+    candidate too, probed on the rows as they see them."""
     schema = data.encoder.schema
     groups = target_groups(base, schema.user, schema.item)
     lora = dataclasses.replace(lora, target_modules=[])  # each probe sets its own
+    new_rows = new_rows_of(new) if new is not None else None
 
     def run_probe(lora_config, train_config):
         quiet = dataclasses.replace(train_config, progress=False)
-        _, report = finetune(base, data, segment, Method.LORA, train_config=quiet, lora_config=lora_config,
+        rows = adapted if lora_config.new_rows else data
+        _, report = finetune(base, rows, segment, Method.LORA, train_config=quiet, lora_config=lora_config,
                              device=args.device)  # fmt: skip
         return report.best_scores or {}
 
-    best, ranking = search_targets(groups, lora, config, run_probe)
+    best, ranking = search_targets(groups, lora, config, run_probe, new_rows=new_rows)
     print(f"{segment}: --target-modules auto, probes of 1 epoch on the validation rows, best first:")
     print(ranking_table(ranking))
     record = {"segment": segment, **ranking_record(ranking, config.stop_metric, 1)}
-    return chosen_config(best, groups, lora), dataclasses.replace(config, lr=best.lr), record
+    return chosen_config(best, groups, lora, new_rows), dataclasses.replace(config, lr=best.lr), record
 
 
 def _methods(args) -> list[Method]:

@@ -383,9 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FEATURES",
         help="comma-separated id features (such as the user column): each value of the segment's training rows "
         "the base never saw gets a LoRA row of the adapter's own, starting as the base's new-id row (pretrain "
-        "with --new-id-share to teach that row); the tables are added to the targets (after the search, with "
-        "auto) and the values saved as new_ids.json, which evaluate, score, serve and merge use (LoRA only; "
-        "default: none)",
+        "with --new-id-share to teach that row); the tables are added to the targets (with auto: one more "
+        "candidate, kept if it wins on validation) and the values saved as new_ids.json, which evaluate, "
+        "score, serve and merge use (LoRA only; default: none)",
     )
     fine.set_defaults(run="cmd_finetune")
 

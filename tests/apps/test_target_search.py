@@ -6,7 +6,7 @@ import json
 import pytest
 
 from recpeft.apps.run_config import tomllib
-from recpeft.apps.target_search import TARGET_SETS, Probe, chosen_config, search_targets, stage_two
+from recpeft.apps.target_search import NEW_ID_SET, TARGET_SETS, Probe, chosen_config, search_targets, stage_two
 from recpeft.cli import main
 from recpeft.peft.config import LoraConfig
 from recpeft.train import TrainConfig
@@ -57,6 +57,27 @@ def test_logloss_ranks_lower_first():
     best, ranking = search_targets(GROUPS, lora, config, probe)
     assert best.groups == ("attributes", "over_arch")
     assert [p.valid_logloss for p in ranking] == sorted(p.valid_logloss for p in ranking)
+
+
+def test_new_ids_are_one_more_candidate_whose_probes_alone_get_rows():
+    calls = []
+
+    def probe(lora_config, train_config):
+        calls.append(lora_config)
+        score = _scores(lora_config, train_config)
+        return {k: v + 0.1 * bool(lora_config.new_rows) for k, v in score.items()}  # the new ids' rows help
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=[])
+    best, ranking = search_targets(GROUPS, lora, TrainConfig(epochs=10, lr=3e-3, progress=False), probe,
+                                   new_rows={"t_uid": 7})  # fmt: skip
+    assert len(calls) == len(TARGET_SETS) + 1 + 4
+    with_rows = [c for c in calls[: len(TARGET_SETS) + 1] if c.new_rows]
+    assert len(with_rows) == 1 and with_rows[0].new_rows == {"t_uid": 7} and with_rows[0].new_id_row == -1
+    assert with_rows[0].target_modules == ["t_cat", "d0", "d1", "o0", "o1", "t_uid"]
+    assert best.groups == NEW_ID_SET and all(c.new_rows for c in calls[len(TARGET_SETS) + 1 :])  # stage 2 keeps them
+    chosen = chosen_config(best, GROUPS, lora, {"t_uid": 7})
+    assert chosen.new_rows == {"t_uid": 7} and "t_uid" in chosen.target_modules
+    assert chosen_config(ranking[-1], GROUPS, lora, {"t_uid": 7}).new_rows is None  # a set without them
 
 
 def test_stage_two_ranks_stay_within_2_to_16():

@@ -169,3 +169,18 @@ def test_the_bank_serves_new_customers_and_refuses_a_broken_new_ids_file_alone(m
     bank.remove("south")  # south's rows now get the base, its customers the new-id row
     reference = torch.sigmoid(merged_logits(made["base"], {"isle": made["folders"]["isle"]}, made["new"]))
     assert_normwise_close(bank.score(made["new"]), reference, rel=ROUTED_REL)
+
+
+def test_auto_targets_try_the_new_customers_rows_as_one_more_candidate(made, tmp_path):
+    out = tmp_path / "auto"
+    argv = [*made["finetune"], "--segment", "south", "--new-id-rows", "uid", "--target-modules", "auto"]
+    assert main([*argv, "--output", str(out)]) == 0
+    probes = json.loads((out / "target_search.json").read_text())["probes"]
+    assert "attributes+new_ids+dense_arch+over_arch" in [p["targets"] for p in probes]
+    chosen = "new_ids" in probes[0]["targets"].split("+")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (out / "new_ids.json").is_file() == chosen and bool(config["new_rows"]) == chosen
+    if chosen:
+        assert config["new_rows"] == {TABLE: len(_values(out))}
+    evaluate = ["evaluate", str(made["log"]), *ROLES, "--base", str(made["base"]), "--adapter", str(out)]
+    assert main([*evaluate, "--segment", "south"]) == 0
