@@ -8,14 +8,14 @@ of the adapter's own for the segment's new ids (``new_rows``). Two stages of sho
 fine-tune of ``probe_epochs`` epochs (1 by default) started from the base with the run's training
 settings:
 
-1. every target set of :data:`TARGET_SETS` (and :data:`NEW_ID_SET` when there are new ids) at the
-   run's rank r and learning rate η;
+1. every target set of :data:`TARGET_SETS` (and of :data:`NEW_ID_SETS` when there are new ids)
+   at the run's rank r and learning rate η;
 2. the best set at ranks r/2 and 4r (within [2, 16]) and at η/3 and 3η, one change at a time.
 
 Each probe is scored by the run's stopping metric on the validation rows (AUC higher, LogLoss
 lower is better; the base's own score is listed as the reference). The best probe's settings
 then get the full fine-tune. With E epochs, the probes cost about (5 + 4)·probe_epochs epochs,
-(one more with new ids), so the search and the final fine-tune together take about 1.9× one
+(two more with new ids), so the search and the final fine-tune together take about 1.9× one
 fine-tune at E = 10. The
 test rows never enter: the ranking is the validation metric's.
 """
@@ -40,8 +40,11 @@ TARGET_SETS = (
     ("dense_arch", "over_arch"),
     ("attributes", "ids", "dense_arch", "over_arch"),
 )
-#: tried too when the segment has new ids: the first set with their tables and rows
-NEW_ID_SET = ("attributes", "new_ids", "dense_arch", "over_arch")
+#: tried too when the segment has new ids: the first and the widest set with their tables and rows
+NEW_ID_SETS = (
+    ("attributes", "new_ids", "dense_arch", "over_arch"),
+    ("attributes", "ids", "new_ids", "dense_arch", "over_arch"),
+)
 MIN_RANK, MAX_RANK = 2, 16
 
 
@@ -113,7 +116,7 @@ def search_targets(
         return dataclasses.replace(probe, valid_auc=scores.get("auc"), valid_logloss=scores.get("logloss"))
 
     groups = {**groups, "new_ids": list(new_rows or {})}
-    sets = [s for s in TARGET_SETS + ((NEW_ID_SET,) if new_rows else ()) if any(groups[g] for g in s)]
+    sets = [s for s in TARGET_SETS + (NEW_ID_SETS if new_rows else ()) if any(groups[g] for g in s)]
     first = [scored(Probe(tuple(g for g in s if groups[g]), lora.r, train_config.lr)) for s in sets]
     leader = max(first, key=better)
     probes = first + [scored(p) for p in stage_two(leader)]

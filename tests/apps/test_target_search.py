@@ -6,7 +6,7 @@ import json
 import pytest
 
 from recpeft.apps.run_config import tomllib
-from recpeft.apps.target_search import NEW_ID_SET, TARGET_SETS, Probe, chosen_config, search_targets, stage_two
+from recpeft.apps.target_search import NEW_ID_SETS, TARGET_SETS, Probe, chosen_config, search_targets, stage_two
 from recpeft.cli import main
 from recpeft.peft.config import LoraConfig
 from recpeft.train import TrainConfig
@@ -70,11 +70,13 @@ def test_new_ids_are_one_more_candidate_whose_probes_alone_get_rows():
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=[])
     best, ranking = search_targets(GROUPS, lora, TrainConfig(epochs=10, lr=3e-3, progress=False), probe,
                                    new_rows={"t_uid": 7})  # fmt: skip
-    assert len(calls) == len(TARGET_SETS) + 1 + 4
-    with_rows = [c for c in calls[: len(TARGET_SETS) + 1] if c.new_rows]
-    assert len(with_rows) == 1 and with_rows[0].new_rows == {"t_uid": 7} and with_rows[0].new_id_row == -1
+    first = len(TARGET_SETS) + len(NEW_ID_SETS)
+    assert len(calls) == first + 4
+    with_rows = [c for c in calls[:first] if c.new_rows]
+    assert len(with_rows) == 2 and all(c.new_rows == {"t_uid": 7} and c.new_id_row == -1 for c in with_rows)
     assert with_rows[0].target_modules == ["t_cat", "d0", "d1", "o0", "o1", "t_uid"]
-    assert best.groups == NEW_ID_SET and all(c.new_rows for c in calls[len(TARGET_SETS) + 1 :])  # stage 2 keeps them
+    assert with_rows[1].target_modules == ["t_cat", "t_uid", "t_sku", "d0", "d1", "o0", "o1"]  # the id tables once
+    assert best.groups in NEW_ID_SETS and all(c.new_rows for c in calls[first:])  # stage 2 keeps them
     chosen = chosen_config(best, GROUPS, lora, {"t_uid": 7})
     assert chosen.new_rows == {"t_uid": 7} and "t_uid" in chosen.target_modules
     assert chosen_config(ranking[-1], GROUPS, lora, {"t_uid": 7}).new_rows is None  # a set without them
