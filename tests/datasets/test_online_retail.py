@@ -328,13 +328,13 @@ def test_ranker_lora_trains_sparsely_and_merges(frame, tmp_path):
     assert_normwise_close(merged(*batch.args), after, name="merged")
 
 
-def benchmark_module():
-    """benchmarks/quality_online_retail.py, imported from its path (benchmarks/ is no package)."""
+def benchmark_module(name: str = "quality_online_retail"):
+    """benchmarks/<name>.py, imported from its path (benchmarks/ is no package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "quality_online_retail.py"
-    spec = importlib.util.spec_from_file_location("quality_online_retail", path)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     import sys
 
@@ -372,3 +372,22 @@ def test_benchmark_loss_and_sampled_auc_match_their_formulas(frame):
     neg = [float(scores[r, j]) for r in range(6) for j in sampled[r].tolist()]
     pairs = [1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg]
     assert bench.sampled_auc(scores, targets, sampled) == pytest.approx(sum(pairs) / len(pairs))
+
+
+def test_the_command_line_benchmarks_click_log_pairs_each_purchase_with_a_non_purchase(frame):
+    log = benchmark_module("cli_new_markets").click_log(frame)
+    bought = purchases(frame).assign(product=lambda f: f["Description"].str.strip())
+    clicks, others = log[log["clicked"] == 1], log[log["clicked"] == 0]
+    key = ["CustomerID", "product", "Country", "InvoiceDate"]
+    assert sorted(map(tuple, clicks[key].to_numpy())) == sorted(map(tuple, bought[key].to_numpy()))
+    assert 0.9 * len(clicks) <= len(others) <= len(clicks)  # one each, less the rare repeated hits
+    days = set(zip(bought["CustomerID"], bought["product"], bought["Day"]))
+    shown_days = others["InvoiceDate"].dt.normalize()
+    assert not any(k in days for k in zip(others["CustomerID"], others["product"], shown_days))
+    shown = set(map(tuple, others[["CustomerID", "Country", "InvoiceDate"]].to_numpy()))
+    assert shown <= set(map(tuple, bought[["CustomerID", "Country", "InvoiceDate"]].to_numpy()))
+    assert set(others["product"]) <= set(bought["product"])
+    prices = bought.groupby("product")["UnitPrice"].median()
+    assert np.allclose(log["price"].to_numpy(), log["product"].map(prices).to_numpy())
+    assert (log["kind"] == log["product"].str.split().str[-2]).all()  # "RED HEART 7": the last word of letters
+    assert log["InvoiceDate"].is_monotonic_increasing
