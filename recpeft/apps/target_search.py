@@ -13,7 +13,10 @@ settings:
 2. the best set at ranks r/2 and 4r (within [2, 16]) and at η/3 and 3η, one change at a time.
 
 Each probe is scored by the run's stopping metric on the validation rows (AUC higher, LogLoss
-lower is better; the base's own score is listed as the reference). The best probe's settings
+lower is better; the base's own score is listed as the reference). With a size budget
+(``max_bytes``, the command line's ``--max-adapter-share`` of the base), a probe whose adapter
+file is larger ranks after every probe within it: a probe's file is what its full fine-tune's
+would be, since one epoch touches the same table rows as ten. The best probe's settings
 then get the full fine-tune. With E epochs, the probes cost about (5 + 4)·probe_epochs epochs,
 (two more with new ids), so the search and the final fine-tune together take about 1.9× one
 fine-tune at E = 10. The
@@ -73,17 +76,25 @@ class Probe:
     lr: float
     valid_auc: float | None = None
     valid_logloss: float | None = None
+    bytes: int | None = None  # its adapter file
 
     @property
     def name(self) -> str:
         return "+".join(self.groups)
 
 
-def _better(metric: StopMetric) -> Callable[[Probe], float]:
-    """Sort key: larger is better."""
+def _better(metric: StopMetric, max_bytes: int | None = None) -> Callable[[Probe], tuple]:
+    """Sort key: larger is better; within ``max_bytes`` first."""
     if metric is StopMetric.AUC:
-        return lambda p: -math.inf if p.valid_auc is None or math.isnan(p.valid_auc) else p.valid_auc
-    return lambda p: -math.inf if p.valid_logloss is None or math.isnan(p.valid_logloss) else -p.valid_logloss
+        score = lambda p: -math.inf if p.valid_auc is None or math.isnan(p.valid_auc) else p.valid_auc
+    else:
+        score = lambda p: -math.inf if p.valid_logloss is None or math.isnan(p.valid_logloss) else -p.valid_logloss
+    return lambda p: (within_budget(p, max_bytes), score(p))
+
+
+def within_budget(probe: Probe, max_bytes: int | None) -> bool:
+    """Whether ``probe``'s adapter file fits in ``max_bytes`` (None: no budget)."""
+    return max_bytes is None or probe.bytes is None or probe.bytes <= max_bytes
 
 
 def stage_two(best: Probe) -> list[Probe]:
@@ -101,19 +112,23 @@ def search_targets(
     run_probe: Callable[[LoraConfig, TrainConfig], dict],
     probe_epochs: int = 1,
     new_rows: dict[str, int] | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[Probe, list[Probe]]:
     """(the best probe, every probe best first). ``run_probe(lora_config, train_config)`` fine-tunes
     a fresh copy of the base and returns its kept epoch's validation ``{"auc", "logloss"}``
     (:attr:`~recpeft.train.FitReport.best_scores`); a probe with the ``new_ids`` group (the
     tables of ``new_rows``: table → new ids) has ``new_rows`` in its config, and ``run_probe``
-    gives it rows encoded with those ids. Target sets whose groups are all empty in this model
+    gives it rows encoded with those ids; its ``"bytes"``, the probe's adapter file, ranks it
+    after every probe within ``max_bytes``. Target sets whose groups are all empty in this model
     are skipped."""
     short = dataclasses.replace(train_config, epochs=probe_epochs, desc=f"{train_config.desc} probe")
-    better = _better(train_config.stop_metric)
+    better = _better(train_config.stop_metric, max_bytes)
 
     def scored(probe: Probe) -> Probe:
         scores = run_probe(chosen_config(probe, groups, lora, new_rows), dataclasses.replace(short, lr=probe.lr))
-        return dataclasses.replace(probe, valid_auc=scores.get("auc"), valid_logloss=scores.get("logloss"))
+        return dataclasses.replace(
+            probe, valid_auc=scores.get("auc"), valid_logloss=scores.get("logloss"), bytes=scores.get("bytes")
+        )
 
     groups = {**groups, "new_ids": list(new_rows or {})}
     sets = [s for s in TARGET_SETS + (NEW_ID_SETS if new_rows else ()) if any(groups[g] for g in s)]
@@ -135,24 +150,34 @@ def chosen_config(
     return lora_with_new_rows(config, new_rows) if "new_ids" in best.groups else config
 
 
-def ranking_record(ranking: list[Probe], metric: StopMetric, probe_epochs: int) -> dict:
-    """The search as JSON: the metric, the probes' length and every probe best first."""
+def ranking_record(ranking: list[Probe], metric: StopMetric, probe_epochs: int, max_bytes: int | None = None) -> dict:
+    """The search as JSON: the metric, the probes' length, the size budget and every probe best first."""
     return {
         "metric": StopMetric(metric).value,
         "probe_epochs": probe_epochs,
         "split": "validation rows of the segment (the test rows never choose)",
+        "max_bytes": max_bytes,
         "probes": [
-            {"targets": p.name, "r": p.r, "lr": p.lr, "valid_auc": p.valid_auc, "valid_logloss": p.valid_logloss}
+            {
+                "targets": p.name,
+                "r": p.r,
+                "lr": p.lr,
+                "valid_auc": p.valid_auc,
+                "valid_logloss": p.valid_logloss,
+                "bytes": p.bytes,
+                "within_budget": within_budget(p, max_bytes),
+            }  # fmt: skip
             for p in ranking
         ],
     }
 
 
-def ranking_table(ranking: list[Probe]) -> str:
-    """The probes, best first, as a text table."""
-    lines = [f"{'targets':<42} {'r':>3} {'lr':>9} {'valid AUC':>10} {'LogLoss':>8}"]
+def ranking_table(ranking: list[Probe], max_bytes: int | None = None) -> str:
+    """The probes, best first, as a text table (adapter size; ``*``: over ``max_bytes``)."""
+    lines = [f"{'targets':<44} {'r':>3} {'lr':>9} {'valid AUC':>10} {'LogLoss':>8} {'adapter':>10}"]
     for p in ranking:
         auc = "n/a" if p.valid_auc is None else f"{p.valid_auc:.4f}"
         loss = "n/a" if p.valid_logloss is None else f"{p.valid_logloss:.4f}"
-        lines.append(f"{p.name:<42} {p.r:>3} {p.lr:>9.2g} {auc:>10} {loss:>8}")
+        size = "n/a" if p.bytes is None else f"{p.bytes / 1024:.1f} KB" + ("" if within_budget(p, max_bytes) else "*")
+        lines.append(f"{p.name:<44} {p.r:>3} {p.lr:>9.2g} {auc:>10} {loss:>8} {size:>10}")
     return "\n".join(lines)

@@ -46,7 +46,14 @@ from recpeft.apps.new_id_rows import (
     segment_new_ids,
 )
 from recpeft.apps.run_config import RUN_CONFIG, toml_text
-from recpeft.apps.target_search import chosen_config, ranking_record, ranking_table, search_targets, target_groups
+from recpeft.apps.target_search import (
+    chosen_config,
+    ranking_record,
+    ranking_table,
+    search_targets,
+    target_groups,
+    within_budget,
+)
 from recpeft.apps.validation_size import noisy_validation_note, validation_noise
 from recpeft.apps.workflow import Method, SegmentRule, click_metrics, finetune, prepare, pretrain
 from recpeft.datasets.new_ids import NewIdEncoder
@@ -529,19 +536,33 @@ def _search_targets(args, base, data, segment: str, lora: LoraConfig, config: Tr
     groups = target_groups(base, schema.user, schema.item)
     lora = dataclasses.replace(lora, target_modules=[])  # each probe sets its own
     new_rows = new_rows_of(new) if new is not None else None
+    share = check_fraction("--max-adapter-share", args.max_adapter_share, below_one=False)
+    budget = int(share * checkpoint_bytes(args.base))
 
     def run_probe(lora_config, train_config):
         quiet = dataclasses.replace(train_config, progress=False)
         rows = adapted if lora_config.new_rows else data
-        _, report = finetune(base, rows, segment, Method.LORA, train_config=quiet, lora_config=lora_config,
-                             device=args.device)  # fmt: skip
-        return report.best_scores or {}
+        model, report = finetune(base, rows, segment, Method.LORA, train_config=quiet, lora_config=lora_config,
+                                 device=args.device)  # fmt: skip
+        return {**(report.best_scores or {}), "bytes": _adapter_bytes(model)}
 
-    best, ranking = search_targets(groups, lora, config, run_probe, new_rows=new_rows)
-    print(f"{segment}: --target-modules auto, probes of 1 epoch on the validation rows, best first:")
-    print(ranking_table(ranking))
-    record = {"segment": segment, **ranking_record(ranking, config.stop_metric, 1)}
+    best, ranking = search_targets(groups, lora, config, run_probe, new_rows=new_rows, max_bytes=budget)
+    print(f"{segment}: --target-modules auto, probes of 1 epoch on the validation rows, best first "
+          f"(*: adapter over --max-adapter-share {share:g} of the base, {budget / 1024:.1f} KB):")  # fmt: skip
+    print(ranking_table(ranking, budget))
+    if not within_budget(best, budget):
+        print(f"{segment}: no probe's adapter fits in {budget / 1024:.1f} KB; the best by the metric is kept")
+    record = {"segment": segment, **ranking_record(ranking, config.stop_metric, 1, budget)}
     return chosen_config(best, groups, lora, new_rows), dataclasses.replace(config, lr=best.lr), record
+
+
+def _adapter_bytes(model) -> int:
+    """The size of ``model``'s adapter file, as save_pretrained writes it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return (Path(tmp) / "adapter_model.safetensors").stat().st_size
 
 
 def _methods(args) -> list[Method]:

@@ -378,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and saved as target_search.json) (default: the model's own choice: attribute tables and every MLP layer)",
     )
     fine.add_argument(
+        "--max-adapter-share",
+        type=float,
+        default=0.02,
+        metavar="FRACTION",
+        help="with --target-modules auto: a probe whose adapter file is larger than this share of the base "
+        "checkpoint ranks after every probe within it (default: 0.02)",
+    )
+    fine.add_argument(
         "--new-id-rows",
         default=None,
         metavar="FEATURES",

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from recpeft.apps.base_checkpoint import checkpoint_bytes
 from recpeft.apps.run_config import tomllib
 from recpeft.apps.target_search import NEW_ID_SETS, TARGET_SETS, Probe, chosen_config, search_targets, stage_two
 from recpeft.cli import main
@@ -82,6 +83,24 @@ def test_new_ids_are_one_more_candidate_whose_probes_alone_get_rows():
     assert chosen_config(ranking[-1], GROUPS, lora, {"t_uid": 7}).new_rows is None  # a set without them
 
 
+def test_a_size_budget_ranks_probes_over_it_last():
+    def probe(lora_config, train_config):
+        size = 10_000 if "t_uid" in lora_config.target_modules else 1_000  # the id tables are large
+        auc = 0.6 + 0.1 * ("t_uid" in lora_config.target_modules) + 0.01 * (lora_config.r == 16)
+        return {"auc": auc, "logloss": 1.0 - auc, "bytes": size * lora_config.r // 4}
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=[])
+    config = TrainConfig(epochs=10, lr=3e-3, progress=False)
+    free, _ = search_targets(GROUPS, lora, config, probe)
+    assert "ids" in free.groups and free.r == 16  # without a budget the large tables win
+    best, ranking = search_targets(GROUPS, lora, config, probe, max_bytes=5_000)
+    assert "ids" not in best.groups and best.bytes <= 5_000 and best.r == 16  # r=16 without them: 4,000 bytes
+    fits = [p.bytes <= 5_000 for p in ranking]
+    assert fits == sorted(fits, reverse=True)  # every probe within the budget before every one over it
+    inside = [p.valid_auc for p in ranking if p.bytes <= 5_000]
+    assert inside == sorted(inside, reverse=True)
+
+
 def test_stage_two_ranks_stay_within_2_to_16():
     assert sorted({p.r for p in stage_two(Probe(("over_arch",), 16, 1e-3))}) == [8, 16]
     assert sorted({p.r for p in stage_two(Probe(("over_arch",), 2, 1e-3))}) == [2, 8]
@@ -92,11 +111,17 @@ def test_finetune_auto_saves_the_ranking_and_the_chosen_targets(tmp_path, capsys
     write_log(log)
     assert main(["pretrain", str(log), *ROLES, "--output", str(base), "--epochs", "1", "--embedding-dim", "8"]) == 0
     argv = ["finetune", str(log), *ROLES, "--base", str(base), "--segment", "south", "--epochs", "2"]
+    argv.append("--no-keep-initial")  # an adapter that trained: its file holds the rows its probe touched
     assert main([*argv, "--target-modules", "auto", "--output", str(adapter)]) == 0
     out = capsys.readouterr().out
     assert "--target-modules auto" in out and "valid AUC" in out
     search = json.loads((adapter / "target_search.json").read_text())
     assert search["segment"] == "south" and len(search["probes"]) == len(TARGET_SETS) + 4
+    assert search["max_bytes"] == int(0.02 * checkpoint_bytes(base))  # the default --max-adapter-share
+    size = (adapter / "adapter_model.safetensors").stat().st_size
+    assert search["probes"][0]["bytes"] > 0 and all(p["within_budget"] == (p["bytes"] <= search["max_bytes"])
+                                                    for p in search["probes"])  # fmt: skip
+    assert abs(size - search["probes"][0]["bytes"]) <= 0.01 * size, (size, search["probes"][0])  # foretold
     best = search["probes"][0]
     aucs = [p["valid_auc"] for p in search["probes"]]
     assert aucs == sorted(aucs, reverse=True)
