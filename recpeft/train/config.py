@@ -37,7 +37,11 @@ class TrainConfig:
     """Settings of a :class:`~recpeft.train.Trainer` run.
 
     Args:
-        epochs: passes over the training rows (≥ 1).
+        epochs: passes over the training rows (≥ 1); the learning-rate schedule spans them all.
+        stop_after_epochs: run only the first this many of the ``epochs`` (1 ≤ value ≤ epochs),
+            the schedule unchanged, or None (default) for all: the refit of a repeated-holdout
+            choice (:mod:`recpeft.train.repeated_holdout`) retraces its holdouts' schedule and
+            stops where their mean validation curve peaked.
         batch_size: rows per optimizer step (≥ 1); the last batch of an epoch may be smaller.
         lr: peak learning rate (> 0).
         weight_decay: decoupled weight decay λ (≥ 0) of AdamW.
@@ -69,6 +73,7 @@ class TrainConfig:
     """
 
     epochs: int = 3
+    stop_after_epochs: int | None = None
     batch_size: int = 512
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -92,9 +97,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             check_int(f"TrainConfig.{name}", getattr(self, name))
         check_int("TrainConfig.seed", self.seed, minimum=0)
-        for name in ("early_stopping_patience", "checkpoint_every_steps"):
+        for name in ("early_stopping_patience", "checkpoint_every_steps", "stop_after_epochs"):
             if getattr(self, name) is not None:
                 check_int(f"TrainConfig.{name} (or None)", getattr(self, name))
+        if self.stop_after_epochs is not None and self.stop_after_epochs > self.epochs:
+            raise ValueError(
+                f"TrainConfig.stop_after_epochs must be at most epochs ({self.epochs}), got {self.stop_after_epochs}"
+            )
         check_positive_number("TrainConfig.lr", self.lr)
         check_positive_number("TrainConfig.weight_decay", self.weight_decay, allow_zero=True)
         for name in ("warmup_fraction", "min_lr_ratio"):
@@ -161,8 +170,9 @@ class FitReport:
     stops: ``stop_metric``'s or the trainer's ``metric_fn``'s; None without a validation source),
     with the built-in metrics also valid_auc and valid_logloss (both, whichever stops; None without
     a validation source), lr (at the epoch's last step). ``best_metric`` is the stopping metric of
-    the kept weights; ``best_scores`` their {"auc", "logloss"} with the built-in metrics (None
-    otherwise). ``best_epoch`` is −1 when ``keep_initial`` kept the starting weights. Memory: see
+    the kept weights; ``initial_metric`` the starting weights' (with ``keep_initial`` and a
+    validation source; None otherwise, and after a resume); ``best_scores`` the kept weights'
+    {"auc", "logloss"} with the built-in metrics (None otherwise). ``best_epoch`` is −1 when ``keep_initial`` kept the starting weights. Memory: see
     :func:`~recpeft.train.memory.training_state_bytes`;
     ``peak_memory_bytes`` is CUDA's ``max_memory_allocated`` during the call minus the allocation
     at its start (None on CPU). ``device``: where it trained (``"cpu"``, ``"cuda:0 (NVIDIA H200)"``).
@@ -179,6 +189,7 @@ class FitReport:
     stopped_early: bool
     history: list[dict] = field(default_factory=list)
     best_scores: dict[str, float] | None = None
+    initial_metric: float | None = None
     resumed_from_step: int = 0
     training_state_bytes: int = 0
     peak_memory_bytes: int | None = None

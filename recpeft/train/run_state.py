@@ -41,7 +41,7 @@ from .optimizers import NamedParameters
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 # Config fields a resumed run may change: they do not alter the trajectory.
-RESUME_FREE_FIELDS = frozenset({"progress", "desc", "checkpoint_dir", "checkpoint_every_steps"})
+RESUME_FREE_FIELDS = frozenset({"progress", "desc", "checkpoint_dir", "checkpoint_every_steps", "stop_after_epochs"})
 
 
 @dataclass

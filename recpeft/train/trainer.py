@@ -138,6 +138,14 @@ def click_scores(model: nn.Module, source: BatchSource, batch_size: int = 8192) 
 # ---- the trainer ------------------------------------------------------------------------------
 
 
+def improves(metric: float, best: float | None, mode: str, min_improvement: float) -> bool:
+    """The improvement rule of early stopping: m > best + δ (``mode`` "max") or m < best − δ
+    ("min"), δ = ``min_improvement``; the first metric of a run (``best`` None) always improves."""
+    if best is None:
+        return True
+    return metric > best + min_improvement if mode == "max" else metric < best - min_improvement
+
+
 class Trainer:
     """Trains ``model``'s trainable parameters with :class:`TrainConfig` (see the module docstring).
 
@@ -263,12 +271,7 @@ class Trainer:
         return metric, scores
 
     def _improves(self, metric: float, best: float | None) -> bool:
-        """m > best + δ ("max") or m < best − δ ("min"), δ = ``config.min_improvement``; the
-        first metric of a run always improves."""
-        if best is None:
-            return True
-        delta = self.config.min_improvement
-        return metric > best + delta if self.metric_mode == "max" else metric < best - delta
+        return improves(metric, best, self.metric_mode, self.config.min_improvement)
 
     # ---- model state and checkpoints ----------------------------------------------------------
 
@@ -299,7 +302,8 @@ class Trainer:
             total_steps, warmup_steps_for(total_steps, config.warmup_fraction), config.schedule, config.min_lr_ratio
         )
         self._build_optimizers()
-        run, best_state, initial_scores = RunState(), None, None
+        run, best_state, initial_scores, initial_metric = RunState(), None, None, None
+        last_epoch = config.epochs if config.stop_after_epochs is None else config.stop_after_epochs
         torch.manual_seed(config.seed)
         resumed = (
             resume_from(config.checkpoint_dir, config, rows, self.model, self.trainable, self.optimizers)
@@ -310,7 +314,7 @@ class Trainer:
             _, run, best_state = resumed
         elif config.keep_initial and valid is not None:  # a fresh run: the starting weights are epoch -1
             run.best_metric, initial_scores = self._checked_scores(valid, "before training")
-            run.best_epoch = -1
+            run.best_epoch, initial_metric = -1, run.best_metric
             best_state = trainable_state(self.model, self.trainable)
         resumed_from, samples_before = run.global_step, run.samples
         cuda = self.device.type == "cuda"
@@ -328,7 +332,7 @@ class Trainer:
             leave=False,
         )
         with bar:
-            while run.epoch < config.epochs and not run.stopped_early:
+            while run.epoch < last_epoch and not run.stopped_early:
                 self.model.train()
                 order = epoch_order(rows, config.seed, run.epoch)
                 for step in range(run.step_in_epoch, steps_per_epoch):
@@ -360,7 +364,7 @@ class Trainer:
                 )
                 if config.checkpoint_dir:
                     self._save_checkpoint(run, best_state, rows)
-            if run.stopped_early:  # the epochs left will not run: the bar ends full, at the work done
+            if run.stopped_early or run.epoch < config.epochs:  # epochs left unrun: the bar ends full, at the work done
                 bar.total = bar.n
                 bar.refresh()
         if best_state is not None:
@@ -380,6 +384,7 @@ class Trainer:
             stopped_early=run.stopped_early,
             history=[dict(h) for h in run.history],
             best_scores=best_scores,
+            initial_metric=initial_metric,
             resumed_from_step=resumed_from,
             training_state_bytes=training_state_bytes(self.model, self.optimizers),
             peak_memory_bytes=(torch.cuda.max_memory_allocated(self.device) - memory_at_start) if cuda else None,
