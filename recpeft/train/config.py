@@ -172,7 +172,8 @@ class FitReport:
     a validation source), lr (at the epoch's last step). ``best_metric`` is the stopping metric of
     the kept weights; ``initial_metric`` the starting weights' (with ``keep_initial`` and a
     validation source; None otherwise, and after a resume); ``best_scores`` the kept weights'
-    {"auc", "logloss"} with the built-in metrics (None otherwise). ``best_epoch`` is −1 when ``keep_initial`` kept the starting weights. Memory: see
+    {"auc", "logloss"} with the built-in metrics (None otherwise). ``best_epoch`` is −1 when
+    ``keep_initial`` kept the starting weights. Memory: see
     :func:`~recpeft.train.memory.training_state_bytes`;
     ``peak_memory_bytes`` is CUDA's ``max_memory_allocated`` during the call minus the allocation
     at its start (None on CPU). ``device``: where it trained (``"cpu"``, ``"cuda:0 (NVIDIA H200)"``).
