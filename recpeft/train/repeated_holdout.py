@@ -4,7 +4,8 @@ One validation slice of a few hundred rows decides badly: its AUC moves by about
 one draw of rows to the next, so early stopping on it keeps epochs that happened to suit those
 rows (validation up, test down) or stops a slow climb at the base. Here the segment's rows
 before the split, the pool P (|P| = n), are split K times at random into n − m training rows and
-m validation rows (m the size of the one slice the segment would have had):
+m validation rows (m the size of the one slice the segment would have had; with groups, whole
+baskets or sessions, so that no group is split between the two):
 
     m_k(e)   validation metric of holdout k after epoch e (e = −1: the starting weights),
              each holdout training the full schedule of E epochs, no early stopping;
@@ -37,17 +38,35 @@ from .config import TrainConfig
 from .trainer import Trainer, improves
 
 
-def holdout_indices(pool: int, valid: int, repeats: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """K = ``repeats`` random splits of rows 0 … pool − 1 into (training rows, ``valid`` validation
-    rows), each sorted; split k draws ``torch.randperm(pool)`` from a generator seeded (seed, k)."""
+def holdout_indices(
+    pool: int, valid: int, repeats: int, seed: int, groups: torch.Tensor | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """K = ``repeats`` random splits of rows 0 … pool − 1 into (training rows, validation rows),
+    each sorted; split k draws from a generator seeded (seed, k). Without ``groups``: ``valid``
+    rows drawn uniformly. With ``groups`` [pool] (a basket, a session: rows that must stay
+    together): whole groups in random order until they hold at least ``valid`` rows."""
     check_int("repeats", repeats)
     check_int("valid", valid)
     if valid >= pool:
         raise ValueError(f"valid must leave training rows: {valid} validation rows of a pool of {pool}")
+    if groups is not None and groups.shape != (pool,):
+        raise ValueError(f"groups must hold one group id per pool row [{pool}], got shape {tuple(groups.shape)}")
     splits = []
     for k in range(repeats):
-        order = torch.randperm(pool, generator=torch.Generator().manual_seed(seed * 1_000_003 + k))
-        splits.append((order[valid:].sort().values, order[:valid].sort().values))
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        if groups is None:
+            order = torch.randperm(pool, generator=generator)
+            held = torch.zeros(pool, dtype=torch.bool)
+            held[order[:valid]] = True
+        else:
+            names, group_of = torch.unique(groups, return_inverse=True)
+            sizes = torch.bincount(group_of, minlength=len(names))
+            order = torch.randperm(len(names), generator=generator)
+            taken = order[: int(torch.searchsorted(sizes[order].cumsum(0), valid)) + 1]
+            held = torch.isin(group_of, taken)
+            if held.all():
+                raise ValueError(f"valid must leave training rows: the groups drawn for {valid} rows hold all {pool}")
+        splits.append((torch.nonzero(~held).squeeze(1), torch.nonzero(held).squeeze(1)))
     return splits
 
 
@@ -106,6 +125,7 @@ def fit_with_repeated_holdouts(
     loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
     metric_fn: Callable[[nn.Module, BatchSource], float] | None = None,
     metric_mode: str | None = None,
+    groups: torch.Tensor | None = None,
     device: torch.device | str | None = "cpu",
 ) -> tuple[nn.Module, RepeatedHoldoutReport]:
     """Choose the epochs on ``repeats`` holdouts of the pool, then train on all of it (see the
@@ -114,13 +134,14 @@ def fit_with_repeated_holdouts(
     rows ``index`` as a training / validation source. ``config`` is the one-slice run's:
     its ``epochs`` (E), ``early_stopping_patience``, ``min_improvement``, ``keep_initial`` and
     ``seed`` (holdout k draws its split from it) apply; none of these runs checkpoints.
+    ``groups``: rows that are held out together (:func:`holdout_indices`).
     Returns (final model, report)."""
     check_int("repeats", repeats)
     holdout = dataclasses.replace(
         config, early_stopping_patience=None, keep_initial=True, stop_after_epochs=None, checkpoint_dir=None
     )
     curves, mode = [], "max"
-    for k, (train_index, valid_index) in enumerate(holdout_indices(pool, valid, repeats, config.seed)):
+    for k, (train_index, valid_index) in enumerate(holdout_indices(pool, valid, repeats, config.seed, groups)):
         trainer = Trainer(
             new_model(),
             dataclasses.replace(holdout, desc=f"{config.desc} holdout {k + 1}/{repeats}"),

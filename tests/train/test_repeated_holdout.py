@@ -55,6 +55,18 @@ def test_holdout_splits_partition_the_pool(pool, valid, repeats):
     assert all(torch.equal(a[1], b[1]) for a, b in zip(splits, again, strict=True))
 
 
+def test_holdout_splits_keep_groups_whole():
+    g = torch.Generator().manual_seed(11)
+    groups = torch.randint(0, 25, (120,), generator=g) * 7  # ids need not be 0 … G − 1
+    for train, held in holdout_indices(120, 30, 5, seed=2, groups=groups):
+        assert sorted(torch.cat([train, held]).tolist()) == list(range(120))
+        assert not set(groups[train].tolist()) & set(groups[held].tolist())  # no group split
+        # whole groups until at least 30 rows: dropping any one would leave fewer than 30 rows
+        assert len(held) >= 30
+        held_groups = torch.unique(groups[held])
+        assert any(len(held) - int((groups[held] == h).sum()) < 30 for h in held_groups)
+
+
 def test_holdout_splits_refuse_a_pool_without_training_rows():
     with pytest.raises(ValueError, match="valid must leave training rows"):
         holdout_indices(5, 5, 2, seed=0)
