@@ -73,7 +73,7 @@ from recpeft.datasets.online_retail import (
 )
 from recpeft.metrics import auc, ranking_metrics
 from recpeft.models.basket_ranker import BasketRanker
-from recpeft.train import TrainConfig, Trainer
+from recpeft.train import TrainConfig, Trainer, fit_with_repeated_holdouts
 from recpeft.utils.atomic import atomic_path, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,10 +136,34 @@ class Settings:
     base_valid_fraction: float = 0.1
     valid_fraction: float = 0.2
     new_id_share: float = 0.05  # --new-markets: pretraining rows whose customer is set to unknown
+    # repeated holdouts (recpeft.train.repeated_holdout) for markets whose validation slice has
+    # fewer than repeat_below_rows rows: their epochs are chosen on valid_repeats random holdouts
+    # of whole baskets, then the fine-tune refits on all their rows before the split; 0: one slice
+    valid_repeats: int = 0
+    repeat_below_rows: int = 400
 
 
 # ---------------------------------------------------------------------------------------------
 # data
+
+
+@dataclass
+class Pool:
+    """A small market's rows before the split, its training and validation rows together, for
+    repeated holdouts: the events, ``valid_negatives`` sampled non-purchases per row, each row's
+    basket (customer, day; a holdout keeps baskets whole) and ``valid``, the size of the one
+    validation slice, which each holdout's validation rows match."""
+
+    events: RetailEvents
+    negatives: torch.Tensor
+    baskets: torch.Tensor
+    valid: int
+
+    def rows(self, index: torch.Tensor) -> RetailEvents:
+        """The pool's events at the sorted row ``index``."""
+        mask = torch.zeros(len(self.events), dtype=torch.bool)
+        mask[index] = True
+        return self.events.select(mask)
 
 
 @dataclass
@@ -151,6 +175,7 @@ class Split:
     test_customers: np.ndarray | None = None
     new_ids: Split | None = None  # --new-markets: the same rows, the market's customers as new-id rows
     new_customers: int = 0  # how many: ids V … V + new_customers − 1 of the customer table
+    pool: Pool | None = None  # repeated holdouts (Settings.valid_repeats) for a small market
 
 
 def with_customers(events: RetailEvents, customer_ids: np.ndarray, mask: np.ndarray) -> RetailEvents:
@@ -213,7 +238,10 @@ def prepare(
     Validation negatives are drawn once (``settings.valid_negatives`` per row) among the products
     the customer did not buy before ``split``; test negatives are drawn per seed. ``new_markets``:
     the base's rows and catalog leave MARKETS out, and each market's split carries its new-id
-    view (``Split.new_ids``)."""
+    view (``Split.new_ids``). With ``settings.valid_repeats``, a market whose validation slice
+    has fewer than ``settings.repeat_below_rows`` rows carries its :class:`Pool` (negatives from
+    a generator of their own, so the other draws do not move); its new-id rows are then those
+    of every customer in the pool, which its final fine-tune trains on."""
     rows = purchases(load_online_retail(path))
     if end is not None:
         rows = rows.loc[rows["InvoiceDate"] < end].reset_index(drop=True)
@@ -248,22 +276,34 @@ def prepare(
         unknown = np.random.default_rng(54321).random(len(base_train)) < settings.new_id_share
         base_train.customer = base_train.customer.masked_fill(torch.from_numpy(unknown), UNKNOWN_CUSTOMER)
     base = Split(base_train, scored(late))
+    pool_rng = np.random.default_rng(67890)
     markets = {}
     for market in MARKETS:
         own = (rows["Country"] == market).to_numpy()
         test_select = own & ~before
         train_select = own & before & ~market_late[market]
         valid = scored(market_late[market])
-        markets[market] = Split(
+        split = Split(
             events.select(train_select), valid, events.select(test_select), test_customers=customers[test_select]
         )
+        pool_select = own & before
+        repeated = settings.valid_repeats > 0 and len(valid) < settings.repeat_below_rows
+        if repeated:
+            negatives = sample_negatives(
+                bought_before, customers[pool_select], settings.valid_negatives, catalog.num_items, pool_rng
+            )
+            baskets = torch.tensor(rows.loc[pool_select].groupby(["CustomerID", "Day"]).ngroup().to_numpy())
+            split.pool = Pool(events.select(pool_select), negatives, baskets, len(valid))
         if new_markets:
-            ids, count = new_id_rows(rows, catalog, train_select)
+            ids, count = new_id_rows(rows, catalog, pool_select if repeated else train_select)
             view = ScoredRows(with_customers(events, ids, market_late[market]), valid.negatives)
-            markets[market].new_ids = Split(
+            split.new_ids = Split(
                 with_customers(events, ids, train_select), view, with_customers(events, ids, test_select)
             )
-            markets[market].new_customers = count
+            split.new_customers = count
+            if repeated:
+                split.new_ids.pool = dataclasses.replace(split.pool, events=with_customers(events, ids, pool_select))
+        markets[market] = split
     return rows, catalog, base, markets
 
 
@@ -356,7 +396,7 @@ def valid_auc(model, source: ScoredRows) -> float:
 
 
 def fit(
-    model,
+    new_model,
     split: Split,
     lr: float,
     weight_decay: float,
@@ -369,10 +409,15 @@ def fit(
     desc: str,
     progress: bool,
     min_improvement: float = 0.0,
-) -> dict:
+    repeats: int = 0,
+) -> tuple[torch.nn.Module, dict]:
     """recpeft's Trainer (AdamW, LoraAdamW for the sparse adapter tables, warmup + cosine,
-    clipping at 1) on ``split.train``, early stopping on the validation AUC; with ``keep_initial``
-    the starting weights compete as epoch −1. Returns the FitReport's essentials."""
+    clipping at 1) on a fresh ``new_model()``: on ``split.train``, early stopping on the
+    validation AUC, with ``keep_initial`` the starting weights competing as epoch −1. With
+    ``repeats`` and a ``split.pool``: the same rule on the mean validation AUC of ``repeats``
+    holdouts of the pool, then a refit on all of it (:func:`fit_with_repeated_holdouts`).
+    Returns (model, the report's essentials; ``valid_auc`` is the chosen epoch's, mean over
+    the holdouts where there are holdouts)."""
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -385,8 +430,32 @@ def fit(
         progress=progress,
         desc=desc,
     )
+    if repeats > 0 and split.pool is not None:
+        pool, start = split.pool, time.perf_counter()
+        model, holdouts = fit_with_repeated_holdouts(
+            new_model,
+            lambda index: TrainingRows(pool.rows(index)),
+            lambda index: ScoredRows(pool.rows(index), pool.negatives[index]),
+            len(pool.events),
+            pool.valid,
+            repeats,
+            config,
+            loss_fn=loss_fn,
+            metric_fn=valid_auc,
+            groups=pool.baskets,
+        )
+        return model, {
+            "epochs": holdouts.epochs,
+            "best_epoch": holdouts.best_epoch,
+            "valid_auc": holdouts.best_metric,
+            "history": [round(v, 5) for v in holdouts.mean],  # from epoch -1 (the start)
+            "holdouts": [[round(v, 5) for v in curve] for curve in holdouts.curves],
+            "pool_rows": len(pool.events),
+            "seconds": time.perf_counter() - start,
+        }
+    model = new_model()
     report = Trainer(model, config, loss_fn=loss_fn, metric_fn=valid_auc).fit(TrainingRows(split.train), split.valid)
-    return {
+    return model, {
         "epochs": report.epochs_run,
         "best_epoch": report.best_epoch,
         "valid_auc": report.best_metric,
@@ -427,10 +496,9 @@ def new_base(catalog: RetailCatalog, settings: Settings) -> BasketRanker:
 
 def train_base(seed: int, settings: Settings, catalog: RetailCatalog, base_split: Split, progress: bool):
     torch.manual_seed(seed)
-    base = new_base(catalog, settings)
     loss = make_loss(settings.base_bpr_weight, settings.bpr_negatives)
-    report = fit(
-        base,
+    return fit(
+        lambda: new_base(catalog, settings),
         base_split,
         settings.base_lr,
         settings.base_weight_decay,
@@ -443,7 +511,6 @@ def train_base(seed: int, settings: Settings, catalog: RetailCatalog, base_split
         f"seed {seed} base",
         progress,
     )
-    return base, report
 
 
 def new_lora(base: BasketRanker, settings: Settings, new_customers: int = 0):
@@ -471,9 +538,8 @@ def train_lora(
     new_customers: int = 0,
 ):
     """A LoRA adapter on a copy of ``base`` (:func:`new_lora`) fitted to one market: (model, fit report)."""
-    lora = new_lora(base, settings, new_customers)
-    report = fit(
-        lora,
+    return fit(
+        lambda: new_lora(base, settings, new_customers),
         split,
         settings.lora_lr,
         settings.lora_weight_decay,
@@ -486,8 +552,8 @@ def train_lora(
         f"{market} lora" + (" +new ids" if new_customers else ""),
         progress,
         settings.min_improvement,
+        settings.valid_repeats,
     )
-    return lora, report
 
 
 def choose_lora(base: BasketRanker, split: Split, settings: Settings, seed: int, market: str, progress: bool):
@@ -536,9 +602,8 @@ def tune_market(
     lora.save_pretrained(adapter_dir)
     entry["adapter_bytes"] = file_bytes(adapter_dir)
     entry["lora_params"] = lora.get_nb_trainable_parameters()
-    dense = trainable_copy(base, Method.DENSE)
-    entry["dense_fit"] = fit(
-        dense,
+    dense, entry["dense_fit"] = fit(
+        lambda: trainable_copy(base, Method.DENSE),
         split,
         settings.dense_lr,
         settings.base_weight_decay,
@@ -551,6 +616,7 @@ def tune_market(
         f"{market} dense",
         progress,
         settings.min_improvement,
+        settings.valid_repeats,
     )
     entry["dense"] = evaluate(dense, split)
     return entry

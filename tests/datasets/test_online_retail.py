@@ -3,6 +3,7 @@ on a small file in the UCI format written here (never the real data)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -391,3 +392,39 @@ def test_the_command_line_benchmarks_click_log_pairs_each_purchase_with_a_non_pu
     assert np.allclose(log["price"].to_numpy(), log["product"].map(prices).to_numpy())
     assert (log["kind"] == log["product"].str.split().str[-2]).all()  # "RED HEART 7": the last word of letters
     assert log["InvoiceDate"].is_monotonic_increasing
+
+
+def test_benchmark_pool_rows_and_repeated_fit_match_a_refit_on_the_pool(frame):
+    """The benchmark's repeated-holdout path: Pool.rows(index) is events.select at index, and
+    fit(..., repeats=K) returns the model a plain Trainer trains on the whole pool for the chosen
+    epochs + 1 (the same seed), its history the mean of its holdout curves."""
+    from recpeft.train import TrainConfig, Trainer
+
+    bench = benchmark_module()
+    model, events = small_ranker(3, frame)
+    n = len(events)
+    index = torch.sort(torch.randperm(n)[: n // 2]).values
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[index] = True
+    negatives = torch.randint(int(events.labels.max()) + 1, (n, 3))
+    baskets = torch.randint(max(2, n // 4), (n,))
+    pool = bench.Pool(events, negatives, baskets, valid=n // 4)
+    got, want = pool.rows(index), events.select(mask)
+    for name in ("customer", "market", "labels", "basket_ids", "basket_offsets", "history_ids"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    # the one-slice rows differ from the pool's, so a refit on them would not match
+    split = bench.Split(events.select(~mask), bench.ScoredRows(events.select(mask), negatives[index]), pool=pool)
+    new_model = lambda: small_ranker(3, frame)[0]  # noqa: E731
+    loss = bench.make_loss(1.0, 4)
+    fitted, report = bench.fit(new_model, split, 1e-2, 0.0, 3, 32, 2, loss, True, 7, "t", False, 0.0, repeats=2)
+    assert len(report["holdouts"]) == 2 and report["pool_rows"] == n
+    curves = torch.tensor(report["holdouts"])
+    assert torch.allclose(curves.mean(0), torch.tensor(report["history"]), atol=2e-5)  # both rounded to 1e-5
+    assert report["epochs"] == report["best_epoch"] + 1
+    reference = new_model()
+    if report["best_epoch"] >= 0:
+        config = TrainConfig(epochs=3, batch_size=32, lr=1e-2, weight_decay=0.0, seed=7, progress=False)
+        config = dataclasses.replace(config, stop_after_epochs=report["epochs"])
+        Trainer(reference, config, loss_fn=loss).fit(bench.TrainingRows(events), resume=False)
+    for (name, a), b in zip(fitted.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
